@@ -1,0 +1,3 @@
+from gsae.cli import main
+
+raise SystemExit(main())

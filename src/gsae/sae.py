@@ -1,0 +1,286 @@
+"""The sparse autoencoder: TopK and gradient-aware TopK (g-SAE) in one class.
+
+Selection score (method.md): `s = z + beta * z * |W_dec g|`, with `z` the encoder
+pre-activations and `g = dL/dx` the language model's loss gradient at the hook. The k largest
+scores are kept. `beta = 0` is a plain TopK SAE; so is any SAE encoded without a gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from gsae import kernels
+from gsae.errors import GsaeError
+
+VALUE_MODES = ("z", "score")
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+FORMAT_NAME = "gsae"
+FORMAT_VERSION = 1
+GRADIENT_DEFINITION = (
+    "g = dL/dx at the hook, L = sum over predicted positions of each sequence's next-token "
+    "cross-entropy (not averaged), clean model"
+)
+
+
+@dataclass
+class SAEConfig:
+    """Architecture of one SAE. The input width `d_in` comes from the data, not from here."""
+
+    expansion_factor: int = field(
+        default=16, metadata={"help": "latents per input dimension (ignored if n_latents > 0)"}
+    )
+    n_latents: int = field(
+        default=0, metadata={"help": "number of latents; 0 means d_in * expansion_factor"}
+    )
+    k: int = field(default=32, metadata={"help": "latents kept per token (the L0)"})
+    beta: float = field(
+        default=100.0,
+        metadata={"help": "weight of the gradient term in the selection score; 0 is plain TopK"},
+    )
+    value_mode: str = field(
+        default="z",
+        metadata={
+            "help": "values of the kept latents: 'z' (encoder activations, selection only) or "
+            "'score' (the gradient-augmented scores, as the paper's figure writes it)"
+        },
+    )
+
+    def latents_for(self, d_in: int) -> int:
+        """The number of latents for an input of width `d_in`."""
+        return self.n_latents if self.n_latents > 0 else d_in * self.expansion_factor
+
+    def validate(self, d_in: int) -> None:
+        """Raise GsaeError if the settings cannot make an SAE for inputs of width `d_in`."""
+        if d_in < 1:
+            raise GsaeError(f"d_in must be at least 1, got {d_in}")
+        if self.n_latents < 0 or self.expansion_factor < 1:
+            raise GsaeError(
+                f"n_latents must be >= 0 and expansion_factor >= 1, got {self.n_latents} and "
+                f"{self.expansion_factor}"
+            )
+        n = self.latents_for(d_in)
+        if not 1 <= self.k <= n:
+            raise GsaeError(f"k must be between 1 and the number of latents ({n}), got {self.k}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise GsaeError(f"beta must be a finite number >= 0 (0 is plain TopK), got {self.beta}")
+        if self.value_mode not in VALUE_MODES:
+            raise GsaeError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
+
+
+class EncoderOutput(NamedTuple):
+    values: Tensor  # [N, k], >= 0
+    indices: Tensor  # [N, k], int64
+    effect: Tensor | None  # [N, k] beta * |d_i . g| of the kept latents, None without a gradient
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor
+    values: Tensor
+    indices: Tensor
+    fvu: Tensor
+    auxk_loss: Tensor
+    effect: Tensor | None
+
+
+class SAE(nn.Module):
+    """A TopK sparse autoencoder whose selection may use the loss gradient (a g-SAE).
+
+    Weights: `W_enc` [n_latents, d_in] (rows are latents, as in sparsify), `b_enc` [n_latents],
+    `W_dec` [n_latents, d_in] with unit-norm rows, `b_dec` [d_in].
+    """
+
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        d_in: int,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        cfg.validate(d_in)
+        self.cfg = cfg
+        self.d_in = d_in
+        self.n_latents = cfg.latents_for(d_in)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(self.n_latents, d_in, generator=gen, dtype=torch.float64)
+        w = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+        self.W_dec = nn.Parameter(w.to(device=device))
+        self.W_enc = nn.Parameter(w.clone().to(device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(self.n_latents, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    @property
+    def beta(self) -> float:
+        return self.cfg.beta
+
+    # ----------------------------------------------------------------------------- encoding
+
+    def preacts(self, x: Tensor) -> Tensor:
+        """Dense encoder pre-activations z [N, n_latents] (no autograd graph)."""
+        with torch.no_grad():
+            return kernels.preactivations(x - self.b_dec, self.W_enc, self.b_enc)
+
+    def gradient_effect(self, grad: Tensor) -> Tensor:
+        """|W_dec g| per latent: the loss's sensitivity along each decoder row, [N, n_latents]."""
+        with torch.no_grad():
+            return (grad @ self.W_dec.t()).abs_()
+
+    def encode(self, x: Tensor, grad: Tensor | None = None) -> EncoderOutput:
+        """Select k latents per row of `x` [N, d_in] and return their values and indices.
+
+        With `grad` (dL/dx, same shape as x) and beta > 0 the selection uses the g-SAE score;
+        with `grad=None` it is gradient-free TopK on the same weights. Values are differentiable
+        with respect to the encoder weights and `b_dec`.
+        """
+        self._check_input(x, "x")
+        x_centered = x - self.b_dec
+        z = self.preacts(x)
+        use_grad = grad is not None and self.beta > 0
+        if use_grad:
+            self._check_input(grad, "grad")
+            # s = z + beta z |d.g| = z (1 + beta |d.g|), built in place to spare memory.
+            score = self.gradient_effect(grad).mul_(self.beta).add_(1.0).mul_(z)
+            indices = score.topk(self.k, dim=1, sorted=False).indices
+            del score
+        else:
+            indices = z.topk(self.k, dim=1, sorted=False).indices
+        z_sel = kernels.selected_preacts(z, indices, x_centered, self.W_enc, self.b_enc)
+        effect = None
+        if use_grad:
+            # beta |d_i . g| for the kept latents only (cheap: k dot products per row).
+            effect = kernels.row_dots(indices, self.W_dec.detach(), grad).abs_().mul_(self.beta)
+            if self.cfg.value_mode == "score":
+                z_sel = z_sel * (1.0 + effect)
+        return EncoderOutput(torch.relu(z_sel), indices, effect)
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Reconstruction `sum_j values[:, j] * W_dec[indices[:, j]] + b_dec`, [N, d_in]."""
+        return kernels.sparse_decode(values, indices, self.W_dec) + self.b_dec
+
+    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None,
+                k_aux: int = 0) -> ForwardOutput:
+        """Encode, decode and compute the training losses.
+
+        `fvu` is the squared error over the batch's total variance around its mean. When
+        `dead_mask` marks dead latents, `auxk_loss` is the AuxK term of Gao et al.: the top
+        `k_aux` dead latents (by pre-activation) reconstruct the detached residual, normalised
+        by the same total variance. It is 0 when no latent is dead.
+        """
+        values, indices, effect = self.encode(x, grad)
+        x_hat = self.decode(values, indices)
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        residual = x - x_hat
+        fvu = residual.pow(2).sum() / total_variance
+        auxk_loss = x.new_zeros(())
+        if dead_mask is not None and k_aux > 0:
+            n_dead = int(dead_mask.sum())
+            if n_dead > 0:
+                auxk_loss = self._auxk_loss(x, residual.detach(), dead_mask, min(k_aux, n_dead))
+                auxk_loss = auxk_loss / total_variance
+        return ForwardOutput(x_hat, values, indices, fvu, auxk_loss, effect)
+
+    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
+        x_centered = x - self.b_dec
+        z = self.preacts(x)
+        z.masked_fill_(~dead_mask, -math.inf)
+        indices = z.topk(k_aux, dim=1, sorted=False).indices
+        z_sel = kernels.selected_preacts(z, indices, x_centered, self.W_enc, self.b_enc)
+        residual_hat = kernels.sparse_decode(torch.relu(z_sel), indices, self.W_dec)
+        return (residual_hat - residual).pow(2).sum()
+
+    def _check_input(self, t: Tensor, name: str) -> None:
+        if t.ndim != 2 or t.shape[1] != self.d_in:
+            raise GsaeError(f"{name} must have shape [N, {self.d_in}], got {list(t.shape)}")
+
+    # -------------------------------------------------------------------- training upkeep
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: Tensor, method: str = "geometric_median", iters: int = 50) -> None:
+        """Set `b_dec` from a sample of activations: their geometric median (Weiszfeld
+        iterations, the default) or their mean."""
+        sample = sample.to(self.b_dec.dtype)
+        center = sample.mean(0)
+        if method == "geometric_median":
+            for _ in range(iters):
+                weights = 1.0 / (sample - center).norm(dim=1).clamp_min(1e-8)
+                center = (weights[:, None] * sample).sum(0) / weights.sum()
+        elif method != "mean":
+            raise GsaeError(f"b_dec init must be 'geometric_median' or 'mean', got {method!r}")
+        self.b_dec.copy_(center)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Remove from W_dec.grad the component parallel to each (unit-norm) decoder row."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+        parallel /= self.W_dec.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # ------------------------------------------------------------------------ save / load
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            **asdict(self.cfg),
+            "gradient_definition": GRADIENT_DEFINITION,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write `sae.safetensors` and `cfg.json` into the folder `path` (created if needed)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        tmp = path / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path / WEIGHTS_FILE)
+        tmp = path / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        tmp.replace(path / CONFIG_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        """Load an SAE folder written by `save`."""
+        path = Path(path)
+        cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not cfg_file.is_file() or not weights_file.is_file():
+            raise GsaeError(
+                f"{path} is not a gsae SAE folder: expected {CONFIG_FILE} and {WEIGHTS_FILE}"
+            )
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("format") != FORMAT_NAME:
+            raise GsaeError(f"{cfg_file} is not a gsae config (no \"format\": \"gsae\")")
+        fields = {f for f in SAEConfig.__dataclass_fields__}
+        cfg = SAEConfig(**{k: v for k, v in raw.items() if k in fields})
+        tensors = load_file(str(weights_file), device=str(device))
+        dtype = tensors["W_dec"].dtype
+        sae = cls(cfg, raw["d_in"], device=device, dtype=dtype, metadata=raw.get("metadata", {}))
+        sae.load_state_dict(tensors)
+        return sae
