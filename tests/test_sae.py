@@ -9,8 +9,8 @@ from gsae import SAE, GsaeError, SAEConfig, kernels
 
 
 def make_sae(d_in=12, n_latents=48, k=5, beta=0.0, value_mode="z", seed=0):
-    sae = SAE(SAEConfig(n_latents=n_latents, k=k, beta=beta, value_mode=value_mode), d_in,
-              seed=seed, dtype=torch.float64)
+    cfg = SAEConfig(n_latents=n_latents, k=k, beta=beta, value_mode=value_mode, seed=seed)
+    sae = SAE(cfg, d_in, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # move away from the symmetric init so encoder != decoder
         sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=gen, dtype=torch.float64))

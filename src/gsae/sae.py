@@ -53,6 +53,7 @@ class SAEConfig:
             "'score' (the gradient-augmented scores, as the paper's figure writes it)"
         },
     )
+    seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})
 
     def latents_for(self, d_in: int) -> int:
         """The number of latents for an input of width `d_in`."""
@@ -103,7 +104,6 @@ class SAE(nn.Module):
         cfg: SAEConfig,
         d_in: int,
         *,
-        seed: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         metadata: dict[str, Any] | None = None,
@@ -114,7 +114,7 @@ class SAE(nn.Module):
         self.d_in = d_in
         self.n_latents = cfg.latents_for(d_in)
         self.metadata: dict[str, Any] = dict(metadata or {})
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
         w = torch.randn(self.n_latents, d_in, generator=gen, dtype=torch.float64)
         w = (w / w.norm(dim=1, keepdim=True)).to(dtype)
         self.W_dec = nn.Parameter(w.to(device=device))
@@ -267,16 +267,18 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE folder written by `save`."""
-        path = Path(path)
-        cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-        if not cfg_file.is_file() or not weights_file.is_file():
+        """Load an SAE folder written by `save`. Anything else (a SAELens or sparsify TopK
+        folder, a Hugging Face repo id) is handed to `gsae.formats.load_foreign`."""
+        cfg_file, weights_file = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
+        raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        if raw.get("format") != FORMAT_NAME:
+            from gsae.formats import load_foreign  # imported here: it imports this module
+
+            return load_foreign(path, device=device)
+        if not weights_file.is_file():
             raise GsaeError(
                 f"{path} is not a gsae SAE folder: expected {CONFIG_FILE} and {WEIGHTS_FILE}"
             )
-        raw = json.loads(cfg_file.read_text())
-        if raw.get("format") != FORMAT_NAME:
-            raise GsaeError(f"{cfg_file} is not a gsae config (no \"format\": \"gsae\")")
         fields = {f for f in SAEConfig.__dataclass_fields__}
         cfg = SAEConfig(**{k: v for k, v in raw.items() if k in fields})
         tensors = load_file(str(weights_file), device=str(device))

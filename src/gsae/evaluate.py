@@ -1,0 +1,572 @@
+"""Evaluation of SAEs spliced into their language model.
+
+For every SAE, on held-out token contexts: reconstruction (MSE, FVU, cosine, L2 ratio, L0), the
+next-token CE with the reconstruction spliced in at the hook against the clean model and against
+zero- and mean-ablation (fraction of CE recovered), KL(clean || spliced), the first-order loss
+effect of the reconstruction error, and dead latents. A g-SAE is evaluated in both inference
+modes: "grad-aware" (selection uses the clean model's loss gradient for the true next tokens, as
+in training) and "grad-free" (beta = 0 on the same weights). docs/evaluation.md defines every
+number and the JSON schema.
+
+One clean forward and backward per batch serves all SAEs and hooks; then one spliced forward per
+SAE and mode, and one zero- and one mean-ablated forward per hook. Everything is accumulated as
+sums, so the result does not depend on the batch size (except through the per-batch outlier
+threshold, which is the one used in training) and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import gsae
+from gsae.cache import atomic_output
+from gsae.errors import GsaeError
+from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
+from gsae.sae import GRADIENT_DEFINITION, SAE
+from gsae.source import ActivationSource, SourceConfig, outlier_mask
+from gsae.text import DataConfig, corpus_identity, token_contexts
+
+SCHEMA = "gsae.eval/1"
+GRAD_AWARE, GRAD_FREE = "grad-aware", "grad-free"
+MODES = (GRAD_AWARE, GRAD_FREE)
+HISTOGRAM_EDGES = [-8.0 + 0.25 * i for i in range(33)]  # log10 firing frequency, 32 bins
+POSITIONS = {
+    "spliced": "positions t with skip_first <= t <= T-2 of every context (the SAE's training "
+    "data), except outlier tokens, whose activation norm exceeds outlier_factor times the median "
+    "norm of those positions in their batch of batch_size contexts; outliers and all other "
+    "positions keep their clean activation",
+    "ce": "next-token predictions made at positions skip_first <= p <= T-2 (of tokens "
+    "skip_first+1 .. T-1): every prediction a splice can change; CE and KL are means over them",
+    "reconstruction": "the spliced positions; FVU's variance is around the mean of x over all "
+    "spliced positions of the run",
+    "mean_ablation": "x replaced by the mean of x over the spliced positions of all evaluation "
+    "contexts, computed in a first forward pass over the same contexts",
+}
+
+
+@dataclass
+class EvalConfig:
+    """How much held-out text to evaluate on, and where to write the result."""
+
+    eval_tokens: int = field(
+        default=16_384,
+        metadata={"help": "evaluation budget in context tokens (rounded up to whole contexts)"},
+    )
+    pool_tokens: int = field(
+        default=262_144,
+        metadata={"help": "the contexts are a seeded random sample of the first this-many tokens "
+                  "of the evaluation split; 0 takes the first contexts in order"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the choice of evaluation contexts"})
+    batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch"})
+    json: str = field(default="", metadata={"help": "also write the result as JSON to this file"})
+
+
+# Public entry points ----------------------------------------------------------------------------
+
+
+def eval_contexts(data_cfg: DataConfig, tokenizer: Any, cfg: EvalConfig) -> Tensor:
+    """The evaluation contexts [n, T] from the evaluation split of `data_cfg`'s corpus.
+
+    n = ceil(eval_tokens / context_size), fewer if the split is smaller. With `pool_tokens` > 0
+    they are a uniform sample (reservoir sampling, seeded) of the split's first `pool_tokens`
+    tokens' contexts, kept in corpus order.
+    """
+    if cfg.eval_tokens < 1:
+        raise GsaeError(f"eval_tokens is {cfg.eval_tokens}: it must be at least 1")
+    wanted = math.ceil(cfg.eval_tokens / data_cfg.context_size)
+    stream = token_contexts(data_cfg, tokenizer, "eval")
+    if cfg.pool_tokens <= 0:
+        return torch.stack(list(islice(stream, wanted)))
+    pool = max(wanted, cfg.pool_tokens // data_cfg.context_size)
+    rng = random.Random(cfg.seed)
+    chosen: list[tuple[int, Tensor]] = []
+    for i, context in enumerate(islice(stream, pool)):
+        if i < wanted:
+            chosen.append((i, context))
+        elif (j := rng.randrange(i + 1)) < wanted:
+            chosen[j] = (i, context)
+    return torch.stack([context for _, context in sorted(chosen, key=lambda c: c[0])])
+
+
+def evaluate(
+    saes: Sequence[SAE], model: nn.Module, tokenizer: Any, data_cfg: DataConfig,
+    cfg: EvalConfig, names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `saes` on the evaluation split of `data_cfg`'s corpus (see `evaluate_contexts`);
+    the run info also records the corpus. Writes the JSON file if `cfg.json` is set."""
+    result = evaluate_contexts(saes, model, eval_contexts(data_cfg, tokenizer, cfg), cfg, names)
+    result["run"]["corpus"] = corpus_identity(data_cfg)
+    if cfg.json:
+        write_json(result, cfg.json)
+    return result
+
+
+def evaluate_contexts(
+    saes: Sequence[SAE], model: nn.Module, contexts: Tensor, cfg: EvalConfig,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `saes` (any hooks of this one model) on token contexts [n, T].
+
+    Returns {"schema", "run": run info, "results": one record per SAE per inference mode}
+    (docs/evaluation.md). SAEs with beta = 0 get both records too; they are identical.
+    """
+    if not saes:
+        raise GsaeError("no SAE to evaluate")
+    names = list(names) if names is not None else [f"sae{i}" for i in range(len(saes))]
+    if len(names) != len(saes):
+        raise GsaeError(f"{len(saes)} SAEs but {len(names)} names")
+    if cfg.batch_size < 1:
+        raise GsaeError(f"batch_size is {cfg.batch_size}: it must be at least 1")
+    if contexts.ndim != 2 or contexts.shape[0] == 0:
+        raise GsaeError(f"contexts must be a non-empty [n, T] tensor, got {list(contexts.shape)}")
+    skip_first = _shared_setting(saes, "skip_first", SourceConfig.skip_first)
+    outlier_factor = _shared_setting(saes, "outlier_factor", SourceConfig.outlier_factor)
+    if not 0 <= skip_first < contexts.shape[1] - 1:
+        raise GsaeError(
+            f"contexts of {contexts.shape[1]} tokens leave no position to evaluate after "
+            f"skipping the first {skip_first}: use longer contexts"
+        )
+    start = time.perf_counter()
+    hooks = _group_by_hook(saes, names, model)
+    source_cfg = SourceConfig(hooks=list(hooks), lm_batch_size=cfg.batch_size,
+                              skip_first=skip_first, outlier_factor=outlier_factor)
+    batches = contexts.split(cfg.batch_size)
+    for name, mean in _mean_activations(model, source_cfg, batches).items():
+        hooks[name].mean = mean
+    _evaluation_pass(model, source_cfg, batches, hooks)
+    device = next(model.parameters()).device
+    run = {
+        "model": _model_identity(saes),
+        "corpus": None,
+        "part": "eval",
+        "contexts": contexts.shape[0],
+        "context_size": contexts.shape[1],
+        "context_tokens": contexts.numel(),
+        "eval_tokens": cfg.eval_tokens,
+        "pool_tokens": cfg.pool_tokens,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "skip_first": skip_first,
+        "outlier_factor": outlier_factor,
+        "positions": POSITIONS,
+        "gradient": GRADIENT_DEFINITION,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(device),
+        "versions": {"gsae": gsae.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    results = [member.record(mode, hook) for hook in hooks.values() for member in hook.members
+               for mode in MODES]
+    order = {name: i for i, name in enumerate(names)}
+    results.sort(key=lambda r: (order[r["sae"]], MODES.index(r["mode"])))
+    return {"schema": SCHEMA, "run": run, "results": results}
+
+
+def check_model(saes: Sequence[SAE], identity: dict[str, Any]) -> None:
+    """Raise GsaeError unless every SAE was trained on the model `identity` describes (the same
+    fingerprint when both are known, else the same model name)."""
+    for i, sae in enumerate(saes):
+        trained = sae.metadata.get("model")
+        if not trained:
+            continue
+        known = trained.get("fingerprint") and identity.get("fingerprint")
+        same = (trained.get("fingerprint") == identity.get("fingerprint") if known
+                else trained.get("model") == identity.get("model"))
+        if not same:
+            raise GsaeError(
+                f"SAE {i} was trained on model {trained.get('model')!r} (fingerprint "
+                f"{trained.get('fingerprint')}), not on {identity.get('model')!r} (fingerprint "
+                f"{identity.get('fingerprint')}): evaluate it with its own model"
+            )
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Write an evaluation result as JSON (non-finite numbers become null), atomically."""
+    with atomic_output(Path(path)) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+
+
+TABLE_ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("hook", itemgetter("hook")),
+    ("k / beta", lambda r: f"{r['k']} / {r['beta']:g}"),
+    ("tokens spliced", itemgetter("tokens")),
+    ("outliers left clean", itemgetter("outlier_tokens")),
+    ("L0", itemgetter("l0")),
+    ("MSE", itemgetter("mse")),
+    ("FVU", itemgetter("fvu")),
+    ("explained variance", itemgetter("explained_variance")),
+    ("cosine", itemgetter("cosine")),
+    ("L2 ratio", itemgetter("l2_ratio")),
+    ("CE clean", itemgetter("ce_clean")),
+    ("CE spliced", itemgetter("ce_spliced")),
+    ("CE increase", itemgetter("ce_increase")),
+    ("CE zero-ablation", itemgetter("ce_zero_ablation")),
+    ("CE mean-ablation", itemgetter("ce_mean_ablation")),
+    ("CE recovered (zero)", itemgetter("ce_recovered_zero")),
+    ("CE recovered (mean)", itemgetter("ce_recovered_mean")),
+    ("KL(clean||spliced)", itemgetter("kl")),
+    ("mean |g.(x-x_hat)|", itemgetter("first_order_abs")),
+    ("1st-order CE change", itemgetter("first_order_ce_change")),
+    ("corr(1st order, dCE)", itemgetter("first_order_correlation")),
+    ("dead fraction", itemgetter("dead_fraction")),
+    ("dead latents", lambda r: f"{r['dead_latents']} / {r['n_latents']}"),
+]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results side by side: one row per metric, one column per SAE and inference mode.
+
+    The two modes of an SAE whose results are identical (beta = 0) share one column."""
+    columns = []
+    for record in result["results"]:
+        previous = columns[-1] if columns else None
+        if (previous is not None and previous["sae"] == record["sae"]
+                and _without_mode(previous) == _without_mode(record)):
+            columns[-1] = {**previous, "mode": "grad-aware = grad-free"}
+        else:
+            columns.append(record)
+    labels = _short_labels([c["sae"] for c in columns])
+    rows = [("SAE", labels), ("mode", [c["mode"] for c in columns])]
+    rows += [(title, [_show(cell(c)) for c in columns]) for title, cell in TABLE_ROWS]
+    title_width = max(len(title) for title, _ in rows)
+    widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(columns))]
+    lines = [
+        f"{title:<{title_width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths))
+        for title, cells in rows
+    ]
+    run = result["run"]
+    corpus = (run.get("corpus") or {}).get("dataset", "given contexts")
+    lines.insert(0, f"model {run['model'].get('model')!r}, corpus {corpus!r} (eval split), "
+                    f"{run['contexts']} contexts x {run['context_size']} tokens, "
+                    f"seed {run['seed']}, {run['seconds']} s")
+    return "\n".join(lines)
+
+
+# Accumulators -----------------------------------------------------------------------------------
+
+
+class _Member:
+    """One SAE under evaluation, with a running tally per inference mode."""
+
+    def __init__(self, sae: SAE, name: str):
+        self.sae, self.name = sae, name
+        self.tallies = {mode: _Tally(sae.n_latents) for mode in MODES}
+
+    def record(self, mode: str, hook: _Hook) -> dict[str, Any]:
+        sae, tally = self.sae, self.tallies[mode]
+        ce_spliced = tally.ce / hook.ce_tokens
+        ce = {kind: total / hook.ce_tokens for kind, total in hook.ce.items()}
+        fvu = tally.sq_err / hook.total_variance()
+        frequency = tally.fired.double() / max(1, tally.rows)
+        live = frequency[frequency > 0]
+        histogram = torch.histc(live.log10(), bins=len(HISTOGRAM_EDGES) - 1,
+                                min=HISTOGRAM_EDGES[0], max=HISTOGRAM_EDGES[-1])
+        n_dead = int((tally.fired == 0).sum())
+        return _finite({
+            "sae": self.name,
+            "hook": hook.name,
+            "mode": mode,
+            "k": sae.k,
+            "beta": sae.beta,
+            "value_mode": sae.cfg.value_mode,
+            "n_latents": sae.n_latents,
+            "d_in": sae.d_in,
+            "tokens": tally.rows,
+            "outlier_tokens": hook.outliers,
+            "ce_tokens": hook.ce_tokens,
+            "l0": tally.l0 / tally.rows,
+            "mse": tally.sq_err / (tally.rows * sae.d_in),
+            "fvu": fvu,
+            "explained_variance": 1.0 - fvu,
+            "cosine": tally.cosine / tally.rows,
+            "l2_ratio": tally.l2_ratio / tally.rows,
+            "ce_clean": ce["clean"],
+            "ce_spliced": ce_spliced,
+            "ce_increase": ce_spliced - ce["clean"],
+            "ce_zero_ablation": ce["zero"],
+            "ce_mean_ablation": ce["mean"],
+            "ce_recovered_zero": _recovered(ce["zero"], ce_spliced, ce["clean"]),
+            "ce_recovered_mean": _recovered(ce["mean"], ce_spliced, ce["clean"]),
+            "kl": tally.kl / hook.ce_tokens,
+            "first_order_abs": tally.first_order_abs / tally.rows,
+            "first_order_ce_change": sum(tally.predicted) / hook.ce_tokens,
+            "first_order_correlation": _pearson(tally.predicted, tally.measured),
+            "dead_latents": n_dead,
+            "dead_fraction": n_dead / sae.n_latents,
+            "dead_window_tokens": tally.rows,
+            "firing_histogram": {
+                "log10_frequency_edges": HISTOGRAM_EDGES,
+                "counts": [int(c) for c in histogram.tolist()],
+                "dead": n_dead,
+            },
+        })
+
+
+class _Tally:
+    """Sums over the evaluation of one SAE in one mode (float64 Python numbers)."""
+
+    def __init__(self, n_latents: int):
+        self.rows = 0
+        self.sq_err = self.cosine = self.l2_ratio = self.l0 = 0.0
+        self.ce = self.kl = self.first_order_abs = 0.0
+        self.fired = torch.zeros(n_latents, dtype=torch.long)
+        self.predicted: list[float] = []  # per sequence: sum_t g_t . (x_hat_t - x_t)
+        self.measured: list[float] = []  # per sequence: summed CE change over the CE positions
+
+    def add(self, x: Tensor, g: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor,
+            sequence: Tensor, ce: Tensor, kl: Tensor, ce_clean: Tensor) -> None:
+        error = x_hat - x
+        self.rows += x.shape[0]
+        self.sq_err += _total(error.pow(2))
+        self.cosine += _total(F.cosine_similarity(x_hat, x, dim=1, eps=1e-12))
+        self.l2_ratio += _total(x_hat.norm(dim=1) / x.norm(dim=1))
+        active = values > 0
+        self.l0 += _total(active)
+        self.fired += torch.bincount(indices[active].cpu(), minlength=self.fired.numel())
+        dots = (g * error).sum(1)
+        self.first_order_abs += _total(dots.abs())
+        per_sequence = dots.new_zeros(ce.shape[0], dtype=torch.float64)
+        self.predicted += per_sequence.index_add_(0, sequence, dots.double()).tolist()
+        self.measured += (ce.double() - ce_clean.double()).sum(1).tolist()
+        self.ce += _total(ce)
+        self.kl += _total(kl)
+
+
+class _Hook:
+    """One hook point: its SAEs, its ablation baselines and the statistics of its activations."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module = name, module
+        self.members: list[_Member] = []
+        self.mean: Tensor | None = None
+        self.rows = self.outliers = self.ce_tokens = 0
+        self.ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
+        self.sum_x: Tensor | None = None
+        self.sum_x2: Tensor | None = None
+
+    def add_rows(self, x: Tensor) -> None:
+        x = x.double()
+        self.rows += x.shape[0]
+        sum_x, sum_x2 = x.sum(0), x.pow(2).sum(0)
+        self.sum_x = sum_x if self.sum_x is None else self.sum_x + sum_x
+        self.sum_x2 = sum_x2 if self.sum_x2 is None else self.sum_x2 + sum_x2
+
+    def total_variance(self) -> float:
+        """sum over rows of ||x - mean(x)||^2, from the running sums."""
+        assert self.sum_x is not None and self.sum_x2 is not None
+        return (self.sum_x2 - self.sum_x.pow(2) / self.rows).sum().item()
+
+
+class _Clean:
+    """The clean model's next-token distribution at the CE positions of one batch."""
+
+    def __init__(self, logits: Tensor, tokens: Tensor, skip_first: int):
+        self.skip_first = skip_first
+        self.targets = tokens[:, skip_first + 1 :].unsqueeze(-1)
+        self.logp = _log_probs(logits, skip_first)
+        self.p = self.logp.exp()
+        self.ce = -self.logp.gather(-1, self.targets).squeeze(-1)
+
+    def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-position CE [B, P] of other logits, and KL(clean || other) [B, P]."""
+        logp = _log_probs(logits, self.skip_first)
+        ce = -logp.gather(-1, self.targets).squeeze(-1)
+        return ce, (self.p * (self.logp - logp)).sum(-1)
+
+
+# The two passes ---------------------------------------------------------------------------------
+
+
+def _mean_activations(model: nn.Module, source_cfg: SourceConfig, batches: Sequence[Tensor]
+                      ) -> dict[str, Tensor]:
+    """Mean of x over the spliced positions of all batches, per hook (forward to the last hook)."""
+    source = ActivationSource(model, source_cfg, with_grad=False)
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for tokens in tqdm(batches, desc="eval: mean activation", unit="batch", leave=False,
+                       dynamic_ncols=True):
+        for name, (x, _) in source.hidden_states(tokens).items():
+            mask, _ = spliced_positions(x, source_cfg.skip_first, source_cfg.outlier_factor)
+            total = x[mask].double().sum(0)
+            sums[name] = sums[name] + total if name in sums else total
+            counts[name] = counts.get(name, 0) + int(mask.sum())
+    return {name: (sums[name] / counts[name]).float() for name in sums}
+
+
+def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequence[Tensor],
+                     hooks: dict[str, _Hook]) -> None:
+    source = ActivationSource(model, source_cfg, with_grad=True)
+    skip_first, outlier_factor = source_cfg.skip_first, source_cfg.outlier_factor
+    device = next(model.parameters()).device
+    bar = tqdm(total=sum(b.numel() for b in batches), desc="eval", unit="tok", unit_scale=True,
+               dynamic_ncols=True)
+    captured: dict[str, Tensor] = {}
+    for tokens in batches:
+        tokens = tokens.to(device)
+        handle = model.register_forward_hook(
+            lambda _m, _i, output: captured.update(logits=output.logits.detach()))
+        try:
+            states = source.hidden_states(tokens)
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            clean = _Clean(captured.pop("logits"), tokens, skip_first)
+            for hook in hooks.values():
+                x_full, g_full = states[hook.name]
+                mask, outliers = spliced_positions(x_full, skip_first, outlier_factor)
+                x, g = x_full[mask], g_full[mask]
+                sequence = mask.nonzero()[:, 0]
+                hook.add_rows(x)
+                hook.outliers += outliers
+                hook.ce_tokens += clean.ce.numel()
+                hook.ce["clean"] += _total(clean.ce)
+                assert hook.mean is not None
+                for kind, fill in (("zero", torch.zeros_like(x)), ("mean", hook.mean.expand_as(x))):
+                    ce, _ = clean.compare(_spliced_logits(model, tokens, hook.module, mask, fill))
+                    hook.ce[kind] += _total(ce)
+                for member in hook.members:
+                    _evaluate_member(member, model, tokens, hook, mask, x, g, sequence, clean)
+        bar.update(tokens.numel())
+    bar.close()
+
+
+def _evaluate_member(member: _Member, model: nn.Module, tokens: Tensor, hook: _Hook,
+                     mask: Tensor, x: Tensor, g: Tensor, sequence: Tensor, clean: _Clean) -> None:
+    """Encode, splice and score one SAE on one batch, in both modes. When the two modes give
+    the same reconstruction (always so for beta = 0) the spliced forward is done once."""
+    sae = member.sae
+    if x.shape[1] != sae.d_in:
+        raise GsaeError(f"SAE {member.name!r} takes inputs of width {sae.d_in}, but hook "
+                        f"{hook.name!r} has width {x.shape[1]}")
+    param = sae.W_dec
+    x_in, g_in = x.to(param.device, param.dtype), g.to(param.device, param.dtype)
+    done: list[tuple[Tensor, tuple[Tensor, Tensor]]] = []
+    for mode in MODES:
+        values, indices, _ = sae.encode(x_in, g_in if mode == GRAD_AWARE else None)
+        x_hat = sae.decode(values, indices)
+        same = [scores for previous, scores in done if torch.equal(previous, x_hat)]
+        ce, kl = same[0] if same else clean.compare(
+            _spliced_logits(model, tokens, hook.module, mask, x_hat))
+        done.append((x_hat, (ce, kl)))
+        member.tallies[mode].add(x_in.float(), g_in.float(), x_hat.float(), values, indices,
+                                 sequence.to(param.device), ce, kl, clean.ce)
+
+
+# Helpers ----------------------------------------------------------------------------------------
+
+
+def spliced_positions(x: Tensor, skip_first: int, outlier_factor: float) -> tuple[Tensor, int]:
+    """The [B, T] mask of positions whose activation is SAE data (spliced in evaluation), and
+    the number of outlier tokens left out: positions skip_first .. T-2 whose norm is at most
+    `outlier_factor` times the median over those positions of the batch (as in training)."""
+    candidates = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+    candidates[:, skip_first : x.shape[1] - 1] = True
+    inliers = outlier_mask(x[candidates], outlier_factor)
+    mask = candidates.clone()
+    mask[candidates] = inliers
+    return mask, int((~inliers).sum())
+
+
+def _spliced_logits(model: nn.Module, tokens: Tensor, module: nn.Module, mask: Tensor,
+                    rows: Tensor) -> Tensor:
+    """Logits of the model with the hook's output replaced by `rows` at the `mask` positions."""
+
+    def splice(_module, _inputs, output):
+        h = hook_output_tensor(output).clone()
+        h[mask] = rows.to(h.device, h.dtype)
+        return replace_hook_output(output, h)
+
+    handle = module.register_forward_hook(splice)
+    try:
+        return model(input_ids=tokens, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
+def _log_probs(logits: Tensor, skip_first: int) -> Tensor:
+    """Float32 log-probabilities [B, P, V] of the predictions at positions skip_first .. T-2."""
+    return F.log_softmax(logits[:, skip_first:-1].float(), dim=-1)
+
+
+def _group_by_hook(saes: Sequence[SAE], names: Sequence[str], model: nn.Module
+                   ) -> dict[str, _Hook]:
+    hooks: dict[str, _Hook] = {}
+    for sae, name in zip(saes, names):
+        if "hook" not in sae.metadata:
+            raise GsaeError(f"SAE {name!r} has no hook point in its metadata")
+        hook_name, module = resolve_hook(model, sae.metadata["hook"])
+        hooks.setdefault(hook_name, _Hook(hook_name, module)).members.append(_Member(sae, name))
+    return hooks
+
+
+def _shared_setting(saes: Sequence[SAE], key: str, default: Any) -> Any:
+    """A data setting of the SAEs' training (from their metadata), which all must share."""
+    values = {sae.metadata.get(key, default) for sae in saes}
+    if len(values) > 1:
+        raise GsaeError(f"the SAEs were trained with different {key} ({sorted(values)}): "
+                        "evaluate them in separate runs")
+    return values.pop()
+
+
+def _model_identity(saes: Sequence[SAE]) -> dict[str, Any]:
+    """The model identity recorded in the SAEs' metadata (empty if none is)."""
+    return next((sae.metadata["model"] for sae in saes if sae.metadata.get("model")), {})
+
+
+def _total(t: Tensor) -> float:
+    return t.double().sum().item()
+
+
+def _recovered(ablated: float, spliced: float, clean: float) -> float:
+    return (ablated - spliced) / (ablated - clean) if ablated != clean else math.nan
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    if len(a) < 2:
+        return math.nan
+    return torch.corrcoef(torch.tensor([a, b], dtype=torch.float64))[0, 1].item()
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats (an undefined ratio) become None, which JSON writes as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
+def _without_mode(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "mode"}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _short_labels(names: list[str]) -> list[str]:
+    """The shortest path suffixes (by folder) that tell the names apart."""
+    parts = [Path(name).parts or (name,) for name in names]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(set(names)):
+            return labels
+    return list(names)

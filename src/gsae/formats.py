@@ -1,0 +1,343 @@
+"""SAELens and sparsify folders, and the Hugging Face Hub.
+
+Export writes a folder that SAELens (`SAE.load_from_disk`) or sparsify
+(`SparseCoder.load_from_disk`) opens with its own loader. Those tools encode without a gradient,
+so they run a g-SAE as plain TopK (beta = 0) on the same weights; the full gsae config (beta,
+value mode, gradient definition, model, hook) rides along in the folder's `cfg.json` (SAELens:
+`metadata.gsae`; sparsify: a top-level `gsae` object, which its loader ignores), so gsae loading
+its own export restores the g-SAE exactly.
+
+Import reads SAELens and sparsify TopK folders into a gsae `SAE` (beta = 0) whose gradient-free
+encoding equals theirs. Both tools keep the top k pre-activations and zero the negative ones
+(SAELens: TopK then ReLU; sparsify: ReLU then TopK), as gsae does; they differ only in which
+zero-valued latents fill the k slots when fewer than k pre-activations are positive, which
+changes no value and no reconstruction. SAELens options that only reparametrise the weights
+(`rescale_acts_by_decoder_norm`, `apply_b_dec_to_input = false`) are folded into them; options
+that change the computation (input normalisation, other architectures, transcoders) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from gsae.errors import GsaeError
+from gsae.sae import CONFIG_FILE, FORMAT_NAME, SAE, WEIGHTS_FILE, SAEConfig
+
+EXPORT_FORMATS = ("gsae", "saelens", "sparsify")
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+# The config layout written here is SAELens 6's; declaring it keeps SAELens's loader off its
+# pre-6.0 upgrade path.
+SAELENS_CONFIG_VERSION = "6.0.0"
+SPARSIFY_TENSORS = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec",
+                    "b_dec": "b_dec"}
+HUB_PREFIX = "hf://"
+HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?(?:/(?P<subfolder>.+))?$")
+HUB_FORMS = "'hf://owner/repo[@revision][/subfolder]' or 'owner/repo[/subfolder]'"
+ACCEPTED_FOLDERS = (
+    f"give a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (gsae or sparsify) or "
+    f"{SAELENS_WEIGHTS_FILE} (SAELens), or a Hugging Face repo id {HUB_FORMS}"
+)
+NOT_AN_SAE = f"is not a gsae SAE folder, nor a SAELens or sparsify TopK one: {ACCEPTED_FOLDERS}"
+
+# ---------------------------------------------------------------------------------- export
+
+
+def export_saelens(sae: SAE, out_dir: str | Path) -> Path:
+    """Write `sae` as a SAELens TopK folder (`cfg.json`, `sae_weights.safetensors`) in `out_dir`.
+
+    SAELens stores `W_enc` as [d_in, d_sae]; everything else keeps gsae's layout.
+    """
+    tensors = {
+        "W_enc": sae.W_enc.detach().t(),
+        "b_enc": sae.b_enc.detach(),
+        "W_dec": sae.W_dec.detach(),
+        "b_dec": sae.b_dec.detach(),
+    }
+    metadata = {
+        "sae_lens_version": SAELENS_CONFIG_VERSION,
+        "model_name": _model_name(sae.metadata),
+        "hook_name": sae.metadata.get("hook"),
+        "context_size": sae.metadata.get("context_size"),
+        "gsae": sae.config_dict(),
+    }
+    cfg = {
+        "architecture": "topk",
+        "d_in": sae.d_in,
+        "d_sae": sae.n_latents,
+        "dtype": str(sae.W_dec.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "k": sae.k,
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": metadata,
+    }
+    return _write_folder(Path(out_dir), SAELENS_WEIGHTS_FILE, tensors, cfg)
+
+
+def export_sparsify(sae: SAE, out_dir: str | Path, hookpoint: str | None = None) -> Path:
+    """Write `sae` in sparsify's layout, `out_dir/<hookpoint>/{cfg.json, sae.safetensors}`.
+
+    `hookpoint` defaults to the hook recorded in the SAE's metadata. Returns the SAE's folder.
+    """
+    hookpoint = hookpoint or sae.metadata.get("hook")
+    if not hookpoint:
+        raise GsaeError("the SAE records no hook point: give one (sparsify names the SAE's "
+                        "folder after it, e.g. 'model.layers.15')")
+    tensors = {name: getattr(sae, attr).detach() for name, attr in SPARSIFY_TENSORS.items()}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": sae.cfg.expansion_factor,
+        "normalize_decoder": True,
+        "num_latents": sae.n_latents,
+        "k": sae.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+        "gsae": sae.config_dict(),
+    }
+    return _write_folder(Path(out_dir) / hookpoint, WEIGHTS_FILE, tensors, cfg)
+
+
+def export(sae: SAE, out_dir: str | Path, format: str, hookpoint: str | None = None) -> Path:
+    """Write `sae` in `format` (one of EXPORT_FORMATS) under `out_dir`; return the SAE's folder.
+
+    `hookpoint` is used by the sparsify layout only.
+    """
+    if format == "saelens":
+        return export_saelens(sae, out_dir)
+    if format == "sparsify":
+        return export_sparsify(sae, out_dir, hookpoint)
+    if format == FORMAT_NAME:
+        return sae.save(out_dir)
+    raise GsaeError(f"unknown format {format!r}: use one of {', '.join(EXPORT_FORMATS)}")
+
+
+def _model_name(metadata: dict[str, Any]) -> str | None:
+    model = metadata.get("model")
+    return model.get("model") if isinstance(model, dict) else model
+
+
+def _write_folder(folder: Path, weights_name: str, tensors: dict[str, Tensor],
+                  cfg: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (weights_name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(folder / weights_name)
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    tmp.replace(folder / CONFIG_FILE)
+    return folder
+
+
+# ---------------------------------------------------------------------------------- import
+
+
+def load_foreign(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE that is not a local gsae folder: a SAELens or sparsify TopK folder, or a
+    Hugging Face repo id (HUB_FORMS) holding any of the three formats."""
+    folder = Path(path)
+    if folder.is_dir():
+        return _load_folder(folder, device)
+    hub = parse_hub_id(str(path))
+    if hub is None:
+        raise GsaeError(f"{path} is neither a folder nor a Hugging Face repo id: "
+                        f"{ACCEPTED_FOLDERS}")
+    return load_hub(*hub, device=device)
+
+
+def _load_folder(folder: Path, device: str | torch.device) -> SAE:
+    cfg_file = folder / CONFIG_FILE
+    if not cfg_file.is_file():
+        inner = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+        if inner:
+            raise GsaeError(f"{folder} holds several SAEs (sparsify layout): load one of its "
+                            f"subfolders: {', '.join(inner)}")
+        raise GsaeError(f"{folder} {NOT_AN_SAE}")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("format") == FORMAT_NAME:
+        return SAE.load(folder, device=device)
+    if (folder / SAELENS_WEIGHTS_FILE).is_file():
+        return _load_saelens(folder, raw, device)
+    if (folder / WEIGHTS_FILE).is_file():
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+            if "encoder.weight" in f.keys():
+                return _load_sparsify(folder, raw, device)
+    raise GsaeError(f"{folder} {NOT_AN_SAE}")
+
+
+def _load_saelens(folder: Path, raw: dict[str, Any], device: str | torch.device) -> SAE:
+    where = f"{folder} (SAELens)"
+    architecture = raw.get("architecture")
+    if architecture is None:
+        raise GsaeError(f"{where}: the config has no 'architecture' (written before SAELens 6); "
+                        "load it with SAELens 6 and save it again")
+    if architecture != "topk":
+        raise GsaeError(f"{where}: architecture {architecture!r} is not supported: gsae loads "
+                        "TopK SAEs ('topk') only")
+    for option in ("normalize_activations", "reshape_activations"):
+        if raw.get(option, "none") != "none":
+            raise GsaeError(f"{where}: {option} = {raw[option]!r} is not supported: gsae "
+                            "encodes the activations as they are ('none')")
+    tensors = load_file(str(folder / SAELENS_WEIGHTS_FILE))
+    scaling = tensors.pop("scaling_factor", None)
+    if scaling is not None and not bool((scaling == 1).all()):
+        raise GsaeError(f"{where}: a fine-tuning scaling factor is not supported")
+    _check_tensor_names(tensors, {"W_enc", "b_enc", "W_dec", "b_dec"}, where)
+    dtype = _parse_dtype(raw.get("dtype", "float32"), where)
+    # Fold in float64: the reparametrised weights give SAELens's activations and reconstruction.
+    w_enc, b_enc, w_dec, b_dec = (tensors[n].double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    w_enc = w_enc.t()
+    if not raw.get("apply_b_dec_to_input", True):
+        # SAELens encodes x, gsae x - b_dec: (x - b_dec) W + (b_enc + W b_dec) = x W + b_enc.
+        b_enc = b_enc + w_enc @ b_dec
+    if raw.get("rescale_acts_by_decoder_norm", False):
+        # SAELens selects and returns z * |d_i| and decodes with d_i / |d_i|: fold the norms.
+        norms = w_dec.norm(dim=1).clamp_min(1e-8)
+        w_enc, b_enc, w_dec = w_enc * norms[:, None], b_enc * norms, w_dec / norms[:, None]
+    weights = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}
+    meta = raw.get("metadata") or {}
+    metadata: dict[str, Any] = {"imported_from": {"format": "saelens", "config": raw}}
+    if meta.get("model_name"):
+        metadata["model"] = {"model": meta["model_name"]}
+    for key, name in (("hook", "hook_name"), ("context_size", "context_size")):
+        if meta.get(name) is not None:
+            metadata[key] = meta[name]
+    return _build(weights, dtype, raw.get("d_sae"), raw.get("k"), meta.get("gsae"), metadata,
+                  where, device)
+
+
+def _load_sparsify(folder: Path, raw: dict[str, Any], device: str | torch.device) -> SAE:
+    where = f"{folder} (sparsify)"
+    if raw.get("activation", "topk") != "topk":
+        raise GsaeError(f"{where}: activation {raw['activation']!r} is not supported: gsae loads "
+                        "TopK SAEs ('topk') only")
+    for option in ("transcode", "skip_connection"):
+        if raw.get(option, False):
+            raise GsaeError(f"{where}: {option} = true is not supported: gsae loads sparse "
+                            "autoencoders without transcoding or skip connections")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    _check_tensor_names(tensors, set(SPARSIFY_TENSORS), where)
+    dtype = tensors["encoder.weight"].dtype
+    weights = {attr: tensors[name] for name, attr in SPARSIFY_TENSORS.items()}
+    d_in = weights["b_dec"].shape[0]
+    n_latents = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)
+    metadata = {"hook": folder.name, "imported_from": {"format": "sparsify", "config": raw}}
+    return _build(weights, dtype, n_latents, raw.get("k", 32), raw.get("gsae"), metadata, where,
+                  device)
+
+
+def _check_tensor_names(tensors: dict[str, Tensor], expected: set[str], where: str) -> None:
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise GsaeError(f"{where}: expected the tensors {', '.join(sorted(expected))} of a TopK "
+                        f"SAE; missing {missing or 'none'}, unexpected {extra or 'none'}")
+
+
+def _parse_dtype(name: str, where: str) -> torch.dtype:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise GsaeError(f"{where}: unknown dtype {name!r}: use a floating-point torch dtype "
+                        "such as 'float32'")
+    return dtype
+
+
+def _build(weights: dict[str, Tensor], dtype: torch.dtype, n_latents: Any, k: Any,
+           record: dict[str, Any] | None, metadata: dict[str, Any], where: str,
+           device: str | torch.device) -> SAE:
+    """A gsae SAE with the given weights: beta = 0, or the g-SAE config in `record` (gsae's own
+    export), which must agree with the folder's config."""
+    d_in = weights["b_dec"].shape[0]
+    if not isinstance(n_latents, int) or not isinstance(k, int):
+        raise GsaeError(f"{where}: the config must give the number of latents and k as integers, "
+                        f"got {n_latents!r} and {k!r}")
+    cfg = SAEConfig(n_latents=n_latents, k=k, beta=0.0, value_mode="z")
+    if record is not None:
+        fields = SAEConfig.__dataclass_fields__
+        cfg = SAEConfig(**{name: value for name, value in record.items() if name in fields})
+        found = (record.get("d_in"), cfg.latents_for(d_in), cfg.k)
+        if found != (d_in, n_latents, k):
+            raise GsaeError(f"{where}: its gsae record (d_in, latents, k) = {found} disagrees "
+                            f"with the folder's own config {(d_in, n_latents, k)}: the folder "
+                            "was changed after export; delete the 'gsae' entry to load it as TopK")
+        metadata = record.get("metadata", {})
+    sae = SAE(cfg, d_in, device=device, dtype=dtype, metadata=metadata)
+    try:
+        sae.load_state_dict({name: t.to(dtype) for name, t in weights.items()})
+    except RuntimeError as err:
+        raise GsaeError(f"{where}: the weights' shapes do not match its config (d_in {d_in}, "
+                        f"{n_latents} latents)") from err
+    return sae
+
+
+# ------------------------------------------------------------------------------------- hub
+
+
+def parse_hub_id(name: str) -> tuple[str, str | None, str | None] | None:
+    """Split `hf://owner/repo[@revision][/subfolder]` (the `hf://` is optional) into
+    (repo_id, subfolder, revision); None if `name` has neither form."""
+    match = HUB_ID.match(name.removeprefix(HUB_PREFIX))
+    if match is None:
+        return None
+    return match["repo"], match["subfolder"], match["revision"]
+
+
+def load_hub(repo_id: str, subfolder: str | None = None, revision: str | None = None,
+             device: str | torch.device = "cpu") -> SAE:
+    """Download the SAE in `subfolder` of the Hugging Face model repo `repo_id` (only its config
+    and weights) and load it; any of the three formats."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    patterns = [prefix + name for name in (CONFIG_FILE, WEIGHTS_FILE, SAELENS_WEIGHTS_FILE)]
+    where = HUB_PREFIX + repo_id + (f"@{revision}" if revision else "") + f"/{prefix}".rstrip("/")
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except (OSError, ValueError) as err:
+        raise GsaeError(f"could not download {where} from the Hugging Face Hub (and it is no "
+                        f"local folder): {_first_line(err)}") from err
+    folder = Path(snapshot) / prefix
+    if not (folder / CONFIG_FILE).is_file():
+        raise GsaeError(f"{where} holds no {CONFIG_FILE}: name the subfolder of the SAE "
+                        f"({HUB_FORMS})")
+    return _load_folder(folder, device)
+
+
+def push(sae_dir: str | Path, repo_id: str, *, format: str = FORMAT_NAME,
+         subfolder: str | None = None, hookpoint: str | None = None, private: bool = False,
+         token: str | None = None) -> str:
+    """Upload the SAE loaded from `sae_dir` to the Hugging Face model repo `repo_id` (created if
+    needed) in `format`, under `subfolder` (sparsify's layout adds the hook point's folder).
+    Returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    sae = SAE.load(sae_dir)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "upload"
+        export(sae, staging, format, hookpoint)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=staging,
+                                       path_in_repo=subfolder or None,
+                                       commit_message=f"Upload {format} SAE with gsae")
+        except (OSError, ValueError) as err:
+            raise GsaeError(f"could not upload to {repo_id} on the Hugging Face Hub: "
+                            f"{_first_line(err)}") from err
+    return str(commit.commit_url)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

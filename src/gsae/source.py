@@ -1,0 +1,171 @@
+"""Activations and loss gradients from a frozen language model.
+
+One forward and one backward of the model give, for every hook point at once, the hook's
+activation `x` and `g = dL/dx`, where L is the sum over predicted positions of each sequence's
+next-token cross-entropy (summed over the batch too: no averaging, so `g` for a token does not
+depend on the batch size). The model's weights are frozen, so the autograd graph starts at the
+earliest hook and no weight gradient is ever formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gsae.errors import GsaeError
+from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
+
+
+@dataclass
+class SourceConfig:
+    """Where the activations come from and which tokens become SAE data."""
+
+    hooks: list[str] = field(
+        default_factory=lambda: ["15"],
+        metadata={"help": "hook points: a layer index (residual stream after that block), a "
+                  "TransformerLens name like blocks.15.hook_resid_post, or a module path"},
+    )
+    lm_batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch"})
+    skip_first: int = field(
+        default=1,
+        metadata={"help": "leading positions of each context left out of SAE data (position 0 "
+                  "is an attention sink on many models)"},
+    )
+    outlier_factor: float = field(
+        default=5.0,
+        metadata={"help": "drop tokens whose activation norm exceeds this multiple of the "
+                  "batch's median norm (0 keeps all)"},
+    )
+    autocast: str = field(
+        default="none",
+        metadata={"help": "run the language model under autocast: 'none' (fp32) or 'bf16'"},
+    )
+
+
+@dataclass
+class Batch:
+    """SAE training data from one hook point: rows are tokens."""
+
+    x: Tensor  # [N, d] activations
+    g: Tensor | None  # [N, d] dL/dx, None when gradients were not computed
+    hook: str = ""
+    dropped_outliers: int = 0
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the last hook has run."""
+
+
+class ActivationSource:
+    """Runs a frozen causal LM on token contexts and returns (x, g) at one or more hooks."""
+
+    def __init__(self, model: nn.Module, cfg: SourceConfig, with_grad: bool = True):
+        if not cfg.hooks:
+            raise GsaeError("at least one hook point is needed")
+        if cfg.autocast not in ("none", "bf16"):
+            raise GsaeError(f"autocast must be 'none' or 'bf16', got {cfg.autocast!r}")
+        self.model = model
+        self.cfg = cfg
+        self.with_grad = with_grad
+        resolved = [resolve_hook(model, h) for h in cfg.hooks]
+        self.hook_names = [name for name, _ in resolved]
+        if len(set(self.hook_names)) != len(self.hook_names):
+            raise GsaeError(f"hook points repeat: {cfg.hooks} resolve to {self.hook_names}")
+        self._modules = [module for _, module in resolved]
+        order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+        self._last_module = max(self._modules, key=lambda m: order[id(m)])
+        self._device = next(model.parameters()).device
+
+    def hidden_states(self, tokens: Tensor) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Full-context activations [B, T, d] (and gradients, if enabled) at every hook."""
+        tokens = tokens.to(self._device)
+        captured: dict[str, Tensor] = {}
+        handles = []
+        graph_started = False
+
+        def make_hook(name: str, module: nn.Module):
+            def hook(_module, _inputs, output):
+                nonlocal graph_started
+                h = hook_output_tensor(output)
+                if self.with_grad and not h.requires_grad:
+                    # The first hook reached: start the graph here, nothing before needs one.
+                    h = h.detach().requires_grad_(True)
+                    graph_started = True
+                    output = replace_hook_output(output, h)
+                captured[name] = h
+                if not self.with_grad and module is self._last_module:
+                    raise _StopForward
+                return output
+
+            return hook
+
+        for name, module in zip(self.hook_names, self._modules):
+            handles.append(module.register_forward_hook(make_hook(name, module)))
+        autocast = torch.autocast(
+            self._device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"
+        )
+        try:
+            with torch.set_grad_enabled(self.with_grad), autocast:
+                try:
+                    logits = self.model(input_ids=tokens, use_cache=False).logits
+                except _StopForward:
+                    logits = None
+            grads: list[Tensor | None] = [None] * len(self.hook_names)
+            if self.with_grad:
+                assert logits is not None and graph_started
+                loss = next_token_loss(logits, tokens)
+                inputs = [captured[n] for n in self.hook_names]
+                grads = list(torch.autograd.grad(loss, inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {
+            name: (captured[name].detach().float(), None if g is None else g.float())
+            for name, g in zip(self.hook_names, grads)
+        }
+
+    def batches(self, tokens: Tensor) -> dict[str, Batch]:
+        """SAE data for one batch of contexts [B, T]: the kept positions of every context,
+        flattened to rows, with outlier tokens removed."""
+        out = {}
+        for name, (x, g) in self.hidden_states(tokens).items():
+            keep = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            # Position T-1 predicts nothing inside its context, so its gradient is exactly 0.
+            keep[:, self.cfg.skip_first : x.shape[1] - 1] = True
+            x_rows, g_rows = x[keep], None if g is None else g[keep]
+            mask = outlier_mask(x_rows, self.cfg.outlier_factor)
+            out[name] = Batch(
+                x_rows[mask], None if g_rows is None else g_rows[mask], name,
+                dropped_outliers=int((~mask).sum()),
+            )
+        return out
+
+    def stream(self, contexts: Iterator[Tensor]) -> Iterator[dict[str, Batch]]:
+        """`batches` for each [B, T] tensor of an iterator of context batches."""
+        for tokens in contexts:
+            yield self.batches(tokens)
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Sum over sequences and predicted positions of the next-token cross-entropy."""
+    vocab = logits.shape[-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1), reduction="sum"
+    )
+
+
+def outlier_mask(x: Tensor, factor: float) -> Tensor:
+    """True for rows whose norm is at most `factor` times the median row norm (all if 0)."""
+    if factor <= 0 or x.shape[0] == 0:
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    norms = x.norm(dim=1)
+    return norms <= factor * norms.median()
