@@ -130,7 +130,7 @@ def test_mismatched_and_corrupt_stores_are_refused(corpus, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--k", "300", "--expansion_factor", "4"], "k must be between 1 and the number of latents"),
+        (["--k", "300", "--expansion_factor", "4"], "k must be between 1 and the number of"),
         (["--k", "0"], "k must be between 1"),
         (["--beta", "-1"], "beta must be a finite number >= 0"),
         (["--hooks", "5"], "out of range"),

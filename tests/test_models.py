@@ -280,7 +280,7 @@ def test_default_model(real_model):
     assert len(identity["fingerprint"]) == 64
 
     prompt = tok("The capital of France is", return_tensors="pt")
-    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, prompt.input_ids.shape[1] :])
 
     context = next(token_contexts(DataConfig(), tok, "eval"))

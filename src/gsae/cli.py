@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from gsae.errors import GsaeError
+from gsae.evaluate import EvalConfig, check_model, evaluate, format_table
 from gsae.sae import SAE, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig
 from gsae.store import StoreConfig, StoreReader, StoreWriter, read_manifest
@@ -221,6 +222,47 @@ def _print_train_summary(final: list[dict[str, Any]], trainer: Trainer, wall: fl
     print(f"saved under {trainer.cfg.out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate SAE folders spliced into their language model, on held-out text."""
+    from gsae.models import ModelConfig, load_model, model_identity
+
+    eval_cfg = config_from_args(EvalConfig, args)
+    saes = [SAE.load(folder) for folder in args.sae_dirs]
+    recorded = saes[0].metadata
+    model_args = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
+    if model_args["model"] is None:
+        trained = recorded.get("model") or {}
+        if not trained.get("model"):
+            raise GsaeError(f"{args.sae_dirs[0]} does not record its model: pass --model")
+        model_args["model"] = trained["model"]
+        model_args["revision"] = model_args["revision"] or trained.get("revision")
+    model_cfg = ModelConfig(**model_args)
+    model_id = model_identity(model_cfg)
+    check_model(saes, model_id)
+    corpus = recorded.get("corpus") or {}
+    data_cfg = DataConfig(**{
+        f.name: next(v for v in (getattr(args, f.name), corpus.get(f.name), f.default)
+                     if v is not None)
+        for f in fields(DataConfig)
+    })
+    model, tokenizer = load_model(model_cfg)
+    result = evaluate(saes, model, tokenizer, data_cfg, eval_cfg, names=args.sae_dirs,
+                      model_id=model_id)
+    print(format_table(result))
+    if eval_cfg.json:
+        print(f"results written to {eval_cfg.json}")
+    return 0
+
+
+def _default_from_sae(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """Make these flags default to what the first SAE's metadata records."""
+    for action in parser._actions:
+        if action.dest in names:
+            action.default = None
+            text, fallback = action.help.rsplit(" (default: ", 1)
+            action.help = f"{text} (default: the first SAE's, else {fallback}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gsae.models import ModelConfig
 
@@ -236,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (ModelConfig, DataConfig, SourceConfig, StoreConfig):
         add_config_args(p, cls)
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("eval", help="evaluate SAEs spliced into their model on held-out text")
+    p.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR",
+                   help="SAE folders, all of one model (any hook points)")
+    for cls in (ModelConfig, DataConfig, EvalConfig):
+        add_config_args(p, cls)
+    _default_from_sae(p, ["model", *(f.name for f in fields(DataConfig))])
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

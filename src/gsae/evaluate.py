@@ -106,11 +106,12 @@ def eval_contexts(data_cfg: DataConfig, tokenizer: Any, cfg: EvalConfig) -> Tens
 
 def evaluate(
     saes: Sequence[SAE], model: nn.Module, tokenizer: Any, data_cfg: DataConfig,
-    cfg: EvalConfig, names: Sequence[str] | None = None,
+    cfg: EvalConfig, names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `saes` on the evaluation split of `data_cfg`'s corpus (see `evaluate_contexts`);
     the run info also records the corpus. Writes the JSON file if `cfg.json` is set."""
-    result = evaluate_contexts(saes, model, eval_contexts(data_cfg, tokenizer, cfg), cfg, names)
+    contexts = eval_contexts(data_cfg, tokenizer, cfg)
+    result = evaluate_contexts(saes, model, contexts, cfg, names, model_id)
     result["run"]["corpus"] = corpus_identity(data_cfg)
     if cfg.json:
         write_json(result, cfg.json)
@@ -119,12 +120,14 @@ def evaluate(
 
 def evaluate_contexts(
     saes: Sequence[SAE], model: nn.Module, contexts: Tensor, cfg: EvalConfig,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `saes` (any hooks of this one model) on token contexts [n, T].
 
-    Returns {"schema", "run": run info, "results": one record per SAE per inference mode}
-    (docs/evaluation.md). SAEs with beta = 0 get both records too; they are identical.
+    `names` label the SAEs (default sae0, sae1, ...); `model_id` describes `model` in the run
+    info (default: the model identity in the SAEs' metadata). Returns {"schema", "run": run
+    info, "results": one record per SAE per inference mode} (docs/evaluation.md). SAEs with
+    beta = 0 get both records too; they are identical.
     """
     if not saes:
         raise GsaeError("no SAE to evaluate")
@@ -152,7 +155,7 @@ def evaluate_contexts(
     _evaluation_pass(model, source_cfg, batches, hooks)
     device = next(model.parameters()).device
     run = {
-        "model": _model_identity(saes),
+        "model": model_id if model_id is not None else _model_identity(saes),
         "corpus": None,
         "part": "eval",
         "contexts": contexts.shape[0],

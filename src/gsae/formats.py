@@ -208,12 +208,11 @@ def _load_saelens(folder: Path, raw: dict[str, Any], device: str | torch.device)
         w_enc, b_enc, w_dec = w_enc * norms[:, None], b_enc * norms, w_dec / norms[:, None]
     weights = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}
     meta = raw.get("metadata") or {}
-    metadata: dict[str, Any] = {"imported_from": {"format": "saelens", "config": raw}}
-    if meta.get("model_name"):
-        metadata["model"] = {"model": meta["model_name"]}
-    for key, name in (("hook", "hook_name"), ("context_size", "context_size")):
-        if meta.get(name) is not None:
-            metadata[key] = meta[name]
+    # Its model_name is usually a TransformerLens alias, not a model gsae loads: it stays in
+    # imported_from only, and evaluation asks for the model.
+    metadata = {"hook": meta.get("hook_name"), "context_size": meta.get("context_size"),
+                "imported_from": {"format": "saelens", "config": raw}}
+    metadata = {key: value for key, value in metadata.items() if value is not None}
     return _build(weights, dtype, raw.get("d_sae"), raw.get("k"), meta.get("gsae"), metadata,
                   where, device)
 
