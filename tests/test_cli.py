@@ -13,22 +13,6 @@ from gsae.source import ActivationSource, SourceConfig
 from gsae.store import StoreWriter
 from gsae.text import DataConfig, batched_contexts, token_contexts
 
-WORDS = ("the cat sat on a mat while seven green birds sang over quiet hills near an old "
-         "river and people walked home slowly after work").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A text file of 40 short documents separated by blank lines."""
-    gen = torch.Generator().manual_seed(0)
-    docs = []
-    for _ in range(40):
-        idx = torch.randint(0, len(WORDS), (120,), generator=gen).tolist()
-        docs.append(" ".join(WORDS[i] for i in idx) + ".")
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    path.write_text("\n\n".join(docs))
-    return str(path)
-
 
 def common(corpus, out):
     return ["--model", "tiny-llama", "--dataset", corpus, "--context_size", "64",

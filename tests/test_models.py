@@ -288,3 +288,8 @@ def test_default_model(real_model):
     with torch.no_grad():
         loss = model(context[None], labels=context[None]).loss.item()
     assert 2.0 < loss < 4.5
+
+
+def test_sparsify_style_hook_names_resolve_inside_the_base_model():
+    model = tiny_llama()
+    assert resolve_hook(model, "layers.1") == ("model.layers.1", model.model.layers[1])

@@ -14,13 +14,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from gsae import distributed
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, check_model, evaluate, format_table
 from gsae.sae import SAE, SAEConfig
-from gsae.source import ActivationSource, Batch, SourceConfig
-from gsae.store import StoreConfig, StoreReader, StoreWriter, read_manifest
-from gsae.text import DataConfig, batched_contexts, corpus_identity, token_contexts
-from gsae.train import TrainConfig, Trainer
+from gsae.source import ActivationSource, SourceConfig, source_identity
+from gsae.store import StoreConfig, StoreReader, fill_store, read_manifest
+from gsae.text import DataConfig, batched_contexts, token_contexts
+from gsae.train import TrainConfig, Trainer, data_parallel
 
 # ------------------------------------------------------------------ dataclass <-> argparse
 
@@ -97,19 +98,13 @@ def context_batches(data_cfg: DataConfig, tokenizer, batch_size: int, part: str 
     """Batches of token contexts, starting again at the corpus start whenever it runs out;
     the first `skip` batches are passed over (to resume a run)."""
     for epoch in itertools.count():
-        if epoch > 0:
+        if epoch > 0 and distributed.is_main():
             tqdm.write(f"gsae: the {part} corpus is exhausted; starting pass {epoch + 1}")
         for tokens in batched_contexts(token_contexts(data_cfg, tokenizer, part), batch_size):
             if skip > 0:
                 skip -= 1
                 continue
             yield tokens
-
-
-def _source_identity(source_cfg: SourceConfig, data_cfg: DataConfig) -> dict[str, Any]:
-    return {"corpus": corpus_identity(data_cfg), "context_size": data_cfg.context_size,
-            "skip_first": source_cfg.skip_first, "outlier_factor": source_cfg.outlier_factor,
-            "autocast": source_cfg.autocast}
 
 
 def _store_hooks(requested: list[str], stored: list[str]) -> list[str]:
@@ -124,8 +119,12 @@ def _store_hooks(requested: list[str], stored: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one SAE, or a sweep of them, from the language model or an activation store."""
+    """Train one SAE, or a sweep of them, from the language model or an activation store;
+    under torchrun, data-parallel or with the sweep split across the ranks."""
+    distributed.init()
+    args.device = distributed.local_device(args.device)
     train_cfg = config_from_args(TrainConfig, args)
+    train_cfg.sae_device = distributed.local_device(train_cfg.sae_device or args.device)
     data_cfg = config_from_args(DataConfig, args)
     source_cfg = config_from_args(SourceConfig, args)
     sweep = sweep_from_args(args)
@@ -137,14 +136,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                            read_manifest(train_cfg.store)
                                                            ["identity"]["hooks"]))
         d_in, hooks, identity = reader.d_in, reader.hooks, reader.identity
-        metadata = {k: identity[k] for k in ("model", "corpus", "context_size", "skip_first",
-                                              "outlier_factor", "autocast")}
+        metadata = reader.sae_metadata
         run_config["store"] = identity
     else:
         model_cfg, model, tokenizer, d_in, model_id = _load_model(args)
-        source = ActivationSource(model, source_cfg, with_grad=any(c.beta > 0 for c in sweep))
+        source = ActivationSource(model, source_cfg, with_grad=any(c.beta > 0 for c in sweep),
+                                  split_across_ranks=data_parallel(train_cfg))
         hooks = source.hook_names
-        metadata = {"model": model_id, **_source_identity(source_cfg, data_cfg)}
+        metadata = {"model": model_id, **source_identity(source_cfg, data_cfg)}
         run_config.update(model=asdict(model_cfg), data=asdict(data_cfg),
                           source=asdict(source_cfg))
     for cfg in sweep:
@@ -159,7 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    skip=trainer.chunks_done)
         chunks = source.stream(contexts)
     final = trainer.fit(chunks)
-    _print_train_summary(final, trainer, time.perf_counter() - t0)
+    if distributed.is_main():
+        _print_train_summary(final, trainer, time.perf_counter() - t0)
+    distributed.shutdown()
     return 0
 
 
@@ -170,34 +171,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     source_cfg = config_from_args(SourceConfig, args)
     model_cfg, model, tokenizer, d_in, model_id = _load_model(args)
     source = ActivationSource(model, source_cfg, with_grad=True)
-    identity = {"model": model_id, "hooks": source.hook_names, "d_in": d_in,
-                "lm_batch_size": source_cfg.lm_batch_size,
-                **_source_identity(source_cfg, data_cfg)}
-    writer = StoreWriter(store_cfg.store, identity, store_cfg.store_dtype,
-                         store_cfg.batches_per_shard)
-    if writer.manifest["complete"] and writer.rows_done >= store_cfg.tokens:
-        print(f"{store_cfg.store} is complete: {writer.rows_done} tokens")
-        return 0
-    writer.manifest["complete"] = False
-    contexts = batched_contexts(token_contexts(data_cfg, tokenizer, "train"),
-                                source_cfg.lm_batch_size)
-    contexts = itertools.islice(contexts, writer.batches_done, None)
-    bar = tqdm(total=store_cfg.tokens, initial=writer.rows_done, unit="tok", unit_scale=True,
-               desc="cache", dynamic_ncols=True)
-    pending: list[dict[str, Batch]] = []
     t0 = time.perf_counter()
-    for tokens in contexts:
-        if writer.rows_done >= store_cfg.tokens:
-            break
-        pending.append(source.batches(tokens))
-        bar.update(len(next(iter(pending[-1].values()))))
-        if len(pending) == store_cfg.batches_per_shard:
-            writer.write_shard(pending)
-            pending = []
-    if pending:
-        writer.write_shard(pending)
-    writer.finish()
-    bar.close()
+    writer = fill_store(store_cfg, source, data_cfg, tokenizer, model_id)
     size = sum(f.stat().st_size for f in Path(store_cfg.store).glob("shard-*"))
     if writer.rows_done < store_cfg.tokens:
         print(f"gsae: the corpus ran out after {writer.rows_done} tokens", file=sys.stderr)
@@ -222,11 +197,12 @@ def _print_train_summary(final: list[dict[str, Any]], trainer: Trainer, wall: fl
     print(f"saved under {trainer.cfg.out}")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate SAE folders spliced into their language model, on held-out text."""
+def _recorded_setup(args: argparse.Namespace) -> tuple[list[SAE], DataConfig, Any, Any,
+                                                      dict[str, Any]]:
+    """The SAEs of `args.sae_dirs` with the model, tokenizer and corpus settings recorded in the
+    first one's metadata (any flag given overrides them), checked to match every SAE."""
     from gsae.models import ModelConfig, load_model, model_identity
 
-    eval_cfg = config_from_args(EvalConfig, args)
     saes = [SAE.load(folder) for folder in args.sae_dirs]
     recorded = saes[0].metadata
     model_args = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
@@ -246,11 +222,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for f in fields(DataConfig)
     })
     model, tokenizer = load_model(model_cfg)
+    return saes, data_cfg, model, tokenizer, model_id
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate SAE folders spliced into their language model, on held-out text."""
+    eval_cfg = config_from_args(EvalConfig, args)
+    saes, data_cfg, model, tokenizer, model_id = _recorded_setup(args)
     result = evaluate(saes, model, tokenizer, data_cfg, eval_cfg, names=args.sae_dirs,
                       model_id=model_id)
     print(format_table(result))
     if eval_cfg.json:
         print(f"results written to {eval_cfg.json}")
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    """Steer with latents of SAE folders in held-out contexts and measure the output change."""
+    from gsae.evaluate import write_json
+    from gsae.steer import SteerConfig, steer
+    from gsae.steer import format_table as steer_table
+
+    steer_cfg = config_from_args(SteerConfig, args)
+    saes, data_cfg, model, tokenizer, model_id = _recorded_setup(args)
+    result = steer(saes, model, tokenizer, data_cfg, steer_cfg, names=args.sae_dirs,
+                   model_id=model_id)
+    print(steer_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train, evaluate and steer TopK and g-SAEs over a grid, and write the report."""
+    from gsae.compare import CompareConfig, apply_quick, run_compare
+    from gsae.models import ModelConfig
+    from gsae.steer import SteerConfig
+
+    configs = [config_from_args(cls, args)
+               for cls in (CompareConfig, ModelConfig, DataConfig, SourceConfig, SteerConfig)]
+    if configs[0].quick:
+        apply_quick(*configs)
+    t0 = time.perf_counter()
+    report = run_compare(*configs)
+    print(f"report written to {report} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -261,6 +277,26 @@ def _default_from_sae(parser: argparse.ArgumentParser, names: list[str]) -> None
             action.default = None
             text, fallback = action.help.rsplit(" (default: ", 1)
             action.help = f"{text} (default: the first SAE's, else {fallback}"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write an SAE (any folder or repo id that SAE.load reads) as a SAELens, sparsify or gsae
+    folder."""
+    from gsae.formats import export
+
+    folder = export(SAE.load(args.sae_dir), args.out_dir, args.format, args.hookpoint)
+    print(f"wrote a {args.format} SAE folder: {folder}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Upload an SAE to a Hugging Face Hub model repo, in the chosen format."""
+    from gsae.formats import push
+
+    url = push(args.sae_dir, args.repo_id, format=args.format, subfolder=args.subfolder,
+               hookpoint=args.hookpoint, private=args.private, token=args.token)
+    print(f"uploaded: {url}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +322,46 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(p, cls)
     _default_from_sae(p, ["model", *(f.name for f in fields(DataConfig))])
     p.set_defaults(func=cmd_eval)
+
+    from gsae.compare import CompareConfig
+    from gsae.steer import SteerConfig
+
+    p = sub.add_parser("steer", help="steer with SAE latents in held-out contexts and measure "
+                       "how much the output moves")
+    p.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR",
+                   help="SAE folders, all of one model (any hook points)")
+    for cls in (ModelConfig, DataConfig, SteerConfig):
+        add_config_args(p, cls)
+    p.add_argument("--json", default="", help="also write the result as JSON to this file")
+    _default_from_sae(p, ["model", *(f.name for f in fields(DataConfig))])
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("compare", help="TopK vs g-SAEs over a grid of k, beta, value modes and "
+                       "seeds: train, evaluate, steer, and write a report")
+    for cls in (CompareConfig, ModelConfig, DataConfig, SourceConfig, SteerConfig):
+        add_config_args(p, cls)
+    p.set_defaults(func=cmd_compare)
+
+    from gsae.formats import EXPORT_FORMATS
+
+    hookpoint_help = "sparsify layout: the SAE's folder name (default: the SAE's recorded hook)"
+    p = sub.add_parser("export", help="write an SAE as a SAELens, sparsify or gsae folder")
+    p.add_argument("sae_dir", metavar="SAE_DIR", help="SAE folder or Hugging Face repo id")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="format to write")
+    p.add_argument("--hookpoint", help=hookpoint_help)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload an SAE to a Hugging Face Hub model repo")
+    p.add_argument("sae_dir", metavar="SAE_DIR", help="SAE folder or Hugging Face repo id")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the model repo, owner/name")
+    p.add_argument("--format", default="gsae", choices=EXPORT_FORMATS,
+                   help="format to upload (default: gsae)")
+    p.add_argument("--subfolder", help="folder inside the repo (default: its root)")
+    p.add_argument("--hookpoint", help=hookpoint_help)
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

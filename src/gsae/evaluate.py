@@ -32,13 +32,14 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import gsae
 from gsae.cache import atomic_output
 from gsae.errors import GsaeError
 from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
 from gsae.sae import GRADIENT_DEFINITION, SAE
-from gsae.source import ActivationSource, SourceConfig, outlier_mask
+from gsae.source import ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity, token_contexts
 
 SCHEMA = "gsae.eval/1"
@@ -64,7 +65,7 @@ class EvalConfig:
     """How much held-out text to evaluate on, and where to write the result."""
 
     eval_tokens: int = field(
-        default=16_384,
+        default=12_288,
         metadata={"help": "evaluation budget in context tokens (rounded up to whole contexts)"},
     )
     pool_tokens: int = field(
@@ -80,7 +81,8 @@ class EvalConfig:
 # Public entry points ----------------------------------------------------------------------------
 
 
-def eval_contexts(data_cfg: DataConfig, tokenizer: Any, cfg: EvalConfig) -> Tensor:
+def eval_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig
+                  ) -> Tensor:
     """The evaluation contexts [n, T] from the evaluation split of `data_cfg`'s corpus.
 
     n = ceil(eval_tokens / context_size), fewer if the split is smaller. With `pool_tokens` > 0
@@ -105,7 +107,7 @@ def eval_contexts(data_cfg: DataConfig, tokenizer: Any, cfg: EvalConfig) -> Tens
 
 
 def evaluate(
-    saes: Sequence[SAE], model: nn.Module, tokenizer: Any, data_cfg: DataConfig,
+    saes: Sequence[SAE], model: nn.Module, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
     cfg: EvalConfig, names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `saes` on the evaluation split of `data_cfg`'s corpus (see `evaluate_contexts`);
@@ -132,8 +134,8 @@ def evaluate_contexts(
     if not saes:
         raise GsaeError("no SAE to evaluate")
     names = list(names) if names is not None else [f"sae{i}" for i in range(len(saes))]
-    if len(names) != len(saes):
-        raise GsaeError(f"{len(saes)} SAEs but {len(names)} names")
+    if len(names) != len(saes) or len(set(names)) != len(names):
+        raise GsaeError(f"the {len(saes)} SAEs need as many distinct names, got {names}")
     if cfg.batch_size < 1:
         raise GsaeError(f"batch_size is {cfg.batch_size}: it must be at least 1")
     if contexts.ndim != 2 or contexts.shape[0] == 0:
@@ -153,7 +155,7 @@ def evaluate_contexts(
     for name, mean in _mean_activations(model, source_cfg, batches).items():
         hooks[name].mean = mean
     _evaluation_pass(model, source_cfg, batches, hooks)
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     run = {
         "model": model_id if model_id is not None else _model_identity(saes),
         "corpus": None,
@@ -169,8 +171,8 @@ def evaluate_contexts(
         "outlier_factor": outlier_factor,
         "positions": POSITIONS,
         "gradient": GRADIENT_DEFINITION,
-        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": str(device),
+        "model_dtype": str(param.dtype).removeprefix("torch."),
+        "device": str(param.device),
         "versions": {"gsae": gsae.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "seconds": round(time.perf_counter() - start, 1),
@@ -391,7 +393,8 @@ class _Clean:
         """Per-position CE [B, P] of other logits, and KL(clean || other) [B, P]."""
         logp = _log_probs(logits, self.skip_first)
         ce = -logp.gather(-1, self.targets).squeeze(-1)
-        return ce, (self.p * (self.logp - logp)).sum(-1)
+        kl = logp.neg_().add_(self.logp).mul_(self.p).sum(-1)  # in place: one [B, P, V] buffer
+        return ce, kl
 
 
 # The two passes ---------------------------------------------------------------------------------
@@ -406,7 +409,7 @@ def _mean_activations(model: nn.Module, source_cfg: SourceConfig, batches: Seque
     for tokens in tqdm(batches, desc="eval: mean activation", unit="batch", leave=False,
                        dynamic_ncols=True):
         for name, (x, _) in source.hidden_states(tokens).items():
-            mask, _ = spliced_positions(x, source_cfg.skip_first, source_cfg.outlier_factor)
+            mask, _ = training_positions(x, source_cfg.skip_first, source_cfg.outlier_factor)
             total = x[mask].double().sum(0)
             sums[name] = sums[name] + total if name in sums else total
             counts[name] = counts.get(name, 0) + int(mask.sum())
@@ -423,17 +426,12 @@ def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequen
     captured: dict[str, Tensor] = {}
     for tokens in batches:
         tokens = tokens.to(device)
-        handle = model.register_forward_hook(
-            lambda _m, _i, output: captured.update(logits=output.logits.detach()))
-        try:
-            states = source.hidden_states(tokens)
-        finally:
-            handle.remove()
+        states = source.hidden_states(tokens, logits_out=captured)
         with torch.no_grad():
             clean = _Clean(captured.pop("logits"), tokens, skip_first)
             for hook in hooks.values():
                 x_full, g_full = states[hook.name]
-                mask, outliers = spliced_positions(x_full, skip_first, outlier_factor)
+                mask, outliers = training_positions(x_full, skip_first, outlier_factor)
                 x, g = x_full[mask], g_full[mask]
                 sequence = mask.nonzero()[:, 0]
                 hook.add_rows(x)
@@ -473,18 +471,6 @@ def _evaluate_member(member: _Member, model: nn.Module, tokens: Tensor, hook: _H
 
 
 # Helpers ----------------------------------------------------------------------------------------
-
-
-def spliced_positions(x: Tensor, skip_first: int, outlier_factor: float) -> tuple[Tensor, int]:
-    """The [B, T] mask of positions whose activation is SAE data (spliced in evaluation), and
-    the number of outlier tokens left out: positions skip_first .. T-2 whose norm is at most
-    `outlier_factor` times the median over those positions of the batch (as in training)."""
-    candidates = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-    candidates[:, skip_first : x.shape[1] - 1] = True
-    inliers = outlier_mask(x[candidates], outlier_factor)
-    mask = candidates.clone()
-    mask[candidates] = inliers
-    return mask, int((~inliers).sum())
 
 
 def _spliced_logits(model: nn.Module, tokens: Tensor, module: nn.Module, mask: Tensor,

@@ -4,8 +4,8 @@ Export writes a folder that SAELens (`SAE.load_from_disk`) or sparsify
 (`SparseCoder.load_from_disk`) opens with its own loader. Those tools encode without a gradient,
 so they run a g-SAE as plain TopK (beta = 0) on the same weights; the full gsae config (beta,
 value mode, gradient definition, model, hook) rides along in the folder's `cfg.json` (SAELens:
-`metadata.gsae`; sparsify: a top-level `gsae` object, which its loader ignores), so gsae loading
-its own export restores the g-SAE exactly.
+`metadata.gsae`; sparsify: a top-level `gsae` object, which its loader drops with a one-line
+notice), so gsae loading its own export restores the g-SAE exactly.
 
 Import reads SAELens and sparsify TopK folders into a gsae `SAE` (beta = 0) whose gradient-free
 encoding equals theirs. Both tools keep the top k pre-activations and zero the negative ones
@@ -154,7 +154,10 @@ def load_foreign(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     if hub is None:
         raise GsaeError(f"{path} is neither a folder nor a Hugging Face repo id: "
                         f"{ACCEPTED_FOLDERS}")
-    return load_hub(*hub, device=device)
+    try:
+        return load_hub(*hub, device=device)
+    except GsaeError as err:
+        raise GsaeError(f"{path} is no local folder, and {err}") from err
 
 
 def _load_folder(folder: Path, device: str | torch.device) -> SAE:
@@ -271,7 +274,7 @@ def _build(weights: dict[str, Tensor], dtype: torch.dtype, n_latents: Any, k: An
                             f"with the folder's own config {(d_in, n_latents, k)}: the folder "
                             "was changed after export; delete the 'gsae' entry to load it as TopK")
         metadata = record.get("metadata", {})
-    sae = SAE(cfg, d_in, device=device, dtype=dtype, metadata=metadata)
+    sae = SAE(cfg, d_in, device=device, dtype=dtype, metadata=metadata, initialize=False)
     try:
         sae.load_state_dict({name: t.to(dtype) for name, t in weights.items()})
     except RuntimeError as err:
@@ -304,8 +307,8 @@ def load_hub(repo_id: str, subfolder: str | None = None, revision: str | None = 
     try:
         snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except (OSError, ValueError) as err:
-        raise GsaeError(f"could not download {where} from the Hugging Face Hub (and it is no "
-                        f"local folder): {_first_line(err)}") from err
+        raise GsaeError(f"could not download {where} from the Hugging Face Hub: "
+                        f"{_first_line(err)}") from err
     folder = Path(snapshot) / prefix
     if not (folder / CONFIG_FILE).is_file():
         raise GsaeError(f"{where} holds no {CONFIG_FILE}: name the subfolder of the SAE "

@@ -52,7 +52,9 @@ class ModelConfig:
         default=False, metadata={"help": "allow a hub model to run its own modelling code"}
     )
     device: str = field(
-        default="cpu", metadata={"help": "device to run the model on: cpu, cuda, cuda:N, mps"}
+        default="cpu",
+        metadata={"help": "device to run the model on: cpu, cuda, cuda:N, mps (under torchrun, "
+                  "cuda means cuda:LOCAL_RANK)"},
     )
 
 
@@ -266,6 +268,9 @@ def resolve_hook(model: nn.Module, hook: str | int) -> tuple[str, nn.Module]:
         index %= count
         return f"{name}.{index}", layers[index]
     modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    if text and text not in modules and f"{prefix}.{text}" in modules:
+        text = f"{prefix}.{text}"  # sparsify names hook points inside the base model
     if text and text in modules:
         return text, modules[text]
     name, layers = decoder_layers(model)

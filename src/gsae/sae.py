@@ -92,6 +92,11 @@ class ForwardOutput(NamedTuple):
     effect: Tensor | None
 
 
+def total_variance_of(x: Tensor) -> Tensor:
+    """Sum of squared deviations of the rows of `x` [N, d] from their mean: FVU's denominator."""
+    return (x - x.mean(0)).pow(2).sum()
+
+
 class SAE(nn.Module):
     """A TopK sparse autoencoder whose selection may use the loss gradient (a g-SAE).
 
@@ -107,16 +112,21 @@ class SAE(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         metadata: dict[str, Any] | None = None,
+        initialize: bool = True,
     ):
+        """`initialize=False` leaves the weights uninitialised (for loading saved ones)."""
         super().__init__()
         cfg.validate(d_in)
         self.cfg = cfg
         self.d_in = d_in
         self.n_latents = cfg.latents_for(d_in)
         self.metadata: dict[str, Any] = dict(metadata or {})
-        gen = torch.Generator().manual_seed(cfg.seed)
-        w = torch.randn(self.n_latents, d_in, generator=gen, dtype=torch.float64)
-        w = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+        if initialize:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            w = torch.randn(self.n_latents, d_in, generator=gen, dtype=torch.float64)
+            w = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+        else:
+            w = torch.empty(self.n_latents, d_in, dtype=dtype)
         self.W_dec = nn.Parameter(w.to(device=device))
         self.W_enc = nn.Parameter(w.clone().to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(self.n_latents, device=device, dtype=dtype))
@@ -140,7 +150,7 @@ class SAE(nn.Module):
     def gradient_effect(self, grad: Tensor) -> Tensor:
         """|W_dec g| per latent: the loss's sensitivity along each decoder row, [N, n_latents]."""
         with torch.no_grad():
-            return (grad @ self.W_dec.t()).abs_()
+            return kernels.decoder_products(grad, self.W_dec).abs_()
 
     def encode(self, x: Tensor, grad: Tensor | None = None) -> EncoderOutput:
         """Select k latents per row of `x` [N, d_in] and return their values and indices.
@@ -149,60 +159,73 @@ class SAE(nn.Module):
         with `grad=None` it is gradient-free TopK on the same weights. Values are differentiable
         with respect to the encoder weights and `b_dec`.
         """
+        return self._encode(x, grad)[0]
+
+    def _encode(
+        self, x: Tensor, grad: Tensor | None, dead_mask: Tensor | None = None, k_aux: int = 0
+    ) -> tuple[EncoderOutput, kernels.SparsePattern, tuple[Tensor, kernels.SparsePattern] | None]:
+        """`encode`, plus the selection as a sparse pattern and, when `dead_mask` marks dead
+        latents and `k_aux` > 0, the AuxK values and pattern, all from one pass over the dense
+        scores (which are never stored)."""
         self._check_input(x, "x")
-        x_centered = x - self.b_dec
-        z = self.preacts(x)
         use_grad = grad is not None and self.beta > 0
         if use_grad:
             self._check_input(grad, "grad")
-            # s = z + beta z |d.g| = z (1 + beta |d.g|), built in place to spare memory.
-            score = self.gradient_effect(grad).mul_(self.beta).add_(1.0).mul_(z)
-            indices = score.topk(self.k, dim=1, sorted=False).indices
-            del score
-        else:
-            indices = z.topk(self.k, dim=1, sorted=False).indices
-        z_sel = kernels.selected_preacts(z, indices, x_centered, self.W_enc, self.b_enc)
+        dead_latents = None
+        if dead_mask is not None and k_aux > 0:
+            dead_latents = dead_mask.to(x.device).nonzero().squeeze(1)
+            k_aux = min(k_aux, len(dead_latents))
+            dead_latents = dead_latents if k_aux > 0 else None
+        x_centered = x - self.b_dec
+        sel = kernels.select(
+            x_centered, self.W_enc, self.b_enc, self.k, grad=grad if use_grad else None,
+            W_dec=self.W_dec, beta=self.beta, dead_latents=dead_latents, k_aux=k_aux,
+        )
+        pattern = kernels.SparsePattern(sel.indices, self.n_latents)
+        z_sel = kernels.selected_preacts(sel.preacts, pattern, x_centered, self.W_enc, self.b_enc)
         effect = None
-        if use_grad:
-            # beta |d_i . g| for the kept latents only (cheap: k dot products per row).
-            effect = kernels.row_dots(indices, self.W_dec.detach(), grad).abs_().mul_(self.beta)
+        if sel.effect is not None:
+            effect = sel.effect.mul_(self.beta)  # beta |d_i . g| of the kept latents
             if self.cfg.value_mode == "score":
                 z_sel = z_sel * (1.0 + effect)
-        return EncoderOutput(torch.relu(z_sel), indices, effect)
+        aux = None
+        if sel.aux_indices is not None and sel.aux_preacts is not None:
+            aux_pattern = kernels.SparsePattern(sel.aux_indices, self.n_latents)
+            aux_z = kernels.selected_preacts(
+                sel.aux_preacts, aux_pattern, x_centered, self.W_enc, self.b_enc
+            )
+            aux = (torch.relu(aux_z), aux_pattern)
+        return EncoderOutput(torch.relu(z_sel), sel.indices, effect), pattern, aux
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """Reconstruction `sum_j values[:, j] * W_dec[indices[:, j]] + b_dec`, [N, d_in]."""
         return kernels.sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None,
-                k_aux: int = 0) -> ForwardOutput:
+                k_aux: int = 0, variance: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and compute the training losses.
 
-        `fvu` is the squared error over the batch's total variance around its mean. When
-        `dead_mask` marks dead latents, `auxk_loss` is the AuxK term of Gao et al.: the top
-        `k_aux` dead latents (by pre-activation) reconstruct the detached residual, normalised
-        by the same total variance. It is 0 when no latent is dead.
+        `fvu` is the squared error over the batch's total variance around its mean (or over
+        `variance`, given when `x` is one part of a larger batch: the parts' losses then add up
+        to the whole batch's). When `dead_mask` marks dead latents, `auxk_loss` is the AuxK term
+        of Gao et al.: the top `k_aux` dead latents (by pre-activation) reconstruct the detached
+        residual, normalised by the same total variance. It is 0 when no latent is dead.
         """
-        values, indices, effect = self.encode(x, grad)
-        x_hat = self.decode(values, indices)
-        total_variance = (x - x.mean(0)).pow(2).sum()
+        (values, indices, effect), pattern, aux = self._encode(x, grad, dead_mask, k_aux)
+        x_hat = kernels.sparse_decode(values, pattern, self.W_dec) + self.b_dec
+        total_variance = total_variance_of(x) if variance is None else variance
         residual = x - x_hat
         fvu = residual.pow(2).sum() / total_variance
         auxk_loss = x.new_zeros(())
-        if dead_mask is not None and k_aux > 0:
-            n_dead = int(dead_mask.sum())
-            if n_dead > 0:
-                auxk_loss = self._auxk_loss(x, residual.detach(), dead_mask, min(k_aux, n_dead))
-                auxk_loss = auxk_loss / total_variance
+        if aux is not None:
+            auxk_loss = self._auxk_loss(*aux, residual.detach()) / total_variance
         return ForwardOutput(x_hat, values, indices, fvu, auxk_loss, effect)
 
-    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
-        x_centered = x - self.b_dec
-        z = self.preacts(x)
-        z.masked_fill_(~dead_mask, -math.inf)
-        indices = z.topk(k_aux, dim=1, sorted=False).indices
-        z_sel = kernels.selected_preacts(z, indices, x_centered, self.W_enc, self.b_enc)
-        residual_hat = kernels.sparse_decode(torch.relu(z_sel), indices, self.W_dec)
+    def _auxk_loss(
+        self, values: Tensor, pattern: kernels.SparsePattern, residual: Tensor
+    ) -> Tensor:
+        """Squared error of the dead latents' reconstruction of the detached residual."""
+        residual_hat = kernels.sparse_decode(values, pattern, self.W_dec)
         return (residual_hat - residual).pow(2).sum()
 
     def _check_input(self, t: Tensor, name: str) -> None:
@@ -283,6 +306,7 @@ class SAE(nn.Module):
         cfg = SAEConfig(**{k: v for k, v in raw.items() if k in fields})
         tensors = load_file(str(weights_file), device=str(device))
         dtype = tensors["W_dec"].dtype
-        sae = cls(cfg, raw["d_in"], device=device, dtype=dtype, metadata=raw.get("metadata", {}))
+        sae = cls(cfg, raw["d_in"], device=device, dtype=dtype, metadata=raw.get("metadata", {}),
+                  initialize=False)
         sae.load_state_dict(tensors)
         return sae

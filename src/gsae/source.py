@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsae import distributed
 from gsae.errors import GsaeError
 from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
+from gsae.text import DataConfig, corpus_identity
 
 
 @dataclass
@@ -46,6 +49,14 @@ class SourceConfig:
     )
 
 
+def source_identity(cfg: SourceConfig, data_cfg: DataConfig) -> dict[str, Any]:
+    """What SAE data made by this source depends on, besides the model: the corpus, the
+    context size, the positions kept and the autocast setting (recorded in SAEs and stores)."""
+    return {"corpus": corpus_identity(data_cfg), "context_size": data_cfg.context_size,
+            "skip_first": cfg.skip_first, "outlier_factor": cfg.outlier_factor,
+            "autocast": cfg.autocast}
+
+
 @dataclass
 class Batch:
     """SAE training data from one hook point: rows are tokens."""
@@ -58,15 +69,26 @@ class Batch:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch with its tensors on `device`."""
+        g = None if self.g is None else self.g.to(device)
+        return Batch(self.x.to(device), g, self.hook, self.dropped_outliers)
+
 
 class _StopForward(Exception):
     """Raised inside a hook to end a forward pass once the last hook has run."""
 
 
 class ActivationSource:
-    """Runs a frozen causal LM on token contexts and returns (x, g) at one or more hooks."""
+    """Runs a frozen causal LM on token contexts and returns (x, g) at one or more hooks.
 
-    def __init__(self, model: nn.Module, cfg: SourceConfig, with_grad: bool = True):
+    With `split_across_ranks` (under torchrun), each rank runs the model on its share of every
+    batch of contexts and the shares are all-gathered: every rank returns the whole batch's rows,
+    as one process would, for 1 / world_size of the language-model work.
+    """
+
+    def __init__(self, model: nn.Module, cfg: SourceConfig, with_grad: bool = True,
+                 split_across_ranks: bool = False):
         if not cfg.hooks:
             raise GsaeError("at least one hook point is needed")
         if cfg.autocast not in ("none", "bf16"):
@@ -74,6 +96,7 @@ class ActivationSource:
         self.model = model
         self.cfg = cfg
         self.with_grad = with_grad
+        self.split_across_ranks = split_across_ranks
         resolved = [resolve_hook(model, h) for h in cfg.hooks]
         self.hook_names = [name for name, _ in resolved]
         if len(set(self.hook_names)) != len(self.hook_names):
@@ -83,8 +106,10 @@ class ActivationSource:
         self._last_module = max(self._modules, key=lambda m: order[id(m)])
         self._device = next(model.parameters()).device
 
-    def hidden_states(self, tokens: Tensor) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """Full-context activations [B, T, d] (and gradients, if enabled) at every hook."""
+    def hidden_states(self, tokens: Tensor, logits_out: dict[str, Tensor] | None = None
+                      ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Full-context activations [B, T, d] (and gradients, if enabled) at every hook.
+        With gradients on and a `logits_out` dict, the clean logits are stored in it too."""
         tokens = tokens.to(self._device)
         captured: dict[str, Tensor] = {}
         handles = []
@@ -120,6 +145,8 @@ class ActivationSource:
             grads: list[Tensor | None] = [None] * len(self.hook_names)
             if self.with_grad:
                 assert logits is not None and graph_started
+                if logits_out is not None:
+                    logits_out["logits"] = logits.detach()
                 loss = next_token_loss(logits, tokens)
                 inputs = [captured[n] for n in self.hook_names]
                 grads = list(torch.autograd.grad(loss, inputs))
@@ -132,20 +159,23 @@ class ActivationSource:
         }
 
     def batches(self, tokens: Tensor) -> dict[str, Batch]:
-        """SAE data for one batch of contexts [B, T]: the kept positions of every context,
-        flattened to rows, with outlier tokens removed."""
+        """SAE data for one batch of contexts [B, T]: the rows at `training_positions`."""
         out = {}
-        for name, (x, g) in self.hidden_states(tokens).items():
-            keep = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-            # Position T-1 predicts nothing inside its context, so its gradient is exactly 0.
-            keep[:, self.cfg.skip_first : x.shape[1] - 1] = True
-            x_rows, g_rows = x[keep], None if g is None else g[keep]
-            mask = outlier_mask(x_rows, self.cfg.outlier_factor)
-            out[name] = Batch(
-                x_rows[mask], None if g_rows is None else g_rows[mask], name,
-                dropped_outliers=int((~mask).sum()),
-            )
+        states = self._states_of_all_ranks(tokens) if self.split_across_ranks \
+            else self.hidden_states(tokens)
+        for name, (x, g) in states.items():
+            mask, outliers = training_positions(x, self.cfg.skip_first, self.cfg.outlier_factor)
+            out[name] = Batch(x[mask], None if g is None else g[mask], name,
+                              dropped_outliers=outliers)
         return out
+
+    def _states_of_all_ranks(self, tokens: Tensor) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """`hidden_states(tokens)`, each rank running the model on its share of the contexts."""
+        rows = tokens.shape[0]
+        return {
+            name: (distributed.gather(x, rows), None if g is None else distributed.gather(g, rows))
+            for name, (x, g) in self.hidden_states(distributed.shard(tokens, pad=True)).items()
+        }
 
     def stream(self, contexts: Iterator[Tensor]) -> Iterator[dict[str, Batch]]:
         """`batches` for each [B, T] tensor of an iterator of context batches."""
@@ -161,6 +191,19 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1), reduction="sum"
     )
+
+
+def training_positions(x: Tensor, skip_first: int, outlier_factor: float) -> tuple[Tensor, int]:
+    """The [B, T] mask of positions whose activation is SAE data, and the number of outlier
+    tokens left out: positions skip_first .. T-2 (position T-1 predicts nothing inside its
+    context, so its gradient is exactly 0) whose norm is at most `outlier_factor` times the
+    median norm over those positions of the batch."""
+    candidates = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+    candidates[:, skip_first : x.shape[1] - 1] = True
+    inliers = outlier_mask(x[candidates], outlier_factor)
+    mask = candidates.clone()
+    mask[candidates] = inliers
+    return mask, int((~inliers).sum())
 
 
 def outlier_mask(x: Tensor, factor: float) -> Tensor:

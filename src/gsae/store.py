@@ -12,6 +12,7 @@ temporary name and renamed, then the manifest is rewritten (also atomically), so
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,10 +22,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.errors import GsaeError
+from gsae.models import hidden_size
 from gsae.sae import GRADIENT_DEFINITION
-from gsae.source import Batch
+from gsae.source import ActivationSource, Batch, source_identity
+from gsae.text import DataConfig, batched_contexts, token_contexts
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -93,7 +98,7 @@ class StoreWriter:
         """Store the rows of several language-model batches as one shard."""
         tensors: dict[str, torch.Tensor] = {}
         rows = None
-        dropped = 0
+        dropped: dict[str, int] = {}
         for hook in self.manifest["identity"]["hooks"]:
             x = torch.cat([c[hook].x for c in chunks])
             g_parts = [c[hook].g for c in chunks]
@@ -101,8 +106,11 @@ class StoreWriter:
                 raise GsaeError("the store needs gradients: run the source with gradients on")
             tensors[f"{hook}.x"] = x.to(DTYPES[self.dtype]).contiguous()
             tensors[f"{hook}.g"] = torch.cat(g_parts).to(DTYPES[self.dtype]).contiguous()  # type: ignore[arg-type]
+            if not all(torch.isfinite(tensors[f"{hook}.{t}"]).all() for t in "xg"):
+                raise GsaeError(f"activations or gradients at {hook} overflow {self.dtype}; "
+                                "store them as bfloat16 or float32 (--store_dtype)")
             rows = x.shape[0] if rows is None else min(rows, x.shape[0])
-            dropped += sum(c[hook].dropped_outliers for c in chunks)
+            dropped[hook] = sum(c[hook].dropped_outliers for c in chunks)
         index = len(self.manifest["shards"])
         name = shard_name(index)
         tmp = self.folder / (name + ".tmp")
@@ -124,6 +132,46 @@ class StoreWriter:
         tmp = self.folder / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
         tmp.replace(self.folder / MANIFEST)
+
+
+
+def store_identity(source: ActivationSource, data_cfg: DataConfig, model_id: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """What a store made by `source` from `data_cfg`'s corpus holds (before the storage
+    settings that StoreWriter adds)."""
+    return {"model": model_id, "hooks": source.hook_names, "d_in": hidden_size(source.model),
+            "lm_batch_size": source.cfg.lm_batch_size, **source_identity(source.cfg, data_cfg)}
+
+
+def fill_store(cfg: StoreConfig, source: ActivationSource, data_cfg: DataConfig,
+               tokenizer: PreTrainedTokenizerBase, model_id: dict[str, Any]) -> StoreWriter:
+    """Run `source` over the training split until the store `cfg.store` holds `cfg.tokens` rows
+    (or the corpus ends). A store of the same identity is continued after its last shard; a
+    complete one that is large enough is returned as it is."""
+    writer = StoreWriter(cfg.store, store_identity(source, data_cfg, model_id), cfg.store_dtype,
+                         cfg.batches_per_shard)
+    if writer.manifest["complete"] and writer.rows_done >= cfg.tokens:
+        return writer
+    writer.manifest["complete"] = False
+    contexts = batched_contexts(token_contexts(data_cfg, tokenizer, "train"),
+                                source.cfg.lm_batch_size)
+    contexts = itertools.islice(contexts, writer.batches_done, None)
+    bar = tqdm(total=cfg.tokens, initial=writer.rows_done, unit="tok", unit_scale=True,
+               desc="cache", dynamic_ncols=True)
+    pending: list[dict[str, Batch]] = []
+    for tokens in contexts:
+        if writer.rows_done >= cfg.tokens:
+            break
+        pending.append(source.batches(tokens))
+        bar.update(len(next(iter(pending[-1].values()))))
+        if len(pending) == cfg.batches_per_shard:
+            writer.write_shard(pending)
+            pending = []
+    if pending:
+        writer.write_shard(pending)
+    writer.finish()
+    bar.close()
+    return writer
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -170,13 +218,20 @@ class StoreReader:
     def rows(self) -> int:
         return sum(s["rows"] for s in self.manifest["shards"])
 
+    @property
+    def sae_metadata(self) -> dict[str, Any]:
+        """What an SAE trained on this store records about its data (its hook aside)."""
+        return {k: self.identity[k] for k in ("model", "corpus", "context_size", "skip_first",
+                                              "outlier_factor", "autocast")}
+
     def read_shard(self, name: str) -> dict[str, Batch]:
         """One shard as float32 batches, one per hook."""
         path = self.folder / name
+        dropped = next(s for s in self.manifest["shards"] if s["file"] == name)["dropped_outliers"]
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {h: Batch(f.get_tensor(f"{h}.x").float(), f.get_tensor(f"{h}.g").float(),
-                                 h) for h in self.hooks}
+                                 h, dropped_outliers=dropped[h]) for h in self.hooks}
         except Exception as err:  # safetensors raises several types for damaged files
             raise GsaeError(f"the store shard {path} is unreadable or corrupt ({err}); "
                             "delete it from the store and rerun gsae cache") from None

@@ -3,12 +3,16 @@
 The trainer does not know where batches come from (a live language model or the on-disk store):
 it takes an iterator of "chunks", each a dict from hook point to `Batch`, mixes them through a
 shuffle buffer per hook point, and steps every SAE attached to that hook on every mixed batch.
+Under torchrun the ranks either split every batch (data-parallel, the same computation as one
+process) or the sweep (`--distribute_sweep`); see `gsae.distributed` and docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from gsae import distributed
 from gsae.errors import GsaeError
-from gsae.sae import SAE, SAEConfig
+from gsae.sae import SAE, SAEConfig, total_variance_of
 from gsae.source import Batch
 
 STATE_DIR = "checkpoint"
@@ -68,6 +73,16 @@ class TrainConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "replace whatever run is in --out"}
     )
+    sae_device: str = field(
+        default="",
+        metadata={"help": "device of the SAEs (cpu, cuda, cuda:N); empty means the model's "
+                  "--device"},
+    )
+    distribute_sweep: bool = field(
+        default=False,
+        metadata={"help": "under torchrun, give each rank a share of the sweep's SAEs (each rank "
+                  "reads all the data) instead of splitting every batch across the ranks"},
+    )
 
 
 def default_lr(n_latents: int) -> float:
@@ -83,6 +98,11 @@ def lr_factor(step: int, total_steps: int, warmup: int, decay_fraction: float) -
     if step >= decay_start and total_steps > decay_start:
         return max(0.0, (total_steps - step) / (total_steps - decay_start))
     return 1.0
+
+
+def data_parallel(cfg: TrainConfig) -> bool:
+    """True when the ranks of a torchrun launch split every batch (rather than the sweep)."""
+    return distributed.world_size() > 1 and not cfg.distribute_sweep
 
 
 def variant_name(cfg: SAEConfig) -> str:
@@ -133,10 +153,12 @@ class Member:
 
     def __init__(self, sae: SAE, hook: str, folder: Path, cfg: TrainConfig):
         self.sae, self.hook, self.folder = sae, hook, folder
+        if cfg.sae_device:
+            sae.to(cfg.sae_device)
         self.base_lr = cfg.lr if cfg.lr > 0 else default_lr(sae.n_latents)
         self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, sae.d_in // 2)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, **_adam_kwargs(sae))
-        self.since_fired = torch.zeros(sae.n_latents, dtype=torch.long)
+        self.since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=sae.W_dec.device)
         self.step = 0
         self.tokens = 0
         self.b_dec_ready = False
@@ -152,33 +174,53 @@ class Member:
         return {"step": self.step, "tokens": self.tokens, "b_dec_ready": self.b_dec_ready}
 
     def save_checkpoint(self, extra: dict[str, Any]) -> None:
-        """Write the SAE and the optimiser state; each file is replaced atomically."""
+        """Write the SAE (in the folder, for users) and a consistent checkpoint: the weights,
+        the optimiser state and the counters go to a fresh folder that then replaces
+        `checkpoint/` by renames, so a kill at any moment leaves one complete checkpoint."""
         self.sae.save(self.folder)
-        state_dir = self.folder / STATE_DIR
-        state_dir.mkdir(exist_ok=True)
-        tensors = {"since_fired": self.since_fired}
+        final = self.folder / STATE_DIR
+        tmp, old = final.with_name(STATE_DIR + ".tmp"), final.with_name(STATE_DIR + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.sae.save(tmp)
+        tensors = {"since_fired": self.since_fired.cpu()}
         for i, p in enumerate(self.sae.parameters()):
             for key, value in self.opt.state.get(p, {}).items():
                 tensors[f"{i}.{key}"] = value.detach().cpu().reshape(-1) if value.ndim == 0 \
                     else value.detach().cpu()
-        _atomic_write(state_dir / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
-        state = {**self.state(), **extra}
-        _atomic_write(state_dir / "state.json", lambda p: p.write_text(json.dumps(state)))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**self.state(), **extra}))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        state_dir = self.folder / STATE_DIR
-        self.sae.load_state_dict(SAE.load(self.folder).state_dict())
+        state_dir = checkpoint_dir(self.folder)
+        if state_dir is None:
+            raise GsaeError(f"--resume: {self.folder} has no checkpoint to resume from")
+        self.sae.load_state_dict(SAE.load(state_dir).state_dict())
         tensors = load_file(str(state_dir / "optimizer.safetensors"))
-        self.since_fired = tensors.pop("since_fired")
+        self.since_fired = tensors.pop("since_fired").to(self.since_fired.device)
         params = list(self.sae.parameters())
         for name, value in tensors.items():
             i, key = name.split(".", 1)
             p = params[int(i)]
+            value = value.to(p.device)
             self.opt.state.setdefault(p, {})[key] = value.reshape(()) if key == "step" else value
         state = json.loads((state_dir / "state.json").read_text())
         self.step, self.tokens = state["step"], state["tokens"]
         self.b_dec_ready = state["b_dec_ready"]
         return state
+
+
+def checkpoint_dir(folder: Path) -> Path | None:
+    """The complete checkpoint of an SAE folder (the previous one if a kill interrupted the
+    swap), or None."""
+    for name in (STATE_DIR, STATE_DIR + ".old"):
+        if (folder / name / "state.json").is_file():
+            return folder / name
+    return None
 
 
 def _adam_kwargs(sae: SAE) -> dict[str, Any]:
@@ -201,6 +243,10 @@ class Trainer:
         self.members = members
         self.cfg = cfg
         self.run_config = run_config
+        self.data_parallel = data_parallel(cfg)
+        # Data-parallel ranks hold identical SAEs: rank 0 writes them. Sweep shares are disjoint.
+        self.writes_files = distributed.is_main() or cfg.distribute_sweep
+        self.device = members[0].sae.W_dec.device
         self.total_steps = max(1, cfg.tokens // cfg.batch_tokens)
         self.chunks_done = 0
         self.dropped_outliers = 0
@@ -227,29 +273,34 @@ class Trainer:
                 )
         elif cfg.resume and not run_file.exists():
             raise GsaeError(f"--resume was given but {out} holds no run to continue")
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_file, lambda p: p.write_text(json.dumps(run_config, indent=2) + "\n"))
-        members = []
-        for sae, hook in saes:
-            folder = out / hook / variant_name(sae.cfg)
-            if folder in {m.folder for m in members}:
+        distributed.barrier()  # every rank has read run.json before rank 0 replaces it
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write(run_file,
+                          lambda p: p.write_text(json.dumps(run_config, indent=2) + "\n"))
+        folders = [out / hook / variant_name(sae.cfg) for sae, hook in saes]
+        for i, folder in enumerate(folders):
+            if folder in folders[:i]:
                 raise GsaeError(f"the sweep lists the same SAE twice: {folder}")
-            folder.mkdir(parents=True, exist_ok=True)
-            members.append(Member(sae, hook, folder, cfg))
+        jobs = list(zip(saes, folders))
+        if cfg.distribute_sweep:
+            world = distributed.world_size()
+            if len(jobs) < world:
+                raise GsaeError(f"--distribute_sweep on {world} ranks needs at least {world} "
+                                f"SAEs; the sweep has {len(jobs)}")
+            jobs = jobs[distributed.rank()::world]
+        members = [Member(sae, hook, folder, cfg) for (sae, hook), folder in jobs]
         trainer = cls(members, cfg, run_config)
         if cfg.resume:
             trainer._resume()
-        else:
+        elif trainer.writes_files:
             for m in members:
+                m.folder.mkdir(parents=True, exist_ok=True)
                 (m.folder / "log.jsonl").write_text("")
         return trainer
 
     def _resume(self) -> None:
-        states = []
-        for m in self.members:
-            if not (m.folder / STATE_DIR / "state.json").exists():
-                raise GsaeError(f"--resume: {m.folder} has no checkpoint to resume from")
-            states.append(m.load_checkpoint())
+        states = [m.load_checkpoint() for m in self.members]
         self.chunks_done = min(s["chunks_done"] for s in states)
 
     @property
@@ -266,7 +317,7 @@ class Trainer:
         }
         start_tokens = min(m.tokens for m in self.members)
         bar = tqdm(total=self.cfg.tokens, initial=start_tokens, unit="tok", unit_scale=True,
-                   desc="train", dynamic_ncols=True)
+                   desc="train", dynamic_ncols=True, disable=not distributed.is_main())
         self._t0 = time.perf_counter()
         self._t0_tokens = start_tokens
         try:
@@ -278,7 +329,7 @@ class Trainer:
                         continue
                     self.dropped_outliers += batch.dropped_outliers
                     self.rows_seen += len(batch)
-                    for ready in buffers[hook].add(batch):
+                    for ready in buffers[hook].add(batch.to(self.device)):
                         self._step_hook(hook, ready, bar)
                 self.chunks_done += 1
             for hook, buf in buffers.items():
@@ -290,11 +341,15 @@ class Trainer:
             self._log(m)
         final = [{"name": m.name, "folder": str(m.folder), **m.last_record}
                  for m in self.members]
-        for m in self.members:
-            m.save_checkpoint({"chunks_done": self.chunks_done, "finished": True})
+        self._save_checkpoints(finished=True)
+        if self.cfg.distribute_sweep:
+            parts = distributed.gather_objects(final)  # dealt round-robin: interleave back
+            final = [r for group in itertools.zip_longest(*parts) for r in group if r is not None]
         return final
 
     def _step_hook(self, hook: str, batch: Batch, bar) -> None:
+        if self.data_parallel and len(batch) < distributed.world_size():
+            return  # the last rows of finite data, too few to give each rank one: left out
         _check_finite(batch, self.members[0].step)
         for m in self.members:
             if m.hook == hook and m.tokens < self.cfg.tokens:
@@ -307,8 +362,12 @@ class Trainer:
                             dead=f"{self._dead_fraction(first):.3f}", refresh=False)
         if any(m.step % self.cfg.checkpoint_every == 0 and m.step > 0 for m in self.members
                if m.hook == hook):
+            self._save_checkpoints(finished=False)
+
+    def _save_checkpoints(self, finished: bool) -> None:
+        if self.writes_files:
             for m in self.members:
-                m.save_checkpoint({"chunks_done": self.chunks_done, "finished": False})
+                m.save_checkpoint({"chunks_done": self.chunks_done, "finished": finished})
 
     def _train_step(self, m: Member, batch: Batch) -> None:
         sae = m.sae
@@ -319,7 +378,8 @@ class Trainer:
             group["lr"] = m.base_lr * lr_factor(m.step, self.total_steps, self.cfg.warmup_steps,
                                                  self.cfg.decay_fraction)
         dead = m.since_fired >= self.cfg.dead_tokens
-        out = sae(batch.x, batch.g, dead_mask=dead, k_aux=m.k_aux)
+        part, variance = self._rows_here(batch)
+        out = sae(part.x, part.g, dead_mask=dead, k_aux=m.k_aux, variance=variance)
         loss = out.fvu + self.cfg.auxk_coef * out.auxk_loss
         if not torch.isfinite(loss):
             raise GsaeError(
@@ -327,21 +387,23 @@ class Trainer:
                 f"in {m.folder} is kept (try a lower --lr)"
             )
         loss.backward()
+        with torch.no_grad():
+            active = out.values > 0
+            fired = torch.zeros(sae.n_latents, device=active.device)
+            fired[out.indices[active]] = 1.0
+            effect = out.fvu.new_zeros(()) if out.effect is None else out.effect.sum()
+            totals = torch.stack([out.fvu, out.auxk_loss, active.sum().float(), effect])
+        if self.data_parallel:  # before the step: the ranks' gradients add up to the batch's
+            distributed.all_reduce_sum([p.grad for p in sae.parameters()] + [fired, totals])
         sae.remove_parallel_grads()
         m.opt.step()
         m.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
-        with torch.no_grad():
-            fired = torch.zeros(sae.n_latents, dtype=torch.bool)
-            fired[out.indices[out.values > 0].cpu()] = True
-            m.since_fired += len(batch)
-            m.since_fired[fired] = 0
-            stats = {
-                "fvu": out.fvu.item(),
-                "auxk": out.auxk_loss.item(),
-                "l0": (out.values > 0).sum(1).float().mean().item(),
-                "effect": out.effect.mean().item() if out.effect is not None else 0.0,
-            }
+        m.since_fired += len(batch)
+        m.since_fired[fired > 0] = 0
+        fvu, auxk, selected, effect_sum = totals.tolist()
+        stats = {"fvu": fvu, "auxk": auxk, "l0": selected / len(batch),
+                 "effect": effect_sum / (len(batch) * sae.k)}
         for key, value in stats.items():
             m.acc[key] = m.acc.get(key, 0.0) + value
         m.acc_steps += 1
@@ -349,6 +411,15 @@ class Trainer:
         m.tokens += len(batch)
         if m.step % self.cfg.log_every == 0:
             self._log(m)
+
+    def _rows_here(self, batch: Batch) -> tuple[Batch, torch.Tensor | None]:
+        """The rows this rank trains on, and the variance that normalises the losses (None: the
+        rows' own). Data-parallel ranks take contiguous shares of the batch, normalised by the
+        whole batch's variance, so their losses and gradients add up to the one-process ones."""
+        if not self.data_parallel:
+            return batch, None
+        g = None if batch.g is None else distributed.shard(batch.g)
+        return Batch(distributed.shard(batch.x), g), total_variance_of(batch.x)
 
     def _dead_fraction(self, m: Member) -> float:
         return (m.since_fired >= self.cfg.dead_tokens).float().mean().item()
@@ -367,8 +438,9 @@ class Trainer:
             "outlier_fraction": self.dropped_outliers / max(1, self.dropped_outliers
                                                             + self.rows_seen),
         }
-        with open(m.folder / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.writes_files:
+            with open(m.folder / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         m.acc, m.acc_steps, m.last_record = {}, 0, record
 
 
@@ -382,9 +454,12 @@ def _check_finite(batch: Batch, step: int) -> None:
         )
 
 
+_NOT_COMPARED = {"train": ("resume", "overwrite", "sae_device"), "model": ("device",)}
+
+
 def _comparable(run_config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a run's config that must match for --resume (not the resume flags)."""
-    train = {k: v for k, v in run_config.get("train", {}).items()
-             if k not in ("resume", "overwrite")}
-    return {**run_config, "train": train}
+    """The parts of a run's config that must match for --resume: not the resume flags, nor the
+    devices (under torchrun each rank has its own)."""
+    return {**run_config, **{part: {k: v for k, v in run_config[part].items() if k not in keys}
+                             for part, keys in _NOT_COMPARED.items() if part in run_config}}
 
