@@ -6,7 +6,7 @@ tokens/s of training (language model and SAE together) and the loss.
 
 Without a GPU it runs a CPU fallback (float32, no autocast, fewer and smaller steps) and says so:
 its figures say nothing about GPU speed, only that the path runs. For several GPUs, run
-`torchrun --nproc_per_node N -m gsae train ...` with the same flags (see docs/distributed.md).
+`torchrun --nproc_per_node N -m gsae train ...` with the same flags (see the README).
 """
 
 from __future__ import annotations

@@ -187,3 +187,25 @@ def test_sparse_backward_equals_dense_autograd():
     ((code @ W_dec) * weights_.sum(1, keepdim=True)).sum().backward()
     for ours_grad, t in zip(grads, (x, W_enc, b, W_dec)):
         assert torch.allclose(ours_grad, t.grad, atol=1e-10)
+
+
+def test_sparse_products_never_read_uninitialised_memory(monkeypatch):
+    """Uninitialised memory can hold NaN bit patterns, and a sparse product with beta = 0 still
+    propagates NaN from its input (this once made training diverge at random). Any buffer the
+    kernels allocate is filled with NaN here: the results must not change."""
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 40, (16, 4), generator=gen)
+    table = torch.randn(40, 8, generator=gen)
+    dense = torch.randn(16, 8, generator=gen)
+    weights = torch.randn(16, 4, generator=gen)
+    expected_dots = (table[indices] * dense[:, None, :]).sum(-1)
+    expected_scatter = torch.zeros(40, 8).index_add_(
+        0, indices.reshape(-1), (weights[..., None] * dense[:, None, :]).reshape(-1, 8))
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *a, **kw: real_new_empty(self, *a, **kw).fill_(float("nan"))
+                        if kw.get("dtype", self.dtype).is_floating_point
+                        else real_new_empty(self, *a, **kw))
+    pattern = kernels.SparsePattern(indices, 40)
+    assert torch.allclose(pattern.row_dots(table, dense), expected_dots, atol=1e-5)
+    assert torch.allclose(pattern.scatter(weights, dense), expected_scatter, atol=1e-5)

@@ -5,7 +5,7 @@ next-token CE with the reconstruction spliced in at the hook against the clean m
 zero- and mean-ablation (fraction of CE recovered), KL(clean || spliced), the first-order loss
 effect of the reconstruction error, and dead latents. A g-SAE is evaluated in both inference
 modes: "grad-aware" (selection uses the clean model's loss gradient for the true next tokens, as
-in training) and "grad-free" (beta = 0 on the same weights). docs/evaluation.md defines every
+in training) and "grad-free" (beta = 0 on the same weights). the README's Evaluation section defines every
 number and the JSON schema.
 
 One clean forward and backward per batch serves all SAEs and hooks; then one spliced forward per
@@ -128,7 +128,7 @@ def evaluate_contexts(
 
     `names` label the SAEs (default sae0, sae1, ...); `model_id` describes `model` in the run
     info (default: the model identity in the SAEs' metadata). Returns {"schema", "run": run
-    info, "results": one record per SAE per inference mode} (docs/evaluation.md). SAEs with
+    info, "results": one record per SAE per inference mode} (see the README). SAEs with
     beta = 0 get both records too; they are identical.
     """
     if not saes:

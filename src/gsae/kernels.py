@@ -155,7 +155,7 @@ class SparsePattern:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
             pattern = torch.sparse_csr_tensor(
-                crow, self.indices.reshape(-1).to(torch.int32), dense.new_empty(n * k),
+                crow, self.indices.reshape(-1).to(torch.int32), dense.new_zeros(n * k),
                 (n, table.shape[0]), check_invariants=False,
             )
         return torch.sparse.sampled_addmm(pattern, dense, table.t(), beta=0.0).values().view(n, k)
@@ -180,8 +180,10 @@ class SparsePattern:
                 crow, col, weights.reshape(-1)[order], (self.n_latents, dense.shape[0]),
                 check_invariants=False,
             )
-        out = dense.new_empty(self.n_latents, dense.shape[1])
-        return torch.addmm(out, matrix, dense, beta=0, out=out)  # beta=0: `out` is not read
+        # Zeros, not empty memory: a sparse product with beta=0 may still read `out`, and
+        # uninitialised memory can hold NaN bit patterns (0 * NaN = NaN).
+        out = dense.new_zeros(self.n_latents, dense.shape[1])
+        return torch.addmm(out, matrix, dense, beta=0, out=out)
 
     @cached_property
     def _transposed(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """Steering evaluation: how much adding a latent's decoder direction to the residual stream moves
 the model's output, in held-out contexts where the latent was not active.
 
-Protocol (docs/steering.md defines every number):
+Protocol (the README's steering section defines every number):
 
 1. A pool of held-out contexts is run once to the hook; every SAE encodes it gradient-free
    (beta = 0 selection: steering has no labels). This gives each latent's firing count, its

@@ -4,7 +4,7 @@ The trainer does not know where batches come from (a live language model or the 
 it takes an iterator of "chunks", each a dict from hook point to `Batch`, mixes them through a
 shuffle buffer per hook point, and steps every SAE attached to that hook on every mixed batch.
 Under torchrun the ranks either split every batch (data-parallel, the same computation as one
-process) or the sweep (`--distribute_sweep`); see `gsae.distributed` and docs/distributed.md.
+process) or the sweep (`--distribute_sweep`); see `gsae.distributed` and the README.
 """
 
 from __future__ import annotations
