@@ -22,7 +22,7 @@ from gsae.sae import SAE, SAEConfig
 from gsae.source import ActivationSource, SourceConfig
 from gsae.store import StoreReader, StoreWriter
 from gsae.text import DataConfig, batched_contexts, token_contexts
-from gsae.train import Trainer, TrainConfig
+from gsae.train import TrainConfig, Trainer
 
 
 def lm_batches(tokenizer, n: int, batch_size: int) -> list[torch.Tensor]:

@@ -5,8 +5,8 @@ next-token CE with the reconstruction spliced in at the hook against the clean m
 zero- and mean-ablation (fraction of CE recovered), KL(clean || spliced), the first-order loss
 effect of the reconstruction error, and dead latents. A g-SAE is evaluated in both inference
 modes: "grad-aware" (selection uses the clean model's loss gradient for the true next tokens, as
-in training) and "grad-free" (beta = 0 on the same weights). the README's Evaluation section defines every
-number and the JSON schema.
+in training) and "grad-free" (beta = 0 on the same weights). The README's Evaluation section
+defines every number and the JSON schema.
 
 One clean forward and backward per batch serves all SAEs and hooks; then one spliced forward per
 SAE and mode, and one zero- and one mean-ablated forward per hook. Everything is accumulated as

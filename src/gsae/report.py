@@ -377,7 +377,8 @@ def markdown(res: Results, agg: dict[str, Any], c: dict[str, Any]) -> str:
               "`results.json` holds every number above and more: the settings, each SAE's "
               "training summary, evaluation records (both inference modes) and steering "
               "summaries with the per-latent values, the aggregates of the tables and the "
-              "claims. Definitions: the gsae README (Evaluation, Steering evaluation, Comparing TopK and g-SAEs).", ""]
+              "claims. Definitions: the gsae README (Evaluation, Steering evaluation, "
+              "Comparing TopK and g-SAEs).", ""]
     return "\n".join(lines)
 
 

@@ -332,6 +332,9 @@ class Trainer:
                     for ready in buffers[hook].add(batch.to(self.device)):
                         self._step_hook(hook, ready, bar)
                 self.chunks_done += 1
+                if bar.n == start_tokens:  # nothing trained yet: show the buffer filling up
+                    buf = next(iter(buffers.values()))
+                    bar.set_postfix_str(f"filling the shuffle buffer: {buf.rows}/{buf.capacity}")
             for hook, buf in buffers.items():
                 for ready in buf.flush():
                     self._step_hook(hook, ready, bar)
