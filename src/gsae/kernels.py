@@ -49,16 +49,6 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def preactivations(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """Dense encoder pre-activations `x_centered @ W_enc.T + b_enc`, shape [N, n_latents]."""
-    return DenseLinear(W_enc, b_enc, x_centered.shape[0])(x_centered)
-
-
-def decoder_products(grad: Tensor, W_dec: Tensor) -> Tensor:
-    """`grad @ W_dec.T`, shape [N, n_latents]: d_i . g for every latent i and row g."""
-    return DenseLinear(W_dec, None, grad.shape[0])(grad)
-
-
 class Selection(NamedTuple):
     indices: Tensor  # [N, k] selected latents
     preacts: Tensor  # [N, k] their pre-activations z (no autograd graph)

@@ -142,16 +142,6 @@ class SAE(nn.Module):
 
     # ----------------------------------------------------------------------------- encoding
 
-    def preacts(self, x: Tensor) -> Tensor:
-        """Dense encoder pre-activations z [N, n_latents] (no autograd graph)."""
-        with torch.no_grad():
-            return kernels.preactivations(x - self.b_dec, self.W_enc, self.b_enc)
-
-    def gradient_effect(self, grad: Tensor) -> Tensor:
-        """|W_dec g| per latent: the loss's sensitivity along each decoder row, [N, n_latents]."""
-        with torch.no_grad():
-            return kernels.decoder_products(grad, self.W_dec).abs_()
-
     def encode(self, x: Tensor, grad: Tensor | None = None) -> EncoderOutput:
         """Select k latents per row of `x` [N, d_in] and return their values and indices.
 
