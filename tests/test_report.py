@@ -186,6 +186,7 @@ def compare_args(corpus, out):
     return ["compare", "--model", "tiny-llama", "--dataset", corpus, "--context_size", "32",
             "--hooks", "1", "--lm_batch_size", "4", "--out", str(out), "--store_tokens", "1200",
             "--tokens", "1600", "--batch_tokens", "256", "--k", "4", "8", "--beta", "0", "10",
+            "--sweep_beta", "30",
             "--value_mode", "z", "score", "--seed", "0", "--expansion_factor", "2",
             "--dead_tokens", "800", "--eval_tokens", "128", "--fixed_k", "8",
             "--steer_latents", "3", "--steer_contexts", "2", "--steer_pool", "4",
@@ -199,9 +200,11 @@ def test_compare_end_to_end_on_the_tiny_model(corpus, tmp_path, capsys):
     report = tmp_path / "cmp" / "report"
     results = json.loads((report / "results.json").read_text())
     names = {s["name"] for s in results["saes"]}
-    # TopK is trained once per k and seed; g-SAEs for each value mode.
-    assert len(names) == 2 * 3 and "k4-beta0-z-x2-s0" in names
-    assert not any("beta0-score" in n for n in names)
+    # TopK is trained once per k and seed; g-SAEs for each value mode; the sweep's beta only
+    # at the fixed k.
+    assert len(names) == 2 * 3 + 2 and "k4-beta0-z-x2-s0" in names
+    assert {"k8-beta30-z-x2-s0", "k8-beta30-score-x2-s0"} <= names
+    assert not any("beta0-score" in n or "k4-beta30" in n for n in names)
     assert len(results["eval"]["results"]) == 2 * len(names)
     assert {r["sae"] for r in results["steer"]["results"]} == names
     assert all(r["sampled_latents"] == 3 for r in results["steer"]["results"])
@@ -229,3 +232,19 @@ def test_compare_end_to_end_on_the_tiny_model(corpus, tmp_path, capsys):
     # Other training settings in the same folder are refused.
     assert main([*compare_args(corpus, tmp_path / "cmp"), "--lr", "0.01"]) == 2
     assert "other settings (differs in: train)" in capsys.readouterr().err
+
+
+def test_grid_of_the_default_comparison():
+    from gsae.compare import CompareConfig, grid
+    from gsae.errors import GsaeError
+
+    configs = grid(CompareConfig())
+    # 4 k x (TopK + beta 100 in 2 value modes) x 2 seeds, plus 2 sweep betas x 2 modes x 2 seeds
+    # at k 32.
+    assert len(configs) == 4 * 3 * 2 + 2 * 2 * 2
+    assert {(c.k, c.beta) for c in configs if c.beta in (30.0, 1000.0)} == {(32, 30.0),
+                                                                            (32, 1000.0)}
+    assert all(c.value_mode == "z" for c in configs if c.beta == 0)
+    with pytest.raises(GsaeError, match="--fixed_k 32, which is not one of the values of k"):
+        grid(CompareConfig(k=[8, 16]))
+    assert len(grid(CompareConfig(k=[8, 16], sweep_beta=[]))) == 2 * 3 * 2

@@ -52,7 +52,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, sweep: bool = Fa
             group.add_argument(*flags, dest=f.name, default=default, help=help_text,
                                nargs="?", const=True, type=_parse_bool)
         elif typing.get_origin(kind) is list:
-            group.add_argument(*flags, dest=f.name, default=default, help=help_text, nargs="+",
+            group.add_argument(*flags, dest=f.name, default=default, help=help_text,
+                               nargs="*" if f.metadata.get("may_be_empty") else "+",
                                type=typing.get_args(kind)[0])
         else:
             group.add_argument(*flags, dest=f.name, default=default, help=help_text,

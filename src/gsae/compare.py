@@ -59,6 +59,7 @@ QUICK: dict[str, Any] = {
     "tokens": 60_000,
     "k": [16, 32],
     "beta": [0.0, 100.0],
+    "sweep_beta": [],
     "value_mode": ["z"],
     "dead_tokens": 20_000,
     "eval_tokens": 4096,
@@ -80,16 +81,21 @@ class CompareConfig:
     store: str = field(
         default="", metadata={"help": "activation store, built if missing; empty: <out>/store"}
     )
-    store_tokens: int = field(default=200_000, metadata={"help": "tokens in the store"})
+    store_tokens: int = field(default=150_000, metadata={"help": "tokens in the store"})
     tokens: int = field(
-        default=200_000,
+        default=150_000,
         metadata={"help": "training tokens per SAE (the store is read again if smaller)"},
     )
     k: list[int] = field(default_factory=lambda: [8, 16, 32, 64],
                          metadata={"help": "values of k"})
     beta: list[float] = field(
-        default_factory=lambda: [0.0, 100.0, 1000.0],
-        metadata={"help": "values of beta; 0 is the TopK baseline"},
+        default_factory=lambda: [0.0, 100.0],
+        metadata={"help": "values of beta trained at every k; 0 is the TopK baseline"},
+    )
+    sweep_beta: list[float] = field(
+        default_factory=lambda: [30.0, 1000.0],
+        metadata={"help": "further values of beta trained only at --fixed_k (the beta sweep); "
+                  "give the flag alone for none", "may_be_empty": True},
     )
     value_mode: list[str] = field(
         default_factory=lambda: ["z", "score"],
@@ -110,14 +116,14 @@ class CompareConfig:
         metadata={"help": "training: a latent not selected for this many tokens is dead (AuxK)"},
     )
     eval_tokens: int = field(
-        default=EvalConfig.eval_tokens, metadata={"help": "held-out tokens for the evaluation"}
+        default=8192, metadata={"help": "held-out tokens for the evaluation of every SAE"}
     )
     fixed_k: int = field(
         default=32, metadata={"help": "k of the headline comparison and of the beta sweep"}
     )
     quick: bool = field(
         default=False,
-        metadata={"help": "a small setting, about 10 minutes on 2 idle CPU cores; it sets "
+        metadata={"help": "a small setting, about 15 minutes on 2 idle CPU cores; it sets "
                   + ", ".join(f"{k} {_show(v)}" for k, v in QUICK.items())
                   + " (each only if that flag is left at its default)"},
     )
@@ -148,9 +154,14 @@ def command_line(configs: Sequence[Any]) -> str:
 
 def grid(cfg: CompareConfig) -> list[SAEConfig]:
     """The SAEs to compare: TopK (beta 0) once per k and seed, g-SAEs for every beta > 0 and
-    value mode."""
+    value mode; the sweep's betas only at the fixed k."""
+    if cfg.sweep_beta and cfg.fixed_k not in cfg.k:
+        raise GsaeError(f"the beta sweep runs at --fixed_k {cfg.fixed_k}, which is not one of "
+                        f"the values of k {cfg.k}; add it or give --sweep_beta no values")
     configs: dict[str, SAEConfig] = {}
-    for k, beta, mode, seed in itertools.product(cfg.k, cfg.beta, cfg.value_mode, cfg.seed):
+    every_k = itertools.product(cfg.k, cfg.beta, cfg.value_mode, cfg.seed)
+    sweep = itertools.product([cfg.fixed_k], cfg.sweep_beta, cfg.value_mode, cfg.seed)
+    for k, beta, mode, seed in itertools.chain(every_k, sweep):
         sae_cfg = SAEConfig(expansion_factor=cfg.expansion_factor, k=k, beta=beta,
                             value_mode=mode if beta > 0 else "z", seed=seed)
         configs.setdefault(variant_name(sae_cfg), sae_cfg)

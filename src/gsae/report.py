@@ -115,6 +115,10 @@ class Results:
         self.variants = sorted({Variant.of(s) for s in data["saes"]},
                                key=lambda v: (v.beta, v.value_mode != "z", v.value_mode))
         self.ks = sorted({int(s["k"]) for s in data["saes"]})
+        at_k = {v: {int(s["k"]) for s in data["saes"] if Variant.of(s) == v}
+                for v in self.variants}
+        # The variants trained at every k (the beta sweep's others exist at the fixed k only).
+        self.k_variants = [v for v in self.variants if len(at_k[v]) == len(self.ks)]
         fixed = int(data["settings"]["compare"].get("fixed_k", 0))
         self.fixed_k = fixed if fixed in self.ks else self.ks[len(self.ks) // 2]
         self.eval = {(r["sae"], r["mode"]): r for r in data["eval"]["results"]}
@@ -394,7 +398,9 @@ def _setup(res: Results) -> list[str]:
         ("corpus", f"`{s['data']['dataset']}`, contexts of {s['data']['context_size']} "
                    f"tokens, {s['source']['skip_first']} leading position(s) skipped, outlier "
                    f"factor {s['source']['outlier_factor']}"),
-        ("grid", f"k {_list(cmp['k'])}; beta {_list(cmp['beta'])}; value modes "
+        ("grid", f"k {_list(cmp['k'])}; beta {_list(cmp['beta'])}"
+                 + (f", and {_list(cmp['sweep_beta'])} at k {res.fixed_k} only"
+                    if cmp.get("sweep_beta") else "") + "; value modes "
                  f"{_list(cmp['value_mode'])}; seeds {_list(cmp['seed'])}: {len(res.saes)} SAEs "
                  "(TopK trained once per k and seed)"),
         ("width", f"{first['n_latents']} latents"),
@@ -478,7 +484,7 @@ def _plot_vs(res: Results, path: Path, key: str, ylabel: str, x_key: str) -> Non
     axes = fig.subplots(1, 2, sharey=True)
     title = next(t for k, t, _ in EVAL_METRICS if k == key)
     for ax, mode in zip(axes, MODES):
-        for v in res.variants:
+        for v in res.k_variants:
             xs = [_mean(res.eval_values(v, mode, k, "l0")) if x_key == "l0" else k
                   for k in res.ks]
             per_x = [res.eval_values(v, mode, k, key) for k in res.ks]
@@ -500,11 +506,11 @@ def _plot_steering(res: Results, path: Path) -> None:
     pooled), each seed's median as a diamond; one column per strength."""
     fig = Figure(figsize=(6 * max(1, len(res.alphas)), 8.5), layout="constrained")
     axes = fig.subplots(2, max(1, len(res.alphas)), squeeze=False)
-    width = 0.8 / len(res.variants)
+    width = 0.8 / len(res.k_variants)
     for col, alpha in enumerate(res.alphas):
         for row, (key, title, unit) in enumerate(STEER_METRICS):
             ax = axes[row][col]
-            for vi, v in enumerate(res.variants):
+            for vi, v in enumerate(res.k_variants):
                 style = _style(res, v)
                 boxes, positions = [], []
                 for ki, k in enumerate(res.ks):
@@ -512,7 +518,7 @@ def _plot_steering(res: Results, path: Path) -> None:
                     pooled = [x for seed in seeds for x in seed if key != "kl" or x > 0]
                     if not pooled:
                         continue
-                    pos = ki + (vi - (len(res.variants) - 1) / 2) * width
+                    pos = ki + (vi - (len(res.k_variants) - 1) / 2) * width
                     boxes.append(pooled)
                     positions.append(pos)
                     medians = [_median(seed) for seed in seeds if seed]
@@ -535,7 +541,7 @@ def _plot_steering(res: Results, path: Path) -> None:
             ax.set_title(f"alpha = {alpha:g} × typical activation", fontsize=10)
             ax.grid(alpha=0.3, axis="y")
     handles = [Patch(facecolor=_style(res, v)["color"], alpha=0.45, label=v.label,
-                     hatch="//" if v.value_mode == "score" else "") for v in res.variants]
+                     hatch="//" if v.value_mode == "score" else "") for v in res.k_variants]
     handles.append(Line2D([], [], marker="D", color="gray", markeredgecolor="black",
                           linestyle="", label="median of one seed's latents"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4),

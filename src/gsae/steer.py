@@ -62,7 +62,7 @@ class SteerConfig:
     """How many latents to steer, how hard, and in which held-out contexts."""
 
     steer_latents: int = field(
-        default=32, metadata={"help": "live latents sampled per SAE (the same count for all)"}
+        default=16, metadata={"help": "live latents sampled per SAE (the same count for all)"}
     )
     steer_alphas: list[float] = field(
         default_factory=lambda: [1.0, 4.0],
