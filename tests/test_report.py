@@ -171,6 +171,20 @@ def test_claims_follow_the_numbers(report):
     assert "gsae compare --quick" in text and "torch 2" in text and "1 h 06 min" in text
 
 
+def test_claim_1_picks_the_best_g_sae_of_each_inference_mode():
+    from gsae.report import Results, claims
+
+    data = synthetic_results()
+    for r in data["eval"]["results"]:  # gradient-free: the score variant becomes the best
+        if r["mode"] == GRAD_FREE and r["value_mode"] == "score" and r["beta"] > 0:
+            r["ce_increase"] = 0.01
+    ce = claims(Results(data))["ce_increase"]
+    assert ce["best_gradient-aware"] == "g-SAE β=10 (z)"
+    assert ce["best_gradient-free"] == "g-SAE β=10 (score)"
+    assert ce["gradient-free"]["mean"] == pytest.approx(0.01)
+    assert ce["verdict_gradient-free"] == "held"
+
+
 def test_verdict_rules():
     def s(*values):
         return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
