@@ -162,6 +162,7 @@ def test_claims_follow_the_numbers(report):
     assert claims["ce_increase"]["k_where_best_g_sae_is_lower"] == {"gradient-aware": 2,
                                                                     "gradient-free": 2}
     assert claims["dead_fraction"]["verdict"] == "did not hold"
+    assert claims["dead_fraction"]["k_where_best_g_sae_has_fewer"] == 0
     assert claims["steering"]["verdict"] in ("held", "inconclusive (better mean, but the "
                                              "seeds' ranges overlap)")
     topk = claims["ce_increase"]["topk"]
@@ -262,3 +263,15 @@ def test_grid_of_the_default_comparison():
     with pytest.raises(GsaeError, match="--fixed_k 32, which is not one of the values of k"):
         grid(CompareConfig(k=[8, 16]))
     assert len(grid(CompareConfig(k=[8, 16], sweep_beta=[]))) == 2 * 3 * 2
+
+
+def test_dead_latent_claim_counts_the_k_where_the_g_sae_has_fewer():
+    from gsae.report import Results, claims
+
+    data = synthetic_results()
+    for r in data["eval"]["results"]:  # at k 4 only, the g-SAE (beta 10, z) has no dead latent
+        if r["k"] == 4 and r["beta"] > 0 and r["value_mode"] == "z":
+            r["dead_fraction"] = 0.0
+    dead = claims(Results(data))["dead_fraction"]
+    assert dead["k_where_best_g_sae_has_fewer"] == 1
+    assert dead["verdict"] == "did not hold"  # the fixed k is 8

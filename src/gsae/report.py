@@ -242,6 +242,11 @@ def claims(res: Results) -> dict[str, Any]:
         "all_g_saes": spread(s["mean"] for v in g_variants
                              if (s := stat(v, GRAD_AWARE, "dead_fraction"))),
         "window_tokens": next((r["dead_window_tokens"] for r in res.eval.values()), None),
+        "k_where_best_g_sae_has_fewer": sum(
+            mean_or_inf(spread(res.eval_values(best_at(GRAD_AWARE, kk), GRAD_AWARE, kk,
+                                               "dead_fraction")))
+            < mean_or_inf(spread(res.eval_values(topk, GRAD_AWARE, kk, "dead_fraction")))
+            for kk in res.ks),
     }
     if res.alphas:
         alpha = res.alphas[0]
@@ -286,7 +291,10 @@ def claims_markdown(c: dict[str, Any]) -> list[str]:
         f"in training; {_pm(dead['gradient-free'])} gradient-free)"
         + (f"; over the {dead['all_g_saes']['n']} g-SAE variants the mean ranges from "
            f"{_num(dead['all_g_saes']['min'])} to {_num(dead['all_g_saes']['max'])}."
-           if dead["all_g_saes"] and dead["all_g_saes"]["n"] > 1 else "."),
+           if dead["all_g_saes"] and dead["all_g_saes"]["n"] > 1 else ".")
+        + f" Over the {ce['k_values']} values of k, the best g-SAE at each k (as in claim 1, "
+          "gradient-aware) has fewer dead latents than TopK at "
+          f"{dead['k_where_best_g_sae_has_fewer']}.",
     ]
     if "steering" in c:
         s = c["steering"]
