@@ -38,7 +38,15 @@ from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
 from gsae.store import StoreConfig, StoreReader, fill_store
 from gsae.text import DataConfig
-from gsae.train import STATE_DIR, TrainConfig, Trainer, variant_name
+from gsae.train import (
+    TrainConfig,
+    Trainer,
+    checkpoint_dir,
+    comparable_settings,
+    finished_training,
+    sae_folder,
+    variant_name,
+)
 
 IDENTITY_FILE = "compare.json"
 
@@ -188,12 +196,11 @@ def run_compare(cfg: CompareConfig, model_cfg: ModelConfig, data_cfg: DataConfig
     train_cfg = TrainConfig(out=str(out / "saes"), store=str(store), tokens=cfg.tokens,
                             batch_tokens=cfg.batch_tokens, lr=cfg.lr,
                             dead_tokens=cfg.dead_tokens, sae_device=model_cfg.device)
-    _check_identity(out, {
+    _check_identity(out, comparable_settings({
         "model": model_id, "model_dtype": model_cfg.dtype, "data": asdict(data_cfg),
         "source": asdict(source_cfg), "store": str(store), "store_tokens": cfg.store_tokens,
-        "train": {k: v for k, v in asdict(train_cfg).items()
-                  if k not in ("resume", "overwrite", "sae_device")},
-    })
+        "train": asdict(train_cfg),
+    }))
 
     t = time.perf_counter()
     source = ActivationSource(model, source_cfg, with_grad=True)
@@ -204,8 +211,9 @@ def run_compare(cfg: CompareConfig, model_cfg: ModelConfig, data_cfg: DataConfig
 
     t = time.perf_counter()
     (hook,) = reader.hooks
-    folders = {variant_name(c): Path(train_cfg.out) / hook / variant_name(c) for c in configs}
-    _train([c for c in configs if not _finished(folders[variant_name(c)])], train_cfg, reader)
+    folders = {variant_name(c): sae_folder(train_cfg.out, hook, c) for c in configs}
+    _train([c for c in configs if not finished_training(folders[variant_name(c)])], train_cfg,
+           reader)
     stages["train"] = time.perf_counter() - t
 
     saes = {name: SAE.load(folder, device=model_cfg.device) for name, folder in folders.items()}
@@ -274,12 +282,6 @@ def _check_identity(out: Path, identity: dict[str, Any]) -> None:
     write_json(identity, path)
 
 
-def _finished(folder: Path) -> bool:
-    """Whether a trainer finished this SAE folder."""
-    state = folder / STATE_DIR / "state.json"
-    return state.is_file() and bool(json.loads(state.read_text()).get("finished"))
-
-
 def _train(configs: list[SAEConfig], train_cfg: TrainConfig, reader: StoreReader) -> None:
     """Train the SAEs not finished yet, all on the same batches of the store; an interrupted
     training of exactly these SAEs is continued from its checkpoints."""
@@ -292,8 +294,7 @@ def _train(configs: list[SAEConfig], train_cfg: TrainConfig, reader: StoreReader
     previous = out / "run.json"
     resumable = (previous.is_file()
                  and json.loads(previous.read_text()).get("sweep") == run_config["sweep"]
-                 and all((out / hook / variant_name(c) / STATE_DIR / "state.json").is_file()
-                         for c in configs))
+                 and all(checkpoint_dir(sae_folder(out, hook, c)) for c in configs))
     train_cfg = replace(train_cfg, resume=resumable, overwrite=not resumable)
     saes = [(SAE(replace(c), reader.d_in, metadata={**reader.sae_metadata, "hook": hook}), hook)
             for c in configs]

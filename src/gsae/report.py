@@ -206,25 +206,24 @@ def claims(res: Results) -> dict[str, Any]:
     if topk not in res.variants or not g_variants:
         return {"k": k, "note": "the grid needs TopK (beta 0) and at least one g-SAE"}
 
-    def stat(v: Variant, mode: str, key: str) -> dict[str, float] | None:
-        return spread(res.eval_values(v, mode, k, key))
+    def stat(v: Variant, mode: str, key: str, kk: int = k) -> dict[str, float] | None:
+        return spread(res.eval_values(v, mode, kk, key))
 
     def mean_or_inf(s: dict[str, float] | None) -> float:
         return s["mean"] if s else math.inf
 
     def best_at(mode: str, kk: int) -> Variant:
-        return min(g_variants, key=lambda v: mean_or_inf(
-            spread(res.eval_values(v, mode, kk, "ce_increase"))))
+        return min(g_variants, key=lambda v: mean_or_inf(stat(v, mode, "ce_increase", kk)))
 
-    def lower_at(mode: str, kk: int) -> bool:
-        ce = [spread(res.eval_values(v, mode, kk, "ce_increase")) for v in (best_at(mode, kk),
-                                                                           topk)]
-        return mean_or_inf(ce[0]) < mean_or_inf(ce[1])
+    def k_where_best_is_lower(mode: str, key: str) -> int:
+        """At how many k the best g-SAE of that k (by CE increase) has a lower mean `key`."""
+        return sum(mean_or_inf(stat(best_at(mode, kk), mode, key, kk))
+                   < mean_or_inf(stat(topk, mode, key, kk)) for kk in res.ks)
 
-    best = best_at(GRAD_AWARE, k)
     best_by_mode = {m: best_at(m, k) for m in MODES}
+    best = best_by_mode[GRAD_AWARE]
     out: dict[str, Any] = {"k": k, "best_g_sae": best.label}
-    wins = {MODE_NAMES[m]: sum(lower_at(m, kk) for kk in res.ks) for m in MODES}
+    wins = {MODE_NAMES[m]: k_where_best_is_lower(m, "ce_increase") for m in MODES}
     out["ce_increase"] = {
         "topk": stat(topk, GRAD_FREE, "ce_increase"),
         **{MODE_NAMES[m]: stat(v, m, "ce_increase") for m, v in best_by_mode.items()},
@@ -242,11 +241,7 @@ def claims(res: Results) -> dict[str, Any]:
         "all_g_saes": spread(s["mean"] for v in g_variants
                              if (s := stat(v, GRAD_AWARE, "dead_fraction"))),
         "window_tokens": next((r["dead_window_tokens"] for r in res.eval.values()), None),
-        "k_where_best_g_sae_has_fewer": sum(
-            mean_or_inf(spread(res.eval_values(best_at(GRAD_AWARE, kk), GRAD_AWARE, kk,
-                                               "dead_fraction")))
-            < mean_or_inf(spread(res.eval_values(topk, GRAD_AWARE, kk, "dead_fraction")))
-            for kk in res.ks),
+        "k_where_best_g_sae_has_fewer": k_where_best_is_lower(GRAD_AWARE, "dead_fraction"),
     }
     if res.alphas:
         alpha = res.alphas[0]

@@ -111,6 +111,11 @@ def variant_name(cfg: SAEConfig) -> str:
     return f"k{cfg.k}-beta{cfg.beta:g}-{cfg.value_mode}-{width}-s{cfg.seed}"
 
 
+def sae_folder(out: str | Path, hook: str, cfg: SAEConfig) -> Path:
+    """Where a run in `out` keeps the SAE of this config at this hook."""
+    return Path(out) / hook / variant_name(cfg)
+
+
 class ShuffleBuffer:
     """Mixes rows from many contexts: holds up to `capacity` rows, and once full emits a random
     half of them as batches of `batch_size`."""
@@ -223,6 +228,13 @@ def checkpoint_dir(folder: Path) -> Path | None:
     return None
 
 
+def finished_training(folder: Path) -> bool:
+    """Whether the checkpoint of an SAE folder says its training finished."""
+    state_dir = checkpoint_dir(folder)
+    return state_dir is not None and bool(
+        json.loads((state_dir / "state.json").read_text()).get("finished"))
+
+
 def _adam_kwargs(sae: SAE) -> dict[str, Any]:
     # The fused kernel is exact and ~10x faster than the default loop on CPU and GPU alike.
     return {"fused": True} if sae.W_dec.dtype in (torch.float32, torch.float64) else {}
@@ -258,10 +270,10 @@ class Trainer:
         """Prepare the output folder (refusing to mix runs) and the members of a run."""
         out = Path(cfg.out)
         run_file = out / "run.json"
-        comparable = _comparable(run_config)
+        comparable = comparable_settings(run_config)
         if run_file.exists() and not cfg.overwrite:
             previous = json.loads(run_file.read_text())
-            if _comparable(previous) != comparable:
+            if comparable_settings(previous) != comparable:
                 raise GsaeError(
                     f"{out} holds a different run (its run.json differs); choose another --out "
                     "or pass --overwrite"
@@ -278,7 +290,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             _atomic_write(run_file,
                           lambda p: p.write_text(json.dumps(run_config, indent=2) + "\n"))
-        folders = [out / hook / variant_name(sae.cfg) for sae, hook in saes]
+        folders = [sae_folder(out, hook, sae.cfg) for sae, hook in saes]
         for i, folder in enumerate(folders):
             if folder in folders[:i]:
                 raise GsaeError(f"the sweep lists the same SAE twice: {folder}")
@@ -460,7 +472,7 @@ def _check_finite(batch: Batch, step: int) -> None:
 _NOT_COMPARED = {"train": ("resume", "overwrite", "sae_device"), "model": ("device",)}
 
 
-def _comparable(run_config: dict[str, Any]) -> dict[str, Any]:
+def comparable_settings(run_config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a run's config that must match for --resume: not the resume flags, nor the
     devices (under torchrun each rank has its own)."""
     return {**run_config, **{part: {k: v for k, v in run_config[part].items() if k not in keys}
