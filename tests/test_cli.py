@@ -42,7 +42,8 @@ def test_train_sweep_lowers_fvu_and_saves_each_sae(corpus, tmp_path, capsys):
         assert sae.d_in == 64 and sae.n_latents == 256 and sae.metadata["hook"] == "model.layers.1"
     assert "trained 2 SAE(s)" in out and "FVU" in out
     run_cfg = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert [c["beta"] for c in run_cfg["sweep"]] == [0.0, 20.0]
+    assert [c["beta"] for c in run_cfg["recorded"]["saes"]] == [0.0, 20.0]
+    assert run_cfg["sae"]["beta"] == [0.0, 20.0] and run_cfg["train"]["tokens"] == 8000
 
 
 def test_store_equals_stream_and_resumes_after_a_kill(corpus, tmp_path, capsys, monkeypatch):

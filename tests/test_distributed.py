@@ -113,7 +113,9 @@ def test_a_killed_two_rank_run_resumes(corpus, tmp_path):
 
 def test_a_sweep_split_across_ranks_trains_each_sae_once(corpus, tmp_path, monkeypatch):
     """Each rank of a --distribute_sweep run (played here one after the other: rank 1 first, as
-    rank 0 writes run.json) trains its share of the sweep exactly as one process would."""
+    rank 0 writes run.json) trains its share of the sweep exactly as one process would. Real
+    ranks all check the folder before any writes; played in turn, rank 0 would find rank 1's
+    SAEs, so it is told to --overwrite (which touches only its own share and run.json)."""
     sweep = ["--k", "4,8", "--beta", "0,20"]
     assert main(["train", *train_args(corpus, tmp_path / "one", 1000), *sweep]) == 0
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -121,7 +123,8 @@ def test_a_sweep_split_across_ranks_trains_each_sae_once(corpus, tmp_path, monke
     monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj])
     for rank in (1, 0):
         monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
-        args = [*train_args(corpus, tmp_path / "split", 1000), *sweep, "--distribute_sweep"]
+        args = [*train_args(corpus, tmp_path / "split", 1000), *sweep, "--distribute_sweep",
+                *(["--overwrite"] if rank == 0 else [])]
         assert main(["train", *args]) == 0
         trained = sorted(p.parent.name for p in (tmp_path / "split").glob("*/*/sae.safetensors"))
         assert len(trained) == 2 * (2 - rank)

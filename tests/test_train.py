@@ -31,7 +31,7 @@ def make_trainer(tmp_path, sweep, **train_kwargs):
     kwargs.update(train_kwargs)
     cfg = TrainConfig(**kwargs)
     saes = [(SAE(c, 16), "h") for c in sweep]
-    return Trainer.create(saes, cfg, {"sweep": [str(c) for c in sweep], "train": vars(cfg)})
+    return Trainer.create(saes, cfg)
 
 
 def test_training_lowers_fvu_and_keeps_decoder_unit_norm(tmp_path):
@@ -83,18 +83,6 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert m.opt.state[m.sae.W_dec]["exp_avg"].abs().sum() > 0  # optimiser state restored
     again.fit(sparse_chunks(40, seed=0))
     assert m.tokens == 256 * 40
-
-
-def test_output_folder_rules(tmp_path):
-    cfg = SAEConfig(n_latents=64, k=4)
-    make_trainer(tmp_path, [cfg]).fit(sparse_chunks(2))
-    with pytest.raises(GsaeError, match="already holds this run"):
-        make_trainer(tmp_path, [cfg])
-    with pytest.raises(GsaeError, match="holds a different run"):
-        make_trainer(tmp_path, [SAEConfig(n_latents=64, k=8)])
-    with pytest.raises(GsaeError, match="holds no run to continue"):
-        make_trainer(tmp_path / "elsewhere", [cfg], resume=True)
-    make_trainer(tmp_path, [SAEConfig(n_latents=64, k=8)], overwrite=True)
 
 
 def test_non_finite_data_stops_with_the_step(tmp_path):

@@ -46,7 +46,7 @@ class ModelConfig:
         default=None, metadata={"help": "hub revision (branch, tag or commit) of a hub model"}
     )
     dtype: str = field(
-        default="float32", metadata={"help": "model weight dtype: float32, bfloat16 or float16"}
+        default="float32", metadata={"help": "model weight dtype", "choices": tuple(DTYPES)}
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow a hub model to run its own modelling code"}
@@ -54,7 +54,7 @@ class ModelConfig:
     device: str = field(
         default="cpu",
         metadata={"help": "device to run the model on: cpu, cuda, cuda:N, mps (under torchrun, "
-                  "cuda means cuda:LOCAL_RANK)"},
+                  "cuda means cuda:LOCAL_RANK)", "identity": False},
     )
 
 

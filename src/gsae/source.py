@@ -32,20 +32,22 @@ class SourceConfig:
         metadata={"help": "hook points: a layer index (residual stream after that block), a "
                   "TransformerLens name like blocks.15.hook_resid_post, or a module path"},
     )
-    lm_batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch"})
+    lm_batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch",
+                                                   "min": 1})
     skip_first: int = field(
         default=1,
         metadata={"help": "leading positions of each context left out of SAE data (position 0 "
-                  "is an attention sink on many models)"},
+                  "is an attention sink on many models)", "min": 0},
     )
     outlier_factor: float = field(
         default=5.0,
         metadata={"help": "drop tokens whose activation norm exceeds this multiple of the "
-                  "batch's median norm (0 keeps all)"},
+                  "batch's median norm (0 keeps all)", "min": 0},
     )
     autocast: str = field(
         default="none",
-        metadata={"help": "run the language model under autocast: 'none' (fp32) or 'bf16'"},
+        metadata={"help": "run the language model under autocast: 'none' (fp32) or 'bf16'",
+                  "choices": ("none", "bf16")},
     )
 
 

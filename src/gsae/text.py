@@ -57,9 +57,10 @@ class DataConfig:
         default="text", metadata={"help": "column holding the text (jsonl, parquet, hub datasets)"}
     )
     hf_split: str = field(default="train", metadata={"help": "split of a Hugging Face dataset"})
-    context_size: int = field(default=128, metadata={"help": "tokens per context"})
+    context_size: int = field(default=128, metadata={"help": "tokens per context", "min": 2})
     eval_fraction: float = field(
-        default=0.1, metadata={"help": "fraction of documents held out for evaluation"}
+        default=0.1, metadata={"help": "fraction of documents held out for evaluation (0 <= f < 1)",
+                                "min": 0}
     )
     split_seed: int = field(default=0, metadata={"help": "seed of the train/eval document split"})
 

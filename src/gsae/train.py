@@ -35,48 +35,59 @@ STATE_DIR = "checkpoint"
 class TrainConfig:
     """Optimisation, budget, bookkeeping and output of a training run."""
 
-    out: str = field(default="runs/gsae", metadata={"help": "output folder of the run"})
+    out: str = field(default="runs/gsae",
+                     metadata={"help": "output folder of the run", "identity": False})
     store: str = field(
         default="",
         metadata={"help": "train from this activation store (see gsae cache) instead of "
                   "running the language model"},
     )
-    tokens: int = field(default=240_000, metadata={"help": "training tokens per SAE"})
-    batch_tokens: int = field(default=2048, metadata={"help": "tokens per SAE optimiser step"})
+    tokens: int = field(default=240_000, metadata={"help": "training tokens per SAE", "min": 1})
+    batch_tokens: int = field(default=2048,
+                              metadata={"help": "tokens per SAE optimiser step", "min": 1})
     lr: float = field(
         default=0.0,
         metadata={"help": "Adam learning rate; 0 picks 2e-4 / sqrt(n_latents / 2^14) "
-                  "(Gao et al.'s scaling)"},
+                  "(Gao et al.'s scaling)", "min": 0},
     )
-    warmup_steps: int = field(default=20, metadata={"help": "linear learning-rate warm-up steps"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear learning-rate warm-up steps",
+                                                    "min": 0})
     decay_fraction: float = field(
-        default=0.2, metadata={"help": "final fraction of steps with linear decay to 0"}
+        default=0.2, metadata={"help": "final fraction of steps with linear decay to 0",
+                               "min": 0, "max": 1}
     )
-    auxk_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss"})
-    k_aux: int = field(default=0, metadata={"help": "latents in the AuxK term; 0 means d_in // 2"})
+    auxk_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss",
+                                                       "min": 0})
+    k_aux: int = field(default=0, metadata={"help": "latents in the AuxK term; 0 means d_in // 2",
+                                            "min": 0})
     dead_tokens: int = field(
         default=100_000,
-        metadata={"help": "a latent not selected for this many tokens counts as dead"},
+        metadata={"help": "a latent not selected for this many tokens counts as dead", "min": 1},
     )
     shuffle_tokens: int = field(
         default=16_384,
-        metadata={"help": "rows held in the shuffle buffer that mixes contexts into batches"},
+        metadata={"help": "rows held in the shuffle buffer that mixes contexts into batches",
+                  "min": 1},
     )
+    shuffle_seed: int = field(default=0, metadata={"help": "seed of the shuffle buffer"})
     b_dec_init: str = field(
         default="geometric_median",
-        metadata={"help": "b_dec initialisation from the first batch: geometric_median or mean"},
+        metadata={"help": "b_dec initialisation from the first batch",
+                  "choices": ("geometric_median", "mean")},
     )
-    data_seed: int = field(default=0, metadata={"help": "seed of the shuffle buffer"})
-    log_every: int = field(default=10, metadata={"help": "steps between logged metrics"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    resume: bool = field(default=False, metadata={"help": "continue the run found in --out"})
+    log_every: int = field(default=10, metadata={"help": "steps between logged metrics",
+                                                 "min": 1})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints",
+                                                        "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue the run found in --out",
+                                                  "identity": False})
     overwrite: bool = field(
-        default=False, metadata={"help": "replace whatever run is in --out"}
+        default=False, metadata={"help": "replace whatever run is in --out", "identity": False}
     )
-    sae_device: str = field(
+    device: str = field(
         default="",
         metadata={"help": "device of the SAEs (cpu, cuda, cuda:N); empty means the model's "
-                  "--device"},
+                  "--device", "identity": False},
     )
     distribute_sweep: bool = field(
         default=False,
@@ -141,6 +152,8 @@ class ShuffleBuffer:
         yield from self._emit(self.rows)
 
     def _emit(self, n_rows: int) -> Iterator[Batch]:
+        if not self.rows:
+            return
         x = torch.cat(self.x)
         g = None if any(t is None for t in self.g) else torch.cat(self.g)  # type: ignore[misc]
         perm = torch.randperm(x.shape[0], generator=self.gen)
@@ -153,13 +166,13 @@ class ShuffleBuffer:
         self.rows = rest.numel()
 
 
-class Member:
+class TrainedSAE:
     """One SAE of a run with its optimiser and bookkeeping."""
 
     def __init__(self, sae: SAE, hook: str, folder: Path, cfg: TrainConfig):
         self.sae, self.hook, self.folder = sae, hook, folder
-        if cfg.sae_device:
-            sae.to(cfg.sae_device)
+        if cfg.device:
+            sae.to(cfg.device)
         self.base_lr = cfg.lr if cfg.lr > 0 else default_lr(sae.n_latents)
         self.k_aux = cfg.k_aux if cfg.k_aux > 0 else max(1, sae.d_in // 2)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, **_adam_kwargs(sae))
@@ -240,21 +253,14 @@ def _adam_kwargs(sae: SAE) -> dict[str, Any]:
     return {"fused": True} if sae.W_dec.dtype in (torch.float32, torch.float64) else {}
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 class Trainer:
     """Trains a list of SAEs, each bound to a hook point, on shared batches."""
 
-    def __init__(self, members: list[Member], cfg: TrainConfig, run_config: dict[str, Any]):
+    def __init__(self, members: list[TrainedSAE], cfg: TrainConfig):
         if not members:
             raise GsaeError("nothing to train: the sweep is empty")
         self.members = members
         self.cfg = cfg
-        self.run_config = run_config
         self.data_parallel = data_parallel(cfg)
         # Data-parallel ranks hold identical SAEs: rank 0 writes them. Sweep shares are disjoint.
         self.writes_files = distributed.is_main() or cfg.distribute_sweep
@@ -265,32 +271,11 @@ class Trainer:
         self.rows_seen = 0
 
     @classmethod
-    def create(cls, saes: list[tuple[SAE, str]], cfg: TrainConfig, run_config: dict[str, Any]
-               ) -> Trainer:
-        """Prepare the output folder (refusing to mix runs) and the members of a run."""
-        out = Path(cfg.out)
-        run_file = out / "run.json"
-        comparable = comparable_settings(run_config)
-        if run_file.exists() and not cfg.overwrite:
-            previous = json.loads(run_file.read_text())
-            if comparable_settings(previous) != comparable:
-                raise GsaeError(
-                    f"{out} holds a different run (its run.json differs); choose another --out "
-                    "or pass --overwrite"
-                )
-            if not cfg.resume:
-                raise GsaeError(
-                    f"{out} already holds this run; pass --resume to continue it or --overwrite "
-                    "to start again"
-                )
-        elif cfg.resume and not run_file.exists():
-            raise GsaeError(f"--resume was given but {out} holds no run to continue")
-        distributed.barrier()  # every rank has read run.json before rank 0 replaces it
-        if distributed.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(run_file,
-                          lambda p: p.write_text(json.dumps(run_config, indent=2) + "\n"))
-        folders = [sae_folder(out, hook, sae.cfg) for sae, hook in saes]
+    def create(cls, saes: list[tuple[SAE, str]], cfg: TrainConfig) -> Trainer:
+        """The members of a run, each in its folder under `cfg.out` (see `sae_folder`); with
+        `cfg.resume`, restored from their checkpoints, else with fresh logs. Under
+        `distribute_sweep` this rank takes its share of the SAEs."""
+        folders = [sae_folder(cfg.out, hook, sae.cfg) for sae, hook in saes]
         for i, folder in enumerate(folders):
             if folder in folders[:i]:
                 raise GsaeError(f"the sweep lists the same SAE twice: {folder}")
@@ -301,8 +286,8 @@ class Trainer:
                 raise GsaeError(f"--distribute_sweep on {world} ranks needs at least {world} "
                                 f"SAEs; the sweep has {len(jobs)}")
             jobs = jobs[distributed.rank()::world]
-        members = [Member(sae, hook, folder, cfg) for (sae, hook), folder in jobs]
-        trainer = cls(members, cfg, run_config)
+        members = [TrainedSAE(sae, hook, folder, cfg) for (sae, hook), folder in jobs]
+        trainer = cls(members, cfg)
         if cfg.resume:
             trainer._resume()
         elif trainer.writes_files:
@@ -324,7 +309,7 @@ class Trainer:
         already skip the `chunks_done` chunks of a resumed run. Returns the final metrics."""
         buffers = {
             hook: ShuffleBuffer(self.cfg.shuffle_tokens, self.cfg.batch_tokens,
-                                self.cfg.data_seed + self.chunks_done)
+                                self.cfg.shuffle_seed + self.chunks_done)
             for hook in {m.hook for m in self.members}
         }
         start_tokens = min(m.tokens for m in self.members)
@@ -384,7 +369,7 @@ class Trainer:
             for m in self.members:
                 m.save_checkpoint({"chunks_done": self.chunks_done, "finished": finished})
 
-    def _train_step(self, m: Member, batch: Batch) -> None:
+    def _train_step(self, m: TrainedSAE, batch: Batch) -> None:
         sae = m.sae
         if not m.b_dec_ready:
             sae.init_b_dec(batch.x, self.cfg.b_dec_init)
@@ -436,10 +421,10 @@ class Trainer:
         g = None if batch.g is None else distributed.shard(batch.g)
         return Batch(distributed.shard(batch.x), g), total_variance_of(batch.x)
 
-    def _dead_fraction(self, m: Member) -> float:
+    def _dead_fraction(self, m: TrainedSAE) -> float:
         return (m.since_fired >= self.cfg.dead_tokens).float().mean().item()
 
-    def _log(self, m: Member) -> None:
+    def _log(self, m: TrainedSAE) -> None:
         if not m.acc_steps:
             return
         elapsed = time.perf_counter() - self._t0
@@ -467,14 +452,3 @@ def _check_finite(batch: Batch, step: int) -> None:
             f"non-finite {' and '.join(bad)} values in the data at step {step}; training stopped "
             "and the last checkpoint is kept (try --autocast none, or check the model)"
         )
-
-
-_NOT_COMPARED = {"train": ("resume", "overwrite", "sae_device"), "model": ("device",)}
-
-
-def comparable_settings(run_config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a run's config that must match for --resume: not the resume flags, nor the
-    devices (under torchrun each rank has its own)."""
-    return {**run_config, **{part: {k: v for k, v in run_config[part].items() if k not in keys}
-                             for part, keys in _NOT_COMPARED.items() if part in run_config}}
-

@@ -4,12 +4,14 @@ command end to end on the tiny model."""
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
 from gsae.cli import main
 from gsae.evaluate import GRAD_AWARE, GRAD_FREE
-from gsae.report import SCHEMA, build_report, compact_steering, verdict
+from gsae.study.report import build_report
+from gsae.study.results import SCHEMA, compact_steering, verdict
 from gsae.steer import summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -59,15 +61,14 @@ def synthetic_results():
         "stage_seconds": {"store": 10.0, "train": 20.0, "eval": 30.0, "steer": 40.0},
         "hook": "model.layers.1", "model": {"model": "tiny-llama"}, "store_tokens": 2000,
         "settings": {
-            "compare": {"k": KS, "beta": [0.0, 10.0], "value_mode": ["z", "score"],
-                        "seed": SEEDS, "fixed_k": 8},
+            "compare": {"fixed_k": 8, "sweep_beta": []},
+            "sae": {"k": KS, "beta": [0.0, 10.0], "value_mode": ["z", "score"], "seed": SEEDS},
             "model": {"model": "tiny-llama", "dtype": "float32", "device": "cpu"},
             "data": {"dataset": "wiki", "context_size": 32},
             "source": {"skip_first": 1, "outlier_factor": 5.0},
             "train": {"tokens": 4000, "batch_tokens": 256, "lr": 0.0, "auxk_coef": 1 / 32,
                       "dead_tokens": 1000},
-            "steer": {"steer_latents": 6, "steer_alphas": [1.0, 3.0], "steer_contexts": 2,
-                      "steer_top_tokens": 3},
+            "steer": {"latents": 6, "alphas": [1.0, 3.0], "contexts": 2, "top_tokens": 3},
         },
         "saes": saes,
         "eval": {"run": {"contexts": 4, "context_tokens": 128}, "results": evals},
@@ -173,7 +174,7 @@ def test_claims_follow_the_numbers(report):
 
 
 def test_claim_1_picks_the_best_g_sae_of_each_inference_mode():
-    from gsae.report import Results, claims
+    from gsae.study.results import Results, claims
 
     data = synthetic_results()
     for r in data["eval"]["results"]:  # gradient-free: the score variant becomes the best
@@ -200,12 +201,12 @@ def test_verdict_rules():
 def compare_args(corpus, out):
     return ["compare", "--model", "tiny-llama", "--dataset", corpus, "--context_size", "32",
             "--hooks", "1", "--lm_batch_size", "4", "--out", str(out), "--store_tokens", "1200",
-            "--tokens", "1600", "--batch_tokens", "256", "--k", "4", "8", "--beta", "0", "10",
+            "--tokens", "1600", "--batch_tokens", "256", "--k", "4,8", "--beta", "0,10",
             "--sweep_beta", "30",
-            "--value_mode", "z", "score", "--seed", "0", "--expansion_factor", "2",
+            "--value_mode", "z,score", "--seed", "0", "--expansion_factor", "2",
             "--dead_tokens", "800", "--eval_tokens", "128", "--fixed_k", "8",
-            "--steer_latents", "3", "--steer_contexts", "2", "--steer_pool", "4",
-            "--steer_context_size", "16", "--steer_alphas", "1", "3", "--steer_top_tokens", "3"]
+            "--latents", "3", "--contexts", "2", "--pool", "4",
+            "--steer.context_size", "16", "--alphas", "1", "3", "--top_tokens", "3"]
 
 
 def test_compare_end_to_end_on_the_tiny_model(corpus, tmp_path, capsys):
@@ -224,7 +225,7 @@ def test_compare_end_to_end_on_the_tiny_model(corpus, tmp_path, capsys):
     assert {r["sae"] for r in results["steer"]["results"]} == names
     assert all(r["sampled_latents"] == 3 for r in results["steer"]["results"])
     assert results["command"].startswith("gsae compare --out ")
-    assert "--k 4 8" in results["command"] and "--beta 0 10" in results["command"]
+    assert "--k 4,8" in results["command"] and "--beta 0,10" in results["command"]
     text = (report / "README.md").read_text()
     assert results["command"] in text
     for name in ("ce_increase_vs_l0.png", "steering.png", "beta_sweep.png"):
@@ -250,10 +251,11 @@ def test_compare_end_to_end_on_the_tiny_model(corpus, tmp_path, capsys):
 
 
 def test_grid_of_the_default_comparison():
-    from gsae.compare import CompareConfig, grid
     from gsae.errors import GsaeError
+    from gsae.pipeline import SAESweep
+    from gsae.study.compare import CompareConfig, CompareRun, grid
 
-    configs = grid(CompareConfig())
+    configs = grid(CompareRun())
     # 4 k x (TopK + beta 100 in 2 value modes) x 2 seeds, plus 2 sweep betas x 2 modes x 2 seeds
     # at k 32.
     assert len(configs) == 4 * 3 * 2 + 2 * 2 * 2
@@ -261,12 +263,16 @@ def test_grid_of_the_default_comparison():
                                                                             (32, 1000.0)}
     assert all(c.value_mode == "z" for c in configs if c.beta == 0)
     with pytest.raises(GsaeError, match="--fixed_k 32, which is not one of the values of k"):
-        grid(CompareConfig(k=[8, 16]))
-    assert len(grid(CompareConfig(k=[8, 16], sweep_beta=[]))) == 2 * 3 * 2
+        grid(CompareRun(sae=SAESweep(k=[8, 16], beta=[0.0, 100.0], value_mode=["z", "score"],
+                                     seed=[0, 1])))
+    two_k = CompareRun(compare=CompareConfig(sweep_beta=[]),
+                       sae=SAESweep(k=[8, 16], beta=[0.0, 100.0], value_mode=["z", "score"],
+                                    seed=[0, 1]))
+    assert len(grid(two_k)) == 2 * 3 * 2
 
 
 def test_dead_latent_claim_counts_the_k_where_the_g_sae_has_fewer():
-    from gsae.report import Results, claims
+    from gsae.study.results import Results, claims
 
     data = synthetic_results()
     for r in data["eval"]["results"]:  # at k 4 only, the g-SAE (beta 10, z) has no dead latent
@@ -275,3 +281,14 @@ def test_dead_latent_claim_counts_the_k_where_the_g_sae_has_fewer():
     dead = claims(Results(data))["dead_fraction"]
     assert dead["k_where_best_g_sae_has_fewer"] == 1
     assert dead["verdict"] == "did not hold"  # the fixed k is 8
+
+
+def test_the_committed_report_rebuilds_byte_identical_from_its_old_schema(tmp_path):
+    """docs/results was written with schema gsae.compare/1: read through the migration, it
+    gives the same markdown, plots and results.json, byte for byte."""
+    committed = Path(__file__).parent.parent / "docs" / "results"
+    data = json.loads((committed / "results.json").read_text())
+    assert data["schema"] == "gsae.compare/1"
+    build_report(data, tmp_path)
+    for name in ("README.md", "results.json", "ce_increase_vs_l0.png", "steering.png"):
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name

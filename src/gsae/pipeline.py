@@ -1,0 +1,398 @@
+"""The runs as library functions of typed configs: train, cache, load SAEs for evaluation,
+evaluate and steer. The `gsae` command parses its flags into these configs and calls them.
+
+    from gsae.pipeline import TrainRun, train
+    run = TrainRun()                      # the defaults of `gsae train`
+    run.sae.k = [32]; run.sae.beta = [0.0]
+    summary = train(run)                  # SAEs saved under run.train.out
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from gsae import distributed
+from gsae.cache import atomic_output
+from gsae.config import build, identity, sweep_configs, sweep_of, to_dict
+from gsae.errors import GsaeError
+from gsae.evaluate import EvalConfig, check_model, evaluate
+from gsae.models import ModelConfig, hidden_size, load_model, model_identity
+from gsae.sae import SAE, SAEConfig
+from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
+from gsae.steer import SteerConfig, steer
+from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
+from gsae.text import DataConfig, batched_contexts, token_contexts
+from gsae.train import TrainConfig, Trainer, checkpoint_dir, data_parallel, sae_folder
+
+SAESweep = sweep_of(SAEConfig)
+RUN_FILE = "run.json"
+
+
+# ------------------------------------------------------------------------ the config trees
+
+
+@dataclass
+class TrainRun:
+    """Everything `gsae train` needs: one SAE per combination of the `sae` lists."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sae: SAESweep = field(default_factory=SAESweep)  # type: ignore[valid-type]
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class CacheRun:
+    """Everything `gsae cache` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+SAE_DIRS_HELP = "SAE folders, all of one model (any hook points)"
+
+
+@dataclass
+class EvaluationRun:
+    """Everything `gsae eval` needs; model and data default to what the first SAE records."""
+
+    saes: list[str] = field(default_factory=list, metadata={
+        "positional": True, "metavar": "SAE_DIR", "help": SAE_DIRS_HELP})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class SteeringRun:
+    """Everything `gsae steer` needs; model and data default to what the first SAE records."""
+
+    saes: list[str] = field(default_factory=list, metadata={
+        "positional": True, "metavar": "SAE_DIR", "help": SAE_DIRS_HELP})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
+    json: str = field(default="", metadata={"help": "also write the result as JSON to this file"})
+
+
+# -------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingData:
+    """Where a training run's batches come from: the language model or a store."""
+
+    hooks: list[str]
+    d_in: int
+    provenance: dict[str, Any]  # what each SAE records about its data (its hook aside)
+    recorded: dict[str, Any]  # what run.json records about the data beyond the settings
+    chunks: Callable[[int], Iterator[dict[str, Batch]]]  # skip -> chunks from there on
+
+
+@dataclass
+class TrainSummary:
+    """What a training run did: the final metrics of every SAE, and the wall time."""
+
+    records: list[dict[str, Any]]
+    seconds: float
+    out: str
+    dropped_outliers: int
+    rows_seen: int
+    main_rank: bool = True  # under torchrun, whether this process is rank 0 (which reports)
+
+    def table(self) -> str:
+        """The summary `gsae train` prints: one row per SAE."""
+        total = self.dropped_outliers + self.rows_seen
+        lines = [f"\ntrained {len(self.records)} SAE(s) in {self.seconds:.0f} s; outlier tokens "
+                 f"dropped: {self.dropped_outliers} of {total} "
+                 f"({100 * self.dropped_outliers / max(1, total):.3f}%)",
+                 f"{'SAE':<48} {'tokens':>9} {'FVU':>7} {'L0':>6} {'dead':>6} {'beta|d.g|':>9}"]
+        for r in self.records:
+            lines.append(
+                f"{r['name']:<48} {r.get('tokens', 0):>9} {r.get('fvu', float('nan')):>7.4f} "
+                f"{r.get('l0', float('nan')):>6.1f} {r.get('dead_fraction', float('nan')):>6.3f} "
+                f"{r.get('effect', 0.0):>9.3g}")
+        lines.append(f"saved under {self.out}")
+        return "\n".join(lines)
+
+
+def train(run: TrainRun) -> TrainSummary:
+    """Train one SAE per combination of `run.sae`'s lists (a sweep) at every hook point, from
+    the language model or `run.train.store`; under torchrun data-parallel or with the sweep
+    split across the ranks."""
+    return train_saes(run, sweep_configs(run.sae))
+
+
+def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = False
+               ) -> TrainSummary:
+    """Train the SAEs of `configs` (the sweep lists in `run.sae` are ignored) on the same
+    batches, as `train` does. With `resume_if_same`, a run of exactly these SAEs and settings
+    found in `run.train.out` with a checkpoint for each is continued, and anything else there
+    is replaced (what `gsae compare` wants)."""
+    t0 = time.perf_counter()
+    distributed.init()
+    run = _local_devices(run)
+    check_positions(run.data, run.source)
+    data = training_data(run, with_grad=any(c.beta > 0 for c in configs))
+    for cfg in configs:
+        cfg.validate(data.d_in)
+    saes = [(SAE(replace(cfg), data.d_in, metadata={**data.provenance, "hook": hook}), hook)
+            for hook in data.hooks for cfg in configs]
+    if resume_if_same:
+        run = _resume_or_restart(run, configs, data)
+    claim_run_folder(run, configs, data.recorded)
+    trainer = Trainer.create(saes, run.train)
+    if trainer.done:
+        raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to resume "
+                        "(pass --overwrite to train it again, or a larger --tokens as a new run)")
+    records = trainer.fit(data.chunks(trainer.chunks_done))
+    main_rank = distributed.is_main()
+    distributed.shutdown()
+    return TrainSummary(records, time.perf_counter() - t0, run.train.out,
+                        trainer.dropped_outliers, trainer.rows_seen, main_rank)
+
+
+def _local_devices(run: TrainRun) -> TrainRun:
+    """Under torchrun, `cuda` means this rank's GPU; the SAEs default to the model's device."""
+    model = replace(run.model, device=distributed.local_device(run.model.device))
+    sae_device = distributed.local_device(run.train.device or model.device)
+    return replace(run, model=model, train=replace(run.train, device=sae_device))
+
+
+def _resume_or_restart(run: TrainRun, configs: list[SAEConfig], data: TrainingData
+                       ) -> TrainRun:
+    out = Path(run.train.out)
+    same = (_previous_identity(out) == run_record(run, configs, data.recorded)["recorded"]
+            ["identity"]
+            and all(checkpoint_dir(sae_folder(out, h, c)) for h in data.hooks for c in configs))
+    return replace(run, train=replace(run.train, resume=same, overwrite=not same))
+
+
+def check_positions(data: DataConfig, source: SourceConfig) -> None:
+    """Refuse data settings that leave no SAE position in a context (training would wait for
+    data forever): positions skip_first .. context_size - 2 are used."""
+    if data.context_size - 1 - source.skip_first < 1:
+        raise GsaeError(f"--context_size {data.context_size} with --skip_first "
+                        f"{source.skip_first} leaves no position to train on: positions "
+                        "skip_first .. context_size-2 are used, so make context_size larger "
+                        "than skip_first + 1")
+
+
+def training_data(run: TrainRun, with_grad: bool) -> TrainingData:
+    """The batches of a run: from `run.train.store` if set, else from the language model."""
+    if run.train.store:
+        return _store_data(run)
+    model, tokenizer = load_model(run.model)
+    source = ActivationSource(model, run.source, with_grad=with_grad,
+                              split_across_ranks=data_parallel(run.train))
+
+    def chunks(skip: int) -> Iterator[dict[str, Batch]]:
+        contexts = context_batches(run.data, tokenizer, run.source.lm_batch_size, skip=skip)
+        return source.stream(contexts)
+
+    provenance = {"model": model_identity(run.model), **source_identity(run.source, run.data)}
+    return TrainingData(source.hook_names, hidden_size(model), provenance, {}, chunks)
+
+
+def _store_data(run: TrainRun) -> TrainingData:
+    stored = read_manifest(run.train.store)["identity"]["hooks"]
+    reader = StoreReader(run.train.store, store_hooks(run.source.hooks, stored))
+
+    def chunks(skip: int) -> Iterator[dict[str, Batch]]:
+        return reader.chunks(seed=run.train.shuffle_seed, skip=skip)
+
+    return TrainingData(reader.hooks, reader.d_in, reader.sae_metadata,
+                        {"store": reader.identity}, chunks)
+
+
+def context_batches(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                    part: str = "train", skip: int = 0) -> Iterator[Any]:
+    """Batches of token contexts, starting again at the corpus start whenever it runs out;
+    the first `skip` batches are passed over (to resume a run)."""
+    for epoch in itertools.count():
+        if epoch > 0 and distributed.is_main():
+            tqdm.write(f"gsae: the {part} corpus is exhausted; starting pass {epoch + 1}")
+        for tokens in batched_contexts(token_contexts(data_cfg, tokenizer, part), batch_size):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield tokens
+
+
+def store_hooks(requested: list[str], stored: list[str]) -> list[str]:
+    """Match requested hook points to a store's: by full name or by layer index."""
+    chosen = []
+    for hook in requested:
+        match = [h for h in stored if h == hook or h.rsplit(".", 1)[-1] == hook.lstrip("+")]
+        if len(match) != 1:
+            raise GsaeError(f"hook {hook!r} is not in the store, which holds {stored}")
+        chosen.append(match[0])
+    return chosen
+
+
+def run_record(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
+               ) -> dict[str, Any]:
+    """What run.json holds: the run's whole config tree (so `--config run.json` replays it)
+    and, under "recorded", the SAEs trained, the data's identity and what must match to
+    resume."""
+    saes = [asdict(c) for c in configs]
+    same_run = {"settings": identity(run), "saes": saes, **recorded}
+    return {"command": "train", **to_dict(run),
+            "recorded": {"saes": saes, **recorded, "identity": same_run}}
+
+
+def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]) -> None:
+    """Refuse to mix runs in `run.train.out` (unless --overwrite): --resume continues only the
+    same run, recognised by its recorded identity (not by how the path is spelled); a folder
+    holding anything but this run is never written into. Then (re)write run.json."""
+    cfg = run.train
+    out = Path(cfg.out)
+    record = run_record(run, configs, recorded)
+    previous = _previous_identity(out)
+    if not cfg.overwrite:
+        if previous is not None and previous != record["recorded"]["identity"]:
+            raise GsaeError(f"{out} holds a different run (its {RUN_FILE} differs); choose "
+                            "another --out or pass --overwrite")
+        if previous is not None and not cfg.resume:
+            raise GsaeError(f"{out} already holds this run; pass --resume to continue it or "
+                            "--overwrite to start again")
+        if previous is None and out.is_dir() and any(out.iterdir()):
+            raise GsaeError(f"{out} is not empty and holds no {RUN_FILE}: choose another --out, "
+                            "or pass --overwrite to write into it")
+    if cfg.resume and previous is None:
+        raise GsaeError(f"--resume was given but {out} holds no run to continue")
+    distributed.barrier()  # every rank has read run.json before rank 0 replaces it
+    if distributed.is_main():
+        with atomic_output(out / RUN_FILE) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _previous_identity(out: Path) -> dict[str, Any] | None:
+    path = out / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("recorded", {}).get("identity", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise GsaeError(f"{path} is damaged (not a run record); pass --overwrite to start "
+                        "the run again") from None
+
+
+# --------------------------------------------------------------------------------- caching
+
+
+@dataclass
+class CacheSummary:
+    """What `cache` stored."""
+
+    store: str
+    rows: int
+    hooks: int
+    shards: int
+    bytes: int
+    seconds: float
+    corpus_ran_out: bool
+
+    def line(self) -> str:
+        """The summary `gsae cache` prints."""
+        mib = self.bytes / 2**20
+        return (f"stored {self.rows} tokens x {self.hooks} hook(s) in {self.shards} shards, "
+                f"{mib:.1f} MiB ({mib / max(1, self.rows) * 1e6:.0f} MiB per million tokens), "
+                f"{self.seconds:.0f} s, in {self.store}")
+
+
+def cache(run: CacheRun) -> CacheSummary:
+    """Run the language model once over the training split and store activations and
+    gradients (continuing a store of the same identity after its last shard)."""
+    check_positions(run.data, run.source)
+    model, tokenizer = load_model(run.model)
+    source = ActivationSource(model, run.source, with_grad=True)
+    t0 = time.perf_counter()
+    writer = fill_store(run.store, source, run.data, tokenizer, model_identity(run.model))
+    return _cache_summary(writer, run.store, len(source.hook_names), time.perf_counter() - t0)
+
+
+def _cache_summary(writer: StoreWriter, cfg: StoreConfig, hooks: int, seconds: float
+                   ) -> CacheSummary:
+    size = sum(f.stat().st_size for f in Path(cfg.store).glob("shard-*"))
+    return CacheSummary(cfg.store, writer.rows_done, hooks, len(writer.manifest["shards"]),
+                        size, seconds, writer.rows_done < cfg.tokens)
+
+
+# ------------------------------------------------------------------- evaluation and steering
+
+
+@dataclass
+class LoadedModel:
+    """SAE folders loaded with the language model, tokenizer and corpus they were trained on."""
+
+    saes: list[SAE]
+    names: list[str]
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_cfg: ModelConfig
+    model_id: dict[str, Any]
+    data: DataConfig
+
+
+def recorded_settings(sae_dirs: list[str], need_model: bool = True) -> dict[str, Any]:
+    """The model and data sections that the first SAE's provenance records (a partial config
+    tree: settings it does not record keep their defaults). With `need_model`, an SAE that
+    does not record its model is refused (the caller has no model to use)."""
+    if not sae_dirs:
+        raise GsaeError("give at least one SAE folder")
+    recorded = SAE.load(sae_dirs[0]).metadata
+    trained = recorded.get("model") or {}
+    if need_model and not trained.get("model"):
+        raise GsaeError(f"{sae_dirs[0]} does not record its model: pass --model")
+    model = {"model": trained["model"], "revision": trained.get("revision")} \
+        if trained.get("model") else {}
+    corpus = recorded.get("corpus") or {}
+    data = {f: corpus[f] for f in DataConfig.__dataclass_fields__ if corpus.get(f) is not None}
+    return {"model": model, "data": data}
+
+
+def load_for_eval(sae_dirs: list[str], model_cfg: ModelConfig | None = None,
+                  data_cfg: DataConfig | None = None) -> LoadedModel:
+    """Load SAE folders (or hub ids) with their model and corpus: the given configs, or what
+    the first SAE records (`recorded_settings`); every SAE must match the model."""
+    if model_cfg is None or data_cfg is None:
+        recorded = build(EvaluationRun, recorded_settings(sae_dirs, need_model=not model_cfg))
+        model_cfg, data_cfg = model_cfg or recorded.model, data_cfg or recorded.data
+    saes = [SAE.load(folder, device=model_cfg.device) for folder in sae_dirs]
+    model_id = model_identity(model_cfg)
+    check_model(saes, model_id)
+    model, tokenizer = load_model(model_cfg)
+    return LoadedModel(saes, list(sae_dirs), model, tokenizer, model_cfg, model_id, data_cfg)
+
+
+def run_eval(run: EvaluationRun) -> dict[str, Any]:
+    """Evaluate the SAE folders of `run` spliced into their model on held-out text."""
+    loaded = load_for_eval(run.saes, run.model, run.data)
+    return evaluate(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval,
+                    names=loaded.names, model_id=loaded.model_id)
+
+
+def run_steer(run: SteeringRun) -> dict[str, Any]:
+    """Steer with latents of the SAE folders of `run` in held-out contexts."""
+    loaded = load_for_eval(run.saes, run.model, run.data)
+    result = steer(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.steer,
+                   names=loaded.names, model_id=loaded.model_id)
+    if run.json:
+        from gsae.evaluate import write_json
+
+        write_json(result, run.json)
+    return result

@@ -1,0 +1,98 @@
+"""The pipelines as library functions, and the rules of a run folder, on the tiny model."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from gsae import SAE, GsaeError
+from gsae.cli import main
+from gsae.models import ModelConfig
+from gsae.pipeline import CacheRun, TrainRun, cache, load_for_eval, train
+from gsae.text import DataConfig
+
+
+def tiny_run(corpus, out, **train_kwargs):
+    run = TrainRun(model=ModelConfig(model="tiny-llama"),
+                   data=DataConfig(dataset=corpus, context_size=32))
+    run.source.hooks, run.source.lm_batch_size = ["1"], 4
+    run.sae.expansion_factor, run.sae.k, run.sae.beta = [2], [4], [10.0]
+    run.train.out = str(out)
+    run.train.tokens, run.train.batch_tokens, run.train.shuffle_tokens = 768, 256, 512
+    for key, value in train_kwargs.items():
+        setattr(run.train, key, value)
+    return run
+
+
+def weights(folder):
+    return SAE.load(folder).state_dict()
+
+
+def test_python_train_equals_the_command_and_config_replays_it(corpus, tmp_path, capsys):
+    summary = train(tiny_run(corpus, tmp_path / "py"))
+    (record,) = summary.records
+    assert record["tokens"] >= 768 and record["name"] == "model.layers.1/k4-beta10-z-x2-s0"
+    folder = tmp_path / "py" / "model.layers.1" / "k4-beta10-z-x2-s0"
+    assert SAE.load(folder).metadata["hook"] == "model.layers.1"
+    # The same run from its run.json, into another folder, ends with the same weights: the
+    # file holds every setting (a changed default would show here too).
+    code = main(["train", "--config", str(tmp_path / "py" / "run.json"),
+                 "--out", str(tmp_path / "replay")])
+    assert code == 0, capsys.readouterr().err
+    replayed = tmp_path / "replay" / "model.layers.1" / "k4-beta10-z-x2-s0"
+    for name, tensor in weights(folder).items():
+        assert torch.equal(tensor, weights(replayed)[name]), name
+    first = json.loads((tmp_path / "py" / "run.json").read_text())
+    again = json.loads((tmp_path / "replay" / "run.json").read_text())
+    first["train"].pop("out"), again["train"].pop("out")
+    assert first == again
+
+
+def test_run_folder_rules(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_run(corpus, out))
+    with pytest.raises(GsaeError, match="already holds this run; pass --resume"):
+        train(tiny_run(corpus, out))
+    with pytest.raises(GsaeError, match="holds a different run"):
+        train(tiny_run(corpus, out, tokens=1024))
+    with pytest.raises(GsaeError, match="holds no run to continue"):
+        train(tiny_run(corpus, tmp_path / "elsewhere", resume=True))
+    # The run is recognised by its recorded identity, not by how the path is spelled.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GsaeError, match="has finished: there is nothing to resume"):
+        train(tiny_run(corpus, "run", resume=True))
+    # A folder that holds files but no run.json is never written into without --overwrite.
+    (out / "run.json").unlink()
+    sae_file = out / "model.layers.1" / "k4-beta10-z-x2-s0" / "sae.safetensors"
+    before = sae_file.read_bytes()
+    with pytest.raises(GsaeError, match="is not empty and holds no run.json.*--overwrite"):
+        train(tiny_run(corpus, out))
+    assert sae_file.read_bytes() == before
+    train(tiny_run(corpus, out, overwrite=True))
+
+
+@pytest.mark.parametrize("context_size, skip_first", [(2, 1), (8, 7), (5, 4)])
+def test_no_trainable_position_is_refused_before_the_model_runs(corpus, tmp_path,
+                                                                 context_size, skip_first,
+                                                                 monkeypatch):
+    import gsae.pipeline
+
+    monkeypatch.setattr(gsae.pipeline, "load_model", lambda *_: pytest.fail("model loaded"))
+    run = tiny_run(corpus, tmp_path / "r")
+    run.data.context_size, run.source.skip_first = context_size, skip_first
+    with pytest.raises(GsaeError, match="leaves no position to train on"):
+        train(run)
+    with pytest.raises(GsaeError, match="leaves no position to train on"):
+        cache(CacheRun(model=run.model, data=run.data, source=run.source))
+
+
+def test_load_for_eval_uses_what_the_sae_records(corpus, tmp_path):
+    train(tiny_run(corpus, tmp_path / "run"))
+    folder = str(tmp_path / "run" / "model.layers.1" / "k4-beta10-z-x2-s0")
+    loaded = load_for_eval([folder])
+    assert loaded.model_cfg.model == "tiny-llama"
+    assert loaded.data.dataset == os.path.abspath(corpus) or loaded.data.dataset == corpus
+    assert loaded.data.context_size == 32 and loaded.names == [folder]
+    with pytest.raises(GsaeError, match="trained on model"):
+        load_for_eval([folder], model_cfg=ModelConfig(model="tiny-gpt2"))
