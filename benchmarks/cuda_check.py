@@ -46,7 +46,7 @@ def main() -> None:
         args.lm_batch_size = min(args.lm_batch_size, 4)
     with tempfile.TemporaryDirectory() as out:
         flags = ["train", "--model", args.model, "--hooks", args.hook, "--device", args.device,
-                 "--sae_device", args.sae_device, "--dtype", dtype, "--autocast", autocast,
+                 "--train.device", args.sae_device, "--dtype", dtype, "--autocast", autocast,
                  "--lm_batch_size", str(args.lm_batch_size), "--batch_tokens", str(batch_tokens),
                  "--tokens", str(steps * batch_tokens), "--shuffle_tokens", str(2 * batch_tokens),
                  "--warmup_steps", str(max(1, steps // 4)), "--log_every", "5",

@@ -36,7 +36,7 @@ def train_rate(chunks, saes: list[SAE], hook: str, batch_tokens: int) -> float:
         cfg = TrainConfig(out=out, tokens=10**9, batch_tokens=batch_tokens,
                           shuffle_tokens=2 * batch_tokens, checkpoint_every=10**9,
                           log_every=10**9)
-        trainer = Trainer.create([(s, hook) for s in saes], cfg, {"bench": True})
+        trainer = Trainer.create([(s, hook) for s in saes], cfg)
         start = time.perf_counter()
         trainer.fit(chunks)
         elapsed = time.perf_counter() - start
