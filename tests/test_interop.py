@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gsae import SAE, GsaeError, SAEConfig, formats
-from gsae.cache import atomic_output, cache_root
+from gsae.io import atomic_output, cache_root
 
 pytestmark = pytest.mark.interop
 

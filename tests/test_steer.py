@@ -8,7 +8,7 @@ import torch
 from gsae import SAE, SAEConfig
 from gsae.cli import main
 from gsae.steer import SteerConfig, steer_on, summarize
-from gsae.testing import tiny_llama
+from gsae.tiny import tiny_llama
 
 D = 64
 

@@ -43,20 +43,24 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, sweep: bool = Fa
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore
         kind = hints[f.name]
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        dest = f.name
+        if flags[0] in parser._option_string_actions:  # an earlier section owns the short flag
+            dest = _dotted(cls, f.name)
+            flags = [f"--{dest}"]
         help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
         if sweep:
             scalar = _scalar_parser(kind)
-            group.add_argument(*flags, dest=f.name, default=[default], help=help_text,
+            group.add_argument(*flags, dest=dest, default=[default], help=help_text,
                                type=lambda s, p=scalar: [p(v) for v in s.split(",") if v])
         elif kind is bool:
-            group.add_argument(*flags, dest=f.name, default=default, help=help_text,
+            group.add_argument(*flags, dest=dest, default=default, help=help_text,
                                nargs="?", const=True, type=_parse_bool)
         elif typing.get_origin(kind) is list:
-            group.add_argument(*flags, dest=f.name, default=default, help=help_text,
+            group.add_argument(*flags, dest=dest, default=default, help=help_text,
                                nargs="*" if f.metadata.get("may_be_empty") else "+",
                                type=typing.get_args(kind)[0])
         else:
-            group.add_argument(*flags, dest=f.name, default=default, help=help_text,
+            group.add_argument(*flags, dest=dest, default=default, help=help_text,
                                type=_scalar_parser(kind))
 
 
@@ -71,9 +75,15 @@ def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def _dotted(cls: type, name: str) -> str:
+    return f"{cls.__name__.removesuffix('Config').lower()}.{name}"
+
+
 def config_from_args(cls: type, args: argparse.Namespace):
     """Build the dataclass `cls` from the parsed flags."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    values = vars(args)
+    return cls(**{f.name: values.get(_dotted(cls, f.name), values.get(f.name))
+                  for f in fields(cls)})
 
 
 def sweep_from_args(args: argparse.Namespace) -> list[SAEConfig]:
@@ -202,9 +212,10 @@ def _recorded_setup(args: argparse.Namespace) -> tuple[list[SAE], DataConfig, An
                                                       dict[str, Any]]:
     """The SAEs of `args.sae_dirs` with the model, tokenizer and corpus settings recorded in the
     first one's metadata (any flag given overrides them), checked to match every SAE."""
+    from gsae.formats import load
     from gsae.models import ModelConfig, load_model, model_identity
 
-    saes = [SAE.load(folder) for folder in args.sae_dirs]
+    saes = [load(folder) for folder in args.sae_dirs]
     recorded = saes[0].metadata
     model_args = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
     if model_args["model"] is None:
@@ -283,9 +294,10 @@ def _default_from_sae(parser: argparse.ArgumentParser, names: list[str]) -> None
 def cmd_export(args: argparse.Namespace) -> int:
     """Write an SAE (any folder or repo id that SAE.load reads) as a SAELens, sparsify or gsae
     folder."""
-    from gsae.formats import export
+    from gsae.formats import export, load
 
-    folder = export(SAE.load(args.sae_dir), args.out_dir, args.format, args.hookpoint)
+    folder = export(load(args.sae_dir), args.out_dir, args.format, args.hookpoint,
+                    args.overwrite)
     print(f"wrote a {args.format} SAE folder: {folder}")
     return 0
 
@@ -351,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="format to write")
     p.add_argument("--hookpoint", help=hookpoint_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR (the SAE's folder) and everything in it if not empty")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="upload an SAE to a Hugging Face Hub model repo")

@@ -28,9 +28,9 @@ import torch
 import transformers
 
 import gsae
-from gsae.cache import file_fingerprint
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, evaluate, write_json
+from gsae.io import file_fingerprint
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.report import SCHEMA, build_report, compact_steering
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
