@@ -59,7 +59,15 @@ def remove_stale_temps(final: Path) -> None:
 
 
 def current_umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
+    """The process's umask: from /proc on Linux (no change to the process), else by setting it
+    and putting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

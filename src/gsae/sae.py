@@ -128,7 +128,9 @@ class SAE(nn.Module):
     """A TopK sparse autoencoder whose selection may use the loss gradient (a g-SAE).
 
     Weights: `W_enc` [n_latents, d_in] (rows are latents, as in sparsify), `b_enc` [n_latents],
-    `W_dec` [n_latents, d_in] with unit-norm rows, `b_dec` [d_in].
+    `W_dec` [n_latents, d_in] with unit-norm rows, `b_dec` [d_in]. `provenance` records where
+    its training data came from. `save` writes a folder (`sae.safetensors`, `cfg.json`) that
+    `load` reads; `gsae.load` reads SAELens and sparsify folders and Hub repos too.
     """
 
     def __init__(
