@@ -292,7 +292,7 @@ def _default_from_sae(parser: argparse.ArgumentParser, names: list[str]) -> None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write an SAE (any folder or repo id that SAE.load reads) as a SAELens, sparsify or gsae
+    """Write an SAE (any folder or repo id that gsae.load reads) as a SAELens, sparsify or gsae
     folder."""
     from gsae.formats import export, load
 

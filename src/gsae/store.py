@@ -65,7 +65,8 @@ class StoreConfig:
     )
     overwrite: bool = field(
         default=False,
-        metadata={"help": "replace a store of other settings (or other files) in --store"},
+        metadata={"help": "delete any store in --store and start it again (other files there "
+                          "are kept)"},
     )
 
 
