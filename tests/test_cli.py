@@ -3,15 +3,9 @@
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from gsae import SAE
 from gsae.cli import main
-from gsae.models import ModelConfig, load_model
-from gsae.source import ActivationSource, SourceConfig
-from gsae.store import StoreWriter
-from gsae.text import DataConfig, batched_contexts, token_contexts
 
 
 def common(corpus, out):
@@ -44,72 +38,6 @@ def test_train_sweep_lowers_fvu_and_saves_each_sae(corpus, tmp_path, capsys):
     run_cfg = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [c["beta"] for c in run_cfg["recorded"]["saes"]] == [0.0, 20.0]
     assert run_cfg["sae"]["beta"] == [0.0, 20.0] and run_cfg["train"]["tokens"] == 8000
-
-
-def test_store_equals_stream_and_resumes_after_a_kill(corpus, tmp_path, capsys, monkeypatch):
-    store_args = ["--model", "tiny-llama", "--dataset", corpus, "--context_size", "64",
-                  "--hooks", "0", "1", "--lm_batch_size", "4", "--tokens", "2000",
-                  "--store_dtype", "float32", "--batches_per_shard", "2"]
-    code, _, err = run(["cache", "--store", str(tmp_path / "full"), *store_args], capsys)
-    assert code == 0, err
-    # The stored rows equal what the source streams for the same contexts, bitwise.
-    model, tok = load_model(ModelConfig(model="tiny-llama"))
-    source = ActivationSource(model, SourceConfig(hooks=["0", "1"]))
-    data = DataConfig(dataset=corpus, context_size=64)
-    first_two = list(batched_contexts(token_contexts(data, tok, "train"), 4))[:2]
-    streamed = [source.batches(t) for t in first_two]
-    shard = load_file(str(tmp_path / "full" / "shard-000000.safetensors"))
-    for hook in ("model.layers.0", "model.layers.1"):
-        assert torch.equal(shard[f"{hook}.x"], torch.cat([s[hook].x for s in streamed]))
-        assert torch.equal(shard[f"{hook}.g"], torch.cat([s[hook].g for s in streamed]))
-    # A run killed after its second shard, then rerun, gives the same store.
-    real_write = StoreWriter.write_shard
-    calls = []
-
-    def dying_write(self, chunks):
-        real_write(self, chunks)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StoreWriter, "write_shard", dying_write)
-    code, _, _ = run(["cache", "--store", str(tmp_path / "cut"), *store_args], capsys)
-    assert code == 130
-    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
-    code, _, err = run(["cache", "--store", str(tmp_path / "cut"), *store_args], capsys)
-    assert code == 0, err
-    full = json.loads((tmp_path / "full" / "manifest.json").read_text())
-    cut = json.loads((tmp_path / "cut" / "manifest.json").read_text())
-    assert cut == full and len(full["shards"]) >= 3
-    for s in full["shards"]:
-        a = load_file(str(tmp_path / "full" / s["file"]))
-        b = load_file(str(tmp_path / "cut" / s["file"]))
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    # Training from the store.
-    code, out, err = run(["train", "--store", str(tmp_path / "full"), "--hooks", "1",
-                          "--out", str(tmp_path / "run"), "--tokens", "1500",
-                          "--batch_tokens", "256", "--expansion_factor", "2", "--k", "4"],
-                         capsys)
-    assert code == 0, err
-    sae = SAE.load(tmp_path / "run" / "model.layers.1" / "k4-beta100-z-x2-s0")
-    assert sae.metadata["model"] == full["identity"]["model"]
-
-
-def test_mismatched_and_corrupt_stores_are_refused(corpus, tmp_path, capsys):
-    args = ["--model", "tiny-llama", "--dataset", corpus, "--context_size", "64",
-            "--hooks", "1", "--lm_batch_size", "4", "--tokens", "600", "--store_dtype", "float32"]
-    assert run(["cache", "--store", str(tmp_path / "s"), *args], capsys)[0] == 0
-    code, _, err = run(["cache", "--store", str(tmp_path / "s"), *args[:-1], "float16"], capsys)
-    assert code == 2 and "made with other settings (differs in: dtype)" in err
-    shard = tmp_path / "s" / "shard-000000.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-100])
-    code, _, err = run(["train", "--store", str(tmp_path / "s"), "--hooks", "1",
-                        "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "missing or damaged shard-000000.safetensors" in err
-    (tmp_path / "s" / "manifest.json").write_text("{not json")
-    code, _, err = run(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r")],
-                       capsys)
-    assert code == 2 and "manifest.json is corrupt" in err
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from gsae.evaluate import (
 )
 from gsae.models import ModelConfig, model_identity
 from gsae.source import ActivationSource, SourceConfig, training_positions
-from gsae.testing import tiny_llama, tiny_tokenizer
 from gsae.text import DataConfig, corpus_identity, token_contexts
+from gsae.tiny import tiny_llama, tiny_tokenizer
 
 D = 64
 

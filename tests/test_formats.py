@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +21,8 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 
-from gsae import SAE, GsaeError, SAEConfig, formats
+import gsae
+from gsae import SAE, GsaeError, Provenance, SAEConfig, formats
 from gsae.cli import main
 
 D_IN, D_SAE, K = 12, 48, 5
@@ -28,7 +31,7 @@ HOOK = "model.layers.1"
 
 def make_sae(beta: float = 50.0, value_mode: str = "score") -> SAE:
     cfg = SAEConfig(n_latents=D_SAE, k=K, beta=beta, value_mode=value_mode, seed=3)
-    sae = SAE(cfg, D_IN, metadata={"hook": HOOK, "model": {"model": "tiny-llama"}})
+    sae = SAE(cfg, D_IN, provenance=Provenance(hook=HOOK, model={"model": "tiny-llama"}))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=gen))
@@ -51,7 +54,7 @@ def dense(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def assert_same_sae(a: SAE, b: SAE) -> None:
-    assert a.cfg == b.cfg and a.metadata == b.metadata
+    assert a.cfg == b.cfg and a.provenance == b.provenance
     for name, p in a.named_parameters():
         assert torch.equal(p, getattr(b, name)), name
 
@@ -110,7 +113,7 @@ def sparsify_folder(root: Path, w: dict, **changes) -> Path:
 def test_export_round_trip_loses_nothing(tmp_path, fmt):
     sae = make_sae()
     folder = formats.export(sae, tmp_path / "out", fmt)
-    loaded = SAE.load(folder)
+    loaded = gsae.load(folder)
     assert_same_sae(sae, loaded)
     x, g = inputs()
     for got, want in zip(loaded.encode(x, g), sae.encode(x, g)):
@@ -145,7 +148,7 @@ def test_sparsify_export_layout(tmp_path):
         "b_dec": [D_IN]}
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg == {**sparsify_cfg(expansion_factor=16), "gsae": sae.config_dict()}
-    sae.metadata = {}
+    sae.provenance = Provenance()
     with pytest.raises(GsaeError, match="records no hook point"):
         formats.export_sparsify(sae, tmp_path / "c")
 
@@ -155,7 +158,69 @@ def test_edited_export_is_refused(tmp_path):
     cfg = json.loads((folder / "cfg.json").read_text())
     (folder / "cfg.json").write_text(json.dumps({**cfg, "k": K + 1}))
     with pytest.raises(GsaeError, match="changed after export"):
-        SAE.load(folder)
+        gsae.load(folder)
+
+
+def test_formats_registry_names_every_format(tmp_path):
+    assert list(formats.FORMATS) == ["gsae", "saelens", "sparsify"]
+    sae = make_sae()
+    for name in formats.FORMATS:  # each format's loader recognises its own export only
+        folder = formats.export(sae, tmp_path / name, name)
+        raw = json.loads((folder / "cfg.json").read_text())
+        found = [n for n, f in formats.FORMATS.items() if f.detect(folder, raw)]
+        assert found == [name]
+
+
+@pytest.mark.parametrize("fmt", ["gsae", "saelens", "sparsify"])
+def test_export_refuses_a_folder_it_did_not_write(tmp_path, fmt):
+    """An SAE's training folder (weights, log, checkpoint) is never mixed with an export."""
+    other = SAE(SAEConfig(n_latents=D_SAE, k=K, seed=9), D_IN,
+                provenance=Provenance(hook=HOOK))
+    target = tmp_path / "out" / (HOOK if fmt == "sparsify" else "")
+    other.save(target)
+    (target / "log.jsonl").write_text("{}\n")
+    (target / "checkpoint").mkdir()
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(GsaeError, match=f"{target} is not empty: .*pass --overwrite") as err:
+        formats.export(make_sae(), tmp_path / "out", fmt)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert_same_sae(SAE.load(target), other)
+    # With overwrite the folder holds the export alone: nothing of the old SAE is left.
+    folder = formats.export(make_sae(), tmp_path / "out", fmt, overwrite=True)
+    assert folder == target
+    weights = "sae_weights.safetensors" if fmt == "saelens" else "sae.safetensors"
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", weights]
+    assert_same_sae(gsae.load(folder), make_sae())
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_export_into_an_empty_folder_and_beside_other_hooks(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert formats.export(make_sae(), tmp_path / "empty", "saelens") == tmp_path / "empty"
+    formats.export_sparsify(make_sae(), tmp_path / "sp", hookpoint="layers.0")
+    formats.export_sparsify(make_sae(), tmp_path / "sp", hookpoint="layers.1")
+    assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == ["layers.0", "layers.1"]
+
+
+def test_exported_files_follow_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        folder = formats.export(make_sae(), tmp_path / "out", "saelens")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o775
+    for file in folder.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o664, file.name
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_foreign_weights_with_nan_are_refused(tmp_path, fmt):
+    w = random_weights(seed=10)
+    w["W_dec"][5, 2] = float("nan")
+    folder = saelens_folder(tmp_path, w) if fmt == "saelens" else sparsify_folder(tmp_path, w)
+    with pytest.raises(GsaeError, match=f"{folder} .*: the weights W_dec hold NaN or infinite"):
+        gsae.load(folder)
 
 
 # ------------------------------------------------------------------ foreign folders by hand
@@ -178,10 +243,10 @@ def test_saelens_topk_folder_encodes_as_saelens(tmp_path, apply_b_dec, rescale):
     w = random_weights(seed=4)
     folder = saelens_folder(tmp_path, w, apply_b_dec_to_input=apply_b_dec,
                             rescale_acts_by_decoder_norm=rescale)
-    sae = SAE.load(folder)
+    sae = gsae.load(folder)
     assert (sae.beta, sae.cfg.value_mode, sae.k, sae.n_latents) == (0.0, "z", K, D_SAE)
-    assert sae.metadata["hook"] == "blocks.1.hook_resid_post" and "model" not in sae.metadata
-    assert sae.metadata["imported_from"]["format"] == "saelens"
+    assert sae.provenance.hook == "blocks.1.hook_resid_post" and sae.provenance.model is None
+    assert sae.provenance.imported_from["format"] == "saelens"
     if not rescale:  # the decoder is kept as it is, not renormalised
         assert torch.equal(sae.W_dec, w["W_dec"])
     x, _ = inputs()
@@ -192,8 +257,8 @@ def test_saelens_topk_folder_encodes_as_saelens(tmp_path, apply_b_dec, rescale):
 def test_sparsify_topk_folder_encodes_as_sparsify(tmp_path):
     w = random_weights(seed=5)
     w["b_enc"][: D_SAE - 3] -= 20.0  # most rows have fewer than k positive pre-activations
-    sae = SAE.load(sparsify_folder(tmp_path, w))
-    assert (sae.beta, sae.k, sae.n_latents, sae.metadata["hook"]) == (0.0, K, D_SAE, "layers.1")
+    sae = gsae.load(sparsify_folder(tmp_path, w))
+    assert (sae.beta, sae.k, sae.n_latents, sae.provenance.hook) == (0.0, K, D_SAE, "layers.1")
     assert torch.equal(sae.W_dec, w["W_dec"])
     x, _ = inputs()
     # sparsify: ReLU first, then the top k; ties among zeros are filled arbitrarily.
@@ -217,7 +282,7 @@ def test_sparsify_topk_folder_encodes_as_sparsify(tmp_path):
          "normalize_activations = 'layer_norm' is not supported"),
         ({"reshape_activations": "hook_z"}, {}, "reshape_activations = 'hook_z' is not supported"),
         ({}, {"scaling_factor": torch.full((D_SAE,), 2.0)}, "scaling factor is not supported"),
-        ({"d_sae": D_SAE + 1}, {}, "shapes do not match"),
+        ({"d_sae": D_SAE + 1}, {}, r"the weights do not fit the config \(d_in 12, 49 latents\)"),
         ({"dtype": "int8"}, {}, "unknown dtype"),
     ],
 )
@@ -226,7 +291,7 @@ def test_unsupported_saelens_folders_are_refused(tmp_path, changes, extra, messa
     tensors = load_file(str(folder / "sae_weights.safetensors"))
     save_file({**tensors, **extra}, str(folder / "sae_weights.safetensors"))
     with pytest.raises(GsaeError, match=message):
-        SAE.load(folder)
+        gsae.load(folder)
 
 
 def test_saelens_unit_scaling_factor_is_ignored(tmp_path):
@@ -235,7 +300,7 @@ def test_saelens_unit_scaling_factor_is_ignored(tmp_path):
     tensors = load_file(str(folder / "sae_weights.safetensors"))
     save_file({**tensors, "scaling_factor": torch.ones(D_SAE)},
               str(folder / "sae_weights.safetensors"))
-    assert torch.equal(SAE.load(folder).W_enc, w["W_enc"])
+    assert torch.equal(gsae.load(folder).W_enc, w["W_enc"])
 
 
 @pytest.mark.parametrize(
@@ -253,17 +318,20 @@ def test_unsupported_sparsify_folders_are_refused(tmp_path, changes, drop, messa
     tensors.pop(drop, None)
     save_file(tensors, str(folder / "sae.safetensors"))
     with pytest.raises(GsaeError, match=message):
-        SAE.load(folder)
+        gsae.load(folder)
 
 
 def test_folders_that_are_no_sae(tmp_path):
     with pytest.raises(GsaeError, match="not a gsae SAE folder, nor a SAELens or sparsify"):
-        SAE.load(tmp_path)
+        gsae.load(tmp_path)
     sparsify_folder(tmp_path, random_weights(seed=9))
     with pytest.raises(GsaeError, match="holds several SAEs .*: layers.1"):
-        SAE.load(tmp_path)
+        gsae.load(tmp_path)
     with pytest.raises(GsaeError, match="neither a folder nor a Hugging Face repo id"):
-        SAE.load(tmp_path / "missing")
+        gsae.load(tmp_path / "missing")
+    # SAE.load reads gsae's own folders only, and says what reads the others.
+    with pytest.raises(GsaeError, match="not a gsae SAE config .*other formats with gsae.load"):
+        SAE.load(tmp_path / "layers.1")
 
 
 # ------------------------------------------------------------------------------------- hub
@@ -318,7 +386,7 @@ FILES = ["cfg.json", "sae.safetensors", "sae_weights.safetensors"]
 def test_load_by_repo_id(hub, name, revision, subfolder):
     sae = make_sae()
     formats.export_saelens(sae, hub.remote / "owner" / "repo" / (subfolder or ""))
-    assert_same_sae(SAE.load(name), sae)
+    assert_same_sae(gsae.load(name), sae)
     prefix = f"{subfolder}/" if subfolder else ""
     assert hub.calls == [("download", "owner/repo", revision, [prefix + f for f in FILES])]
 
@@ -335,7 +403,7 @@ def test_load_hub_sparsify_layout(hub):
 def test_hub_failure_is_one_clear_error(hub):
     message = "owner/offline/sub is no local folder, and could not download hf://owner/offline/sub"
     with pytest.raises(GsaeError, match=message + ".*no connection"):
-        SAE.load("owner/offline/sub")
+        gsae.load("owner/offline/sub")
 
 
 @pytest.mark.parametrize(
@@ -361,13 +429,24 @@ def test_cli_export_and_push(hub, tmp_path, capsys):
     sae.save(tmp_path / "local")
     assert main(["export", str(tmp_path / "local"), "--format", "saelens",
                  str(tmp_path / "out")]) == 0
-    assert_same_sae(SAE.load(tmp_path / "out"), sae)
+    assert_same_sae(gsae.load(tmp_path / "out"), sae)
     assert main(["export", str(tmp_path / "out"), str(tmp_path / "sp"), "--format", "sparsify",
                  "--hookpoint", "layers.1"]) == 0
-    assert_same_sae(SAE.load(tmp_path / "sp" / "layers.1"), sae)
+    assert_same_sae(gsae.load(tmp_path / "sp" / "layers.1"), sae)
     assert main(["push", str(tmp_path / "out"), "me/saes", "--format", "sparsify"]) == 0
     assert "uploaded: https://hub.invalid/me/saes/commit/1" in capsys.readouterr().out
-    assert_same_sae(SAE.load(f"hf://me/saes/{HOOK}"), sae)
+    assert_same_sae(gsae.load(f"hf://me/saes/{HOOK}"), sae)
     assert main(["export", str(tmp_path / "nothing-here"), str(tmp_path / "x"),
                  "--format", "saelens"]) == 2
     assert "gsae: error:" in capsys.readouterr().err
+    # Exporting over another SAE's folder is refused, naming --overwrite, which replaces it.
+    other = tmp_path / "other"
+    SAE(SAEConfig(n_latents=D_SAE, k=K), D_IN).save(other)
+    (other / "log.jsonl").write_text("{}\n")
+    assert main(["export", str(tmp_path / "local"), str(other), "--format", "gsae"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} is not empty" in err and "--overwrite" in err and err.count("\n") == 1
+    assert main(["export", str(tmp_path / "local"), str(other), "--format", "gsae",
+                 "--overwrite"]) == 0
+    assert not (other / "log.jsonl").exists()
+    assert_same_sae(SAE.load(other), sae)

@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gsae import SAE, GsaeError, SAEConfig, formats
-from gsae.cache import atomic_output, cache_root
+import gsae
+from gsae import SAE, GsaeError, Provenance, SAEConfig, formats
+from gsae.io import atomic_output, cache_root
 
 pytestmark = pytest.mark.interop
 
@@ -53,7 +54,7 @@ def run(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], SAE, torch.Ten
     """Export a g-SAE, run the foreign script once; (workdir, its outputs, the g-SAE, x)."""
     workdir = tmp_path_factory.mktemp("interop")
     sae = SAE(SAEConfig(n_latents=D_SAE, k=K, beta=50.0, value_mode="score", seed=3), D_IN,
-              metadata={"hook": HOOK, "model": {"model": "tiny-llama"}})
+              provenance=Provenance(hook=HOOK, model={"model": "tiny-llama"}))
     with torch.no_grad():
         sae.b_enc.copy_(0.1 * torch.randn(D_SAE, generator=torch.Generator().manual_seed(1)))
         sae.b_dec.copy_(0.2 * torch.randn(D_IN, generator=torch.Generator().manual_seed(2)))
@@ -98,8 +99,8 @@ def test_foreign_loaders_reproduce_our_gradient_free_encoding(run, fmt):
 
 def test_saelens_resave_keeps_the_gsae_config(run):
     workdir, _, sae, _ = run
-    loaded = SAE.load(workdir / "resaved" / "saelens")
-    assert loaded.cfg == sae.cfg and loaded.metadata == sae.metadata
+    loaded = gsae.load(workdir / "resaved" / "saelens")
+    assert loaded.cfg == sae.cfg and loaded.provenance == sae.provenance
     for name, p in sae.named_parameters():
         assert torch.equal(p, getattr(loaded, name)), name
 
@@ -115,7 +116,7 @@ def test_saelens_resave_keeps_the_gsae_config(run):
 )
 def test_gsae_loads_what_the_libraries_save(run, name, folder):
     workdir, out, _, x = run
-    sae = SAE.load(workdir / "native" / folder)
+    sae = gsae.load(workdir / "native" / folder)
     assert (sae.beta, sae.cfg.value_mode, sae.k, sae.n_latents) == (0.0, "z", K, D_SAE)
     assert_matches(sae, x, out, name)
 
@@ -130,4 +131,4 @@ def test_gsae_loads_what_the_libraries_save(run, name, folder):
 )
 def test_gsae_refuses_other_kinds_the_libraries_save(run, folder, message):
     with pytest.raises(GsaeError, match=message):
-        SAE.load(run[0] / "native" / folder)
+        gsae.load(run[0] / "native" / folder)

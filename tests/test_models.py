@@ -1,11 +1,9 @@
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from gsae.cache import atomic_output
 from gsae.errors import GsaeError
 from gsae.models import (
     ModelConfig,
@@ -19,8 +17,8 @@ from gsae.models import (
     replace_hook_output,
     resolve_hook,
 )
-from gsae.testing import EOS_ID, tiny_gpt2, tiny_llama, tiny_tokenizer
 from gsae.text import DataConfig, token_contexts
+from gsae.tiny import EOS_ID, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 # builder, decoder block list, final norm applied to the last block's output in hidden_states
 ARCHS = {
@@ -201,65 +199,6 @@ def test_unknown_hub_model(hub_offline):
     with pytest.raises(GsaeError, match="could not be loaded locally or on the Hugging Face hub"):
         load_model(ModelConfig(model="no-such-org/no-such-model"))
     assert model_identity(ModelConfig(model="no-such-org/no-such-model"))["path"] is None
-
-
-# Atomic writes into the cache ------------------------------------------------------------------
-
-
-def _dead_pid() -> int:
-    pid = 999_999
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            pass
-        pid -= 1
-
-
-def test_atomic_output_appears_only_complete(tmp_path):
-    final = tmp_path / "model"
-    with atomic_output(final) as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text("{}")
-        assert not final.exists()
-    assert (final / "config.json").read_text() == "{}"
-    assert list(tmp_path.iterdir()) == [final]
-
-
-def test_atomic_output_failure_leaves_nothing(tmp_path):
-    final = tmp_path / "model"
-    with pytest.raises(RuntimeError), atomic_output(final) as tmp:
-        tmp.mkdir()
-        (tmp / "half.bin").write_text("x")
-        raise RuntimeError("killed")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_output_cleans_stale_and_keeps_live_temps(tmp_path):
-    final = tmp_path / "model"
-    stale = tmp_path / f".model.tmp-{_dead_pid()}-abcd"
-    live = tmp_path / f".model.tmp-{os.getpid()}-beef"
-    for folder in (stale, live):
-        folder.mkdir()
-        (folder / "config.json").write_text("half")
-    with atomic_output(final) as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text("{}")
-    assert not stale.exists() and live.exists()
-    assert (final / "config.json").read_text() == "{}"
-
-
-def test_atomic_output_keeps_the_first_writer(tmp_path):
-    final = tmp_path / "model"
-    with atomic_output(final) as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text("second")
-        final.mkdir()
-        (final / "config.json").write_text("first")
-    assert (final / "config.json").read_text() == "first"
-    assert list(tmp_path.iterdir()) == [final]
 
 
 # The embedded default model ---------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The SAE against a naive dense implementation of method.md."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from gsae import SAE, GsaeError, SAEConfig, kernels
+from gsae import SAE, GsaeError, Provenance, SAEConfig, kernels
 
 
 def make_sae(d_in=12, n_latents=48, k=5, beta=0.0, value_mode="z", seed=0):
@@ -164,14 +167,87 @@ def test_geometric_median_init():
 
 def test_save_load_round_trip(tmp_path):
     sae = make_sae(beta=3.0, value_mode="score")
-    sae.metadata = {"hook": "model.layers.1"}
+    sae.provenance = Provenance(hook="model.layers.1", model={"model": "tiny-llama"},
+                                context_size=64, skip_first=2)
     sae.save(tmp_path / "s")
     loaded = SAE.load(tmp_path / "s")
     for name, p in sae.named_parameters():
         assert torch.equal(p, getattr(loaded, name))
-    assert loaded.cfg == sae.cfg and loaded.metadata == sae.metadata
+    assert loaded.cfg == sae.cfg and loaded.provenance == sae.provenance
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     assert cfg["d_in"] == 12 and cfg["n_latents"] == 48 and cfg["beta"] == 3.0
+    assert cfg["provenance"]["hook"] == "model.layers.1" and cfg["provenance"]["skip_first"] == 2
+    assert "metadata" not in cfg
+
+
+def test_cfg_json_records_the_real_number_of_latents(tmp_path):
+    sae = SAE(SAEConfig(k=4), 8)  # sized by the default expansion factor, 16
+    sae.save(tmp_path)
+    assert json.loads((tmp_path / "cfg.json").read_text())["n_latents"] == 8 * 16
+    loaded = SAE.load(tmp_path)
+    assert loaded.n_latents == 128 and loaded.cfg == sae.cfg
+
+
+def test_old_cfg_json_with_metadata_still_loads(tmp_path):
+    sae = make_sae()
+    sae.save(tmp_path)
+    # The layout written before provenance: "metadata", and the config's 0 over n_latents.
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["provenance"]
+    cfg.update(n_latents=0, expansion_factor=4,
+               metadata={"hook": "model.layers.3", "context_size": 32, "unknown": 1})
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    loaded = SAE.load(tmp_path)
+    assert loaded.provenance == Provenance(hook="model.layers.3", context_size=32)
+    assert loaded.n_latents == 48 and loaded.cfg.expansion_factor == 4
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        make_sae().save(tmp_path / "s")
+    finally:
+        os.umask(old)
+    for name in ("sae.safetensors", "cfg.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "s" / name).st_mode) == 0o640, name
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".")]
+
+
+def damage(folder, what):
+    if what == "nan":
+        tensors = load_file(str(folder / "sae.safetensors"))
+        tensors["b_enc"][3] = float("nan")
+        save_file(tensors, str(folder / "sae.safetensors"))
+    elif what == "inf":
+        tensors = load_file(str(folder / "sae.safetensors"))
+        tensors["W_dec"][0, 0] = float("-inf")
+        save_file(tensors, str(folder / "sae.safetensors"))
+    elif what == "shape":
+        tensors = load_file(str(folder / "sae.safetensors"))
+        tensors["W_enc"] = tensors["W_enc"][:, :-1].contiguous()
+        save_file(tensors, str(folder / "sae.safetensors"))
+    elif what == "cfg":
+        text = (folder / "cfg.json").read_text()
+        (folder / "cfg.json").write_text(text[: len(text) // 2])
+    elif what == "weights":
+        data = (folder / "sae.safetensors").read_bytes()
+        (folder / "sae.safetensors").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("what, message", [
+    ("nan", r"sae.safetensors: the weights b_enc hold NaN or infinite values"),
+    ("inf", r"sae.safetensors: the weights W_dec hold NaN or infinite values"),
+    ("shape", r"sae.safetensors: the weights do not fit the config .*W_enc is \[48, 11\], "
+              r"expected \[48, 12\]"),
+    ("cfg", r"cfg.json is truncated or not valid JSON"),
+    ("weights", r"sae.safetensors is damaged or not a safetensors file"),
+])
+def test_damaged_folders_are_refused_in_one_line(tmp_path, what, message):
+    make_sae().save(tmp_path)
+    damage(tmp_path, what)
+    with pytest.raises(GsaeError, match=message) as err:
+        SAE.load(tmp_path)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -195,3 +271,45 @@ def test_bad_input_shape_and_folder(tmp_path):
         sae.encode(torch.zeros(3, 5, dtype=torch.float64))
     with pytest.raises(GsaeError, match="not a gsae SAE folder"):
         SAE.load(tmp_path)
+
+
+@pytest.mark.parametrize("beta", [0.0, 10.0])
+def test_bad_inputs_are_refused(beta):
+    sae = make_sae(beta=beta)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    g = torch.randn(6, 12, dtype=torch.float64)
+    cases = [
+        ((x.float(), g), r"x is float32 on cpu, the SAE float64 on cpu: convert it"),
+        ((x, g.float()), r"grad is float32 on cpu, the SAE float64"),
+        ((x, g[:5]), r"grad must have shape \[6, 12\], got \[5, 12\]"),
+        ((x, g[:, :6]), r"grad must have shape \[6, 12\], got \[6, 6\]"),
+        ((x.tolist(), None), r"x must be a torch tensor or numpy array, got list"),
+    ]
+    for t, bad in ((x, float("nan")), (x, float("inf")), (g, float("nan")), (g, -float("inf"))):
+        broken = t.clone()
+        broken[2, 7] = bad
+        name = "x" if t is x else "grad"
+        args = (broken, g) if t is x else (x, broken)
+        cases.append((args, f"{name} holds NaN or infinite values"))
+    for args, message in cases:
+        with pytest.raises(GsaeError, match=message) as err:
+            sae.encode(*args)
+        assert "\n" not in str(err.value)
+    with pytest.raises(GsaeError, match="x holds NaN"):
+        sae(x.masked_fill(x > 1.5, float("nan")), g)  # the training path checks too
+
+
+def test_overflowing_sum_of_finite_input_is_accepted():
+    sae = make_sae()
+    x = torch.full((4, 12), 5e306, dtype=torch.float64)  # each finite, the sum is not
+    assert not torch.isfinite(x.sum())
+    assert torch.isfinite(sae.encode(x).values).all()
+
+
+def test_numpy_input_is_converted():
+    sae = make_sae(beta=10.0)
+    gen = torch.Generator().manual_seed(7)
+    x, g = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    got = sae.encode(x.numpy(), g.numpy())  # float32 arrays: cast to the SAE's float64
+    want = sae.encode(x.double(), g.double())
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)

@@ -5,7 +5,7 @@ import torch
 
 from gsae.models import resolve_hook
 from gsae.source import ActivationSource, SourceConfig, next_token_loss, outlier_mask
-from gsae.testing import tiny_gpt2, tiny_llama
+from gsae.tiny import tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 

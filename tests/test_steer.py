@@ -8,7 +8,7 @@ import torch
 from gsae import SAE, SAEConfig
 from gsae.cli import main
 from gsae.steer import SteerConfig, steer_on, summarize
-from gsae.testing import tiny_llama
+from gsae.tiny import tiny_llama
 
 D = 64
 
@@ -183,7 +183,7 @@ def test_bad_settings_are_refused(model, pool):
 def test_cli_steer_table_and_json(tmp_path, corpus, capsys):
     folder = tmp_path / "sae"
     sae = make_sae(outlier_factor=5.0)
-    sae.metadata["corpus"] = {"dataset": corpus, "context_size": 32}
+    sae.provenance.corpus = {"dataset": corpus, "context_size": 32}
     sae.save(folder)
     out = tmp_path / "steer.json"
     code = main(["steer", str(folder), "--model", "tiny-llama", "--steer_latents", "2",

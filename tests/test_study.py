@@ -10,9 +10,9 @@ import pytest
 
 from gsae.cli import main
 from gsae.evaluate import GRAD_AWARE, GRAD_FREE
+from gsae.steer import summarize
 from gsae.study.report import build_report
 from gsae.study.results import SCHEMA, compact_steering, verdict
-from gsae.steer import summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VARIANTS = [(0.0, "z"), (10.0, "z"), (10.0, "score")]
@@ -247,7 +247,8 @@ def test_compare_end_to_end_on_the_tiny_model(corpus, tmp_path, capsys):
     assert again["stage_seconds"]["train"] < 5
     # Other training settings in the same folder are refused.
     assert main([*compare_args(corpus, tmp_path / "cmp"), "--lr", "0.01"]) == 2
-    assert "other settings (differs in: train)" in capsys.readouterr().err
+    assert "a comparison made with other settings (differs in: train.lr" in \
+        capsys.readouterr().err
 
 
 def test_grid_of_the_default_comparison():

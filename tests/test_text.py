@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gsae.errors import GsaeError
-from gsae.testing import EOS_ID, tiny_tokenizer
 from gsae.text import (
     DataConfig,
     batched_contexts,
@@ -19,6 +18,7 @@ from gsae.text import (
     token_contexts,
     wiki_articles,
 )
+from gsae.tiny import EOS_ID, tiny_tokenizer
 
 DOCS = [f"Document {i}: " + "word " * (i * 7 % 50) for i in range(40)]
 

@@ -1,7 +1,8 @@
 """gsae: Gradient Sparse Autoencoders (g-SAEs) for language-model activations."""
 
 from gsae.errors import GsaeError
-from gsae.sae import SAE, SAEConfig
+from gsae.formats import load
+from gsae.sae import SAE, Provenance, SAEConfig
+from gsae.version import __version__
 
-__all__ = ["SAE", "SAEConfig", "GsaeError"]
-__version__ = "0.1.0"
+__all__ = ["SAE", "SAEConfig", "Provenance", "GsaeError", "load", "__version__"]

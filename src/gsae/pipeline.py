@@ -22,12 +22,13 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae import distributed
-from gsae.cache import atomic_output
 from gsae.config import build, identity, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, check_model, evaluate
+from gsae.formats import load
+from gsae.io import write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
-from gsae.sae import SAE, SAEConfig
+from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
 from gsae.steer import SteerConfig, steer
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
@@ -97,7 +98,7 @@ class TrainingData:
 
     hooks: list[str]
     d_in: int
-    provenance: dict[str, Any]  # what each SAE records about its data (its hook aside)
+    provenance: Callable[[str], Provenance]  # hook -> what an SAE there records of its data
     recorded: dict[str, Any]  # what run.json records about the data beyond the settings
     chunks: Callable[[int], Iterator[dict[str, Batch]]]  # skip -> chunks from there on
 
@@ -149,7 +150,7 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
     data = training_data(run, with_grad=any(c.beta > 0 for c in configs))
     for cfg in configs:
         cfg.validate(data.d_in)
-    saes = [(SAE(replace(cfg), data.d_in, metadata={**data.provenance, "hook": hook}), hook)
+    saes = [(SAE(replace(cfg), data.d_in, provenance=data.provenance(hook)), hook)
             for hook in data.hooks for cfg in configs]
     if resume_if_same:
         run = _resume_or_restart(run, configs, data)
@@ -203,7 +204,11 @@ def training_data(run: TrainRun, with_grad: bool) -> TrainingData:
         contexts = context_batches(run.data, tokenizer, run.source.lm_batch_size, skip=skip)
         return source.stream(contexts)
 
-    provenance = {"model": model_identity(run.model), **source_identity(run.source, run.data)}
+    recorded = {"model": model_identity(run.model), **source_identity(run.source, run.data)}
+
+    def provenance(hook: str) -> Provenance:
+        return Provenance(hook=hook, **recorded)
+
     return TrainingData(source.hook_names, hidden_size(model), provenance, {}, chunks)
 
 
@@ -214,8 +219,8 @@ def _store_data(run: TrainRun) -> TrainingData:
     def chunks(skip: int) -> Iterator[dict[str, Batch]]:
         return reader.chunks(seed=run.train.shuffle_seed, skip=skip)
 
-    return TrainingData(reader.hooks, reader.d_in, reader.sae_metadata,
-                        {"store": reader.identity}, chunks)
+    return TrainingData(reader.hooks, reader.d_in, reader.provenance, {"store": reader.identity},
+                        chunks)
 
 
 def context_batches(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, batch_size: int,
@@ -276,8 +281,7 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
         raise GsaeError(f"--resume was given but {out} holds no run to continue")
     distributed.barrier()  # every rank has read run.json before rank 0 replaces it
     if distributed.is_main():
-        with atomic_output(out / RUN_FILE) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(out / RUN_FILE, record)
 
 
 def _previous_identity(out: Path) -> dict[str, Any] | None:
@@ -354,13 +358,13 @@ def recorded_settings(sae_dirs: list[str], need_model: bool = True) -> dict[str,
     does not record its model is refused (the caller has no model to use)."""
     if not sae_dirs:
         raise GsaeError("give at least one SAE folder")
-    recorded = SAE.load(sae_dirs[0]).metadata
-    trained = recorded.get("model") or {}
+    recorded = load(sae_dirs[0]).provenance
+    trained = recorded.model or {}
     if need_model and not trained.get("model"):
         raise GsaeError(f"{sae_dirs[0]} does not record its model: pass --model")
     model = {"model": trained["model"], "revision": trained.get("revision")} \
         if trained.get("model") else {}
-    corpus = recorded.get("corpus") or {}
+    corpus = recorded.corpus or {}
     data = {f: corpus[f] for f in DataConfig.__dataclass_fields__ if corpus.get(f) is not None}
     return {"model": model, "data": data}
 
@@ -372,7 +376,7 @@ def load_for_eval(sae_dirs: list[str], model_cfg: ModelConfig | None = None,
     if model_cfg is None or data_cfg is None:
         recorded = build(EvaluationRun, recorded_settings(sae_dirs, need_model=not model_cfg))
         model_cfg, data_cfg = model_cfg or recorded.model, data_cfg or recorded.data
-    saes = [SAE.load(folder, device=model_cfg.device) for folder in sae_dirs]
+    saes = [load(folder, device=model_cfg.device) for folder in sae_dirs]
     model_id = model_identity(model_cfg)
     check_model(saes, model_id)
     model, tokenizer = load_model(model_cfg)

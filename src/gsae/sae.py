@@ -7,28 +7,55 @@ scores are kept. `beta = 0` is a plain TopK SAE; so is any SAE encoded without a
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from gsae import kernels
 from gsae.errors import GsaeError
+from gsae.io import read_json, save_tensors, write_json
 
 VALUE_MODES = ("z", "score")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 FORMAT_NAME = "gsae"
 FORMAT_VERSION = 1
-GRADIENT_DEFINITION = (
-    "g = dL/dx at the hook, L = sum over predicted positions of each sequence's next-token "
-    "cross-entropy (not averaged), clean model"
-)
+
+
+@dataclass
+class Provenance:
+    """Where an SAE's training data came from: what evaluation and steering need to rebuild it.
+
+    `model` is the model's identity (model, kind, path, revision, fingerprint) and `corpus` the
+    corpus's (see `gsae.text.corpus_identity`); `imported_from` records the format and config
+    of an SAE read from a SAELens or sparsify folder.
+    """
+
+    hook: str | None = None
+    model: dict[str, Any] | None = None
+    corpus: dict[str, Any] | None = None
+    context_size: int | None = None
+    skip_first: int = 1
+    outlier_factor: float = 5.0
+    autocast: str = "none"
+    imported_from: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any] | None) -> Provenance:
+        """Read a cfg.json "provenance" (or older "metadata") record; unknown keys are ignored
+        and missing ones take their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (record or {}).items() if k in known and v is not None})
 
 
 @dataclass
@@ -101,7 +128,9 @@ class SAE(nn.Module):
     """A TopK sparse autoencoder whose selection may use the loss gradient (a g-SAE).
 
     Weights: `W_enc` [n_latents, d_in] (rows are latents, as in sparsify), `b_enc` [n_latents],
-    `W_dec` [n_latents, d_in] with unit-norm rows, `b_dec` [d_in].
+    `W_dec` [n_latents, d_in] with unit-norm rows, `b_dec` [d_in]. `provenance` records where
+    its training data came from. `save` writes a folder (`sae.safetensors`, `cfg.json`) that
+    `load` reads; `gsae.load` reads SAELens and sparsify folders and Hub repos too.
     """
 
     def __init__(
@@ -111,16 +140,20 @@ class SAE(nn.Module):
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        metadata: dict[str, Any] | None = None,
+        provenance: Provenance | None = None,
         initialize: bool = True,
+        metadata: dict[str, Any] | None = None,
     ):
-        """`initialize=False` leaves the weights uninitialised (for loading saved ones)."""
+        """`initialize=False` leaves the weights uninitialised (for loading saved ones).
+        `metadata` (a provenance dict) is the older spelling of `provenance`."""
         super().__init__()
         cfg.validate(d_in)
         self.cfg = cfg
         self.d_in = d_in
         self.n_latents = cfg.latents_for(d_in)
-        self.metadata: dict[str, Any] = dict(metadata or {})
+        if provenance is None:
+            provenance = Provenance.from_json(metadata)
+        self.provenance = provenance
         if initialize:
             gen = torch.Generator().manual_seed(cfg.seed)
             w = torch.randn(self.n_latents, d_in, generator=gen, dtype=torch.float64)
@@ -133,6 +166,11 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
 
     @property
+    def metadata(self) -> dict[str, Any]:
+        """The provenance as a dict, for code written before `provenance` (read only)."""
+        return {k: v for k, v in self.provenance.to_json().items() if v is not None}
+
+    @property
     def k(self) -> int:
         return self.cfg.k
 
@@ -142,14 +180,23 @@ class SAE(nn.Module):
 
     # ----------------------------------------------------------------------------- encoding
 
-    def encode(self, x: Tensor, grad: Tensor | None = None) -> EncoderOutput:
+    def encode(self, x: Tensor | np.ndarray, grad: Tensor | np.ndarray | None = None
+               ) -> EncoderOutput:
         """Select k latents per row of `x` [N, d_in] and return their values and indices.
 
         With `grad` (dL/dx, same shape as x) and beta > 0 the selection uses the g-SAE score;
         with `grad=None` it is gradient-free TopK on the same weights. Values are differentiable
         with respect to the encoder weights and `b_dec`.
+
+        `x` and `grad` must be finite tensors of the weights' dtype and device (a GsaeError
+        says what differs); numpy arrays are converted to the weights' dtype and device.
         """
-        return self._encode(x, grad)[0]
+        return self._encode(self._as_tensor(x), None if grad is None else self._as_tensor(grad))[0]
+
+    def _as_tensor(self, a: Tensor | np.ndarray) -> Tensor:
+        if isinstance(a, np.ndarray):
+            return torch.from_numpy(a).to(device=self.W_dec.device, dtype=self.W_dec.dtype)
+        return a
 
     def _encode(
         self, x: Tensor, grad: Tensor | None, dead_mask: Tensor | None = None, k_aux: int = 0
@@ -158,9 +205,9 @@ class SAE(nn.Module):
         latents and `k_aux` > 0, the AuxK values and pattern, all from one pass over the dense
         scores (which are never stored)."""
         self._check_input(x, "x")
+        if grad is not None:
+            self._check_input(grad, "grad", rows=x.shape[0])
         use_grad = grad is not None and self.beta > 0
-        if use_grad:
-            self._check_input(grad, "grad")
         dead_latents = None
         if dead_mask is not None and k_aux > 0:
             dead_latents = dead_mask.to(x.device).nonzero().squeeze(1)
@@ -218,9 +265,22 @@ class SAE(nn.Module):
         residual_hat = kernels.sparse_decode(values, pattern, self.W_dec)
         return (residual_hat - residual).pow(2).sum()
 
-    def _check_input(self, t: Tensor, name: str) -> None:
-        if t.ndim != 2 or t.shape[1] != self.d_in:
-            raise GsaeError(f"{name} must have shape [N, {self.d_in}], got {list(t.shape)}")
+    def _check_input(self, t: Tensor, name: str, rows: int | None = None) -> None:
+        """Refuse what would give wrong latents silently: another shape, dtype or device, or
+        a NaN or infinity (which would select the same latents for every row)."""
+        if not isinstance(t, Tensor):
+            raise GsaeError(f"{name} must be a torch tensor or numpy array, got "
+                            f"{type(t).__name__}")
+        n = "N" if rows is None else str(rows)
+        if t.ndim != 2 or t.shape[1] != self.d_in or (rows is not None and t.shape[0] != rows):
+            raise GsaeError(f"{name} must have shape [{n}, {self.d_in}], got {list(t.shape)}")
+        if t.dtype != self.W_dec.dtype or t.device != self.W_dec.device:
+            raise GsaeError(f"{name} is {str(t.dtype).removeprefix('torch.')} on {t.device}, the "
+                            f"SAE {str(self.W_dec.dtype).removeprefix('torch.')} on "
+                            f"{self.W_dec.device}: convert it with .to(sae.W_dec)")
+        # One reduction: a sum is finite when every entry is (barring overflow, checked then).
+        if not torch.isfinite(t.detach().sum()) and not torch.isfinite(t).all():
+            raise GsaeError(f"{name} holds NaN or infinite values: the SAE needs finite inputs")
 
     # -------------------------------------------------------------------- training upkeep
 
@@ -255,48 +315,87 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------------ save / load
 
     def config_dict(self) -> dict[str, Any]:
+        """The contents of cfg.json: format, sizes, the SAE config, the gradient and where the
+        data came from."""
+        from gsae.source import GRADIENT_DEFINITION  # here: gsae.source loads transformers
+
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "d_in": self.d_in,
-            "n_latents": self.n_latents,
             **asdict(self.cfg),
+            "n_latents": self.n_latents,
             "gradient_definition": GRADIENT_DEFINITION,
-            "metadata": self.metadata,
+            "provenance": self.provenance.to_json(),
         }
 
     def save(self, path: str | Path) -> Path:
         """Write `sae.safetensors` and `cfg.json` into the folder `path` (created if needed)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path / WEIGHTS_FILE)
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-        tmp.replace(path / CONFIG_FILE)
+        save_tensors(path / WEIGHTS_FILE, dict(self.named_parameters()))
+        write_json(path / CONFIG_FILE, self.config_dict())
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE folder written by `save`. Anything else (a SAELens or sparsify TopK
-        folder, a Hugging Face repo id) is handed to `gsae.formats.load_foreign`."""
-        cfg_file, weights_file = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
-        raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        if raw.get("format") != FORMAT_NAME:
-            from gsae.formats import load_foreign  # imported here: it imports this module
-
-            return load_foreign(path, device=device)
-        if not weights_file.is_file():
-            raise GsaeError(
-                f"{path} is not a gsae SAE folder: expected {CONFIG_FILE} and {WEIGHTS_FILE}"
-            )
-        fields = {f for f in SAEConfig.__dataclass_fields__}
-        cfg = SAEConfig(**{k: v for k, v in raw.items() if k in fields})
-        tensors = load_file(str(weights_file), device=str(device))
-        dtype = tensors["W_dec"].dtype
-        sae = cls(cfg, raw["d_in"], device=device, dtype=dtype, metadata=raw.get("metadata", {}),
-                  initialize=False)
-        sae.load_state_dict(tensors)
+        """Load an SAE folder written by `save`. Other formats (SAELens, sparsify, the Hugging
+        Face Hub) load with `gsae.load`."""
+        folder = Path(path)
+        cfg_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        if not (cfg_file.is_file() and weights_file.is_file()):
+            raise GsaeError(f"{folder} is not a gsae SAE folder: expected {CONFIG_FILE} and "
+                            f"{WEIGHTS_FILE} (other formats load with gsae.load)")
+        raw = read_json(cfg_file, "the SAE's config")
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            raise GsaeError(f"{cfg_file} is not a gsae SAE config (no \"format\": "
+                            f"\"{FORMAT_NAME}\"): load other formats with gsae.load")
+        cfg, d_in = config_from_record(raw, str(cfg_file))
+        tensors = read_weights(weights_file)
+        provenance = Provenance.from_json(raw.get("provenance", raw.get("metadata")))
+        sae = cls(cfg, d_in, device=device, dtype=tensors["W_dec"].dtype,
+                  provenance=provenance, initialize=False)
+        sae.load_weights(tensors, str(weights_file))
         return sae
+
+    def load_weights(self, tensors: dict[str, Tensor], where: str) -> None:
+        """Copy `tensors` (W_enc, b_enc, W_dec, b_dec) into the SAE; refuse missing, extra,
+        wrongly shaped and non-finite ones with a one-line GsaeError naming `where`."""
+        expected = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if found != expected:
+            wrong = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+            raise GsaeError(f"{where}: the weights do not fit the config (d_in {self.d_in}, "
+                            f"{self.n_latents} latents): " + ", ".join(
+                                f"{k} is {list(found[k]) if k in found else 'missing'}, "
+                                f"expected {list(expected[k]) if k in expected else 'none'}"
+                                for k in wrong))
+        bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise GsaeError(f"{where}: the weights {', '.join(sorted(bad))} hold NaN or "
+                            "infinite values; the file is damaged or training diverged")
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(tensors[name])
+
+
+def config_from_record(raw: dict[str, Any], where: str) -> tuple[SAEConfig, int]:
+    """The SAEConfig and d_in recorded in a cfg.json dict. A count of latents equal to
+    d_in * expansion_factor is read back as 0 (sized by the expansion factor), as configured."""
+    known = {f.name for f in fields(SAEConfig)}
+    try:
+        cfg = SAEConfig(**{k: v for k, v in raw.items() if k in known})
+        d_in = int(raw["d_in"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise GsaeError(f"{where}: the SAE config is incomplete or malformed ({err})") from None
+    if cfg.n_latents == d_in * cfg.expansion_factor:
+        cfg.n_latents = 0
+    return cfg, d_in
+
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a damaged file raises a one-line GsaeError."""
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise GsaeError(f"{path} is damaged or not a safetensors file ({reason})") from None

@@ -22,6 +22,12 @@ from gsae.errors import GsaeError
 from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
 from gsae.text import DataConfig, corpus_identity
 
+# What `g` is, recorded in SAEs, stores and results: the loss of `next_token_loss`.
+GRADIENT_DEFINITION = (
+    "g = dL/dx at the hook, L = sum over predicted positions of each sequence's next-token "
+    "cross-entropy (not averaged), clean model"
+)
+
 
 @dataclass
 class SourceConfig:

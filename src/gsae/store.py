@@ -2,38 +2,52 @@
 
 Layout of a store folder:
 
-    manifest.json                 what was computed, from what, and the list of finished shards
+    identity.json                 what the store holds (model, hooks, corpus, dtype, ...)
+    manifest.json                 version, identity, the finished shards, and whether complete
     shard-000000.safetensors      tensors "<hook>.x" and "<hook>.g", [rows, d_in] each
 
 A shard holds the SAE rows of a fixed number of language-model batches. Shards are written to a
 temporary name and renamed, then the manifest is rewritten (also atomically), so an interrupted
-`gsae cache` leaves only complete shards and resumes after the last one listed.
+`gsae cache` leaves only complete shards and resumes after the last one listed. A folder that
+holds a store of other settings, or other files, is refused unless `--overwrite` is given (which
+deletes the old store's files first).
+
+Each shard's sha256 is recorded in the manifest (version 2) and checked on every read (the file
+is read once: its bytes are hashed and then parsed), so a shard damaged after it was written is
+refused, naming the shard, rather than trained on; `sha256sum` checks the same by hand. Stores
+of version 1 (no checksums, no identity.json) are still read, with a warning, their shards
+checked by size only; they cannot be continued.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.errors import GsaeError
+from gsae.io import atomic_output, claim_folder, read_json, write_json
 from gsae.models import hidden_size
-from gsae.sae import GRADIENT_DEFINITION
-from gsae.source import ActivationSource, Batch, source_identity
+from gsae.sae import Provenance
+from gsae.source import GRADIENT_DEFINITION, ActivationSource, Batch, source_identity
 from gsae.text import DataConfig, batched_contexts, token_contexts
 
 MANIFEST = "manifest.json"
-STORE_VERSION = 1
+IDENTITY = "identity.json"
+STORE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WHAT = "an activation store"
 
 
 @dataclass
@@ -42,12 +56,17 @@ class StoreConfig:
 
     store: str = field(default="cache/store", metadata={"help": "folder of the store"})
     tokens: int = field(default=200_000, metadata={"help": "SAE rows (tokens) to store"})
-    store_dtype: str = field(
+    dtype: str = field(
         default="float16",
         metadata={"help": "storage type: float32 (exact), float16 or bfloat16 (half the size)"},
     )
     batches_per_shard: int = field(
         default=8, metadata={"help": "language-model batches per shard file"}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "delete any store in --store and start it again (other files there "
+                          "are kept)"},
     )
 
 
@@ -55,11 +74,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
 
 
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class StoreWriter:
     """Appends shards to a store folder; resumes a store whose identity matches."""
 
     def __init__(self, folder: str | Path, identity: dict[str, Any], dtype: str,
-                 batches_per_shard: int):
+                 batches_per_shard: int, overwrite: bool = False):
         if dtype not in DTYPES:
             raise GsaeError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.folder = Path(folder)
@@ -67,22 +90,19 @@ class StoreWriter:
         self.batches_per_shard = batches_per_shard
         identity = {**identity, "dtype": dtype, "batches_per_shard": batches_per_shard,
                     "gradient_definition": GRADIENT_DEFINITION}
-        manifest_file = self.folder / MANIFEST
-        if manifest_file.exists():
+        if overwrite:
+            remove_store_files(self.folder)
+        elif (self.folder / MANIFEST).is_file() and not (self.folder / IDENTITY).is_file():
+            raise GsaeError(f"{self.folder} holds a store of an older gsae (no {IDENTITY}): it "
+                            "can be trained on but not continued; use another folder, or pass "
+                            "--overwrite to rebuild it")
+        claim_folder(self.folder, IDENTITY, identity, WHAT, overwrite)
+        if (self.folder / MANIFEST).is_file():
             self.manifest = read_manifest(self.folder)
-            if self.manifest["identity"] != identity:
-                diff = sorted(k for k in set(identity) | set(self.manifest["identity"])
-                              if identity.get(k) != self.manifest["identity"].get(k))
-                raise GsaeError(
-                    f"{self.folder} holds a store made with other settings (differs in: "
-                    f"{', '.join(diff)}); use another folder or delete it"
-                )
-        elif self.folder.exists() and any(self.folder.iterdir()):
-            raise GsaeError(f"{self.folder} is not empty and holds no store; choose a new folder")
         else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.manifest = {"version": STORE_VERSION, "identity": identity, "shards": [],
-                             "complete": False}
+            self.manifest = {"version": STORE_VERSION, "identity": read_json(
+                self.folder / IDENTITY, f"the identity of {WHAT}"), "shards": [],
+                "complete": False}
             self._write_manifest()
 
     @property
@@ -108,16 +128,15 @@ class StoreWriter:
             tensors[f"{hook}.g"] = torch.cat(g_parts).to(DTYPES[self.dtype]).contiguous()  # type: ignore[arg-type]
             if not all(torch.isfinite(tensors[f"{hook}.{t}"]).all() for t in "xg"):
                 raise GsaeError(f"activations or gradients at {hook} overflow {self.dtype}; "
-                                "store them as bfloat16 or float32 (--store_dtype)")
+                                "store them as bfloat16 or float32 (--store.dtype)")
             rows = x.shape[0] if rows is None else min(rows, x.shape[0])
             dropped[hook] = sum(c[hook].dropped_outliers for c in chunks)
-        index = len(self.manifest["shards"])
-        name = shard_name(index)
-        tmp = self.folder / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(self.folder / name)
+        name = shard_name(len(self.manifest["shards"]))
+        data = save_safetensors(tensors)
+        with atomic_output(self.folder / name) as tmp:
+            tmp.write_bytes(data)
         self.manifest["shards"].append(
-            {"file": name, "bytes": (self.folder / name).stat().st_size,
+            {"file": name, "bytes": len(data), "sha256": sha256_of(data),
              "batches": len(chunks), "rows": rows, "dropped_outliers": dropped,
              "rows_per_hook": {h: tensors[f"{h}.x"].shape[0]
                                for h in self.manifest["identity"]["hooks"]}}
@@ -129,10 +148,15 @@ class StoreWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        tmp = self.folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
-        tmp.replace(self.folder / MANIFEST)
+        write_json(self.folder / MANIFEST, self.manifest)
 
+
+def remove_store_files(folder: Path) -> None:
+    """Delete what a store consists of (manifest, identity, shards) from `folder`."""
+    for name in (MANIFEST, IDENTITY):
+        (folder / name).unlink(missing_ok=True)
+    for shard in folder.glob("shard-*.safetensors"):
+        shard.unlink()
 
 
 def store_identity(source: ActivationSource, data_cfg: DataConfig, model_id: dict[str, Any]
@@ -148,8 +172,8 @@ def fill_store(cfg: StoreConfig, source: ActivationSource, data_cfg: DataConfig,
     """Run `source` over the training split until the store `cfg.store` holds `cfg.tokens` rows
     (or the corpus ends). A store of the same identity is continued after its last shard; a
     complete one that is large enough is returned as it is."""
-    writer = StoreWriter(cfg.store, store_identity(source, data_cfg, model_id), cfg.store_dtype,
-                         cfg.batches_per_shard)
+    writer = StoreWriter(cfg.store, store_identity(source, data_cfg, model_id), cfg.dtype,
+                         cfg.batches_per_shard, cfg.overwrite)
     if writer.manifest["complete"] and writer.rows_done >= cfg.tokens:
         return writer
     writer.manifest["complete"] = False
@@ -179,12 +203,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise GsaeError(f"{folder} is not an activation store: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise GsaeError(f"{path} is corrupt ({err.msg} at line {err.lineno})") from None
-    if manifest.get("version") != STORE_VERSION or "identity" not in manifest:
-        raise GsaeError(f"{path} is not a gsae store manifest of version {STORE_VERSION}")
+    manifest = read_json(path, f"the manifest of {WHAT}")
+    if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS \
+            or "identity" not in manifest:
+        raise GsaeError(f"{path} is not a gsae store manifest of version "
+                        f"{' or '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 
@@ -203,6 +226,10 @@ class StoreReader:
         self.shards = [s["file"] for s in self.manifest["shards"]]
         if not self.shards:
             raise GsaeError(f"the store {self.folder} holds no finished shard yet")
+        self._entries = {s["file"]: s for s in self.manifest["shards"]}
+        if self.manifest["version"] < 2:
+            warnings.warn(f"the store {self.folder} was written by an older gsae and records no "
+                          "checksums: its shards are checked by size only", stacklevel=2)
         for shard in self.manifest["shards"]:
             path = self.folder / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
@@ -220,21 +247,42 @@ class StoreReader:
 
     @property
     def sae_metadata(self) -> dict[str, Any]:
-        """What an SAE trained on this store records about its data (its hook aside)."""
+        """What an SAE trained on this store records about its data (its hook aside), as a
+        dict; `provenance(hook)` gives the typed record."""
         return {k: self.identity[k] for k in ("model", "corpus", "context_size", "skip_first",
                                               "outlier_factor", "autocast")}
 
+    def provenance(self, hook: str) -> Provenance:
+        """What an SAE trained on this store's rows at `hook` records about its data."""
+        return Provenance.from_json({**self.sae_metadata, "hook": hook})
+
     def read_shard(self, name: str) -> dict[str, Batch]:
-        """One shard as float32 batches, one per hook."""
+        """One shard as float32 batches, one per hook, after checking its checksum."""
         path = self.folder / name
-        dropped = next(s for s in self.manifest["shards"] if s["file"] == name)["dropped_outliers"]
+        entry = self._entries[name]
+        tensors = self._load_checked(path, entry)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                return {h: Batch(f.get_tensor(f"{h}.x").float(), f.get_tensor(f"{h}.g").float(),
-                                 h, dropped_outliers=dropped[h]) for h in self.hooks}
+            return {h: Batch(tensors[f"{h}.x"].float(), tensors[f"{h}.g"].float(), h,
+                             dropped_outliers=entry["dropped_outliers"][h]) for h in self.hooks}
+        except KeyError as err:
+            raise GsaeError(f"the store shard {path} lacks the tensor {err}; delete the store "
+                            "and rebuild it with gsae cache") from None
+
+    def _load_checked(self, path: Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise GsaeError(f"the store shard {path} cannot be read ({err.strerror}); rebuild "
+                            "the store with gsae cache --overwrite") from None
+        expected = entry.get("sha256")
+        if expected is not None and sha256_of(data) != expected:
+            raise GsaeError(f"the store shard {path} is damaged (its sha256 differs from the "
+                            "manifest's); rebuild the store with gsae cache --overwrite")
+        try:
+            return load_safetensors(data)
         except Exception as err:  # safetensors raises several types for damaged files
             raise GsaeError(f"the store shard {path} is unreadable or corrupt ({err}); "
-                            "delete it from the store and rerun gsae cache") from None
+                            "rebuild the store with gsae cache --overwrite") from None
 
     def chunks(self, seed: int = 0, skip: int = 0) -> Iterator[dict[str, Batch]]:
         """Shards in a random order, pass after pass (a new order each pass), without end;

@@ -32,8 +32,8 @@ from typing import Any, Literal
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from gsae.cache import atomic_output, cache_root, file_fingerprint, files_fingerprint
 from gsae.errors import GsaeError
+from gsae.io import atomic_output, cache_root, file_fingerprint, files_fingerprint
 
 EMBEDDED = {
     "wiki": "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",

@@ -25,14 +25,12 @@ from typing import Any
 
 import matplotlib
 import torch
-import transformers
 
-import gsae
 from gsae import pipeline
-from gsae.cache import file_fingerprint
 from gsae.config import flag_names, identity, to_dict
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, evaluate, write_json
+from gsae.evaluate import EvalConfig, evaluate
+from gsae.io import claim_folder, file_fingerprint, versions, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import SAESweep, TrainRun
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
@@ -189,9 +187,12 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
                          train=replace(run.train, out=str(out / "saes"), store=str(store),
                                        device=run.train.device or run.model.device))
     settings = identity(run)
-    _check_identity(out, {"model": model_id, "store": str(store),
-                          "store_tokens": run.compare.store_tokens,
-                          **{k: settings[k] for k in ("model", "data", "source", "train")}})
+    # The grid, evaluation and steering settings may change: finished pieces are reused.
+    claim_folder(out, IDENTITY_FILE, {"model": model_id, "store": str(store),
+                                      "store_tokens": run.compare.store_tokens,
+                                      **{k: settings[k] for k in ("model", "data", "source",
+                                                                  "train")}},
+                 "a comparison")
 
     t = time.perf_counter()
     source = ActivationSource(model, run.source, with_grad=True)
@@ -232,10 +233,7 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
         "schema": SCHEMA,
         "command": command_line(run),
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": {"gsae": gsae.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "matplotlib": matplotlib.__version__,
-                     "python": platform.python_version()},
+        "versions": {**versions(), "matplotlib": matplotlib.__version__},
         "machine": _machine(run.model.device),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
@@ -253,23 +251,6 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
 
 
 # Stages -----------------------------------------------------------------------------------------
-
-
-def _check_identity(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse a work folder made with other data or training settings (the grid, evaluation
-    and steering settings may change: finished pieces are reused)."""
-    path = out / IDENTITY_FILE
-    identity = json.loads(json.dumps(identity))
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != identity:
-            diff = sorted(k for k in set(previous) | set(identity)
-                          if json.dumps(previous.get(k)) != json.dumps(identity.get(k)))
-            raise GsaeError(f"{out} holds a comparison made with other settings (differs in: "
-                            f"{', '.join(diff)}); choose another --out or delete it")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(identity, path)
 
 
 def _cached(
@@ -294,7 +275,7 @@ def _cached(
             entries[name] = {"fingerprint": fingerprints[name],
                              "records": [r for r in result["results"] if r["sae"] == name]}
         cache["run"] = result["run"]
-        write_json(cache, path)
+        write_json(path, cache)
     return cache["run"], {n: entries[n]["records"] for n in fingerprints}
 
 

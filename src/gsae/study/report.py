@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gsae.cache import atomic_output
 from gsae.evaluate import MODES
+from gsae.io import atomic_output
 from gsae.study.plots import write_plots
 from gsae.study.results import (
     EVAL_METRICS,
