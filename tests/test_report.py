@@ -66,8 +66,7 @@ def synthetic_results():
             "source": {"skip_first": 1, "outlier_factor": 5.0},
             "train": {"tokens": 4000, "batch_tokens": 256, "lr": 0.0, "auxk_coef": 1 / 32,
                       "dead_tokens": 1000},
-            "steer": {"steer_latents": 6, "steer_alphas": [1.0, 3.0], "steer_contexts": 2,
-                      "steer_top_tokens": 3},
+            "steer": {"latents": 6, "alphas": [1.0, 3.0], "contexts": 2, "top_tokens": 3},
         },
         "saes": saes,
         "eval": {"run": {"contexts": 4, "context_tokens": 128}, "results": evals},
@@ -204,8 +203,8 @@ def compare_args(corpus, out):
             "--sweep_beta", "30",
             "--value_mode", "z", "score", "--seed", "0", "--expansion_factor", "2",
             "--dead_tokens", "800", "--eval_tokens", "128", "--fixed_k", "8",
-            "--steer_latents", "3", "--steer_contexts", "2", "--steer_pool", "4",
-            "--steer_context_size", "16", "--steer_alphas", "1", "3", "--steer_top_tokens", "3"]
+            "--latents", "3", "--contexts", "2", "--pool", "4",
+            "--steer.context_size", "16", "--alphas", "1", "3", "--top_tokens", "3"]
 
 
 def test_compare_end_to_end_on_the_tiny_model(corpus, tmp_path, capsys):

@@ -34,29 +34,36 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, sweep: bool = False) -> None:
+def add_config_args(parser: argparse.ArgumentParser, cls: type, sweep: bool = False,
+                    section: str | None = None) -> None:
     """Add one flag per field of the dataclass `cls`. With `sweep`, every flag also takes a
-    comma-separated list of values (the run trains one SAE per combination)."""
+    comma-separated list of values (the run trains one SAE per combination). With `section`,
+    a field's flag is `--section.field`, plus `--field` unless an earlier flag has that name."""
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore
         kind = hints[f.name]
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        dest = f.name
+        if section:
+            flags = [f"--{section}.{f.name}"] + [
+                flag for flag in flags if flag not in parser._option_string_actions]
+            dest = f"{section}.{f.name}"
         help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
         if sweep:
             scalar = _scalar_parser(kind)
-            group.add_argument(*flags, dest=f.name, default=[default], help=help_text,
+            group.add_argument(*flags, dest=dest, default=[default], help=help_text,
                                type=lambda s, p=scalar: [p(v) for v in s.split(",") if v])
         elif kind is bool:
-            group.add_argument(*flags, dest=f.name, default=default, help=help_text,
+            group.add_argument(*flags, dest=dest, default=default, help=help_text,
                                nargs="?", const=True, type=_parse_bool)
         elif typing.get_origin(kind) is list:
-            group.add_argument(*flags, dest=f.name, default=default, help=help_text,
+            group.add_argument(*flags, dest=dest, default=default, help=help_text,
                                nargs="*" if f.metadata.get("may_be_empty") else "+",
                                type=typing.get_args(kind)[0])
         else:
-            group.add_argument(*flags, dest=f.name, default=default, help=help_text,
+            group.add_argument(*flags, dest=dest, default=default, help=help_text,
                                type=_scalar_parser(kind))
 
 
@@ -71,9 +78,10 @@ def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def config_from_args(cls: type, args: argparse.Namespace):
-    """Build the dataclass `cls` from the parsed flags."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+def config_from_args(cls: type, args: argparse.Namespace, section: str | None = None):
+    """Build the dataclass `cls` from the parsed flags (of `add_config_args` with `section`)."""
+    prefix = f"{section}." if section else ""
+    return cls(**{f.name: getattr(args, prefix + f.name) for f in fields(cls)})
 
 
 def sweep_from_args(args: argparse.Namespace) -> list[SAEConfig]:
@@ -244,7 +252,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from gsae.steer import SteerConfig, steer
     from gsae.steer import format_table as steer_table
 
-    steer_cfg = config_from_args(SteerConfig, args)
+    steer_cfg = config_from_args(SteerConfig, args, "steer")
     saes, data_cfg, model, tokenizer, model_id = _recorded_setup(args)
     result = steer(saes, model, tokenizer, data_cfg, steer_cfg, names=args.sae_dirs,
                    model_id=model_id)
@@ -262,7 +270,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from gsae.steer import SteerConfig
 
     configs = [config_from_args(cls, args)
-               for cls in (CompareConfig, ModelConfig, DataConfig, SourceConfig, SteerConfig)]
+               for cls in (CompareConfig, ModelConfig, DataConfig, SourceConfig)]
+    configs.append(config_from_args(SteerConfig, args, "steer"))
     if configs[0].quick:
         apply_quick(*configs)
     t0 = time.perf_counter()
@@ -331,16 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "how much the output moves")
     p.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR",
                    help="SAE folders, all of one model (any hook points)")
-    for cls in (ModelConfig, DataConfig, SteerConfig):
+    for cls in (ModelConfig, DataConfig):
         add_config_args(p, cls)
+    add_config_args(p, SteerConfig, section="steer")
     p.add_argument("--json", default="", help="also write the result as JSON to this file")
     _default_from_sae(p, ["model", *(f.name for f in fields(DataConfig))])
     p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("compare", help="TopK vs g-SAEs over a grid of k, beta, value modes and "
                        "seeds: train, evaluate, steer, and write a report")
-    for cls in (CompareConfig, ModelConfig, DataConfig, SourceConfig, SteerConfig):
+    for cls in (CompareConfig, ModelConfig, DataConfig, SourceConfig):
         add_config_args(p, cls)
+    add_config_args(p, SteerConfig, section="steer")
     p.set_defaults(func=cmd_compare)
 
     from gsae.formats import EXPORT_FORMATS

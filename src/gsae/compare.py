@@ -71,8 +71,8 @@ QUICK: dict[str, Any] = {
     "value_mode": ["z"],
     "dead_tokens": 20_000,
     "eval_tokens": 4096,
-    "steer_latents": 12,
-    "steer_pool": 32,
+    "latents": 12,
+    "pool": 32,
 }
 
 
@@ -156,7 +156,8 @@ def command_line(configs: Sequence[Any]) -> str:
             value = getattr(cfg, f.name)
             if f.name == "quick" or value == default:
                 continue
-            parts.append(f"--{f.name} {_show(value)}")
+            name = f"steer.{f.name}" if isinstance(cfg, SteerConfig) else f.name
+            parts.append(f"--{name} {_show(value)}")
     return " ".join(parts)
 
 
@@ -222,11 +223,11 @@ def run_compare(cfg: CompareConfig, model_cfg: ModelConfig, data_cfg: DataConfig
 
     def run_eval(names: list[str]) -> dict[str, Any]:
         return evaluate([saes[n] for n in names], model, tokenizer, data_cfg, eval_cfg,
-                        names=names, model_id=model_id)
+                        names=names, model_id=model_id).to_json()
 
     def run_steer(names: list[str]) -> dict[str, Any]:
         return steer([saes[n] for n in names], model, tokenizer, data_cfg, steer_cfg,
-                     names=names, model_id=model_id)
+                     names=names, model_id=model_id).to_json()
 
     t = time.perf_counter()
     eval_run, evals = _cached(out / "eval.json", asdict(eval_cfg), prints, run_eval,

@@ -420,11 +420,11 @@ def _setup(res: Results) -> list[str]:
                      f"{train['dead_tokens']} tokens; all SAEs see the same batches"),
         ("evaluation", f"{d['eval']['run']['contexts']} held-out contexts "
                        f"({d['eval']['run']['context_tokens']} tokens)"),
-        ("steering", f"{_sampled(res, steer['steer_latents'])} per SAE, strengths "
-                     f"{_list(steer['steer_alphas'])} × typical activation, sets A and B of "
-                     f"{steer['steer_contexts']} contexts of {d['steer']['run']['context_size']}"
+        ("steering", f"{_sampled(res, steer['latents'])} per SAE, strengths "
+                     f"{_list(steer['alphas'])} × typical activation, sets A and B of "
+                     f"{steer['contexts']} contexts of {d['steer']['run']['context_size']}"
                      f" tokens from a pool of {d['steer']['run']['pool_contexts']}, "
-                     f"{steer['steer_top_tokens']} promoted tokens"),
+                     f"{steer['top_tokens']} promoted tokens"),
         ("versions", versions),
         ("wall time", f"{_duration(d['wall_seconds'])} ({stages})"),
     ]
