@@ -217,3 +217,23 @@ def test_patched_pass_needs_a_recorded_clean_pass():
         pass
     with pytest.raises(RuntimeError, match="no clean forward"):
         clean.logits(lambda h: h)
+
+
+@pytest.mark.real_model
+def test_above_hook_logits_on_the_default_model(real_model):
+    model, _ = real_model
+    tokens = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(7))
+    _, module = resolve_hook(model, 15)
+    intervention = Intervention(model, module)
+    assert intervention.forward == ABOVE_HOOK and len(intervention.suffix.layers) == 14
+    clean = recorded(intervention, model, tokens)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[:, 1:-1] = True
+    rows = torch.zeros(int(mask.sum()), 576)
+
+    def write(h):
+        h[mask] = 0.0
+        return h
+
+    expected = reference_logits(model, module, tokens, write)
+    torch.testing.assert_close(clean.logits(splice(mask, rows)), expected)

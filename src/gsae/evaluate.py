@@ -9,7 +9,9 @@ in training) and "grad-free" (beta = 0 on the same weights). The README's Evalua
 defines every number and the JSON schema.
 
 One clean forward and backward per batch serves all SAEs and hooks; then one spliced forward per
-SAE and mode, and one zero- and one mean-ablated forward per hook. Everything is accumulated as
+SAE and mode, and one zero- and one mean-ablated forward per hook. A spliced forward runs only the
+decoder blocks above the hook, from what they received in the clean forward, where the model
+allows it (`gsae.hooks`; the run info's "forward" says per hook). Everything is accumulated as
 sums, so the result does not depend on the batch size (except through the per-batch outlier
 threshold, which is the one used in training) and memory stays bounded.
 """
