@@ -38,3 +38,30 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "docs.txt"
     path.write_text("\n\n".join(docs))
     return str(path)
+
+
+def tiny_gpt_neox(seed: int = 0):
+    """A random GPTNeoXForCausalLM (3 layers, width 64, vocabulary 512): the third family whose
+    blocks above a hook can run alone."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4,
+                           max_position_embeddings=256, eos_token_id=256, bos_token_id=256)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(config)
+    return model.eval().requires_grad_(False).float()
+
+
+def tiny_families():
+    """Builders of a tiny random model of each family with an above-hook path."""
+    from gsae.tiny import tiny_gpt2, tiny_llama
+
+    return {"llama": tiny_llama, "gpt2": tiny_gpt2, "gpt_neox": tiny_gpt_neox}
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neox"])
+def family_model(request):
+    """A tiny random model of each family with an above-hook path."""
+    return tiny_families()[request.param]()

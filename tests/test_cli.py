@@ -33,7 +33,7 @@ def test_train_sweep_lowers_fvu_and_saves_each_sae(corpus, tmp_path, capsys):
         assert log[-1]["tokens"] >= 8000
         assert log[-1]["fvu"] < 0.6 * log[0]["fvu"]
         sae = SAE.load(folder)
-        assert sae.d_in == 64 and sae.n_latents == 256 and sae.metadata["hook"] == "model.layers.1"
+        assert sae.d_in == 64 and sae.n_latents == 256 and sae.provenance.hook == "model.layers.1"
     assert "trained 2 SAE(s)" in out and "FVU" in out
     run_cfg = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [c["beta"] for c in run_cfg["recorded"]["saes"]] == [0.0, 20.0]

@@ -2,20 +2,25 @@
 
 import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
-from gsae import SAE, SAEConfig
+from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
+from gsae.errors import GsaeError
 from gsae.evaluate import (
     GRAD_AWARE,
     GRAD_FREE,
     EvalConfig,
+    EvalResult,
     eval_contexts,
     evaluate_contexts,
     format_table,
 )
+from gsae.hooks import resolve_hook
 from gsae.models import ModelConfig, model_identity
 from gsae.source import ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity, token_contexts
@@ -38,14 +43,14 @@ def make_sae(hook="0", beta=2.0, seed=0, skip_first=1, outlier_factor=5.0, n_lat
     cfg = SAEConfig(n_latents=n_latents, k=k, beta=beta, seed=seed)
     meta = {"hook": hook, "skip_first": skip_first, "outlier_factor": outlier_factor,
             "model": {"model": "tiny-llama", "fingerprint": None}}
-    sae = SAE(cfg, D, metadata=meta)
+    sae = SAE(cfg, D, provenance=Provenance.from_json(meta))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 1))
     return sae
 
 
 def by_mode(result, sae_name):
-    return {r["mode"]: r for r in result["results"] if r["sae"] == sae_name}
+    return {r.mode: asdict(r) for r in result.results if r.sae == sae_name}
 
 
 # A naive reference: explicit loops over positions, explicit softmaxes, all rows at once ---------
@@ -260,8 +265,10 @@ def test_beta_zero_modes_identical_and_equal_to_grad_free_g_sae(model, contexts)
 def test_result_does_not_depend_on_batch_size_or_other_hooks(model, contexts):
     saes = [make_sae(hook="0", beta=2.0, outlier_factor=0), make_sae(hook="1", beta=2.0, seed=1,
                                                                      outlier_factor=0)]
-    together = evaluate_contexts(saes, model, contexts, EvalConfig(batch_size=3), names=["a", "b"])
-    alone = evaluate_contexts(saes[1:], model, contexts, EvalConfig(batch_size=10), names=["b"])
+    together = evaluate_contexts(saes, model, contexts, EvalConfig(batch_size=3),
+                                 names=["a", "b"]).to_json()
+    alone = evaluate_contexts(saes[1:], model, contexts, EvalConfig(batch_size=10),
+                              names=["b"]).to_json()
     for record in alone["results"]:
         other = next(r for r in together["results"] if r["sae"] == "b"
                      and r["mode"] == record["mode"])
@@ -311,7 +318,8 @@ def test_eval_contexts_sample_the_eval_split(corpus):
 def save_sae(folder, model_cfg, data_cfg, hook="1", beta=5.0, seed=0):
     meta = {"hook": hook, "model": model_identity(model_cfg), "corpus": corpus_identity(data_cfg),
             "context_size": data_cfg.context_size, "skip_first": 1, "outlier_factor": 5.0}
-    return SAE(SAEConfig(n_latents=128, k=4, beta=beta, seed=seed), D, metadata=meta).save(folder)
+    cfg = SAEConfig(n_latents=128, k=4, beta=beta, seed=seed)
+    return SAE(cfg, D, provenance=Provenance.from_json(meta)).save(folder)
 
 
 def test_cli_eval_table_and_json(tmp_path, corpus, capsys):
@@ -331,7 +339,8 @@ def test_cli_eval_table_and_json(tmp_path, corpus, capsys):
     assert "CE recovered (zero)" in captured.out
     result = json.loads(out_json.read_text())
     run = result["run"]
-    assert result["schema"] == "gsae.eval/1" and run["contexts"] == 4
+    assert result["schema"] == "gsae.eval/2" and run["contexts"] == 4
+    assert run["forward"] == {"model.layers.1": "above-hook", "model.layers.0": "above-hook"}
     assert run["context_size"] == 24 and run["corpus"]["dataset"] == corpus
     assert run["model"]["fingerprint"] == model_identity(model_cfg)["fingerprint"]
     assert [(r["sae"], r["mode"]) for r in result["results"]] == [
@@ -342,3 +351,59 @@ def test_cli_eval_table_and_json(tmp_path, corpus, capsys):
     code = main(["eval", str(other), "--model", str(model_dir)])
     err = capsys.readouterr().err
     assert code == 2 and "trained on model 'tiny-gpt2'" in err and len(err.splitlines()) == 1
+
+
+# The above-hook path, typed results ------------------------------------------------------------
+
+
+def test_above_hook_path_gives_the_numbers_of_the_full_forward(family_model):
+    model = family_model
+    name = resolve_hook(model, 0)[0]
+    mlp = next(n for n, _ in resolve_hook(model, 1)[1].named_children() if "mlp" in n)
+    saes = [make_sae(hook="0", beta=3.0), make_sae(hook=f"{resolve_hook(model, 1)[0]}.{mlp}",
+                                                   beta=0.0, seed=1)]
+    tokens = torch.randint(0, 512, (6, 14), generator=torch.Generator().manual_seed(5))
+    cfg = EvalConfig(batch_size=4)
+    fast = evaluate_contexts(saes, model, tokens, cfg, names=["a", "b"])
+    full = evaluate_contexts(saes, model, tokens, cfg, names=["a", "b"], above_hook=False)
+    assert fast.run.forward == {name: "above-hook", f"{resolve_hook(model, 1)[0]}.{mlp}": "full"}
+    assert set(full.run.forward.values()) == {"full"}
+    for got, expected in zip(fast.results, full.results):
+        for key, value in asdict(expected).items():
+            if isinstance(value, float):
+                assert getattr(got, key) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            else:
+                assert getattr(got, key) == value, key
+
+
+def test_result_json_round_trip(model, contexts):
+    result = evaluate_contexts([make_sae()], model, contexts[:4], EvalConfig(), names=["s"])
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["schema"] == "gsae.eval/2"
+    assert EvalResult.from_json(data) == result
+    with pytest.raises(GsaeError, match="schema 'gsae.eval/9'"):
+        EvalResult.from_json({**data, "schema": "gsae.eval/9"})
+    broken = {**data, "results": [{k: v for k, v in data["results"][0].items() if k != "mode"}]}
+    with pytest.raises(GsaeError, match="lacks mode"):
+        EvalResult.from_json(broken)
+
+
+def test_version_1_results_load():
+    """A comparison's "eval" block of schema gsae.eval/1 (no schema key) reads and writes back
+    unchanged, apart from the run's new forward record."""
+    saved = json.loads((Path(__file__).parents[1] / "docs/results/results.json").read_text())
+    old = saved["eval"]
+    result = EvalResult.from_json(old)
+    assert len(result.results) == len(old["results"]) > 0
+    assert result.run.forward == {old["results"][0]["hook"]: "full"}
+    again = result.to_json()
+    assert again["results"] == old["results"]
+    assert {k: v for k, v in again["run"].items() if k != "forward"} == old["run"]
+    assert "CE recovered (zero)" in format_table(result)
+
+
+def test_trainable_weights_are_refused(contexts):
+    model = tiny_llama().requires_grad_(True)
+    with pytest.raises(GsaeError, match=r"requires_grad_\(False\)") as info:
+        evaluate_contexts([make_sae()], model, contexts, EvalConfig())
+    assert len(str(info.value).splitlines()) == 1

@@ -34,7 +34,7 @@ def test_python_train_equals_the_command_and_config_replays_it(corpus, tmp_path,
     (record,) = summary.records
     assert record["tokens"] >= 768 and record["name"] == "model.layers.1/k4-beta10-z-x2-s0"
     folder = tmp_path / "py" / "model.layers.1" / "k4-beta10-z-x2-s0"
-    assert SAE.load(folder).metadata["hook"] == "model.layers.1"
+    assert SAE.load(folder).provenance.hook == "model.layers.1"
     # The same run from its run.json, into another folder, ends with the same weights: the
     # file holds every setting (a changed default would show here too).
     code = main(["train", "--config", str(tmp_path / "py" / "run.json"),

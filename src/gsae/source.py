@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from gsae import distributed
 from gsae.errors import GsaeError
-from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
+from gsae.hooks import hook_output_tensor, replace_hook_output, resolve_hook
 from gsae.text import DataConfig, corpus_identity
 
 # What `g` is, recorded in SAEs, stores and results: the loss of `next_token_loss`.

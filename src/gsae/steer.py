@@ -10,7 +10,7 @@ Protocol (the README's steering section defines every number):
    SAE; the same number of live latents is drawn from each SAE (seeded).
 3. For each latent i and multiple m of its typical activation a_i, `m * a_i * d_i` is added to the
    hook's output at the SAE's data positions where latent i did not fire. On set A the
-   `steer_top_tokens` tokens with the largest mean log-probability gain are chosen ("promoted
+   `top_tokens` tokens with the largest mean log-probability gain are chosen ("promoted
    tokens"); on set B, at the same kind of positions, the mean log-probability gain of those
    tokens and the mean KL(steered || clean) are measured.
 """
@@ -19,25 +19,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import transformers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-import gsae
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, eval_contexts
-from gsae.models import hook_output_tensor, replace_hook_output, resolve_hook
+from gsae.evaluate import (
+    EvalConfig,
+    check_schema,
+    eval_contexts,
+    from_dict,
+    recorded_hook,
+    sae_names,
+)
+from gsae.hooks import FULL, Intervention, Recording, add, log_probs, resolve_hook
+from gsae.io import versions
 from gsae.sae import SAE
 from gsae.source import ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity
 
-SCHEMA = "gsae.steer/1"
+SCHEMA = "gsae.steer/2"
+OLD_SCHEMAS = ("gsae.steer/1",)
 QUANTILES = {"q25": 0.25, "median": 0.5, "q75": 0.75}
 METRICS = ("kl", "logprob_gain")
 PROTOCOL = {
@@ -61,46 +68,120 @@ PROTOCOL = {
 class SteerConfig:
     """How many latents to steer, how hard, and in which held-out contexts."""
 
-    steer_latents: int = field(
+    latents: int = field(
         default=16, metadata={"help": "live latents sampled per SAE (the same count for all)"}
     )
-    steer_alphas: list[float] = field(
+    alphas: list[float] = field(
         default_factory=lambda: [1.0, 4.0],
         metadata={"help": "steering strengths, as multiples of each latent's typical activation"},
     )
-    steer_contexts: int = field(
+    contexts: int = field(
         default=4,
         metadata={"help": "contexts in each of the two disjoint sets (A picks the promoted "
                   "tokens, B measures)"},
     )
-    steer_pool: int = field(
+    pool: int = field(
         default=64,
         metadata={"help": "held-out contexts encoded to find each latent's typical activation "
                   "and where it fires; A and B are drawn from them"},
     )
-    steer_context_size: int = field(
+    context_size: int = field(
         default=64, metadata={"help": "tokens per steering context (0: the corpus setting)"}
     )
-    steer_top_tokens: int = field(
+    top_tokens: int = field(
         default=10, metadata={"help": "promoted tokens chosen per latent and strength"}
     )
-    steer_seed: int = field(
+    seed: int = field(
         default=0, metadata={"help": "seed of the contexts and of the latent sample"}
     )
-    steer_batch_size: int = field(
+    batch_size: int = field(
         default=8, metadata={"help": "contexts per language-model forward pass"}
     )
 
     def validate(self) -> None:
         """Raise GsaeError if the settings cannot make a steering run."""
-        for name in ("steer_latents", "steer_contexts", "steer_top_tokens", "steer_batch_size"):
+        for name in ("latents", "contexts", "top_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise GsaeError(f"{name} is {getattr(self, name)}: it must be at least 1")
-        if not self.steer_alphas or any(not a > 0 for a in self.steer_alphas):
-            raise GsaeError(f"steer_alphas must be positive numbers, got {self.steer_alphas}")
-        if self.steer_pool < 2 * self.steer_contexts:
-            raise GsaeError(f"steer_pool ({self.steer_pool}) must hold the two sets of "
-                            f"steer_contexts ({self.steer_contexts}) contexts each")
+        if not self.alphas or any(not a > 0 for a in self.alphas):
+            raise GsaeError(f"alphas must be positive numbers, got {self.alphas}")
+        if self.pool < 2 * self.contexts:
+            raise GsaeError(f"pool ({self.pool}) must hold the two sets of contexts "
+                            f"({self.contexts} contexts each)")
+
+
+# Typed results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SteerRun:
+    """What a steering run ran on and how (the "run" block of the JSON)."""
+
+    model: dict[str, Any]
+    corpus: dict[str, Any] | None
+    part: str
+    pool_contexts: int
+    context_size: int
+    contexts_a: list[int]
+    contexts_b: list[int]
+    settings: dict[str, Any]  # the SteerConfig
+    protocol: dict[str, str]
+    model_dtype: str
+    device: str
+    versions: dict[str, str]
+    seconds: float
+    # per hook point: "above-hook" (steered passes ran the blocks above the hook only) or "full"
+    forward: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SteerRecord:
+    """One SAE's steering: a summary per strength, and per sampled latent and strength its
+    record (`latents`; a comparison's compact records hold `values` instead)."""
+
+    sae: str
+    hook: str
+    k: int
+    beta: float
+    value_mode: str
+    n_latents: int
+    d_in: int
+    pool_tokens: int
+    live_latents: int
+    sampled_latents: int
+    median_x_norm: float
+    summary: list[dict[str, Any]]
+    latents: list[dict[str, Any]] | None = None
+    values: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: v for k, v in data.items() if k not in ("latents", "values") or v is not None}
+
+
+@dataclass
+class SteerResult:
+    """A steering run: the run info and one record per SAE."""
+
+    run: SteerRun
+    results: list[SteerRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON layout of schema gsae.steer/2 (the README defines it)."""
+        return {"schema": SCHEMA, "run": asdict(self.run),
+                "results": [record.to_json() for record in self.results]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SteerResult:
+        """Read a gsae.steer/2 or /1 dict (a dict without a schema, as a comparison's "steer"
+        block, is read as /1: its settings lose the steer_ prefix; it ran the full forward)."""
+        schema = check_schema(data, SCHEMA, OLD_SCHEMAS)
+        results = [from_dict(SteerRecord, r, "steering record") for r in data["results"]]
+        run = dict(data["run"])
+        if schema != SCHEMA:
+            run["settings"] = {k.removeprefix("steer_"): v for k, v in run["settings"].items()}
+            run.setdefault("forward", {record.hook: FULL for record in results})
+        return cls(from_dict(SteerRun, run, "steering run"), results)
 
 
 # Public entry points ----------------------------------------------------------------------------
@@ -109,88 +190,90 @@ class SteerConfig:
 def steer(
     saes: Sequence[SAE], model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     data_cfg: DataConfig, cfg: SteerConfig, names: Sequence[str] | None = None,
-    model_id: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    model_id: dict[str, Any] | None = None, above_hook: bool = True,
+) -> SteerResult:
     """Steer with `saes` in contexts of the evaluation split of `data_cfg`'s corpus, cut to
-    `steer_context_size` tokens; the pool is a seeded sample of them (as `eval_contexts`)."""
+    `context_size` tokens; the pool is a seeded sample of them (as `eval_contexts`)."""
     cfg.validate()
-    data = replace(data_cfg, context_size=cfg.steer_context_size or data_cfg.context_size)
-    pool_cfg = EvalConfig(eval_tokens=cfg.steer_pool * data.context_size, seed=cfg.steer_seed)
+    data = replace(data_cfg, context_size=cfg.context_size or data_cfg.context_size)
+    pool_cfg = EvalConfig(eval_tokens=cfg.pool * data.context_size, seed=cfg.seed)
     pool = eval_contexts(data, tokenizer, pool_cfg)
-    result = steer_on(saes, model, pool, cfg, names, model_id, tokenizer)
-    result["run"]["corpus"] = corpus_identity(data)
+    result = steer_on(saes, model, pool, cfg, names, model_id, tokenizer, above_hook)
+    result.run.corpus = corpus_identity(data)
     return result
 
 
 def steer_on(
     saes: Sequence[SAE], model: nn.Module, pool: Tensor, cfg: SteerConfig,
     names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> dict[str, Any]:
+    tokenizer: PreTrainedTokenizerBase | None = None, above_hook: bool = True,
+) -> SteerResult:
     """The steering evaluation of `saes` (any hooks of this one model) on a pool of token
-    contexts [n, T]. Returns {"schema", "run", "results": one record per SAE with a summary per
-    strength and the per-latent records}; `tokenizer`, if given, spells the promoted tokens."""
+    contexts [n, T]: one record per SAE with a summary per strength and the per-latent records;
+    `tokenizer`, if given, spells the promoted tokens. Steered passes run only the blocks above
+    each hook where the model allows (`gsae.hooks`); `above_hook=False` runs the whole model."""
     cfg.validate()
-    names = list(names) if names is not None else [f"sae{i}" for i in range(len(saes))]
-    if not saes or len(names) != len(saes) or len(set(names)) != len(names):
-        raise GsaeError(f"steering needs SAEs and a distinct name for each, got {len(saes)} "
-                        f"SAEs and the names {names}")
-    if pool.ndim != 2 or pool.shape[0] < 2 * cfg.steer_contexts:
+    names = sae_names(saes, names)
+    if pool.ndim != 2 or pool.shape[0] < 2 * cfg.contexts:
         raise GsaeError(f"the pool has {pool.shape[0] if pool.ndim == 2 else 0} contexts; "
-                        f"{2 * cfg.steer_contexts} are needed (two sets of steer_contexts)")
+                        f"{2 * cfg.contexts} are needed (two sets of `contexts`)")
+    if cfg.top_tokens > (vocab := _vocab_size(model)):
+        raise GsaeError(f"top_tokens is {cfg.top_tokens}: it must be at most the model's "
+                        f"vocabulary size, {vocab}")
     start = time.perf_counter()
     device = next(model.parameters()).device
     pool = pool.to(device)
-    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(cfg.steer_seed))
-    sets = {"a": order[: cfg.steer_contexts].sort().values,
-            "b": order[cfg.steer_contexts : 2 * cfg.steer_contexts].sort().values}
-    members = [_Member(sae, name, model) for sae, name in zip(saes, names)]
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    sets = {"a": order[: cfg.contexts].sort().values,
+            "b": order[cfg.contexts : 2 * cfg.contexts].sort().values}
+    members = [_SteeredSAE(sae, name, model) for sae, name in zip(saes, names)]
     for member in members:
         if not 0 <= member.skip_first < pool.shape[1] - 1:
             raise GsaeError(f"contexts of {pool.shape[1]} tokens leave no position to steer "
                             f"after skipping the first {member.skip_first}")
-    _pool_pass(model, pool, members, cfg.steer_batch_size)
-    clean = {name: _clean_log_probs(model, pool[idx], cfg.steer_batch_size)
-             for name, idx in sets.items()}
+    _pool_pass(model, pool, members, cfg.batch_size)
+    interventions = {m.hook: Intervention(model, m.module, above_hook) for m in members}
+    clean = {name: _clean_pass(model, pool[idx], interventions) for name, idx in sets.items()}
     bar = tqdm(total=len(members), desc="steer", unit="SAE", dynamic_ncols=True)
     results = []
     for member in members:
-        results.append(member.steer(model, pool, sets, clean, cfg, tokenizer))
+        runs = {name: (clean[name][0], clean[name][1][member.hook]) for name in sets}
+        results.append(member.steer(runs, sets, cfg, tokenizer))
         bar.update()
     bar.close()
-    run = {
-        "model": model_id if model_id is not None else next(
-            (s.metadata["model"] for s in saes if s.metadata.get("model")), {}),
-        "corpus": None,
-        "part": "eval",
-        "pool_contexts": pool.shape[0],
-        "context_size": pool.shape[1],
-        "contexts_a": sets["a"].tolist(),
-        "contexts_b": sets["b"].tolist(),
-        "settings": asdict(cfg),
-        "protocol": PROTOCOL,
-        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": str(device),
-        "versions": {"gsae": gsae.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    return {"schema": SCHEMA, "run": run, "results": results}
+    run = SteerRun(
+        model=model_id if model_id is not None else next(
+            (s.provenance.model for s in saes if s.provenance.model), {}),
+        corpus=None,
+        part="eval",
+        pool_contexts=pool.shape[0],
+        context_size=pool.shape[1],
+        contexts_a=sets["a"].tolist(),
+        contexts_b=sets["b"].tolist(),
+        settings=asdict(cfg),
+        protocol=PROTOCOL,
+        model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        device=str(device),
+        versions=versions(),
+        seconds=round(time.perf_counter() - start, 1),
+        forward={hook: intervention.forward for hook, intervention in interventions.items()},
+    )
+    return SteerResult(run, results)
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: SteerResult) -> str:
     """One line per SAE and strength: latents measured, median [q25, q75] of KL and gain."""
     lines = [f"{'SAE':<48} {'alpha x':>7} {'latents':>7} {'KL(steered||clean)':>26} "
              f"{'log-prob gain of promoted':>26}"]
-    for record in result["results"]:
-        for row in record["summary"]:
+    for record in result.results:
+        for row in record.summary:
             cells = [f"{s['median']:.4g} [{s['q25']:.3g}, {s['q75']:.3g}]" if s else "-"
                      for s in (row["kl"], row["logprob_gain"])]
-            lines.append(f"{record['sae'][-48:]:<48} {row['alpha_multiple']:>7g} "
+            lines.append(f"{record.sae[-48:]:<48} {row['alpha_multiple']:>7g} "
                          f"{row['latents']:>7} {cells[0]:>26} {cells[1]:>26}")
-    run = result["run"]
-    lines.insert(0, f"{run['pool_contexts']} pool contexts x {run['context_size']} tokens, sets A "
-                    f"and B of {len(run['contexts_a'])} contexts, {run['seconds']} s; "
+    run = result.run
+    lines.insert(0, f"{run.pool_contexts} pool contexts x {run.context_size} tokens, sets A "
+                    f"and B of {len(run.contexts_a)} contexts, {run.seconds} s; "
                     "median [quartiles] over latents, nats")
     return "\n".join(lines)
 
@@ -208,17 +291,14 @@ def summarize(values: Sequence[float | None]) -> dict[str, float] | None:
 # The SAE under test ------------------------------------------------------------------------------
 
 
-class _Member:
+class _SteeredSAE:
     """One SAE: its hook, data settings, and what the pool pass found about its latents."""
 
     def __init__(self, sae: SAE, name: str, model: nn.Module):
-        if "hook" not in sae.metadata:
-            raise GsaeError(f"SAE {name!r} has no hook point in its metadata")
         self.sae, self.name = sae, name
-        self.hook, self.module = resolve_hook(model, sae.metadata["hook"])
-        self.skip_first = int(sae.metadata.get("skip_first", SourceConfig.skip_first))
-        self.outlier_factor = float(sae.metadata.get("outlier_factor",
-                                                     SourceConfig.outlier_factor))
+        self.hook, self.module = resolve_hook(model, recorded_hook(sae, name))
+        self.skip_first = sae.provenance.skip_first
+        self.outlier_factor = sae.provenance.outlier_factor
         self.fired = torch.zeros(sae.n_latents, dtype=torch.float64)
         self.value_sum = torch.zeros(sae.n_latents, dtype=torch.float64)
         self.rows = 0
@@ -244,27 +324,26 @@ class _Member:
         self.active.append(active)
 
     def sample(self, cfg: SteerConfig) -> Tensor:
-        """The latents to steer: a seeded sample of `steer_latents` live latents, sorted."""
+        """The latents to steer: a seeded sample of `latents` live latents, sorted."""
         live = (self.fired > 0).nonzero()[:, 0]
-        gen = torch.Generator().manual_seed(cfg.steer_seed)
-        return live[torch.randperm(live.numel(), generator=gen)[: cfg.steer_latents]].sort().values
+        gen = torch.Generator().manual_seed(cfg.seed)
+        return live[torch.randperm(live.numel(), generator=gen)[: cfg.latents]].sort().values
 
-    def steer(self, model: nn.Module, pool: Tensor, sets: dict[str, Tensor],
-              clean: dict[str, Tensor], cfg: SteerConfig,
-              tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
-        """Steer every sampled latent at every strength; the SAE's result record."""
+    def steer(self, runs: dict[str, tuple[Tensor, Recording]], sets: dict[str, Tensor],
+              cfg: SteerConfig, tokenizer: PreTrainedTokenizerBase | None) -> SteerRecord:
+        """Steer every sampled latent at every strength; the SAE's result record. `runs` holds
+        per set its clean log-probabilities and its recorded clean pass at this SAE's hook."""
         mask, active = torch.cat(self.mask), torch.cat(self.active)
         typical = self.value_sum / self.fired.clamp_min(1)
         latents = self.sample(cfg)
-        jobs = [(int(i), m) for i in latents for m in cfg.steer_alphas]
+        jobs = [(int(i), m) for i in latents for m in cfg.alphas]
         where = {name: [mask[idx] & ~(active[idx] == i).any(-1) for i, _ in jobs]
                  for name, idx in sets.items()}
         direction = self.sae.W_dec.detach().float()
         vectors = [m * typical[i].item() * direction[i] for i, m in jobs]
-        promoted = _steered_gains(model, self.module, pool[sets["a"]], clean["a"], vectors,
-                                  where["a"], cfg, top_tokens=cfg.steer_top_tokens)
-        measured = _steered_gains(model, self.module, pool[sets["b"]], clean["b"], vectors,
-                                  where["b"], cfg, promoted=[p["tokens"] for p in promoted])
+        promoted = _steered_gains(*runs["a"], vectors, where["a"], cfg, top_tokens=cfg.top_tokens)
+        measured = _steered_gains(*runs["b"], vectors, where["b"], cfg,
+                                  promoted=[p["tokens"] for p in promoted])
         records = []
         for j, (i, m) in enumerate(jobs):
             tokens = promoted[j]["tokens"]
@@ -283,33 +362,34 @@ class _Member:
                 "promoted": [tokenizer.decode([t]) for t in tokens] if tokenizer else None,
             })
         sae = self.sae
-        return {
-            "sae": self.name,
-            "hook": self.hook,
-            "k": sae.k,
-            "beta": sae.beta,
-            "value_mode": sae.cfg.value_mode,
-            "n_latents": sae.n_latents,
-            "d_in": sae.d_in,
-            "pool_tokens": self.rows,
-            "live_latents": int((self.fired > 0).sum()),
-            "sampled_latents": latents.numel(),
-            "median_x_norm": torch.cat(self.norms).median().item(),
-            "summary": [
+        return SteerRecord(
+            sae=self.name,
+            hook=self.hook,
+            k=sae.k,
+            beta=sae.beta,
+            value_mode=sae.cfg.value_mode,
+            n_latents=sae.n_latents,
+            d_in=sae.d_in,
+            pool_tokens=self.rows,
+            live_latents=int((self.fired > 0).sum()),
+            sampled_latents=latents.numel(),
+            median_x_norm=torch.cat(self.norms).median().item(),
+            summary=[
                 {"alpha_multiple": m, "latents": sum(r["kl"] is not None for r in rows),
                  **{key: summarize([r[key] for r in rows]) for key in METRICS},
                  "typical_activation": summarize([r["typical_activation"] for r in rows])}
-                for m in cfg.steer_alphas
+                for m in cfg.alphas
                 for rows in [[r for r in records if r["alpha_multiple"] == m]]
             ],
-            "latents": records,
-        }
+            latents=records,
+        )
 
 
 # Forward passes ---------------------------------------------------------------------------------
 
 
-def _pool_pass(model: nn.Module, pool: Tensor, members: list[_Member], batch_size: int) -> None:
+def _pool_pass(model: nn.Module, pool: Tensor, members: list[_SteeredSAE], batch_size: int
+               ) -> None:
     """Run the pool to the last hook once and let every SAE encode its hook's activations."""
     hooks = list(dict.fromkeys(m.hook for m in members))
     source = ActivationSource(model, SourceConfig(hooks=hooks), with_grad=False)
@@ -321,24 +401,24 @@ def _pool_pass(model: nn.Module, pool: Tensor, members: list[_Member], batch_siz
                 member.add(states[member.hook][0])
 
 
-def _log_probs(logits: Tensor) -> Tensor:
-    return F.log_softmax(logits.float(), dim=-1)
-
-
 @torch.no_grad()
-def _clean_log_probs(model: nn.Module, tokens: Tensor, batch_size: int) -> Tensor:
-    """Float32 log-probabilities [n, T, V] of the clean model."""
-    return torch.cat([_log_probs(model(input_ids=t, use_cache=False).logits)
-                      for t in tokens.split(batch_size)])
+def _clean_pass(model: nn.Module, tokens: Tensor, interventions: dict[str, Intervention]
+                ) -> tuple[Tensor, dict[str, Recording]]:
+    """Float32 log-probabilities [n, T, V] of the clean model on one set of contexts (one
+    batch: the steered passes repeat it), and the set's recorded clean pass at every hook."""
+    with ExitStack() as stack:
+        runs = {hook: stack.enter_context(intervention.record(tokens))
+                for hook, intervention in interventions.items()}
+        logits = model(input_ids=tokens, use_cache=False).logits
+    return log_probs(logits), runs
 
 
 @torch.no_grad()
 def _steered_gains(
-    model: nn.Module, module: nn.Module, tokens: Tensor, clean: Tensor, vectors: list[Tensor],
-    where: list[Tensor], cfg: SteerConfig, top_tokens: int = 0,
-    promoted: list[list[int]] | None = None,
+    clean: Tensor, recording: Recording, vectors: list[Tensor], where: list[Tensor],
+    cfg: SteerConfig, top_tokens: int = 0, promoted: list[list[int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Steer the contexts `tokens` [c, T] with each vector (added at its [c, T] mask) and compare
+    """Steer the recorded contexts [c, T] with each vector (added at its [c, T] mask) and compare
     with the clean log-probabilities [c, T, V] at the masked positions.
 
     With `top_tokens`, returns per vector the tokens with the largest mean log-probability gain
@@ -346,16 +426,16 @@ def _steered_gains(
     gain of those tokens ("gain") and the mean KL(steered || clean) ("kl"). Several vectors share
     one forward pass (one vector per group of c rows). A vector with no position (or, measuring,
     no promoted token because it had no position in the first set) gets None."""
+    tokens = recording.tokens
     c = tokens.shape[0]
-    per_pass = max(1, cfg.steer_batch_size // c)
+    per_pass = max(1, cfg.batch_size // c)
     out: list[dict[str, Any]] = []
     for first in range(0, len(vectors), per_pass):
         group = range(first, min(first + per_pass, len(vectors)))
         masks = torch.stack([where[j] for j in group]).to(tokens.device)  # [G, c, T]
         stacked = torch.stack([vectors[j] for j in group]).to(tokens.device)  # [G, d]
         delta = masks[..., None] * stacked[:, None, None, :]
-        logp = _log_probs(_added_logits(model, module, tokens.repeat(len(group), 1),
-                                        delta.flatten(0, 1)))
+        logp = log_probs(recording.logits(add(delta.flatten(0, 1)), repeat=len(group)))
         for g, j in enumerate(group):
             m = masks[g]
             if not m.any() or (promoted is not None and not promoted[j]):
@@ -373,15 +453,8 @@ def _steered_gains(
     return out
 
 
-def _added_logits(model: nn.Module, module: nn.Module, tokens: Tensor, delta: Tensor) -> Tensor:
-    """Logits of the model with `delta` [B, T, d] added to the hook module's output."""
-
-    def add(_module, _inputs, output):
-        h = hook_output_tensor(output)
-        return replace_hook_output(output, h + delta.to(h.dtype))
-
-    handle = module.register_forward_hook(add)
-    try:
-        return model(input_ids=tokens, use_cache=False).logits
-    finally:
-        handle.remove()
+def _vocab_size(model: nn.Module) -> int:
+    """The width of the model's logits."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return weight.shape[0] if weight is not None else model.config.get_text_config().vocab_size

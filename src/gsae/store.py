@@ -245,16 +245,10 @@ class StoreReader:
     def rows(self) -> int:
         return sum(s["rows"] for s in self.manifest["shards"])
 
-    @property
-    def sae_metadata(self) -> dict[str, Any]:
-        """What an SAE trained on this store records about its data (its hook aside), as a
-        dict; `provenance(hook)` gives the typed record."""
-        return {k: self.identity[k] for k in ("model", "corpus", "context_size", "skip_first",
-                                              "outlier_factor", "autocast")}
-
     def provenance(self, hook: str) -> Provenance:
         """What an SAE trained on this store's rows at `hook` records about its data."""
-        return Provenance.from_json({**self.sae_metadata, "hook": hook})
+        recorded = ("model", "corpus", "context_size", "skip_first", "outlier_factor", "autocast")
+        return Provenance.from_json({**{k: self.identity[k] for k in recorded}, "hook": hook})
 
     def read_shard(self, name: str) -> dict[str, Batch]:
         """One shard as float32 batches, one per hook, after checking its checksum."""

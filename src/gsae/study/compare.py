@@ -213,12 +213,12 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
     prints = {name: file_fingerprint(folder / WEIGHTS_FILE) for name, folder in folders.items()}
 
     def run_eval(names: list[str]) -> dict[str, Any]:
-        return evaluate([saes[n] for n in names], model, tokenizer, run.data, run.eval,
-                        names=names, model_id=model_id)
+        return evaluate([saes[n] for n in names], model, tokenizer, run.data,
+                        replace(run.eval, json=""), names=names, model_id=model_id).to_json()
 
     def run_steer(names: list[str]) -> dict[str, Any]:
         return steer([saes[n] for n in names], model, tokenizer, run.data, run.steer,
-                     names=names, model_id=model_id)
+                     names=names, model_id=model_id).to_json()
 
     t = time.perf_counter()
     eval_run, evals = _cached(out / "eval.json", asdict(run.eval), prints, run_eval,
