@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from gsae.cli import main
+from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_AWARE, GRAD_FREE
 from gsae.steer import summarize
 from gsae.study.report import build_report
-from gsae.study.results import SCHEMA, compact_steering, verdict
+from gsae.study.results import SCHEMA, ComparisonResult, compact_steering, verdict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VARIANTS = [(0.0, "z"), (10.0, "z"), (10.0, "score")]
@@ -293,3 +294,15 @@ def test_the_committed_report_rebuilds_byte_identical_from_its_old_schema(tmp_pa
     build_report(data, tmp_path)
     for name in ("README.md", "results.json", "ce_increase_vs_l0.png", "steering.png"):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_comparison_results_are_typed_and_old_files_still_load():
+    committed = Path(__file__).parent.parent / "docs" / "results" / "results.json"
+    old = ComparisonResult.from_json(json.loads(committed.read_text()))
+    assert old.schema == SCHEMA and old.settings["sae"]["k"] == [8, 16, 32, 64]
+    assert old.settings["steer"]["latents"] == 16 and "steer_latents" not in old.settings["steer"]
+    assert old.settings["train"]["shuffle_seed"] == 0
+    again = ComparisonResult.from_json(old.to_json())
+    assert again == old and list(old.to_json())[0] == "schema"
+    with pytest.raises(GsaeError, match="not a gsae compare result"):
+        ComparisonResult.from_json({"schema": "gsae.eval/2"})

@@ -38,7 +38,7 @@ from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
 from gsae.store import StoreConfig, StoreReader, fill_store
 from gsae.study.report import build_report
-from gsae.study.results import SCHEMA, compact_steering
+from gsae.study.results import ComparisonResult, compact_steering
 from gsae.text import DataConfig
 from gsae.train import TrainConfig, finished_training, sae_folder, variant_name
 
@@ -229,24 +229,23 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
     steer_run, steers = _cached(out / "steer.json", asdict(run.steer), prints, run_steer, by_k)
     stages["steer"] = time.perf_counter() - t
 
-    results = {
-        "schema": SCHEMA,
-        "command": command_line(run),
-        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": {**versions(), "matplotlib": matplotlib.__version__},
-        "machine": _machine(run.model.device),
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
-        "model": model_id,
-        "hook": hook,
-        "store_tokens": reader.rows,
-        "settings": {**to_dict(run), "train": asdict(train_run.train)},
-        "saes": [_sae_record(name, saes[name], folders[name]) for name in folders],
-        "eval": {"run": eval_run, "results": [r for n in prints for r in evals[n]]},
-        "steer": {"run": steer_run,
-                  "results": [compact_steering(r) for n in prints for r in steers[n]]},
-    }
-    report = build_report(results, run.compare.report or out / "report")
+    results = ComparisonResult(
+        command=command_line(run),
+        created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        versions={**versions(), "matplotlib": matplotlib.__version__},
+        machine=_machine(run.model.device),
+        wall_seconds=round(time.perf_counter() - start, 1),
+        stage_seconds={k: round(v, 1) for k, v in stages.items()},
+        model=model_id,
+        hook=hook,
+        store_tokens=reader.rows,
+        settings={**to_dict(run), "train": asdict(train_run.train)},
+        saes=[_sae_record(name, saes[name], folders[name]) for name in folders],
+        eval={"run": eval_run, "results": [r for n in prints for r in evals[n]]},
+        steer={"run": steer_run,
+               "results": [compact_steering(r) for n in prints for r in steers[n]]},
+    )
+    report = build_report(results.to_json(), run.compare.report or out / "report")
     return report, time.perf_counter() - start
 
 

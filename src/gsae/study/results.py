@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from gsae.errors import GsaeError
@@ -94,6 +94,42 @@ def compact_steering(record: dict[str, Any]) -> dict[str, Any]:
 
 def _round(value: float, digits: int = 5) -> float:
     return float(f"{value:.{digits}g}")
+
+
+@dataclass
+class ComparisonResult:
+    """What `gsae compare` measured (schema "gsae.compare/2"): the run's settings, its SAEs,
+    their evaluation and steering records, and where and how long it ran. `to_json` is the
+    layout of results.json (before the report adds its aggregates and claims)."""
+
+    command: str
+    created: str
+    versions: dict[str, str]
+    machine: dict[str, Any]
+    wall_seconds: float
+    stage_seconds: dict[str, float]
+    model: dict[str, Any]
+    hook: str
+    store_tokens: int
+    settings: dict[str, Any]  # the config tree of the run, section by section
+    saes: list[dict[str, Any]]  # name, folder, k, beta, value_mode, seed, n_latents, train
+    eval: dict[str, Any]  # {"run": the evaluation's run info, "results": its records}
+    steer: dict[str, Any]  # {"run": ..., "results": compact steering records}
+    schema: str = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"schema": data.pop("schema"), **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ComparisonResult:
+        """A results.json of any readable schema (/1 is upgraded); the report's aggregates
+        and claims, if present, are left out."""
+        if data.get("schema") not in SCHEMAS:
+            raise GsaeError(f"not a gsae compare result (schema {data.get('schema')!r}; "
+                            f"readable: {', '.join(SCHEMAS)})")
+        upgraded = upgrade(data)
+        return cls(**{f.name: upgraded[f.name] for f in fields(cls)})
 
 
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:
