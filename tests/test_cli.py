@@ -44,10 +44,10 @@ def test_train_sweep_lowers_fvu_and_saves_each_sae(corpus, tmp_path, capsys):
     "extra, message",
     [
         (["--k", "300", "--expansion_factor", "4"], "k must be between 1 and the number of"),
-        (["--k", "0"], "k must be between 1"),
-        (["--beta", "-1"], "beta must be a finite number >= 0"),
+        (["--k", "0"], "--sae.k must be at least 1, got 0"),
+        (["--beta", "-1"], "--sae.beta must be at least 0, got -1.0"),
         (["--hooks", "5"], "out of range"),
-        (["--value_mode", "max"], "value_mode must be one of"),
+        (["--value_mode", "max"], "--sae.value_mode must be one of z, score"),
         (["--model", "/nonexistent/model"], "does not exist; a model is"),
     ],
 )

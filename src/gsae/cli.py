@@ -175,12 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     command = COMMANDS.get(chosen or "")
     try:
-        args = build_parser(only=chosen if command else None).parse_args(argv)
+        try:
+            args = build_parser(only=chosen if command else None).parse_args(argv)
+        except SystemExit as done:  # --help, or a flag argparse could not read (one line)
+            return int(done.code or 0)
         if command is None:
             return args.func(args)
         return command.run(settings_of(command, args))
     except GsaeError as err:
         print(f"gsae: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a path that cannot be written: nothing half-written
+        where = f": {err.filename}" if err.filename else ""
+        print(f"gsae: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         message = command.interrupted if command else "interrupted"

@@ -67,15 +67,17 @@ class EvalConfig:
 
     eval_tokens: int = field(
         default=12_288,
-        metadata={"help": "evaluation budget in context tokens (rounded up to whole contexts)"},
+        metadata={"help": "evaluation budget in context tokens (rounded up to whole contexts)",
+                  "min": 1},
     )
     pool_tokens: int = field(
         default=262_144,
         metadata={"help": "the contexts are a seeded random sample of the first this-many tokens "
-                  "of the evaluation split; 0 takes the first contexts in order"},
+                  "of the evaluation split; 0 takes the first contexts in order", "min": 0},
     )
     seed: int = field(default=0, metadata={"help": "seed of the choice of evaluation contexts"})
-    batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch"})
+    batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch",
+                                                 "min": 1})
     json: str = field(default="", metadata={"help": "also write the result as JSON to this file"})
 
 

@@ -32,7 +32,7 @@ from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
 from gsae.steer import SteerConfig, SteerResult, steer
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
-from gsae.text import DataConfig, batched_contexts, token_contexts
+from gsae.text import DataConfig, batched_contexts, corpus_identity, token_contexts
 from gsae.train import TrainConfig, Trainer, checkpoint_dir, data_parallel, sae_folder
 
 SAESweep = sweep_of(SAEConfig)
@@ -64,6 +64,8 @@ class CacheRun:
 
 
 SAE_DIRS_HELP = "SAE folders, all of one model (any hook points)"
+CHANGED_CORPUS_HELP = ("evaluate even if the corpus's files changed since the SAE was trained "
+                       "(its held-out split may then hold training documents)")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class EvaluationRun:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    allow_changed_corpus: bool = field(default=False, metadata={"help": CHANGED_CORPUS_HELP})
 
 
 @dataclass
@@ -86,6 +89,7 @@ class SteeringRun:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    allow_changed_corpus: bool = field(default=False, metadata={"help": CHANGED_CORPUS_HELP})
     json: str = field(default="", metadata={"help": "also write the result as JSON to this file"})
 
 
@@ -199,6 +203,9 @@ def training_data(run: TrainRun, with_grad: bool) -> TrainingData:
     model, tokenizer = load_model(run.model)
     source = ActivationSource(model, run.source, with_grad=with_grad,
                               split_across_ranks=data_parallel(run.train))
+    # Read the corpus's first context now: an unreadable corpus is refused before the run
+    # folder is claimed, so the corrected command can use the same --out.
+    next(iter(token_contexts(run.data, tokenizer, "train")), None)
 
     def chunks(skip: int) -> Iterator[dict[str, Batch]]:
         contexts = context_batches(run.data, tokenizer, run.source.lm_batch_size, skip=skip)
@@ -370,24 +377,41 @@ def recorded_settings(sae_dirs: list[str], need_model: bool = True) -> dict[str,
 
 
 def load_for_eval(sae_dirs: list[str], model_cfg: ModelConfig | None = None,
-                  data_cfg: DataConfig | None = None) -> LoadedModel:
+                  data_cfg: DataConfig | None = None, allow_changed_corpus: bool = False
+                  ) -> LoadedModel:
     """Load SAE folders (or hub ids) with their model and corpus: the given configs, or what
-    the first SAE records (`recorded_settings`); every SAE must match the model."""
+    the first SAE records (`recorded_settings`); every SAE must match the model, and the
+    corpus must be unchanged since training (unless `allow_changed_corpus`)."""
     if model_cfg is None or data_cfg is None:
         recorded = build(EvaluationRun, recorded_settings(sae_dirs, need_model=not model_cfg))
         model_cfg, data_cfg = model_cfg or recorded.model, data_cfg or recorded.data
     saes = [load(folder, device=model_cfg.device) for folder in sae_dirs]
     model_id = model_identity(model_cfg)
     check_model(saes, model_id)
+    if not allow_changed_corpus:
+        check_corpus(saes, sae_dirs, data_cfg)
     model, tokenizer = load_model(model_cfg)
     return LoadedModel(saes, list(sae_dirs), model, tokenizer, model_cfg, model_id, data_cfg)
+
+
+def check_corpus(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> None:
+    """Refuse to evaluate on a corpus whose files changed since an SAE was trained on the same
+    dataset: documents would move between the training and held-out splits."""
+    current = corpus_identity(data_cfg)
+    for sae, name in zip(saes, names):
+        trained = sae.provenance.corpus or {}
+        if (trained.get("dataset") == current["dataset"] and trained.get("fingerprint")
+                and current["fingerprint"] and trained["fingerprint"] != current["fingerprint"]):
+            raise GsaeError(f"the corpus {current['dataset']!r} changed since {name} was trained "
+                            "on it (its fingerprint differs), so its held-out split may now hold "
+                            "training documents; pass --allow_changed_corpus to evaluate anyway")
 
 
 def run_eval(run: EvaluationRun) -> EvalResult:
     """Evaluate the SAE folders of `run` spliced into their model on held-out text."""
     if run.eval.json:
         check_output_file(run.eval.json, "--json")
-    loaded = load_for_eval(run.saes, run.model, run.data)
+    loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
     return evaluate(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval,
                     names=loaded.names, model_id=loaded.model_id)
 
@@ -396,7 +420,7 @@ def run_steer(run: SteeringRun) -> SteerResult:
     """Steer with latents of the SAE folders of `run` in held-out contexts."""
     if run.json:
         check_output_file(run.json, "--json")
-    loaded = load_for_eval(run.saes, run.model, run.data)
+    loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
     result = steer(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.steer,
                    names=loaded.names, model_id=loaded.model_id)
     if run.json:

@@ -63,21 +63,25 @@ class SAEConfig:
     """Architecture of one SAE. The input width `d_in` comes from the data, not from here."""
 
     expansion_factor: int = field(
-        default=16, metadata={"help": "latents per input dimension (ignored if n_latents > 0)"}
+        default=16, metadata={"help": "latents per input dimension (ignored if n_latents > 0)",
+                              "min": 1}
     )
     n_latents: int = field(
-        default=0, metadata={"help": "number of latents; 0 means d_in * expansion_factor"}
+        default=0, metadata={"help": "number of latents; 0 means d_in * expansion_factor",
+                             "min": 0}
     )
-    k: int = field(default=32, metadata={"help": "latents kept per token (the L0)"})
+    k: int = field(default=32, metadata={"help": "latents kept per token (the L0)", "min": 1})
     beta: float = field(
         default=100.0,
-        metadata={"help": "weight of the gradient term in the selection score; 0 is plain TopK"},
+        metadata={"help": "weight of the gradient term in the selection score; 0 is plain TopK",
+                  "min": 0},
     )
     value_mode: str = field(
         default="z",
         metadata={
             "help": "values of the kept latents: 'z' (encoder activations, selection only) or "
-            "'score' (the gradient-augmented scores, as the paper's figure writes it)"
+            "'score' (the gradient-augmented scores, as the paper's figure writes it)",
+            "choices": VALUE_MODES,
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})

@@ -113,6 +113,8 @@ class ActivationSource:
         order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
         self._last_module = max(self._modules, key=lambda m: order[id(m)])
         self._device = next(model.parameters()).device
+        config = getattr(model, "config", None)
+        self._width = config.get_text_config().hidden_size if config is not None else None
 
     def hidden_states(self, tokens: Tensor, logits_out: dict[str, Tensor] | None = None
                       ) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -127,6 +129,11 @@ class ActivationSource:
             def hook(_module, _inputs, output):
                 nonlocal graph_started
                 h = hook_output_tensor(output)
+                if self._width is not None and h.shape[-1] != self._width:
+                    raise GsaeError(f"hook point {name!r} outputs width {h.shape[-1]}, not the "
+                                    f"residual stream's {self._width}: choose a module whose "
+                                    "output is the residual width (a layer index, a block, its "
+                                    "attention or MLP output)")
                 if self.with_grad and not h.requires_grad:
                     # The first hook reached: start the graph here, nothing before needs one.
                     h = h.detach().requires_grad_(True)

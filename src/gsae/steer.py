@@ -69,33 +69,36 @@ class SteerConfig:
     """How many latents to steer, how hard, and in which held-out contexts."""
 
     latents: int = field(
-        default=16, metadata={"help": "live latents sampled per SAE (the same count for all)"}
+        default=16, metadata={"help": "live latents sampled per SAE (the same count for all)",
+                              "min": 1}
     )
     alphas: list[float] = field(
         default_factory=lambda: [1.0, 4.0],
-        metadata={"help": "steering strengths, as multiples of each latent's typical activation"},
+        metadata={"help": "steering strengths, as multiples of each latent's typical activation",
+                  "above": 0},
     )
     contexts: int = field(
         default=4,
         metadata={"help": "contexts in each of the two disjoint sets (A picks the promoted "
-                  "tokens, B measures)"},
+                  "tokens, B measures)", "min": 1},
     )
     pool: int = field(
         default=64,
         metadata={"help": "held-out contexts encoded to find each latent's typical activation "
-                  "and where it fires; A and B are drawn from them"},
+                  "and where it fires; A and B are drawn from them", "min": 2},
     )
     context_size: int = field(
-        default=64, metadata={"help": "tokens per steering context (0: the corpus setting)"}
+        default=64, metadata={"help": "tokens per steering context (0: the corpus setting)",
+                              "min": 0}
     )
     top_tokens: int = field(
-        default=10, metadata={"help": "promoted tokens chosen per latent and strength"}
+        default=10, metadata={"help": "promoted tokens chosen per latent and strength", "min": 1}
     )
     seed: int = field(
         default=0, metadata={"help": "seed of the contexts and of the latent sample"}
     )
     batch_size: int = field(
-        default=8, metadata={"help": "contexts per language-model forward pass"}
+        default=8, metadata={"help": "contexts per language-model forward pass", "min": 1}
     )
 
     def validate(self) -> None:

@@ -55,13 +55,15 @@ class StoreConfig:
     """Where and how `gsae cache` writes activations and gradients."""
 
     store: str = field(default="cache/store", metadata={"help": "folder of the store"})
-    tokens: int = field(default=200_000, metadata={"help": "SAE rows (tokens) to store"})
+    tokens: int = field(default=200_000, metadata={"help": "SAE rows (tokens) to store",
+                                                   "min": 1})
     dtype: str = field(
         default="float16",
-        metadata={"help": "storage type: float32 (exact), float16 or bfloat16 (half the size)"},
+        metadata={"help": "storage type: float32 (exact), float16 or bfloat16 (half the size)",
+                  "choices": ("float32", "float16", "bfloat16")},
     )
     batches_per_shard: int = field(
-        default=8, metadata={"help": "language-model batches per shard file"}
+        default=8, metadata={"help": "language-model batches per shard file", "min": 1}
     )
     overwrite: bool = field(
         default=False,

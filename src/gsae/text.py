@@ -63,6 +63,11 @@ class DataConfig:
                                 "min": 0}
     )
     split_seed: int = field(default=0, metadata={"help": "seed of the train/eval document split"})
+    encoding: str = field(
+        default="utf-8",
+        metadata={"help": "text encoding of .txt and .jsonl files (e.g. latin-1); text that is "
+                  "not valid in it is refused"},
+    )
 
 
 # Documents --------------------------------------------------------------------------------------
@@ -108,10 +113,10 @@ def load_documents(cfg: DataConfig) -> Sequence[str] | Iterator[str]:
     if kind == "embedded":
         return [a["text"] for a in wiki_articles()] if where == "wiki" else _news_articles()
     if kind == "file":
-        return list(_read_file(Path(where), cfg.text_column))
+        return list(_read_file(Path(where), cfg.text_column, cfg.encoding))
     if kind == "folder":
         files = _data_files(Path(where))
-        return [doc for file in files for doc in _read_file(file, cfg.text_column)]
+        return [doc for file in files for doc in _read_file(file, cfg.text_column, cfg.encoding)]
     return _hub_documents(cfg)
 
 
@@ -128,37 +133,54 @@ def _data_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_file(path: Path, column: str) -> Iterator[str]:
+def _read_file(path: Path, column: str, encoding: str = "utf-8") -> Iterator[str]:
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _decoded(path, encoding)
         yield from (doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip())
     elif path.suffix == ".jsonl":
-        yield from _column(_jsonl_rows(path), column, str(path))
+        yield from _column(_jsonl_rows(path, encoding), column, str(path))
     else:
         yield from _parquet_texts(path, column)
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise GsaeError(
-                    f"{path}:{number} is not valid JSON ({error.msg}); "
-                    "a .jsonl file holds one JSON object per line"
-                ) from error
-            if not isinstance(row, dict):
-                raise GsaeError(f"{path}:{number} is not a JSON object: a .jsonl row must be one")
-            yield row
+def _decoded(path: Path, encoding: str) -> str:
+    """The text of a file, refusing bytes that are not valid in `encoding` (rather than
+    training on replacement characters)."""
+    try:
+        return path.read_bytes().decode(encoding)
+    except LookupError:
+        raise GsaeError(f"unknown text encoding {encoding!r}: use a Python codec name such as "
+                        "utf-8 or latin-1") from None
+    except UnicodeDecodeError as err:
+        raise GsaeError(f"{path} is not valid {encoding} text (byte {err.start}: {err.reason}); "
+                        "name its encoding with --encoding, e.g. --encoding latin-1") from None
+
+
+def _jsonl_rows(path: Path, encoding: str = "utf-8") -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(_decoded(path, encoding).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise GsaeError(
+                f"{path}:{number} is not valid JSON ({error.msg}); "
+                "a .jsonl file holds one JSON object per line"
+            ) from error
+        if not isinstance(row, dict):
+            raise GsaeError(f"{path}:{number} is not a JSON object: a .jsonl row must be one")
+        yield row
 
 
 def _parquet_texts(path: Path, column: str) -> Iterator[str]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
+    try:
+        table = pq.ParquetFile(path)
+    except pyarrow.ArrowException as err:
+        raise GsaeError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]}); "
+                        f"a dataset is {ACCEPTED_DATASETS}") from None
     names = table.schema_arrow.names
     if column not in names:
         raise _missing_column(column, str(path), names)
@@ -414,4 +436,6 @@ def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
         "split_seed": cfg.split_seed,
         "fingerprint": fingerprint,
         "wiki_cleaning_version": WIKI_CLEANING_VERSION if cfg.dataset == "wiki" else None,
+        **({"encoding": cfg.encoding} if cfg.encoding != "utf-8" and kind in ("file", "folder")
+           else {}),
     }
