@@ -56,8 +56,6 @@ def test_run_folder_rules(corpus, tmp_path, monkeypatch):
         train(tiny_run(corpus, out))
     with pytest.raises(GsaeError, match="holds a different run"):
         train(tiny_run(corpus, out, tokens=1024))
-    with pytest.raises(GsaeError, match="holds no run to continue"):
-        train(tiny_run(corpus, tmp_path / "elsewhere", resume=True))
     # The run is recognised by its recorded identity, not by how the path is spelled.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(GsaeError, match="has finished: there is nothing to resume"):
@@ -70,6 +68,33 @@ def test_run_folder_rules(corpus, tmp_path, monkeypatch):
         train(tiny_run(corpus, out))
     assert sae_file.read_bytes() == before
     train(tiny_run(corpus, out, overwrite=True))
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run(corpus, tmp_path, capsys,
+                                                           monkeypatch):
+    """A run killed before its first checkpoint (even before it wrote run.json, leaving only
+    the temporary file of that write) is started by --resume, and trains the same SAE."""
+    train(tiny_run(corpus, tmp_path / "ref"))
+    expected = weights(tmp_path / "ref" / "model.layers.1" / "k4-beta10-z-x2-s0")
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / ".run.json.tmp-999999-0123abcd").write_text("{")
+    train(tiny_run(corpus, tmp_path / "early", resume=True))
+    assert "holds no run yet; starting it from the beginning" in capsys.readouterr().err
+    import gsae.pipeline
+
+    def killed(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(corpus, tmp_path / "late"))
+    assert (tmp_path / "late" / "run.json").exists()
+    monkeypatch.undo()
+    train(tiny_run(corpus, tmp_path / "late", resume=True))
+    assert "holds no checkpoint of this run yet" in capsys.readouterr().err
+    for run in ("early", "late"):
+        got = weights(tmp_path / run / "model.layers.1" / "k4-beta10-z-x2-s0")
+        assert all(torch.equal(got[name], expected[name]) for name in expected), run
 
 
 @pytest.mark.parametrize("context_size, skip_first", [(2, 1), (8, 7), (5, 4)])
