@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,50 @@ def test_resume_before_the_first_checkpoint_starts_the_run(corpus, tmp_path, cap
     for run in ("early", "late"):
         got = weights(tmp_path / run / "model.layers.1" / "k4-beta10-z-x2-s0")
         assert all(torch.equal(got[name], expected[name]) for name in expected), run
+
+
+@pytest.mark.parametrize("from_store", [False, True])
+def test_an_interrupted_run_resumes_where_it_stopped(corpus, tmp_path, monkeypatch,
+                                                      from_store):
+    """Interrupted after some chunks (past a checkpoint), a run resumed with --resume reads
+    the data from where its checkpoint stopped and ends with the uninterrupted run's SAE."""
+    def run_in(out, **kwargs):
+        run = tiny_run(corpus, out, tokens=1536, batch_tokens=64, shuffle_tokens=256,
+                       checkpoint_every=2, **kwargs)
+        if from_store:
+            run.train.store = str(tmp_path / "store")
+        return run
+
+    if from_store:
+        store = CacheRun(model=ModelConfig(model="tiny-llama"),
+                         data=DataConfig(dataset=corpus, context_size=32))
+        store.source.hooks, store.source.lm_batch_size = ["1"], 4
+        store.store.store, store.store.tokens, store.store.batches_per_shard = \
+            str(tmp_path / "store"), 600, 1
+        cache(store)
+    train(run_in(tmp_path / "ref"))
+    import gsae.pipeline
+
+    real_fit = gsae.pipeline.Trainer.fit
+
+    def fit_then_stop(trainer, chunks):
+        def some(chunks):
+            for i, chunk in enumerate(chunks):
+                if i == 9:
+                    raise KeyboardInterrupt
+                yield chunk
+        return real_fit(trainer, some(chunks))
+
+    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", fit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_in(tmp_path / "cut"))
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert 0 < state["chunks_done"] <= 9 and not state["finished"]
+    train(run_in(tmp_path / "cut", resume=True))
+    sae = Path("model.layers.1") / "k4-beta10-z-x2-s0"
+    expected, got = weights(tmp_path / "ref" / sae), weights(tmp_path / "cut" / sae)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
 
 
 @pytest.mark.parametrize("context_size, skip_first", [(2, 1), (8, 7), (5, 4)])
