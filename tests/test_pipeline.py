@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,14 @@ def test_an_interrupted_run_resumes_where_it_stopped(corpus, tmp_path, monkeypat
     sae = Path("model.layers.1") / "k4-beta10-z-x2-s0"
     expected, got = weights(tmp_path / "ref" / sae), weights(tmp_path / "cut" / sae)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_wandb_project_without_wandb_is_refused_before_anything_runs(corpus, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(GsaeError, match=r"--wandb_project needs the wandb package: pip install"):
+        train(tiny_run(corpus, tmp_path / "run", wandb_project="gsae"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("context_size, skip_first", [(2, 1), (8, 7), (5, 4)])

@@ -179,3 +179,28 @@ def test_lr_schedule():
     assert lr_factor(9, 100, 10, 0.2) == 1.0
     assert lr_factor(50, 100, 10, 0.2) == 1.0
     assert lr_factor(90, 100, 10, 0.2) == pytest.approx(0.5)
+
+
+def test_wandb_gets_exactly_the_records_of_log_jsonl(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def log(run, data, *args, **kwargs):
+        logged.append(dict(data))
+        return real_log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", log)
+    sweep = [SAEConfig(n_latents=64, k=4, beta=1.0), SAEConfig(n_latents=32, k=2, beta=0.0)]
+    trainer = make_trainer(tmp_path, sweep, tokens=256 * 12, wandb_project="gsae-test")
+    trainer.fit(sparse_chunks(12))
+    for m in trainer.members:
+        prefix = m.name + "/"
+        sent = [{k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+                for d in logged]
+        written = [json.loads(line) for line in m.log_file.open()]
+        assert [d for d in sent if d] == written and len(written) >= 3
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

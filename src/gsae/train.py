@@ -34,7 +34,6 @@ rank 0 of a data-parallel run, whose ranks hold identical state) writes all part
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -390,8 +389,13 @@ class WandbLog:
 
 def check_wandb(cfg: TrainConfig) -> None:
     """Refuse --wandb_project when wandb is not installed (before any work is done)."""
-    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise GsaeError("--wandb_project needs the wandb package: pip install 'gsae[wandb]'")
+    if not cfg.wandb_project:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise GsaeError("--wandb_project needs the wandb package: pip install 'gsae[wandb]'"
+                        ) from None
 
 
 # ---------------------------------------------------------------------------------- training
