@@ -108,10 +108,13 @@ class TrainConfig:
     )
     log_every: int = field(default=10, metadata={"help": "steps between logged metrics",
                                                  "min": 1})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints",
-                                                        "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue the run found in --out",
-                                                  "identity": False})
+    checkpoint_every: int = field(
+        default=50, metadata={"help": "steps between checkpoints (each taken between two "
+                              "chunks of data, once some SAE has made this many steps)", "min": 1})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run found in --out from its latest checkpoint, exactly "
+                  "(a run with no checkpoint yet starts from the beginning)", "identity": False})
     overwrite: bool = field(
         default=False, metadata={"help": "replace whatever run is in --out", "identity": False}
     )
@@ -401,6 +404,20 @@ def check_wandb(cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------------------- training
 
 
+def _share_of_this_rank(jobs: list[Any], cfg: TrainConfig) -> tuple[list[Any], str]:
+    """The SAEs this process trains, and the name of its run-level checkpoint part: all of
+    them and `checkpoint`, or under `distribute_sweep` a round-robin share and
+    `checkpoint-rank<r>-of-<world>`."""
+    world = distributed.world_size()
+    if not cfg.distribute_sweep or world == 1:
+        return jobs, STATE_DIR
+    if len(jobs) < world:
+        raise GsaeError(f"--distribute_sweep on {world} ranks needs at least {world} SAEs; the "
+                        f"sweep has {len(jobs)}")
+    return jobs[distributed.rank()::world], f"{STATE_DIR}-rank{distributed.rank()}-of-{world}"
+
+
+
 class Trainer:
     """Trains a list of SAEs, each bound to a hook point, on shared batches."""
 
@@ -438,15 +455,7 @@ class Trainer:
         for i, folder in enumerate(folders):
             if folder in folders[:i]:
                 raise GsaeError(f"the sweep lists the same SAE twice: {folder}")
-        jobs = list(zip(saes, folders))
-        name = STATE_DIR
-        if cfg.distribute_sweep and distributed.world_size() > 1:
-            world = distributed.world_size()
-            if len(jobs) < world:
-                raise GsaeError(f"--distribute_sweep on {world} ranks needs at least {world} "
-                                f"SAEs; the sweep has {len(jobs)}")
-            jobs = jobs[distributed.rank()::world]
-            name = f"{STATE_DIR}-rank{distributed.rank()}-of-{world}"
+        jobs, name = _share_of_this_rank(list(zip(saes, folders)), cfg)
         members = [TrainedSAE(sae, hook, folder, cfg) for (sae, hook), folder in jobs]
         trainer = cls(members, cfg, name)
         if cfg.resume:
