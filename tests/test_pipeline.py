@@ -15,6 +15,16 @@ from gsae.pipeline import CacheRun, TrainRun, cache, load_for_eval, train
 from gsae.text import DataConfig
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models and SAEs here are tiny: one thread runs them faster than several, and does
+    not slow down on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_run(corpus, out, **train_kwargs):
     run = TrainRun(model=ModelConfig(model="tiny-llama"),
                    data=DataConfig(dataset=corpus, context_size=32))
