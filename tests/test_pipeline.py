@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,16 @@ from gsae.cli import main
 from gsae.models import ModelConfig
 from gsae.pipeline import CacheRun, TrainRun, cache, load_for_eval, train
 from gsae.text import DataConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models and SAEs here are tiny: one thread runs them faster than several, and does
+    not slow down on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_run(corpus, out, **train_kwargs):
@@ -56,8 +68,6 @@ def test_run_folder_rules(corpus, tmp_path, monkeypatch):
         train(tiny_run(corpus, out))
     with pytest.raises(GsaeError, match="holds a different run"):
         train(tiny_run(corpus, out, tokens=1024))
-    with pytest.raises(GsaeError, match="holds no run to continue"):
-        train(tiny_run(corpus, tmp_path / "elsewhere", resume=True))
     # The run is recognised by its recorded identity, not by how the path is spelled.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(GsaeError, match="has finished: there is nothing to resume"):
@@ -70,6 +80,85 @@ def test_run_folder_rules(corpus, tmp_path, monkeypatch):
         train(tiny_run(corpus, out))
     assert sae_file.read_bytes() == before
     train(tiny_run(corpus, out, overwrite=True))
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run(corpus, tmp_path, capsys,
+                                                           monkeypatch):
+    """A run killed before its first checkpoint (even before it wrote run.json, leaving only
+    the temporary file of that write) is started by --resume, and trains the same SAE."""
+    train(tiny_run(corpus, tmp_path / "ref"))
+    expected = weights(tmp_path / "ref" / "model.layers.1" / "k4-beta10-z-x2-s0")
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / ".run.json.tmp-999999-0123abcd").write_text("{")
+    train(tiny_run(corpus, tmp_path / "early", resume=True))
+    assert "holds no run yet; starting it from the beginning" in capsys.readouterr().err
+    import gsae.pipeline
+
+    def killed(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(corpus, tmp_path / "late"))
+    assert (tmp_path / "late" / "run.json").exists()
+    monkeypatch.undo()
+    train(tiny_run(corpus, tmp_path / "late", resume=True))
+    assert "holds no checkpoint of this run yet" in capsys.readouterr().err
+    for run in ("early", "late"):
+        got = weights(tmp_path / run / "model.layers.1" / "k4-beta10-z-x2-s0")
+        assert all(torch.equal(got[name], expected[name]) for name in expected), run
+
+
+@pytest.mark.parametrize("from_store", [False, True])
+def test_an_interrupted_run_resumes_where_it_stopped(corpus, tmp_path, monkeypatch,
+                                                      from_store):
+    """Interrupted after some chunks (past a checkpoint), a run resumed with --resume reads
+    the data from where its checkpoint stopped and ends with the uninterrupted run's SAE."""
+    def run_in(out, **kwargs):
+        run = tiny_run(corpus, out, tokens=1536, batch_tokens=64, shuffle_tokens=256,
+                       checkpoint_every=2, **kwargs)
+        if from_store:
+            run.train.store = str(tmp_path / "store")
+        return run
+
+    if from_store:
+        store = CacheRun(model=ModelConfig(model="tiny-llama"),
+                         data=DataConfig(dataset=corpus, context_size=32))
+        store.source.hooks, store.source.lm_batch_size = ["1"], 4
+        store.store.store, store.store.tokens, store.store.batches_per_shard = \
+            str(tmp_path / "store"), 600, 1
+        cache(store)
+    train(run_in(tmp_path / "ref"))
+    import gsae.pipeline
+
+    real_fit = gsae.pipeline.Trainer.fit
+
+    def fit_then_stop(trainer, chunks):
+        def some(chunks):
+            for i, chunk in enumerate(chunks):
+                if i == 9:
+                    raise KeyboardInterrupt
+                yield chunk
+        return real_fit(trainer, some(chunks))
+
+    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", fit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_in(tmp_path / "cut"))
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert 0 < state["chunks_done"] <= 9 and not state["finished"]
+    train(run_in(tmp_path / "cut", resume=True))
+    sae = Path("model.layers.1") / "k4-beta10-z-x2-s0"
+    expected, got = weights(tmp_path / "ref" / sae), weights(tmp_path / "cut" / sae)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_wandb_project_without_wandb_is_refused_before_anything_runs(corpus, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(GsaeError, match=r"--wandb_project needs the wandb package: pip install"):
+        train(tiny_run(corpus, tmp_path / "run", wandb_project="gsae"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("context_size, skip_first", [(2, 1), (8, 7), (5, 4)])

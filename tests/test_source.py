@@ -1,5 +1,7 @@
 """Activations and gradients from the frozen model, checked against finite differences."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,6 +10,12 @@ from gsae.source import ActivationSource, SourceConfig, next_token_loss, outlier
 from gsae.tiny import tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def reference_loss(logits, tokens):
+    """L written out: the sum over sequences and positions t < T-1 of -log p(token t+1)."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    return -log_probs[:, :-1].gather(2, tokens[:, 1:, None]).sum()
 
 
 def loss_with_delta(model, tokens, hook, position, delta):
@@ -23,7 +31,7 @@ def loss_with_delta(model, tokens, hook, position, delta):
     handle = module.register_forward_hook(add)
     try:
         with torch.no_grad():
-            return next_token_loss(model(input_ids=tokens).logits, tokens).item()
+            return reference_loss(model(input_ids=tokens).logits, tokens).item()
     finally:
         handle.remove()
 
@@ -49,6 +57,14 @@ def test_gradient_matches_finite_differences(arch, eps, rel):
             assert fd == pytest.approx((g[b, t].double() * direction).sum().item(), rel=rel,
                                        abs=1e-9)
     assert all(p.grad is None for p in model.parameters())  # no weight gradients formed
+
+
+def test_next_token_loss_hand_computed():
+    """Two positions predicting tokens 2 and 0 from logits whose probabilities are known."""
+    logits = torch.log(torch.tensor([[[0.1, 0.2, 0.7], [0.5, 0.25, 0.25], [1.0, 1.0, 1.0]]]))
+    tokens = torch.tensor([[1, 2, 0]])
+    expected = -math.log(0.7) - math.log(0.5)
+    assert next_token_loss(logits, tokens).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_gradient_does_not_depend_on_batch_size():

@@ -7,7 +7,17 @@ import torch
 
 from gsae import SAE, GsaeError, SAEConfig
 from gsae.source import Batch
-from gsae.train import ShuffleBuffer, TrainConfig, Trainer, lr_factor
+from gsae.train import ShuffleBuffer, TrainConfig, TrainedSAE, Trainer, lr_factor
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models and SAEs here are tiny: one thread runs them faster than several, and does
+    not slow down on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def sparse_chunks(n_chunks, rows=256, d=16, n_atoms=48, active=3, seed=0, grad=True):
@@ -66,23 +76,91 @@ def test_sweep_trained_together_equals_one_by_one(tmp_path):
             assert torch.equal(p, getattr(together.members[i].sae, name)), (i, name)
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
-    cfg = SAEConfig(n_latents=64, k=4, beta=1.0)
-    first = make_trainer(tmp_path, [cfg], tokens=256 * 40)
-    first.fit(sparse_chunks(24))  # the data ends early: a run cut short
-    member = first.members[0]
-    assert member.step == 24
-    weights = {n: p.clone() for n, p in member.sae.named_parameters()}
-    # A kill between the two renames of a checkpoint swap leaves only the previous one.
-    (member.folder / "checkpoint").rename(member.folder / "checkpoint.old")
-    again = make_trainer(tmp_path, [cfg], tokens=256 * 40, resume=True)
-    m = again.members[0]
-    assert m.step == 24 and again.chunks_done == 24
-    for name, p in m.sae.named_parameters():
-        assert torch.equal(p, weights[name])
-    assert m.opt.state[m.sae.W_dec]["exp_avg"].abs().sum() > 0  # optimiser state restored
-    again.fit(sparse_chunks(40, seed=0))
-    assert m.tokens == 256 * 40
+def two_hook_chunks(n_chunks, seed=0):
+    """Chunks for two hook points with different row counts, so that the SAEs of the two hooks
+    step (and ask for checkpoints) at different moments."""
+    a = sparse_chunks(n_chunks, rows=200, seed=seed)
+    b = sparse_chunks(n_chunks, rows=136, seed=seed + 1, grad=False)
+    for ca, cb in zip(a, b):
+        yield {"a": Batch(ca["h"].x, ca["h"].g, "a", dropped_outliers=1),
+               "b": Batch(cb["h"].x, None, "b")}
+
+
+def resumable_trainer(out, resume=False):
+    sweep = [SAEConfig(n_latents=64, k=4, beta=1.0), SAEConfig(n_latents=32, k=2, beta=0.0)]
+    cfg = TrainConfig(out=str(out), tokens=128 * 30, batch_tokens=128, shuffle_tokens=512,
+                      lr=1e-2, warmup_steps=3, dead_tokens=300, checkpoint_every=4, log_every=3,
+                      resume=resume)
+    return Trainer.create([(SAE(c, 16), h) for h in ("a", "b") for c in sweep], cfg)
+
+
+class Killed(Exception):
+    pass
+
+
+def chunks_after(done, kill_at=None):
+    """The chunks a run resumed after `done` chunks reads; with `kill_at`, the run is "killed"
+    when it asks for chunk number `kill_at`."""
+    for i, chunk in enumerate(two_hook_chunks(40)):
+        if i == kill_at:
+            raise Killed
+        if i >= done:
+            yield chunk
+
+
+def records(folder):
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in (folder / "log.jsonl").open()]
+
+
+def assert_same_runs(trainer, reference):
+    for m, ref in zip(trainer.members, reference.members):
+        assert m.step == ref.step and m.tokens == ref.tokens
+        for name, p in ref.sae.named_parameters():
+            assert torch.equal(p, getattr(m.sae, name)), (m.name, name)
+        assert records(m.folder) == records(ref.folder), m.name  # nothing lost or repeated
+
+
+def test_a_run_killed_anywhere_resumes_to_the_same_weights(tmp_path):
+    """Interrupted before its first checkpoint, just after one, and between two, a run resumed
+    from its checkpoint ends with the weights and logs of an uninterrupted run, bit for bit."""
+    reference = resumable_trainer(tmp_path / "ref")
+    reference.fit(two_hook_chunks(40))
+    out = tmp_path / "cut"
+    trainer = resumable_trainer(out)
+    for kill_at in (2, 9, 10, 17):
+        with pytest.raises(Killed):
+            trainer.fit(chunks_after(trainer.chunks_done, kill_at))
+        trainer = resumable_trainer(out, resume=True)
+        assert trainer.chunks_done <= kill_at
+    assert trainer.chunks_done > 0 and trainer.rows_seen > 0
+    trainer.fit(chunks_after(trainer.chunks_done))
+    assert trainer.finished and trainer.dropped_outliers == reference.dropped_outliers
+    assert_same_runs(trainer, reference)
+
+
+def test_a_kill_between_the_parts_of_a_checkpoint_resumes_the_previous_one(tmp_path,
+                                                                           monkeypatch):
+    reference = resumable_trainer(tmp_path / "ref")
+    reference.fit(two_hook_chunks(40))
+    out = tmp_path / "cut"
+    trainer = resumable_trainer(out)
+    real_save = TrainedSAE.save_checkpoint
+
+    def save_then_die(self, moment, run_state):
+        if moment == 3 and self is trainer.members[2]:
+            raise Killed  # the run-level part and two SAEs hold moment 3, the others moment 2
+        real_save(self, moment, run_state)
+
+    monkeypatch.setattr(TrainedSAE, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        trainer.fit(two_hook_chunks(40))
+    monkeypatch.setattr(TrainedSAE, "save_checkpoint", real_save)
+    trainer = resumable_trainer(out, resume=True)
+    assert trainer.moment == 2
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint"]
+    trainer.fit(chunks_after(trainer.chunks_done))
+    assert_same_runs(trainer, reference)
 
 
 def test_non_finite_data_stops_with_the_step(tmp_path):
@@ -111,3 +189,28 @@ def test_lr_schedule():
     assert lr_factor(9, 100, 10, 0.2) == 1.0
     assert lr_factor(50, 100, 10, 0.2) == 1.0
     assert lr_factor(90, 100, 10, 0.2) == pytest.approx(0.5)
+
+
+def test_wandb_gets_exactly_the_records_of_log_jsonl(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def log(run, data, *args, **kwargs):
+        logged.append(dict(data))
+        return real_log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", log)
+    sweep = [SAEConfig(n_latents=64, k=4, beta=1.0), SAEConfig(n_latents=32, k=2, beta=0.0)]
+    trainer = make_trainer(tmp_path, sweep, tokens=256 * 12, wandb_project="gsae-test")
+    trainer.fit(sparse_chunks(12))
+    for m in trainer.members:
+        prefix = m.name + "/"
+        sent = [{k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+                for d in logged]
+        written = [json.loads(line) for line in m.log_file.open()]
+        assert [d for d in sent if d] == written and len(written) >= 3
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

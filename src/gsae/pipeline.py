@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +34,7 @@ from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
 from gsae.steer import SteerConfig, SteerResult, steer
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
 from gsae.text import DataConfig, batched_contexts, corpus_identity, token_contexts
-from gsae.train import TrainConfig, Trainer, checkpoint_dir, data_parallel, sae_folder
+from gsae.train import TrainConfig, Trainer, check_wandb, data_parallel
 
 SAESweep = sweep_of(SAEConfig)
 RUN_FILE = "run.json"
@@ -145,12 +146,13 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
                ) -> TrainSummary:
     """Train the SAEs of `configs` (the sweep lists in `run.sae` are ignored) on the same
     batches, as `train` does. With `resume_if_same`, a run of exactly these SAEs and settings
-    found in `run.train.out` with a checkpoint for each is continued, and anything else there
-    is replaced (what `gsae compare` wants)."""
+    found in `run.train.out` is continued, and anything else there is replaced (what
+    `gsae compare` wants)."""
     t0 = time.perf_counter()
     distributed.init()
     run = _local_devices(run)
     check_positions(run.data, run.source)
+    check_wandb(run.train)
     data = training_data(run, with_grad=any(c.beta > 0 for c in configs))
     for cfg in configs:
         cfg.validate(data.d_in)
@@ -158,9 +160,9 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
             for hook in data.hooks for cfg in configs]
     if resume_if_same:
         run = _resume_or_restart(run, configs, data)
-    claim_run_folder(run, configs, data.recorded)
-    trainer = Trainer.create(saes, run.train)
-    if trainer.done:
+    record = claim_run_folder(run, configs, data.recorded)
+    trainer = Trainer.create(saes, run.train, run_config=record)
+    if trainer.finished:
         raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to resume "
                         "(pass --overwrite to train it again, or a larger --tokens as a new run)")
     records = trainer.fit(data.chunks(trainer.chunks_done))
@@ -179,10 +181,8 @@ def _local_devices(run: TrainRun) -> TrainRun:
 
 def _resume_or_restart(run: TrainRun, configs: list[SAEConfig], data: TrainingData
                        ) -> TrainRun:
-    out = Path(run.train.out)
-    same = (_previous_identity(out) == run_record(run, configs, data.recorded)["recorded"]
-            ["identity"]
-            and all(checkpoint_dir(sae_folder(out, h, c)) for h in data.hooks for c in configs))
+    same = (_previous_identity(Path(run.train.out))
+            == run_record(run, configs, data.recorded)["recorded"]["identity"])
     return replace(run, train=replace(run.train, resume=same, overwrite=not same))
 
 
@@ -266,10 +266,12 @@ def run_record(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
             "recorded": {"saes": saes, **recorded, "identity": same_run}}
 
 
-def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]) -> None:
+def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
+                     ) -> dict[str, Any]:
     """Refuse to mix runs in `run.train.out` (unless --overwrite): --resume continues only the
-    same run, recognised by its recorded identity (not by how the path is spelled); a folder
-    holding anything but this run is never written into. Then (re)write run.json."""
+    same run, recognised by its recorded identity (not by how the path is spelled), and starts
+    it when the folder holds none yet (a run killed before it wrote anything); a folder holding
+    anything but this run is never written into. Then (re)write run.json; returns its record."""
     cfg = run.train
     out = Path(cfg.out)
     record = run_record(run, configs, recorded)
@@ -281,14 +283,22 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
         if previous is not None and not cfg.resume:
             raise GsaeError(f"{out} already holds this run; pass --resume to continue it or "
                             "--overwrite to start again")
-        if previous is None and out.is_dir() and any(out.iterdir()):
+        if previous is None and _holds_files(out):
             raise GsaeError(f"{out} is not empty and holds no {RUN_FILE}: choose another --out, "
                             "or pass --overwrite to write into it")
-    if cfg.resume and previous is None:
-        raise GsaeError(f"--resume was given but {out} holds no run to continue")
+    if cfg.resume and previous is None and distributed.is_main():
+        print(f"gsae: --resume: {out} holds no run yet; starting it from the beginning",
+              file=sys.stderr)
     distributed.barrier()  # every rank has read run.json before rank 0 replaces it
     if distributed.is_main():
         write_json(out / RUN_FILE, record)
+    return record
+
+
+def _holds_files(out: Path) -> bool:
+    """Whether `out` holds anything besides what a killed write of run.json leaves behind
+    (a hidden temporary sibling)."""
+    return out.is_dir() and any(not p.name.startswith(f".{RUN_FILE}") for p in out.iterdir())
 
 
 def _previous_identity(out: Path) -> dict[str, Any] | None:

@@ -5,6 +5,31 @@ it takes an iterator of "chunks", each a dict from hook point to `Batch`, mixes 
 shuffle buffer per hook point, and steps every SAE attached to that hook on every mixed batch.
 Under torchrun the ranks either split every batch (data-parallel, the same computation as one
 process) or the sweep (`--distribute_sweep`); see `gsae.distributed` and the README.
+
+Checkpoints and exact resume. A checkpoint is taken between two chunks (once some SAE has made
+`checkpoint_every` more steps), so no chunk is ever half used, and it holds everything the rest
+of the run depends on; a run killed at any moment and resumed with `--resume` ends with the
+weights of an uninterrupted run, bit for bit. It has parts, each a folder:
+
+    <out>/checkpoint/              the run-level part: state.json (moment, chunks_done,
+                                   rows_seen, dropped_outliers, finished) and
+                                   buffers.safetensors (per hook: the rows x and g held in the
+                                   shuffle buffer, and its generator state)
+    <out>/<hook>/<variant>/checkpoint/
+                                   each SAE's part: sae.safetensors and cfg.json (weights),
+                                   optimizer.safetensors (Adam state, steps since each latent
+                                   fired), state.json (moment, step, tokens, the metrics not yet
+                                   logged, the length of log.jsonl)
+
+Every part of checkpoint number `moment` is written into `checkpoint.tmp` and renamed into place
+(run-level part first), the part's previous checkpoint becoming `checkpoint.old`; the `.old`
+folders are removed only once every part holds the new moment. So at any instant each part holds
+the latest or the previous moment, and `--resume` takes the latest moment that every part holds
+(then drops the other folders and cuts log.jsonl back to that moment); with none, the run starts
+from the beginning. The data is then read again from chunk `chunks_done` on. One process (or
+rank 0 of a data-parallel run, whose ranks hold identical state) writes all parts; under
+`--distribute_sweep` each rank writes its own SAEs and its run-level part
+`checkpoint-rank<r>-of-<world>`, so such a run resumes with the same number of ranks.
 """
 
 from __future__ import annotations
@@ -13,22 +38,29 @@ import itertools
 import json
 import math
 import shutil
+import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from gsae import distributed
 from gsae.errors import GsaeError
+from gsae.io import save_tensors, write_json
 from gsae.sae import SAE, SAEConfig, total_variance_of
 from gsae.source import Batch
 
 STATE_DIR = "checkpoint"
+STATE_FILE = "state.json"
+BUFFERS_FILE = "buffers.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LOG_FILE = "log.jsonl"
+OLD, TMP = ".old", ".tmp"
 
 
 @dataclass
@@ -77,10 +109,13 @@ class TrainConfig:
     )
     log_every: int = field(default=10, metadata={"help": "steps between logged metrics",
                                                  "min": 1})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints",
-                                                        "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue the run found in --out",
-                                                  "identity": False})
+    checkpoint_every: int = field(
+        default=50, metadata={"help": "steps between checkpoints (each taken between two "
+                              "chunks of data, once some SAE has made this many steps)", "min": 1})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run found in --out from its latest checkpoint, exactly "
+                  "(a run with no checkpoint yet starts from the beginning)", "identity": False})
     overwrite: bool = field(
         default=False, metadata={"help": "replace whatever run is in --out", "identity": False}
     )
@@ -93,6 +128,11 @@ class TrainConfig:
         default=False,
         metadata={"help": "under torchrun, give each rank a share of the sweep's SAEs (each rank "
                   "reads all the data) instead of splitting every batch across the ranks"},
+    )
+    wandb_project: str = field(
+        default="",
+        metadata={"help": "also log every SAE's log.jsonl records to this Weights & Biases "
+                  "project (needs gsae[wandb])", "identity": False},
     )
 
 
@@ -165,6 +205,94 @@ class ShuffleBuffer:
         self.x, self.g = [x[rest]], [None if g is None else g[rest]]
         self.rows = rest.numel()
 
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The rows held and the random state, as CPU tensors named `prefix` + x, g,
+        generator (what `load_state` restores)."""
+        tensors = {prefix + "generator": self.gen.get_state()}
+        if self.rows:
+            tensors[prefix + "x"] = torch.cat(self.x).cpu()
+            if all(g is not None for g in self.g):
+                tensors[prefix + "g"] = torch.cat(self.g).cpu()  # type: ignore[arg-type]
+        return tensors
+
+    def load_state(self, tensors: dict[str, torch.Tensor], prefix: str,
+                   device: torch.device) -> None:
+        """Hold again the rows and random state that `state_tensors` saved."""
+        self.gen.set_state(tensors[prefix + "generator"])
+        x, g = tensors.get(prefix + "x"), tensors.get(prefix + "g")
+        self.x = [] if x is None else [x.to(device)]
+        self.g = [] if x is None else [None if g is None else g.to(device)]
+        self.rows = 0 if x is None else x.shape[0]
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def _sibling(final: Path, suffix: str) -> Path:
+    return final.with_name(final.name + suffix)
+
+
+def _remove_part(folder: Path) -> None:
+    """Delete a checkpoint folder, its state file first: a kill midway never leaves a folder
+    that looks complete."""
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_part(final: Path, write: Callable[[Path], None]) -> None:
+    """Write one part of a checkpoint into a fresh folder (`write` fills it; its state file
+    last), which then becomes `final` by renames; the part's previous checkpoint stays as
+    `.old` until every part of the run has the new one."""
+    tmp, old = _sibling(final, TMP), _sibling(final, OLD)
+    _remove_part(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _remove_part(old)  # older than the previous checkpoint, which every part holds
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+
+
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _checkpoints_by_moment(final: Path) -> dict[int, Path]:
+    """The complete checkpoints of one part (`final` and its `.old`), by moment."""
+    found = {}
+    for folder in (final, _sibling(final, OLD)):
+        state = _read_state(folder)
+        if state is not None and "moment" in state:
+            found[state["moment"]] = folder
+    return found
+
+
+def _keep_only(final: Path, chosen: Path) -> None:
+    """Make `chosen`, one of the checkpoints of the part `final`, its only one, named `final`."""
+    if chosen != final:
+        _remove_part(final)
+        chosen.rename(final)
+    _remove_part(_sibling(final, OLD))
+    _remove_part(_sibling(final, TMP))
+
+
+def checkpoint_dir(folder: Path) -> Path | None:
+    """The latest complete checkpoint of an SAE folder, or None."""
+    found = _checkpoints_by_moment(Path(folder) / STATE_DIR)
+    return found[max(found)] if found else None
+
+
+def finished_training(folder: Path) -> bool:
+    """Whether the checkpoint of an SAE folder says its training finished."""
+    state_dir = checkpoint_dir(folder)
+    return state_dir is not None and bool((_read_state(state_dir) or {}).get("finished"))
+
+
+# ---------------------------------------------------------------------------------- the SAEs
+
 
 class TrainedSAE:
     """One SAE of a run with its optimiser and bookkeeping."""
@@ -183,42 +311,41 @@ class TrainedSAE:
         self.acc: dict[str, float] = {}
         self.acc_steps = 0
         self.last_record: dict[str, Any] = {}
+        self.log_bytes = 0  # the length of log.jsonl at the checkpoint resumed from
 
     @property
     def name(self) -> str:
         return f"{self.hook}/{self.folder.name}"
 
-    def state(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "b_dec_ready": self.b_dec_ready}
+    @property
+    def log_file(self) -> Path:
+        return self.folder / LOG_FILE
 
-    def save_checkpoint(self, extra: dict[str, Any]) -> None:
-        """Write the SAE (in the folder, for users) and a consistent checkpoint: the weights,
-        the optimiser state and the counters go to a fresh folder that then replaces
-        `checkpoint/` by renames, so a kill at any moment leaves one complete checkpoint."""
+    def save_checkpoint(self, moment: int, run_state: dict[str, Any]) -> None:
+        """Write the SAE (in its folder, for users) and its part of the run's checkpoint
+        `moment`: weights, optimiser state and every counter."""
         self.sae.save(self.folder)
-        final = self.folder / STATE_DIR
-        tmp, old = final.with_name(STATE_DIR + ".tmp"), final.with_name(STATE_DIR + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.sae.save(tmp)
+        _write_part(self.folder / STATE_DIR,
+                    lambda tmp: self._write_state(tmp, {"moment": moment, **run_state}))
+
+    def _write_state(self, folder: Path, run_state: dict[str, Any]) -> None:
+        self.sae.save(folder)
         tensors = {"since_fired": self.since_fired.cpu()}
         for i, p in enumerate(self.sae.parameters()):
             for key, value in self.opt.state.get(p, {}).items():
                 tensors[f"{i}.{key}"] = value.detach().cpu().reshape(-1) if value.ndim == 0 \
                     else value.detach().cpu()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**self.state(), **extra}))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        save_tensors(folder / OPTIMIZER_FILE, tensors)
+        log_bytes = self.log_file.stat().st_size if self.log_file.exists() else 0
+        state = {**run_state, "step": self.step, "tokens": self.tokens,
+                 "b_dec_ready": self.b_dec_ready, "log_bytes": log_bytes, "acc": self.acc,
+                 "acc_steps": self.acc_steps, "last_record": self.last_record}
+        write_json(folder / STATE_FILE, state, indent=None)
 
-    def load_checkpoint(self) -> dict[str, Any]:
-        state_dir = checkpoint_dir(self.folder)
-        if state_dir is None:
-            raise GsaeError(f"--resume: {self.folder} has no checkpoint to resume from")
-        self.sae.load_state_dict(SAE.load(state_dir).state_dict())
-        tensors = load_file(str(state_dir / "optimizer.safetensors"))
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore the SAE, its optimiser and its counters from one of its checkpoints."""
+        self.sae.load_state_dict(SAE.load(folder).state_dict())
+        tensors = load_file(str(folder / OPTIMIZER_FILE))
         self.since_fired = tensors.pop("since_fired").to(self.since_fired.device)
         params = list(self.sae.parameters())
         for name, value in tensors.items():
@@ -226,26 +353,17 @@ class TrainedSAE:
             p = params[int(i)]
             value = value.to(p.device)
             self.opt.state.setdefault(p, {})[key] = value.reshape(()) if key == "step" else value
-        state = json.loads((state_dir / "state.json").read_text())
+        state = json.loads((folder / STATE_FILE).read_text())
         self.step, self.tokens = state["step"], state["tokens"]
         self.b_dec_ready = state["b_dec_ready"]
-        return state
+        self.acc, self.acc_steps = state["acc"], state["acc_steps"]
+        self.last_record, self.log_bytes = state["last_record"], state["log_bytes"]
 
-
-def checkpoint_dir(folder: Path) -> Path | None:
-    """The complete checkpoint of an SAE folder (the previous one if a kill interrupted the
-    swap), or None."""
-    for name in (STATE_DIR, STATE_DIR + ".old"):
-        if (folder / name / "state.json").is_file():
-            return folder / name
-    return None
-
-
-def finished_training(folder: Path) -> bool:
-    """Whether the checkpoint of an SAE folder says its training finished."""
-    state_dir = checkpoint_dir(folder)
-    return state_dir is not None and bool(
-        json.loads((state_dir / "state.json").read_text()).get("finished"))
+    def cut_log(self) -> None:
+        """Drop what log.jsonl gained after the checkpoint resumed from (it is logged again)."""
+        if self.log_file.exists():
+            with open(self.log_file, "r+b") as f:
+                f.truncate(min(self.log_bytes, self.log_file.stat().st_size))
 
 
 def _adam_kwargs(sae: SAE) -> dict[str, Any]:
@@ -253,10 +371,59 @@ def _adam_kwargs(sae: SAE) -> dict[str, Any]:
     return {"fused": True} if sae.W_dec.dtype in (torch.float32, torch.float64) else {}
 
 
+class WandbLog:
+    """Sends every record written to an SAE's log.jsonl to a Weights & Biases run too, as
+    `<hook>/<variant>/<metric>` with that SAE's tokens as the x axis."""
+
+    def __init__(self, project: str, name: str, config: dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(project=project, name=name, config=config)
+        self.named: set[str] = set()
+
+    def log(self, sae_name: str, record: dict[str, Any]) -> None:
+        if sae_name not in self.named:
+            self.run.define_metric(f"{sae_name}/*", step_metric=f"{sae_name}/tokens")
+            self.named.add(sae_name)
+        self.run.log({f"{sae_name}/{key}": value for key, value in record.items()})
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def check_wandb(cfg: TrainConfig) -> None:
+    """Refuse --wandb_project when wandb is not installed (before any work is done)."""
+    if not cfg.wandb_project:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise GsaeError("--wandb_project needs the wandb package: pip install 'gsae[wandb]'"
+                        ) from None
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _share_of_this_rank(jobs: list[Any], cfg: TrainConfig) -> tuple[list[Any], str]:
+    """The SAEs this process trains, and the name of its run-level checkpoint part: all of
+    them and `checkpoint`, or under `distribute_sweep` a round-robin share and
+    `checkpoint-rank<r>-of-<world>`."""
+    world = distributed.world_size()
+    if not cfg.distribute_sweep or world == 1:
+        return jobs, STATE_DIR
+    if len(jobs) < world:
+        raise GsaeError(f"--distribute_sweep on {world} ranks needs at least {world} SAEs; the "
+                        f"sweep has {len(jobs)}")
+    return jobs[distributed.rank()::world], f"{STATE_DIR}-rank{distributed.rank()}-of-{world}"
+
+
+
 class Trainer:
     """Trains a list of SAEs, each bound to a hook point, on shared batches."""
 
-    def __init__(self, members: list[TrainedSAE], cfg: TrainConfig):
+    def __init__(self, members: list[TrainedSAE], cfg: TrainConfig,
+                 checkpoint_name: str = STATE_DIR):
         if not members:
             raise GsaeError("nothing to train: the sweep is empty")
         self.members = members
@@ -266,75 +433,134 @@ class Trainer:
         self.writes_files = distributed.is_main() or cfg.distribute_sweep
         self.device = members[0].sae.W_dec.device
         self.total_steps = max(1, cfg.tokens // cfg.batch_tokens)
+        self.buffers = {hook: ShuffleBuffer(cfg.shuffle_tokens, cfg.batch_tokens,
+                                            cfg.shuffle_seed)
+                        for hook in dict.fromkeys(m.hook for m in members)}
+        self.checkpoint = Path(cfg.out) / checkpoint_name  # the run-level part
         self.chunks_done = 0
         self.dropped_outliers = 0
         self.rows_seen = 0
+        self.moment = 0  # checkpoints written by the run so far
+        self.finished = False
+        self.checkpoint_due = False
+        self.wandb: WandbLog | None = None
 
     @classmethod
-    def create(cls, saes: list[tuple[SAE, str]], cfg: TrainConfig) -> Trainer:
+    def create(cls, saes: list[tuple[SAE, str]], cfg: TrainConfig,
+               run_config: dict[str, Any] | None = None) -> Trainer:
         """The members of a run, each in its folder under `cfg.out` (see `sae_folder`); with
-        `cfg.resume`, restored from their checkpoints, else with fresh logs. Under
-        `distribute_sweep` this rank takes its share of the SAEs."""
+        `cfg.resume`, restored from the run's latest checkpoint (from the beginning if it has
+        none yet), else with fresh logs. Under `distribute_sweep` this rank takes its share of
+        the SAEs. `run_config` is what a wandb run records as its config."""
         folders = [sae_folder(cfg.out, hook, sae.cfg) for sae, hook in saes]
         for i, folder in enumerate(folders):
             if folder in folders[:i]:
                 raise GsaeError(f"the sweep lists the same SAE twice: {folder}")
-        jobs = list(zip(saes, folders))
-        if cfg.distribute_sweep:
-            world = distributed.world_size()
-            if len(jobs) < world:
-                raise GsaeError(f"--distribute_sweep on {world} ranks needs at least {world} "
-                                f"SAEs; the sweep has {len(jobs)}")
-            jobs = jobs[distributed.rank()::world]
+        jobs, name = _share_of_this_rank(list(zip(saes, folders)), cfg)
         members = [TrainedSAE(sae, hook, folder, cfg) for (sae, hook), folder in jobs]
-        trainer = cls(members, cfg)
+        trainer = cls(members, cfg, name)
         if cfg.resume:
             trainer._resume()
-        elif trainer.writes_files:
-            for m in members:
-                m.folder.mkdir(parents=True, exist_ok=True)
-                (m.folder / "log.jsonl").write_text("")
+        else:
+            trainer._start_afresh()
+        if cfg.wandb_project and trainer.writes_files:
+            check_wandb(cfg)
+            suffix = "" if name == STATE_DIR else name[len(STATE_DIR):]
+            trainer.wandb = WandbLog(cfg.wandb_project, Path(cfg.out).name + suffix,
+                                     run_config or {"train": asdict(cfg)})
         return trainer
 
+    def _parts(self) -> list[Path]:
+        """The folders of this process's checkpoint: the run-level part, then each SAE's."""
+        return [self.checkpoint] + [m.folder / STATE_DIR for m in self.members]
+
     def _resume(self) -> None:
-        states = [m.load_checkpoint() for m in self.members]
-        self.chunks_done = min(s["chunks_done"] for s in states)
+        """Restore the latest checkpoint that every part holds (see the module docstring)."""
+        parts = self._parts()
+        found = [_checkpoints_by_moment(part) for part in parts]
+        common = set(found[0]).intersection(*found[1:])
+        if not common:
+            self._refuse_other_split()
+            if distributed.is_main():
+                print(f"gsae: --resume: {self.cfg.out} holds no checkpoint of this run yet; "
+                      "starting it from the beginning", file=sys.stderr)
+            self._start_afresh()
+            return
+        self.moment = max(common)
+        self._load_run_state(found[0][self.moment])
+        for m, by_moment in zip(self.members, found[1:]):
+            m.load_checkpoint(by_moment[self.moment])
+        distributed.barrier()  # every rank has read the checkpoint before it is tidied
+        if self.writes_files:
+            for part, by_moment in zip(parts, found):
+                _keep_only(part, by_moment[self.moment])
+            for m in self.members:
+                m.cut_log()
+
+    def _start_afresh(self) -> None:
+        """Remove any checkpoint of this process's parts (a previous run's) and empty the
+        logs."""
+        distributed.barrier()  # every rank has looked for checkpoints before they go
+        if not self.writes_files:
+            return
+        for part in self._parts():
+            for folder in (part, _sibling(part, OLD), _sibling(part, TMP)):
+                _remove_part(folder)
+        for m in self.members:
+            m.folder.mkdir(parents=True, exist_ok=True)
+            m.log_file.write_text("")
+
+    def _refuse_other_split(self) -> None:
+        """A run split differently across ranks (--distribute_sweep) keeps its run-level state
+        under other names: resuming it with another split would silently start again."""
+        others = sorted(p.name for p in Path(self.cfg.out).glob(STATE_DIR + "*")
+                        if p.name.split(".")[0] != self.checkpoint.name and _read_state(p))
+        if others:
+            raise GsaeError(f"{self.cfg.out} holds checkpoints of the run split otherwise "
+                            f"across ranks ({', '.join(others)}); resume it with the ranks and "
+                            "--distribute_sweep setting that wrote them, or pass --overwrite")
+
+    def _load_run_state(self, folder: Path) -> None:
+        state = json.loads((folder / STATE_FILE).read_text())
+        self.chunks_done, self.rows_seen = state["chunks_done"], state["rows_seen"]
+        self.dropped_outliers, self.finished = state["dropped_outliers"], state["finished"]
+        tensors = load_file(str(folder / BUFFERS_FILE))
+        for hook, buf in self.buffers.items():
+            buf.load_state(tensors, f"{hook}/", self.device)
+
+    def _write_run_state(self, folder: Path, state: dict[str, Any]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for hook, buf in self.buffers.items():
+            tensors.update(buf.state_tensors(f"{hook}/"))
+        save_tensors(folder / BUFFERS_FILE, tensors)
+        write_json(folder / STATE_FILE, state, indent=None)
 
     @property
     def done(self) -> bool:
         return all(m.tokens >= self.cfg.tokens for m in self.members)
 
-    def fit(self, chunks: Iterator[dict[str, Batch]]) -> list[dict[str, Any]]:
+    def fit(self, chunks: Iterable[dict[str, Batch]]) -> list[dict[str, Any]]:
         """Train until every SAE has seen the token budget or the data ends. `chunks` must
         already skip the `chunks_done` chunks of a resumed run. Returns the final metrics."""
-        buffers = {
-            hook: ShuffleBuffer(self.cfg.shuffle_tokens, self.cfg.batch_tokens,
-                                self.cfg.shuffle_seed + self.chunks_done)
-            for hook in {m.hook for m in self.members}
-        }
+        chunks = iter(chunks)
         start_tokens = min(m.tokens for m in self.members)
         bar = tqdm(total=self.cfg.tokens, initial=start_tokens, unit="tok", unit_scale=True,
                    desc="train", dynamic_ncols=True, disable=not distributed.is_main())
         self._t0 = time.perf_counter()
         self._t0_tokens = start_tokens
         try:
-            for chunk in chunks:
-                if self.done:
-                    break
-                for hook, batch in chunk.items():
-                    if hook not in buffers:
-                        continue
-                    self.dropped_outliers += batch.dropped_outliers
-                    self.rows_seen += len(batch)
-                    for ready in buffers[hook].add(batch.to(self.device)):
-                        self._step_hook(hook, ready, bar)
+            while not self.done and (chunk := next(chunks, None)) is not None:
+                self._train_on(chunk, bar)
                 self.chunks_done += 1
+                if self.checkpoint_due:  # at a chunk boundary: nothing half-used to replay
+                    self._save_checkpoints(finished=False)
                 if bar.n == start_tokens:  # nothing trained yet: show the buffer filling up
-                    buf = next(iter(buffers.values()))
+                    buf = next(iter(self.buffers.values()))
                     bar.set_postfix_str(f"filling the shuffle buffer: {buf.rows}/{buf.capacity}")
-            for hook, buf in buffers.items():
-                for ready in buf.flush():
-                    self._step_hook(hook, ready, bar)
+            if not self.done:  # the data ended: train on what the buffers still hold
+                for hook, buf in self.buffers.items():
+                    for ready in buf.flush():
+                        self._step_hook(hook, ready, bar)
         finally:
             bar.close()
         for m in self.members:
@@ -342,10 +568,21 @@ class Trainer:
         final = [{"name": m.name, "folder": str(m.folder), **m.last_record}
                  for m in self.members]
         self._save_checkpoints(finished=True)
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.cfg.distribute_sweep:
             parts = distributed.gather_objects(final)  # dealt round-robin: interleave back
             final = [r for group in itertools.zip_longest(*parts) for r in group if r is not None]
         return final
+
+    def _train_on(self, chunk: dict[str, Batch], bar) -> None:
+        for hook, batch in chunk.items():
+            if hook not in self.buffers:
+                continue
+            self.dropped_outliers += batch.dropped_outliers
+            self.rows_seen += len(batch)
+            for ready in self.buffers[hook].add(batch.to(self.device)):
+                self._step_hook(hook, ready, bar)
 
     def _step_hook(self, hook: str, batch: Batch, bar) -> None:
         if self.data_parallel and len(batch) < distributed.world_size():
@@ -362,12 +599,25 @@ class Trainer:
                             dead=f"{self._dead_fraction(first):.3f}", refresh=False)
         if any(m.step % self.cfg.checkpoint_every == 0 and m.step > 0 for m in self.members
                if m.hook == hook):
-            self._save_checkpoints(finished=False)
+            self.checkpoint_due = True
 
     def _save_checkpoints(self, finished: bool) -> None:
-        if self.writes_files:
-            for m in self.members:
-                m.save_checkpoint({"chunks_done": self.chunks_done, "finished": finished})
+        """Checkpoint `moment + 1`: the run-level part, then every SAE's; then the previous
+        checkpoint of every part is removed (see the module docstring)."""
+        self.moment += 1
+        self.checkpoint_due = False
+        self.finished = finished
+        if not self.writes_files:
+            return
+        run_state = {"moment": self.moment, "chunks_done": self.chunks_done,
+                     "finished": finished}
+        _write_part(self.checkpoint, lambda tmp: self._write_run_state(tmp, {
+            **run_state, "rows_seen": self.rows_seen, "dropped_outliers": self.dropped_outliers,
+            "saes": [m.name for m in self.members]}))
+        for m in self.members:
+            m.save_checkpoint(self.moment, run_state)
+        for part in self._parts():
+            _remove_part(_sibling(part, OLD))
 
     def _train_step(self, m: TrainedSAE, batch: Batch) -> None:
         sae = m.sae
@@ -439,8 +689,10 @@ class Trainer:
                                                             + self.rows_seen),
         }
         if self.writes_files:
-            with open(m.folder / "log.jsonl", "a") as f:
+            with open(m.log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(m.name, record)
         m.acc, m.acc_steps, m.last_record = {}, 0, record
 
 
