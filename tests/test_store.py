@@ -204,3 +204,27 @@ def test_store_files_follow_the_umask(tmp_path):
         os.umask(old)
     for file in (tmp_path / "s").iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o640, file.name
+
+
+def test_each_pass_reads_every_row_once_in_a_new_order(tmp_path):
+    write_store(tmp_path / "s", n_shards=4)
+    reader = StoreReader(tmp_path / "s")
+    stream = reader.chunks(seed=3)
+    passes = [torch.cat([next(stream)["h.0"].x for _ in range(4)]) for _ in range(3)]
+    every_row = {tuple(r.tolist()) for r in passes[0]}
+    for rows in passes:
+        as_tuples = [tuple(r.tolist()) for r in rows]
+        assert len(as_tuples) == 40 and len(set(as_tuples)) == 40  # no row lost or repeated
+        assert set(as_tuples) == every_row
+    orders = {tuple(tuple(r.tolist()) for r in rows) for rows in passes}
+    assert len(orders) >= 2  # the passes do not all repeat one order
+    assert reader.repeated_rows("h.0") == 0
+
+
+def test_repeated_rows_are_counted(tmp_path):
+    writer = StoreWriter(tmp_path / "s", identity(), "float32", 2)
+    twice = chunk(7)
+    writer.write_shard([chunk(1), twice])
+    writer.write_shard([twice, chunk(2)])  # a document read twice: its 5 rows again
+    writer.finish()
+    assert StoreReader(tmp_path / "s").repeated_rows("h.0") == 5

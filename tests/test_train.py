@@ -214,3 +214,30 @@ def test_wandb_gets_exactly_the_records_of_log_jsonl(tmp_path, monkeypatch):
         written = [json.loads(line) for line in m.log_file.open()]
         assert [d for d in sent if d] == written and len(written) >= 3
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_snapshots_hold_the_weights_at_their_token_counts(tmp_path, monkeypatch):
+    """A snapshot equals the weights an uninterrupted run (without snapshots) has right after
+    the step that reaches its token count."""
+    cfg = SAEConfig(n_latents=64, k=4, beta=1.0)
+    with_snapshots = make_trainer(tmp_path / "a", [cfg], tokens=256 * 30,
+                                  snapshots=[256 * 7, 1000, 256 * 30])
+    with_snapshots.fit(sparse_chunks(30))
+    plain = make_trainer(tmp_path / "b", [cfg], tokens=256 * 30)
+    seen = {}
+    real_step = Trainer._train_step
+
+    def step_and_copy(self, m, batch):
+        real_step(self, m, batch)
+        seen[m.tokens] = {n: p.detach().clone() for n, p in m.sae.named_parameters()}
+
+    monkeypatch.setattr(Trainer, "_train_step", step_and_copy)
+    plain.fit(sparse_chunks(30))
+    folder = with_snapshots.members[0].folder
+    for requested, reached in ((256 * 7, 256 * 7), (1000, 1024), (256 * 30, 256 * 30)):
+        snap = folder / "snapshots" / f"tokens-{requested}"
+        assert json.loads((snap / "snapshot.json").read_text())["tokens"] == reached
+        loaded = SAE.load(snap)
+        for name, p in loaded.named_parameters():
+            assert torch.equal(p, seen[reached][name]), (requested, name)
+    assert len(list((folder / "snapshots").iterdir())) == 3

@@ -280,6 +280,20 @@ class StoreReader:
             raise GsaeError(f"the store shard {path} is unreadable or corrupt ({err}); "
                             "rebuild the store with gsae cache --overwrite") from None
 
+    def repeated_rows(self, hook: str) -> int:
+        """How many rows of `hook` repeat an earlier row exactly (the same activation bytes):
+        0 for a store of distinct token positions. A corpus read twice, or duplicated
+        documents, would show here."""
+        seen: set[bytes] = set()
+        repeats = 0
+        for name in self.shards:
+            rows = self.read_shard(name)[hook].x.numpy()
+            for row in rows:
+                digest = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+                repeats += digest in seen
+                seen.add(digest)
+        return repeats
+
     def chunks(self, seed: int = 0, skip: int = 0) -> Iterator[dict[str, Batch]]:
         """Shards in a random order, pass after pass (a new order each pass), without end;
         the first `skip` chunks are passed over without being read."""

@@ -134,6 +134,13 @@ class TrainConfig:
         metadata={"help": "also log every SAE's log.jsonl records to this Weights & Biases "
                   "project (needs gsae[wandb])", "identity": False},
     )
+    snapshots: list[int] = field(
+        default_factory=list,
+        metadata={"help": "token counts at which every SAE is also saved, as it is after the "
+                  "step that reaches the count, to <sae folder>/snapshots/tokens-N (an SAE "
+                  "folder like any other), e.g. 150000 300000 600000", "may_be_empty": True,
+                  "min": 1, "identity": False},
+    )
 
 
 def default_lr(n_latents: int) -> float:
@@ -364,6 +371,23 @@ class TrainedSAE:
         if self.log_file.exists():
             with open(self.log_file, "r+b") as f:
                 f.truncate(min(self.log_bytes, self.log_file.stat().st_size))
+
+
+SNAPSHOT_DIR = "snapshots"
+
+
+def snapshot_folder(folder: Path, tokens: int) -> Path:
+    """Where the SAE in `folder` is saved as it was at the snapshot of `tokens`."""
+    return folder / SNAPSHOT_DIR / f"tokens-{tokens}"
+
+
+def save_snapshots(m: TrainedSAE, reached: list[int]) -> None:
+    """Save the SAE as it is now (after the step that reached each count) as a snapshot, with
+    `snapshot.json` saying exactly when: its tokens and step."""
+    for tokens in reached:
+        folder = m.sae.save(snapshot_folder(m.folder, tokens))
+        write_json(folder / "snapshot.json", {"requested_tokens": tokens, "tokens": m.tokens,
+                                              "step": m.step})
 
 
 def _adam_kwargs(sae: SAE) -> dict[str, Any]:
@@ -661,6 +685,9 @@ class Trainer:
         m.tokens += len(batch)
         if m.step % self.cfg.log_every == 0:
             self._log(m)
+        reached = [s for s in self.cfg.snapshots if m.tokens - len(batch) < s <= m.tokens]
+        if reached and self.writes_files:
+            save_snapshots(m, reached)
 
     def _rows_here(self, batch: Batch) -> tuple[Batch, torch.Tensor | None]:
         """The rows this rank trains on, and the variance that normalises the losses (None: the
