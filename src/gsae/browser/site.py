@@ -47,7 +47,9 @@ DEFINITIONS = {
     "novel_share": "share of the latent's firings that plain TopK (beta = 0 on the same weights) "
     "would not have selected (g-SAE only)",
     "typical_activation": "mean of the latent's non-zero values under gradient-free selection, "
-    "as gsae steer defines it; the unit of the steering strengths",
+    "as gsae steer defines it",
+    "steering_unit": "the typical activation; for a latent that fires only under "
+    "gradient-aware selection, its mean activation there (steering_unit_source says which)",
     "loss_effect": "per token: value * (d_i . g), the first-order change of the summed "
     "next-token loss from the latent's contribution",
     "dead": "never fires on the inspected tokens",
@@ -169,6 +171,10 @@ class Site:
         digits = len(str(self.sae.n_latents - 1))
         return posixpath.join(self.folder, "latents", f"{latent:0{digits}d}.html")
 
+    def local_path(self, latent: int) -> str:
+        """The page's path from the folder of this SAE's index and latents.json."""
+        return posixpath.relpath(self.page_path(latent), self.folder or ".")
+
     def index_path(self) -> str:
         return posixpath.join(self.folder, "index.html")
 
@@ -182,10 +188,9 @@ class Site:
         if not self.pages:
             return
         up, up_v, down, down_v = top_tokens(model, W_dec[self.pages], PAGE_TOKENS)
-        live = [i for i in self.pages if not math.isnan(self.numbers["typical_activation"][i])]
+        units = {i: self.steering_unit(i)[0] for i in self.pages}
         steering = continuations(
-            model, module, tokenizer, {i: W_dec[i] for i in live},
-            {i: self.numbers["typical_activation"][i].item() for i in live},
+            model, module, tokenizer, {i: W_dec[i] for i in self.pages}, units,
             self.rec.skip_first, cfg.continuation_tokens)
         for row, latent in enumerate(self.pages):
             self.details[latent] = {
@@ -205,6 +210,13 @@ class Site:
                     act, cfg.quantiles, cfg.contexts_per_quantile, cfg.seed + latent)]
         counts, edges = ex.histogram(act)
         return {"top": top, "bins": bins, "histogram": {"counts": counts, "edges": edges}}
+
+    def steering_unit(self, latent: int) -> tuple[float, str]:
+        """The activation the steering strengths multiply, and where it comes from."""
+        typical = self.numbers["typical_activation"][latent].item()
+        if not math.isnan(typical):
+            return typical, "gradient-free typical activation"
+        return self.numbers["mean_activation"][latent].item(), "gradient-aware mean activation"
 
     # Writing ---------------------------------------------------------------------------------
 
@@ -240,7 +252,7 @@ class Site:
             "typical_activation": n["typical_activation"], "mean_effect": n["mean_effect"],
             "novel_share": n["novel_share"], "dead": dead,
             "promoted": self.promoted[latent],
-            "page": self.page_path(latent) if latent in self.details else None,
+            "page": self.local_path(latent) if latent in self.details else None,
         }
 
     def details_json(self, latent: int) -> dict[str, Any]:
@@ -255,7 +267,8 @@ class Site:
                     {"context": s.context, "position": s.position, "activation": s.activation}
                     for s in strips]} for lo, hi, strips in d["bins"]],
             "neighbours": [{"latent": j, "cosine": c} for j, c in self.neighbours.get(latent, [])],
-            "steering": d["steering"],
+            "steering": d["steering"], "steering_unit": self.steering_unit(latent)[0],
+            "steering_unit_source": self.steering_unit(latent)[1],
         }
 
     def index_html(self, records: list[dict[str, Any]], run: dict[str, Any],
@@ -291,7 +304,7 @@ class Site:
     def _index_row(self, r: dict[str, Any], here: str) -> str:
         label = str(r["latent"])
         if r["page"]:
-            label = f'<a href="{_href(here, r["page"])}">{label}</a>'
+            label = f'<a href="{r["page"]}">{label}</a>'
         if r["dead"]:
             label += ' <span class="badge">dead</span>'
         cells = [(r["log10_frequency"], 3), (r["mean_activation"], 3), (r["max_activation"], 3),
@@ -338,7 +351,7 @@ class Site:
             + render.token_table("suppressed", [t["token"] for t in d["suppressed"]],
                                  [t["logit"] for t in d["suppressed"]]) + "</div>",
             self._neighbours_html(latent),
-            self._steering_html(d["steering"]),
+            self._steering_html(d["steering"], self.steering_unit(latent)),
             "<h2>Top-activating contexts</h2>",
             '<p class="note">Hover a token for its activation and its first-order loss effect '
             "value * (d_i . g) (negative: the latent lowers the next-token loss). Grey tokens "
@@ -364,15 +377,14 @@ class Site:
                 f'class="l">latent</th><th>decoder cosine</th></tr>{"".join(rows)}</table>')
 
     @staticmethod
-    def _steering_html(steering: list[dict[str, Any]]) -> str:
-        if not steering:
-            return ""
+    def _steering_html(steering: list[dict[str, Any]], unit: tuple[float, str]) -> str:
         rows = "".join(
             f'<tr><td class="l">{_esc(p["prompt"])}</td><td>{c["multiple"]:g}x</td>'
             f'<td>{c["alpha"]:.3g}</td><td class="l">{_esc(repr(c["text"]))}</td></tr>'
             for p in steering for c in p["continuations"])
         return ("<h2>Steering</h2><p class=note>Greedy continuations with alpha * d_i added at "
-                "the hook (alpha = multiple of the typical activation).</p>"
+                f"the hook from position skip_first on; alpha = multiple x {unit[0]:.4g}, the "
+                f"{unit[1]}.</p>"
                 '<table><tr><th class="l">prompt</th><th>multiple</th><th>alpha</th>'
                 f'<th class="l">continuation</th></tr>{rows}</table>')
 
