@@ -69,10 +69,12 @@ def histogram_svg(counts: Sequence[int], edges: Sequence[float], xlabel: str,
         f'width="{max(bar_w - 1, 0.5):.1f}" height="{plot_h * c / top:.1f}">'
         f"<title>{fmt(edges[i])} to {fmt(edges[i + 1])}: {c}</title></rect>"
         for i, c in enumerate(counts))
+    step = max(1, math.ceil(len(counts) / 6))
+    ticks = "".join(
+        f'<text x="{left + i * bar_w:.1f}" y="{height - bottom + 14}" text-anchor="middle">'
+        f"{fmt(edges[i])}</text>" for i in range(0, len(edges), step))
     axis = (f'<line x1="{left}" y1="{10 + plot_h}" x2="{left + plot_w}" y2="{10 + plot_h}" '
-            f'stroke="#888"/><text x="{left}" y="{height - bottom + 14}">{fmt(edges[0])}</text>'
-            f'<text x="{left + plot_w}" y="{height - bottom + 14}" text-anchor="end">'
-            f"{fmt(edges[-1])}</text>"
+            f'stroke="#888"/>{ticks}'
             f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">'
             f"{escape(xlabel)}</text>"
             f'<text x="{left - 4}" y="16" text-anchor="end">{top}</text>'

@@ -65,9 +65,9 @@ class InspectConfig:
         "help": "held-out tokens to encode (rounded up to whole contexts; as gsae eval)"})
     pool_tokens: int = field(default=262_144, metadata={
         "help": "contexts are a seeded sample of the evaluation split's first this-many tokens"})
-    top_latents: int = field(default=50, metadata={
+    top_latents: int = field(default=32, metadata={
         "help": "pages for this many of the most frequent latents"})
-    random_latents: int = field(default=50, metadata={
+    random_latents: int = field(default=32, metadata={
         "help": "pages for a seeded random sample of this many other live latents"})
     contexts_per_latent: int = field(default=10, metadata={
         "help": "top-activating contexts shown per latent"})
@@ -288,8 +288,8 @@ class Site:
             + "<h2>Firing frequencies</h2>" + self.frequency_histogram(records)
             + f'<p class="note">{dead} dead latents (never fire) are left out of the histogram '
             "and marked <span class=badge>dead</span> in the table. Click a column header to "
-            "sort (index.html#sort=KEY,desc works too); latents with a page are linked. "
-            + _esc(DEFINITIONS["selection"]) + ".</p>"
+            "sort (index.html#sort=KEY,desc works too); latents with a page are linked. Values "
+            "come from " + _esc(DEFINITIONS["selection"]) + ".</p>"
             + '<table id="latents"><thead><tr>'
             + '<th data-key="latent" class="l">latent</th><th data-key="freq">log10 frequency</th>'
             + '<th data-key="mean">mean act</th><th data-key="max">max act</th>'
@@ -319,8 +319,8 @@ class Site:
         logs = [r["log10_frequency"] for r in records if not r["dead"]]
         if not logs:
             return "<p>every latent is dead</p>"
-        low = math.floor(min(logs) * 4) / 4
-        edges = [low + 0.25 * i for i in range(int(round(-low / 0.25)) + 2)]
+        low, high = math.floor(min(logs) * 4), math.floor(max(logs) * 4) + 1
+        edges = [i / 4 for i in range(low, high + 1)]
         counts = [sum(a <= v < b for v in logs) for a, b in zip(edges, edges[1:])]
         return render.histogram_svg(counts, edges, "log10 firing frequency", width=560)
 
