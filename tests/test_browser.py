@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from gsae import SAE, SAEConfig
 from gsae.browser import InspectConfig, inspect_contexts
 from gsae.browser.__main__ import main as browser_main
+from gsae.browser.examples import quantile_positions, top_positions
 from gsae.browser.logits import top_tokens
 from gsae.browser.steering import greedy
 from gsae.errors import GsaeError
@@ -206,6 +207,15 @@ def expected_strips(values, contexts_fired):
     return min(CFG["contexts_per_latent"], contexts_fired) + sum(per_bin)
 
 
+def test_quantile_bins_split_the_values_evenly():
+    act = torch.tensor([[0.0, 1.0, 2.0, float("nan")], [3.0, 4.0, 5.0, 6.0], [7.0, 8.0, 0.0, 0.0]])
+    bins = quantile_positions(act, 4, per_bin=10, seed=0)
+    assert [(lo, hi) for lo, hi, _ in bins] == [(1, 2.75), (2.75, 4.5), (4.5, 6.25), (6.25, 8)]
+    assert [sorted(act[c, t].item() for c, t in where) for _, _, where in bins] == [
+        [1, 2], [3, 4], [5, 6], [7, 8]]
+    assert top_positions(act, 2) == [(2, 1), (1, 3)]
+
+
 def test_json_and_page_agree_on_examples(site, site_json, naive):
     for latent, details in site_json["pages"].items():
         hits = naive["fired"][int(latent)]
@@ -266,11 +276,11 @@ def naive_greedy(model, prompt, vector, skip_first, steps):
 
 def test_greedy_continuations_match_full_recomputation(model):
     prompt = torch.tensor([10, 72, 101, 108, 108, 111])
-    vectors = torch.randn(3, D, generator=torch.Generator().manual_seed(0)) * 3
+    vectors = torch.randn(4, D, generator=torch.Generator().manual_seed(0)) * 3
     vectors[0] = 0
-    got = greedy(model, model.model.layers[0], prompt, vectors, skip_first=1, new_tokens=6)
+    got = greedy(model, model.model.layers[0], prompt, vectors, skip_first=3, new_tokens=6)
     for row, vector in enumerate(vectors):
-        assert got[row].tolist() == naive_greedy(model, prompt, vector, 1, 6)
+        assert got[row].tolist() == naive_greedy(model, prompt, vector, 3, 6)
     assert got[1].tolist() != got[0].tolist() or got[2].tolist() != got[0].tolist()
 
 
@@ -455,12 +465,12 @@ def test_a_latent_link_opens_its_page_with_its_strips(site, site_json, tmp_path,
     dom, _ = chromium(index, tmp_path)
     links = re.findall(r'<a href="(latents/\d+\.html)">(\d+)</a>', dom)
     assert len(links) == len(site_json["pages"])
-    href, latent = links[0]
-    page_dom, requests = chromium(urljoin(index, href), tmp_path)
-    assert f"<h1>Latent {latent} of gsae</h1>" in page_dom
-    hits = naive["fired"][int(latent)]
-    assert page_dom.count('<div class="strip"') == expected_strips(
-        [h[2] for h in hits], len({h[0] for h in hits}))
-    assert requests == []
+    for href, latent in (links[0], links[-1]):
+        page_dom, requests = chromium(urljoin(index, href), tmp_path)
+        assert f"<h1>Latent {latent} of gsae</h1>" in page_dom
+        hits = naive["fired"][int(latent)]
+        assert page_dom.count('<div class="strip"') == expected_strips(
+            [h[2] for h in hits], len({h[0] for h in hits}))
+        assert requests == []
     back = re.search(r'<a href="([^"]+)">&larr; all latents</a>|<a href="([^"]+)">← all', page_dom)
     assert back and (back[1] or back[2]) == "../index.html"
