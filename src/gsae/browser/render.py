@@ -59,10 +59,10 @@ def sort_value(value: float | None) -> str:
 
 
 def histogram_svg(counts: Sequence[int], edges: Sequence[float], xlabel: str,
-                  width: int = 420, height: int = 140, extra: str = "") -> str:
+                  width: int = 420, height: int = 150, extra: str = "") -> str:
     """Bars of `counts` over the bins `edges`, with the axis ends labelled."""
     top = max(max(counts, default=0), 1)
-    left, bottom, plot_w, plot_h = 34, 28, width - 44, height - 40
+    left, bottom, plot_w, plot_h = 34, 30, width - 44, height - 42
     bar_w = plot_w / max(1, len(counts))
     bars = "".join(
         f'<rect class="bar" x="{left + i * bar_w:.1f}" y="{10 + plot_h * (1 - c / top):.1f}" '
