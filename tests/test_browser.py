@@ -381,6 +381,11 @@ def test_bad_settings_are_refused(model, contexts, saes, tmp_path):
     with pytest.raises(GsaeError, match="contexts_per_latent"):
         inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
                          InspectConfig(out=str(tmp_path / "x"), contexts_per_latent=0))
+    first, second = make_sae(0, BETA), make_sae(1, 0.0)
+    first.metadata["model"]["fingerprint"], second.metadata["model"]["fingerprint"] = "a", "b"
+    with pytest.raises(GsaeError, match="another model"):
+        inspect_contexts(first, model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(tmp_path / "x")), other=second)
     narrow = SAE(SAEConfig(n_latents=8, k=2), 32, metadata={"hook": "0"})
     with pytest.raises(GsaeError, match="width"):
         inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,

@@ -123,6 +123,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
             raise GsaeError(f"the --compare SAE has input width {other.d_in}, the inspected one "
                             f"{sae.d_in}: decoder cosines need the same width")
         members.append((other, recorded(other, names[1])))
+        _check_same_model(*(rec for _, rec in members), names)
     encoded = encode_contexts(model, contexts, members, cfg.batch_size)
     sites = [Site(s, rec, enc, name, folder)
              for (s, rec), enc, name, folder in zip(members, encoded, names, ("", "compare"))]
@@ -387,6 +388,14 @@ class Site:
                 f"{unit[1]}.</p>"
                 '<table><tr><th class="l">prompt</th><th>multiple</th><th>alpha</th>'
                 f'<th class="l">continuation</th></tr>{rows}</table>')
+
+
+def _check_same_model(a: Recorded, b: Recorded, names: tuple[str, str]) -> None:
+    """Refuse two SAEs whose recorded model fingerprints differ."""
+    prints = [rec.model.get("fingerprint") for rec in (a, b)]
+    if None not in prints and prints[0] != prints[1]:
+        raise GsaeError(f"{names[1]} was trained on another model than {names[0]} (their "
+                        "recorded model fingerprints differ): compare SAEs of one model")
 
 
 def link_neighbours(main: Site, other: Site, count: int) -> None:
