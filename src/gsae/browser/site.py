@@ -125,6 +125,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
         members.append((other, recorded(other, names[1])))
         _check_same_model(*(rec for _, rec in members), names)
     encoded = encode_contexts(model, contexts, members, cfg.batch_size)
+    encode_seconds = time.perf_counter() - start
     sites = [Site(s, rec, enc, name, folder)
              for (s, rec), enc, name, folder in zip(members, encoded, names, ("", "compare"))]
     sites[0].pages = choose_pages(sites[0].numbers, cfg.top_latents, cfg.random_latents,
@@ -138,6 +139,8 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     with _fresh_folder(out) as folder:
         for site in sites:
             site.prepare(model, tokenizer, contexts, cfg, spell)
+        run["seconds_encoding"] = round(encode_seconds, 1)
+        run["seconds_pages"] = round(time.perf_counter() - start - encode_seconds, 1)
         for site in sites:
             run["seconds"] = round(time.perf_counter() - start, 1)
             site.write(folder, contexts, cfg, run, sites, spell)
