@@ -301,6 +301,15 @@ def test_steering_strengths_are_multiples_of_the_typical_activation(site_json, n
     assert sources == {"gradient-free", "gradient-aware"}
 
 
+def test_dead_latents_with_pages_are_not_steered(site):
+    other = json.loads((site / "compare" / "latents.json").read_text())
+    dead = [r for r in other["latents"] if r["page"] and r["dead"]]
+    assert dead  # a nearest neighbour that never fires
+    for r in dead:
+        assert other["pages"][str(r["latent"])]["steering"] == []
+        assert "nan" not in (site / "compare" / r["page"]).read_text()
+
+
 # Compare: nearest latents by decoder cosine -------------------------------------------------
 
 
