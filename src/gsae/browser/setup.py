@@ -48,16 +48,20 @@ def recorded(sae: SAE, name: str = "the SAE") -> Recorded:
     )
 
 
-def recorded_configs(sae: SAE, name: str = "the SAE") -> tuple[Any, DataConfig]:
-    """The ModelConfig and DataConfig of the model and corpus the SAE was trained on."""
+def recorded_configs(sae: SAE, name: str = "the SAE", model_cfg: Any = None,
+                     data_cfg: DataConfig | None = None) -> tuple[Any, DataConfig]:
+    """The ModelConfig and DataConfig of the model and corpus the SAE was trained on, unless
+    given."""
     from gsae.models import ModelConfig
 
     rec = recorded(sae, name)
-    if not rec.model.get("model"):
-        raise GsaeError(f"{name} does not record its model: pass --model")
-    model_cfg = ModelConfig(model=rec.model["model"], revision=rec.model.get("revision"))
-    data_cfg = DataConfig(**{f.name: rec.corpus[f.name] for f in fields(DataConfig)
-                             if rec.corpus.get(f.name) is not None})
+    if model_cfg is None:
+        if not rec.model.get("model"):
+            raise GsaeError(f"{name} does not record its model: pass --model")
+        model_cfg = ModelConfig(model=rec.model["model"], revision=rec.model.get("revision"))
+    if data_cfg is None:
+        data_cfg = DataConfig(**{f.name: rec.corpus[f.name] for f in fields(DataConfig)
+                                 if rec.corpus.get(f.name) is not None})
     return model_cfg, data_cfg
 
 

@@ -100,8 +100,7 @@ def inspect(sae_dir: str | Path, cfg: InspectConfig, model_cfg: Any = None,
     of the model and corpus it records (or `model_cfg` / `data_cfg` where given)."""
     cfg.validate()
     sae = load_sae(sae_dir)
-    recorded_model, recorded_data = recorded_configs(sae, str(sae_dir))
-    model_cfg, data_cfg = model_cfg or recorded_model, data_cfg or recorded_data
+    model_cfg, data_cfg = recorded_configs(sae, str(sae_dir), model_cfg, data_cfg)
     other = load_sae(cfg.compare) if cfg.compare else None
     model, tokenizer = load_model(model_cfg)
     contexts = held_out_contexts(data_cfg, tokenizer, cfg.tokens, cfg.pool_tokens, cfg.seed)
