@@ -192,8 +192,9 @@ class Site:
             return
         up, up_v, down, down_v = top_tokens(model, W_dec[self.pages], PAGE_TOKENS)
         units = {i: self.steering_unit(i)[0] for i in self.pages}
+        units = {i: unit for i, unit in units.items() if math.isfinite(unit)}  # not dead
         steering = continuations(
-            model, module, tokenizer, {i: W_dec[i] for i in self.pages}, units,
+            model, module, tokenizer, {i: W_dec[i] for i in units}, units,
             self.rec.skip_first, cfg.continuation_tokens)
         for row, latent in enumerate(self.pages):
             self.details[latent] = {
@@ -381,6 +382,9 @@ class Site:
 
     @staticmethod
     def _steering_html(steering: list[dict[str, Any]], unit: tuple[float, str]) -> str:
+        if not steering:
+            return ("<h2>Steering</h2><p>None: the latent never fired, so it has no typical "
+                    "activation to steer with.</p>")
         rows = "".join(
             f'<tr><td class="l">{_esc(p["prompt"])}</td><td>{c["multiple"]:g}x</td>'
             f'<td>{c["alpha"]:.3g}</td><td class="l">{_esc(repr(c["text"]))}</td></tr>'
