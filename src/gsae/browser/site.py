@@ -1,0 +1,487 @@
+"""`gsae inspect`: a static feature browser (plain HTML, CSS and inline SVG) of one SAE, with an
+optional second SAE to compare against, plus `latents.json` and a delphi latent cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gsae.browser import examples as ex
+from gsae.browser import render
+from gsae.browser.collect import Encoded, choose_pages, encode_contexts, latent_map, latent_numbers
+from gsae.browser.delphi import write_delphi_cache
+from gsae.browser.logits import norm_description, top_tokens
+from gsae.browser.setup import (
+    Recorded,
+    held_out_contexts,
+    hook_module,
+    load_model,
+    load_sae,
+    recorded,
+    recorded_configs,
+)
+from gsae.browser.steering import continuations
+from gsae.errors import GsaeError
+from gsae.sae import SAE
+
+SCHEMA = "gsae.inspect/1"
+INDEX_PROMOTED, PAGE_TOKENS = 3, 10
+DEFINITIONS = {
+    "fires": "the latent is selected with a value > 0 on a token; the SAE's data positions "
+    "only (skip_first <= t <= T-2, outliers left out)",
+    "selection": "the SAE's training-time selection: for a g-SAE gradient-aware, with the clean "
+    "model's loss gradient g for the true next tokens",
+    "frequency": "firings / encoded tokens",
+    "mean_activation": "mean of the latent's non-zero values",
+    "mean_effect": "mean of beta * |d_i . g| over the latent's firings (g-SAE only)",
+    "novel_share": "share of the latent's firings that plain TopK (beta = 0 on the same weights) "
+    "would not have selected (g-SAE only)",
+    "typical_activation": "mean of the latent's non-zero values under gradient-free selection, "
+    "as gsae steer defines it",
+    "steering_unit": "the typical activation; for a latent that fires only under "
+    "gradient-aware selection, its mean activation there (steering_unit_source says which)",
+    "loss_effect": "per token: value * (d_i . g), the first-order change of the summed "
+    "next-token loss from the latent's contribution",
+    "dead": "never fires on the inspected tokens",
+}
+
+
+@dataclass
+class InspectConfig:
+    """What the feature browser reads and how many latents get a page."""
+
+    out: str = field(default="inspect", metadata={"help": "folder to write the site into"})
+    tokens: int = field(default=12_288, metadata={
+        "help": "held-out tokens to encode (rounded up to whole contexts; as gsae eval)"})
+    pool_tokens: int = field(default=262_144, metadata={
+        "help": "contexts are a seeded sample of the evaluation split's first this-many tokens"})
+    top_latents: int = field(default=32, metadata={
+        "help": "pages for this many of the most frequent latents"})
+    random_latents: int = field(default=32, metadata={
+        "help": "pages for a seeded random sample of this many other live latents"})
+    contexts_per_latent: int = field(default=10, metadata={
+        "help": "top-activating contexts shown per latent"})
+    quantiles: int = field(default=4, metadata={
+        "help": "quantile bins of a latent's activations with sampled examples"})
+    contexts_per_quantile: int = field(default=2, metadata={
+        "help": "examples shown per quantile bin"})
+    continuation_tokens: int = field(default=10, metadata={
+        "help": "tokens generated per steered continuation"})
+    neighbours: int = field(default=3, metadata={
+        "help": "nearest latents by decoder cosine listed from the --compare SAE"})
+    compare: str = field(default="", metadata={
+        "help": "a second SAE folder (same model and width) to compare latents against"})
+    seed: int = field(default=0, metadata={"help": "seed of the contexts and random pages"})
+    batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch"})
+
+    def validate(self) -> None:
+        for name in ("tokens", "contexts_per_latent", "quantiles", "continuation_tokens",
+                     "neighbours", "batch_size"):
+            if getattr(self, name) < 1:
+                raise GsaeError(f"{name} is {getattr(self, name)}: it must be at least 1")
+        for name in ("top_latents", "random_latents", "contexts_per_quantile", "pool_tokens"):
+            if getattr(self, name) < 0:
+                raise GsaeError(f"{name} is {getattr(self, name)}: it must be 0 or more")
+
+
+def inspect(sae_dir: str | Path, cfg: InspectConfig, model_cfg: Any = None,
+            data_cfg: Any = None) -> Path:
+    """Write the feature browser of the SAE folder `sae_dir` into `cfg.out`, on held-out text
+    of the model and corpus it records (or `model_cfg` / `data_cfg` where given)."""
+    cfg.validate()
+    sae = load_sae(sae_dir)
+    model_cfg, data_cfg = recorded_configs(sae, str(sae_dir), model_cfg, data_cfg)
+    other = load_sae(cfg.compare) if cfg.compare else None
+    model, tokenizer = load_model(model_cfg)
+    contexts = held_out_contexts(data_cfg, tokenizer, cfg.tokens, cfg.pool_tokens, cfg.seed)
+    run = {"model": model_cfg.model, "corpus": data_cfg.dataset, "part": "eval"}
+    return inspect_contexts(sae, model, tokenizer, contexts, cfg, other,
+                            names=(str(sae_dir), cfg.compare), run=run)
+
+
+def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tensor,
+                     cfg: InspectConfig, other: SAE | None = None,
+                     names: tuple[str, str] = ("sae", "compare"),
+                     run: dict[str, Any] | None = None) -> Path:
+    """Write the site for `sae` (and `other`, to compare) on token contexts [n, T]."""
+    cfg.validate()
+    start = time.perf_counter()
+    members = [(sae, recorded(sae, names[0]))]
+    if other is not None:
+        if other.d_in != sae.d_in:
+            raise GsaeError(f"the --compare SAE has input width {other.d_in}, the inspected one "
+                            f"{sae.d_in}: decoder cosines need the same width")
+        members.append((other, recorded(other, names[1])))
+        _check_same_model(*(rec for _, rec in members), names)
+    encoded = encode_contexts(model, contexts, members, cfg.batch_size)
+    encode_seconds = time.perf_counter() - start
+    sites = [Site(s, rec, enc, name, folder)
+             for (s, rec), enc, name, folder in zip(members, encoded, names, ("", "compare"))]
+    sites[0].pages = choose_pages(sites[0].numbers, cfg.top_latents, cfg.random_latents,
+                                  cfg.seed)
+    if other is not None:
+        link_neighbours(sites[0], sites[1], cfg.neighbours)
+    spell = Speller(tokenizer)
+    run = {**(run or {}), "contexts": contexts.shape[0], "context_size": contexts.shape[1],
+           "norm": norm_description(model)}
+    out = Path(cfg.out)
+    with _fresh_folder(out) as folder:
+        for site in sites:
+            site.prepare(model, tokenizer, contexts, cfg, spell)
+        run["seconds_encoding"] = round(encode_seconds, 1)
+        run["seconds_pages"] = round(time.perf_counter() - start - encode_seconds, 1)
+        for site in sites:
+            run["seconds"] = round(time.perf_counter() - start, 1)
+            site.write(folder, contexts, cfg, run, sites, spell)
+    return out
+
+
+# One SAE's part of the site ---------------------------------------------------------------------
+
+
+class Speller:
+    """Token id -> text, cached."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token: int) -> str:
+        if token not in self.cache:
+            self.cache[token] = self.tokenizer.decode([token])
+        return self.cache[token]
+
+
+class Site:
+    def __init__(self, sae: SAE, rec: Recorded, enc: Encoded, name: str, folder: str):
+        self.sae, self.rec, self.enc, self.name, self.folder = sae, rec, enc, name, folder
+        self.numbers = latent_numbers(enc, sae.n_latents)
+        self.pages: list[int] = []
+        self.neighbours: dict[int, list[tuple[int, float]]] = {}
+        self.partner: Site | None = None
+        self.details: dict[int, dict[str, Any]] = {}
+
+    def page_path(self, latent: int) -> str:
+        digits = len(str(self.sae.n_latents - 1))
+        return posixpath.join(self.folder, "latents", f"{latent:0{digits}d}.html")
+
+    def local_path(self, latent: int) -> str:
+        """The page's path from the folder of this SAE's index and latents.json."""
+        return posixpath.relpath(self.page_path(latent), self.folder or ".")
+
+    def index_path(self) -> str:
+        return posixpath.join(self.folder, "index.html")
+
+    def prepare(self, model: nn.Module, tokenizer: Any, contexts: Tensor, cfg: InspectConfig,
+                spell: Speller) -> None:
+        """Promoted tokens of every latent; examples and steering of the paged ones."""
+        W_dec = self.sae.W_dec.detach().float()
+        up, _, _, _ = top_tokens(model, W_dec, INDEX_PROMOTED)
+        self.promoted = [[spell(int(t)) for t in row] for row in up]
+        self.hook_name, module = hook_module(model, self.rec.hook)
+        if not self.pages:
+            return
+        up, up_v, down, down_v = top_tokens(model, W_dec[self.pages], PAGE_TOKENS)
+        units = {i: self.steering_unit(i)[0] for i in self.pages}
+        units = {i: unit for i, unit in units.items() if math.isfinite(unit)}  # not dead
+        steering = continuations(
+            model, module, tokenizer, {i: W_dec[i] for i in units}, units,
+            self.rec.skip_first, cfg.continuation_tokens)
+        for row, latent in enumerate(self.pages):
+            self.details[latent] = {
+                "promoted": _token_list(up[row], up_v[row], spell),
+                "suppressed": _token_list(down[row], down_v[row], spell),
+                "steering": steering.get(latent, []),
+                **self._examples(latent, contexts, cfg, spell),
+            }
+
+    def _examples(self, latent: int, contexts: Tensor, cfg: InspectConfig, spell: Speller
+                  ) -> dict[str, Any]:
+        act, loss = latent_map(self.enc, latent)
+        top = [ex.strip(contexts, act, loss, c, p, spell)
+               for c, p in ex.top_positions(act, cfg.contexts_per_latent)]
+        bins = [(lo, hi, [ex.strip(contexts, act, loss, c, p, spell) for c, p in chosen])
+                for lo, hi, chosen in ex.quantile_positions(
+                    act, cfg.quantiles, cfg.contexts_per_quantile, cfg.seed + latent)]
+        counts, edges = ex.histogram(act)
+        return {"top": top, "bins": bins, "histogram": {"counts": counts, "edges": edges}}
+
+    def steering_unit(self, latent: int) -> tuple[float, str]:
+        """The activation the steering strengths multiply, and where it comes from."""
+        typical = self.numbers["typical_activation"][latent].item()
+        if not math.isnan(typical):
+            return typical, "gradient-free typical activation"
+        return self.numbers["mean_activation"][latent].item(), "gradient-aware mean activation"
+
+    # Writing ---------------------------------------------------------------------------------
+
+    def write(self, folder: Path, contexts: Tensor, cfg: InspectConfig, run: dict[str, Any],
+              sites: list[Site], spell: Speller) -> None:
+        records = [self.record(i) for i in range(self.sae.n_latents)]
+        target = folder / self.folder
+        (target / "latents").mkdir(parents=True, exist_ok=True)
+        (target / "index.html").write_text(self.index_html(records, run, sites))
+        for latent in self.pages:
+            (folder / self.page_path(latent)).write_text(self.latent_html(latent, run))
+        write_json(target / "latents.json", _json_safe({
+            "schema": SCHEMA, "sae": self.summary(), "run": run, "definitions": DEFINITIONS,
+            "latents": records,
+            "pages": {str(i): self.details_json(i) for i in self.pages},
+        }))
+        write_delphi_cache(target / "delphi", self.enc, contexts, self.hook_name, self.rec,
+                           self.sae.n_latents, str(run.get("model", "")), cfg.batch_size)
+
+    def summary(self) -> dict[str, Any]:
+        sae = self.sae
+        return {"name": self.name, "hook": self.rec.hook, "k": sae.k, "beta": sae.beta,
+                "value_mode": sae.cfg.value_mode, "n_latents": sae.n_latents, "d_in": sae.d_in,
+                "encoded_tokens": self.enc.rows}
+
+    def record(self, latent: int) -> dict[str, Any]:
+        n = {name: values[latent].item() for name, values in self.numbers.items()}
+        dead = n["count"] == 0
+        return {
+            "latent": latent, "count": int(n["count"]), "frequency": n["frequency"],
+            "log10_frequency": None if dead else math.log10(n["frequency"]),
+            "mean_activation": n["mean_activation"], "max_activation": n["max_activation"],
+            "typical_activation": n["typical_activation"], "mean_effect": n["mean_effect"],
+            "novel_share": n["novel_share"], "dead": dead,
+            "promoted": self.promoted[latent],
+            "page": self.local_path(latent) if latent in self.details else None,
+        }
+
+    def details_json(self, latent: int) -> dict[str, Any]:
+        d = self.details[latent]
+        where = [{"context": s.context, "position": s.position, "activation": s.activation}
+                 for s in d["top"]]
+        return {
+            "histogram": d["histogram"], "promoted": d["promoted"], "suppressed": d["suppressed"],
+            "top_examples": where,
+            "quantile_examples": [
+                {"low": lo, "high": hi, "examples": [
+                    {"context": s.context, "position": s.position, "activation": s.activation}
+                    for s in strips]} for lo, hi, strips in d["bins"]],
+            "neighbours": [{"latent": j, "cosine": c} for j, c in self.neighbours.get(latent, [])],
+            "steering": d["steering"], "steering_unit": self.steering_unit(latent)[0],
+            "steering_unit_source": self.steering_unit(latent)[1],
+        }
+
+    def index_html(self, records: list[dict[str, Any]], run: dict[str, Any],
+                   sites: list[Site]) -> str:
+        here = self.index_path()
+        dead = sum(r["dead"] for r in records)
+        others = " | ".join(
+            f'<a href="{_href(here, s.index_path())}">{"compared" if s.folder else "inspected"} '
+            f"SAE: {_esc(s.name)}</a>" for s in sites if s is not self)
+        rows = "\n".join(self._index_row(r, here) for r in records)
+        body = (
+            f"<h1>Latents of {_esc(self.name)}</h1>"
+            f"<p>{others}</p>"
+            + render.key_values({**_flat(self.summary()), **_flat(run),
+                                 "dead latents": f"{dead} of {len(records)}",
+                                 "pages": len(self.pages)})
+            + "<h2>Firing frequencies</h2>" + self.frequency_histogram(records)
+            + f'<p class="note">{dead} dead latents (never fire) are left out of the histogram '
+            "and marked <span class=badge>dead</span> in the table. Click a column header to "
+            "sort (index.html#sort=KEY,desc works too); latents with a page are linked. Values "
+            "come from " + _esc(DEFINITIONS["selection"]) + ".</p>"
+            + '<table id="latents"><thead><tr>'
+            + '<th data-key="latent" class="l">latent</th><th data-key="freq">log10 frequency</th>'
+            + '<th data-key="mean">mean act</th><th data-key="max">max act</th>'
+            + '<th data-key="effect">mean &beta;|d&middot;g|</th>'
+            + '<th data-key="novel">not-TopK share</th>'
+            + '<th data-key="promoted" class="l">top promoted tokens</th></tr></thead><tbody>\n'
+            + rows + "</tbody></table>"
+            + f"<script>{render.SORT_SCRIPT}</script>"
+        )
+        return render.page(f"{self.name}: latents", body, _href(here, "style.css"))
+
+    def _index_row(self, r: dict[str, Any], here: str) -> str:
+        label = str(r["latent"])
+        if r["page"]:
+            label = f'<a href="{r["page"]}">{label}</a>'
+        if r["dead"]:
+            label += ' <span class="badge">dead</span>'
+        cells = [(r["log10_frequency"], 3), (r["mean_activation"], 3), (r["max_activation"], 3),
+                 (r["mean_effect"], 3), (r["novel_share"], 3)]
+        tds = "".join(f'<td data-v="{render.sort_value(v)}">{render.fmt(v, d)}</td>'
+                      for v, d in cells)
+        promoted = _esc(" ".join(repr(t) for t in r["promoted"]))
+        return (f'<tr{" class=dead" if r["dead"] else ""}><td class="l" data-v="{r["latent"]}">'
+                f'{label}</td>{tds}<td class="l">{promoted}</td></tr>')
+
+    def frequency_histogram(self, records: list[dict[str, Any]]) -> str:
+        logs = [r["log10_frequency"] for r in records if not r["dead"]]
+        if not logs:
+            return "<p>every latent is dead</p>"
+        low, high = math.floor(min(logs) * 4), math.floor(max(logs) * 4) + 1
+        edges = [i / 4 for i in range(low, high + 1)]
+        counts = [sum(a <= v < b for v in logs) for a, b in zip(edges, edges[1:])]
+        return render.histogram_svg(counts, edges, "log10 firing frequency", width=560)
+
+    def latent_html(self, latent: int, run: dict[str, Any]) -> str:
+        here, r, d = self.page_path(latent), self.record(latent), self.details[latent]
+        top_act = r["max_activation"] or 0.0
+        parts = [
+            f'<p><a href="{_href(here, self.index_path())}">&larr; all latents</a></p>',
+            f"<h1>Latent {latent} of {_esc(self.name)}</h1>",
+            render.key_values({
+                "firings": f'{r["count"]} of {self.enc.rows} tokens',
+                "log10 frequency": render.fmt(r["log10_frequency"]),
+                "mean / max activation": f'{render.fmt(r["mean_activation"])} / '
+                f'{render.fmt(r["max_activation"])}',
+                "typical activation (gradient-free)": render.fmt(r["typical_activation"]),
+                "mean beta |d.g|": render.fmt(r["mean_effect"]),
+                "share not selected by plain TopK": render.fmt(r["novel_share"]),
+            }),
+            "<h2>Activation histogram</h2>",
+            render.histogram_svg(d["histogram"]["counts"], d["histogram"]["edges"],
+                                 "activation (non-zero values)"),
+            "<h2>Promoted and suppressed tokens</h2>",
+            f'<p class="note">Direct path to the logits: {_esc(run["norm"])}; the layers after '
+            "the hook are skipped. Values: logit change per unit of the direction.</p>",
+            '<div class="cols">'
+            + render.token_table("promoted", [t["token"] for t in d["promoted"]],
+                                 [t["logit"] for t in d["promoted"]])
+            + render.token_table("suppressed", [t["token"] for t in d["suppressed"]],
+                                 [t["logit"] for t in d["suppressed"]]) + "</div>",
+            self._neighbours_html(latent),
+            self._steering_html(d["steering"], self.steering_unit(latent)),
+            "<h2>Top-activating contexts</h2>",
+            '<p class="note">Hover a token for its activation and its first-order loss effect '
+            "value * (d_i . g) (negative: the latent lowers the next-token loss). Grey tokens "
+            "were not encoded.</p>",
+            *[render.strip_html(s, top_act) for s in d["top"]],
+            "<h2>Examples by activation quantile</h2>",
+        ]
+        for lo, hi, strips in d["bins"]:
+            parts.append(f"<h3>activation {render.fmt(lo)} to {render.fmt(hi)}</h3>")
+            parts.extend(render.strip_html(s, top_act) for s in strips)
+        return render.page(f"latent {latent}", "\n".join(parts), _href(here, "style.css"))
+
+    def _neighbours_html(self, latent: int) -> str:
+        if self.partner is None:
+            return ""
+        here, rows = self.page_path(latent), []
+        for j, cosine in self.neighbours.get(latent, []):
+            label = str(j)
+            if j in self.partner.pages:
+                label = f'<a href="{_href(here, self.partner.page_path(j))}">{j}</a>'
+            rows.append(f'<tr><td class="l">{label}</td><td>{cosine:.3f}</td></tr>')
+        return (f"<h2>Nearest latents in {_esc(self.partner.name)}</h2><table><tr><th "
+                f'class="l">latent</th><th>decoder cosine</th></tr>{"".join(rows)}</table>')
+
+    @staticmethod
+    def _steering_html(steering: list[dict[str, Any]], unit: tuple[float, str]) -> str:
+        if not steering:
+            return ("<h2>Steering</h2><p>None: the latent never fired, so it has no typical "
+                    "activation to steer with.</p>")
+        rows = "".join(
+            f'<tr><td class="l">{_esc(p["prompt"])}</td><td>{c["multiple"]:g}x</td>'
+            f'<td>{c["alpha"]:.3g}</td><td class="l">{_esc(repr(c["text"]))}</td></tr>'
+            for p in steering for c in p["continuations"])
+        return ("<h2>Steering</h2><p class=note>Greedy continuations with alpha * d_i added at "
+                f"the hook from position skip_first on; alpha = multiple x {unit[0]:.4g}, the "
+                f"{unit[1]}.</p>"
+                '<table><tr><th class="l">prompt</th><th>multiple</th><th>alpha</th>'
+                f'<th class="l">continuation</th></tr>{rows}</table>')
+
+
+def _check_same_model(a: Recorded, b: Recorded, names: tuple[str, str]) -> None:
+    """Refuse two SAEs whose recorded model fingerprints differ."""
+    prints = [rec.model.get("fingerprint") for rec in (a, b)]
+    if None not in prints and prints[0] != prints[1]:
+        raise GsaeError(f"{names[1]} was trained on another model than {names[0]} (their "
+                        "recorded model fingerprints differ): compare SAEs of one model")
+
+
+def link_neighbours(main: Site, other: Site, count: int) -> None:
+    """Nearest latents by decoder cosine, both ways; the other SAE gets pages for the nearest
+    latents of every paged latent of the main one."""
+    main.partner, other.partner = other, main
+    a = torch.nn.functional.normalize(main.sae.W_dec.detach().float().cpu(), dim=1)
+    b = torch.nn.functional.normalize(other.sae.W_dec.detach().float().cpu(), dim=1)
+    main.neighbours = _nearest(a[main.pages], b, count, main.pages)
+    other.pages = sorted({j for near in main.neighbours.values() for j, _ in near})
+    other.neighbours = _nearest(b[other.pages], a, count, other.pages)
+
+
+def _nearest(rows: Tensor, against: Tensor, count: int, latents: list[int]
+             ) -> dict[int, list[tuple[int, float]]]:
+    if not latents:
+        return {}
+    cos = rows @ against.T
+    top = cos.topk(min(count, against.shape[0]), dim=1)
+    return {latent: list(zip(top.indices[r].tolist(), top.values[r].tolist()))
+            for r, latent in enumerate(latents)}
+
+
+# Helpers --------------------------------------------------------------------------------------
+
+
+def _token_list(ids: Tensor, values: Tensor, spell: Speller) -> list[dict[str, Any]]:
+    return [{"id": int(i), "token": spell(int(i)), "logit": float(v)} for i, v in zip(ids, values)]
+
+
+def _href(from_page: str, to: str) -> str:
+    return posixpath.relpath(to, posixpath.dirname(from_page) or ".")
+
+
+def _esc(text: str) -> str:
+    return render.escape(str(text))
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if not isinstance(v, (dict, list))}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class _fresh_folder:
+    """Build the site in a temporary sibling folder and move it into place at the end, so an
+    interrupted run leaves the old site. Refuses a non-empty folder that is not a site."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self) -> Path:
+        out = self.out
+        if out.exists() and any(out.iterdir()) and not (out / "latents.json").is_file():
+            raise GsaeError(f"{out} holds other files and no latents.json: choose an empty or "
+                            "new --out folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        (self.tmp / "style.css").write_text(render.STYLE)
+        return self.tmp
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        self.tmp.chmod(0o755)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.tmp.replace(self.out)
+

@@ -1,0 +1,490 @@
+"""The feature browser (`gsae inspect`): its numbers against a naive per-token computation on the
+tiny model, its delphi export against delphi's documented layout, and its pages in a real
+headless Chromium (rendering, sorting, links, strip counts, no network request)."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from urllib.parse import urljoin
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file
+
+from gsae import SAE, SAEConfig
+from gsae.browser import InspectConfig, inspect_contexts
+from gsae.browser.__main__ import main as browser_main
+from gsae.browser.examples import quantile_positions, top_positions
+from gsae.browser.logits import top_tokens
+from gsae.browser.steering import greedy
+from gsae.errors import GsaeError
+from gsae.testing import tiny_gpt2, tiny_llama, tiny_tokenizer
+
+D, LATENTS, K, BETA = 64, 40, 4, 200.0
+CFG = dict(top_latents=4, random_latents=3, contexts_per_latent=5, quantiles=3,
+           contexts_per_quantile=2, continuation_tokens=4, neighbours=2, batch_size=4)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+
+
+def make_sae(seed, beta):
+    meta = {"hook": "0", "skip_first": 1, "outlier_factor": 0.0,
+            "model": {"model": "tiny-llama", "fingerprint": None}}
+    sae = SAE(SAEConfig(n_latents=LATENTS, k=K, beta=beta, seed=seed), D, metadata=meta)
+    with torch.no_grad():  # spread the firing frequencies; make a few latents dead
+        sae.b_enc.copy_(torch.linspace(0.3, -0.3, LATENTS))
+        sae.b_enc[-3:] = -50.0
+    return sae
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def contexts():
+    return torch.randint(0, 256, (10, 20), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def saes():
+    return make_sae(0, BETA), make_sae(1, 0.0)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, model, contexts, saes):
+    out = tmp_path_factory.mktemp("site") / "site"
+    inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                     InspectConfig(out=str(out), **CFG), other=saes[1], names=("gsae", "topk"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def site_json(site):
+    return json.loads((site / "latents.json").read_text())
+
+
+# A naive reference: one token at a time, float64, the selection written out -----------------
+
+
+def states(model, tokens):
+    """Layer-0 outputs x [B, T, d] and g = d(summed next-token CE)/dx, by hand."""
+    seen = {}
+
+    def hook(_module, _inputs, output):
+        h = (output[0] if isinstance(output, tuple) else output).detach().requires_grad_(True)
+        seen["x"] = h
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = model.model.layers[0].register_forward_hook(hook)
+    try:
+        logits = model(input_ids=tokens).logits
+    finally:
+        handle.remove()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           tokens[:, 1:].reshape(-1), reduction="sum")
+    (g,) = torch.autograd.grad(loss, seen["x"])
+    return seen["x"].detach().double(), g.double()
+
+
+def select(sae, x, g, beta):
+    """Indices and values of the k kept latents for one token."""
+    W_enc, b_enc = sae.W_enc.detach().double(), sae.b_enc.detach().double()
+    W_dec, b_dec = sae.W_dec.detach().double(), sae.b_dec.detach().double()
+    z = W_enc @ (x - b_dec) + b_enc
+    score = z + beta * z * (W_dec @ g).abs()
+    idx = score.topk(sae.k).indices.tolist()
+    return idx, [max(z[i].item(), 0.0) for i in idx]
+
+
+@pytest.fixture(scope="module")
+def naive(model, contexts, saes):
+    """Per latent of the g-SAE: its firings [(context, t, value, loss effect, beta|d.g|,
+    selected by plain TopK)] and its plain-TopK values."""
+    sae = saes[0]
+    x, g = states(model, contexts)
+    W_dec = sae.W_dec.detach().double()
+    fired = {i: [] for i in range(LATENTS)}
+    plain_values = {i: [] for i in range(LATENTS)}
+    for c in range(contexts.shape[0]):
+        for t in range(1, contexts.shape[1] - 1):
+            plain, pv = select(sae, x[c, t], g[c, t], 0.0)
+            for i, v in zip(plain, pv):
+                if v > 0:
+                    plain_values[i].append(v)
+            for i, v in zip(*select(sae, x[c, t], g[c, t], BETA)):
+                if v > 0:
+                    slope = (W_dec[i] @ g[c, t]).item()
+                    fired[i].append((c, t, v, v * slope, BETA * abs(slope), i in plain))
+    return {"fired": fired, "plain": plain_values, "rows": contexts.shape[0] *
+            (contexts.shape[1] - 2)}
+
+
+def test_latent_numbers_match_the_naive_computation(site_json, naive):
+    records = site_json["latents"]
+    assert [r["latent"] for r in records] == list(range(LATENTS))
+    assert site_json["sae"]["encoded_tokens"] == naive["rows"]
+    for r in records:
+        hits = naive["fired"][r["latent"]]
+        assert r["count"] == len(hits)
+        assert r["frequency"] == pytest.approx(len(hits) / naive["rows"])
+        assert r["dead"] == (not hits)
+        plain = naive["plain"][r["latent"]]
+        if plain:
+            assert r["typical_activation"] == pytest.approx(np.mean(plain), rel=1e-4)
+        if not hits:
+            assert r["mean_activation"] is None and r["log10_frequency"] is None
+            continue
+        values = [h[2] for h in hits]
+        assert r["log10_frequency"] == pytest.approx(math.log10(len(hits) / naive["rows"]))
+        assert r["mean_activation"] == pytest.approx(np.mean(values), rel=1e-4)
+        assert r["max_activation"] == pytest.approx(max(values), rel=1e-4)
+        assert r["mean_effect"] == pytest.approx(np.mean([h[4] for h in hits]), rel=1e-3)
+        assert r["novel_share"] == pytest.approx(np.mean([not h[5] for h in hits]))
+    assert sum(r["dead"] for r in records) >= 3
+    assert any(r["novel_share"] for r in records if not r["dead"])  # the gradient mattered
+
+
+def test_pages_go_to_the_most_frequent_latents_and_a_sample(site_json, naive):
+    counts = {i: len(h) for i, h in naive["fired"].items()}
+    paged = [r["latent"] for r in site_json["latents"] if r["page"]]
+    by_frequency = sorted(counts, key=lambda i: (-counts[i], i))
+    assert set(by_frequency[: CFG["top_latents"]]) <= set(paged)
+    assert len(paged) == CFG["top_latents"] + CFG["random_latents"]
+    assert all(counts[i] > 0 for i in paged)
+
+
+def strips_of(html):
+    return re.findall(r'<div class="strip" data-context="(\d+)" data-position="(\d+)">(.*?)</div>',
+                      html)
+
+
+def test_strips_show_values_and_loss_effects_of_the_naive_computation(site, site_json, naive):
+    latent = max(naive["fired"], key=lambda i: len(naive["fired"][i]))
+    html = (site / site_json["latents"][latent]["page"]).read_text()
+    at = {(c, t): (v, loss) for c, t, v, loss, *_ in naive["fired"][latent]}
+    best = {}
+    for c, t, v, *_ in naive["fired"][latent]:
+        if v > best.get(c, (0, -1))[0]:
+            best[c] = (v, t)
+    top = sorted(best, key=lambda c: -best[c][0])[: CFG["contexts_per_latent"]]
+    found = strips_of(html)
+    assert [int(c) for c, _, _ in found[: len(top)]] == top
+    assert [int(p) for _, p, _ in found[: len(top)]] == [best[c][1] for c in top]
+    checked = 0
+    for c, p, body in found:
+        spans = re.findall(r'<span class="tok[^"]*"(?: style="[^"]*")? title="([^"]*)"', body)
+        start = max(0, int(p) - 16)
+        for offset, title in enumerate(spans):
+            t = start + offset
+            if t == 0 or t == 19:
+                assert title == "not encoded"
+                continue
+            value, loss = at.get((int(c), t), (0.0, 0.0))
+            shown = re.match(r"activation (\S+); loss effect value\*\(d\.g\) (\S+)", title)
+            assert float(shown[1]) == pytest.approx(value, rel=1e-3, abs=1e-6)
+            assert float(shown[2]) == pytest.approx(loss, rel=1e-2, abs=1e-6)
+            checked += 1
+    assert checked > 50
+
+
+def expected_strips(values, contexts_fired):
+    """Top contexts plus, per quantile bin (torch.quantile's linear interpolation, numpy's
+    default), up to contexts_per_quantile examples."""
+    edges = np.quantile(values, np.linspace(0, 1, CFG["quantiles"] + 1))
+    per_bin = []
+    for b in range(CFG["quantiles"]):
+        last = b == CFG["quantiles"] - 1
+        inside = [v for v in values if edges[b] <= v and (v <= edges[b + 1] if last
+                                                          else v < edges[b + 1])]
+        per_bin.append(min(CFG["contexts_per_quantile"], len(inside)))
+    return min(CFG["contexts_per_latent"], contexts_fired) + sum(per_bin)
+
+
+def test_quantile_bins_split_the_values_evenly():
+    act = torch.tensor([[0.0, 1.0, 2.0, float("nan")], [3.0, 4.0, 5.0, 6.0], [7.0, 8.0, 0.0, 0.0]])
+    bins = quantile_positions(act, 4, per_bin=10, seed=0)
+    assert [(lo, hi) for lo, hi, _ in bins] == [(1, 2.75), (2.75, 4.5), (4.5, 6.25), (6.25, 8)]
+    assert [sorted(act[c, t].item() for c, t in where) for _, _, where in bins] == [
+        [1, 2], [3, 4], [5, 6], [7, 8]]
+    assert top_positions(act, 2) == [(2, 1), (1, 3)]
+
+
+def test_json_and_page_agree_on_examples(site, site_json, naive):
+    for latent, details in site_json["pages"].items():
+        hits = naive["fired"][int(latent)]
+        html = (site / site_json["latents"][int(latent)]["page"]).read_text()
+        want = expected_strips([h[2] for h in hits], len({h[0] for h in hits}))
+        assert len(strips_of(html)) == want
+        shown = len(details["top_examples"]) + sum(
+            len(b["examples"]) for b in details["quantile_examples"])
+        assert shown == want
+        assert sum(details["histogram"]["counts"]) == len(hits)
+
+
+# Promoted tokens: planted directions ---------------------------------------------------------
+
+
+def test_promoted_tokens_go_through_the_rms_norm_gain():
+    model = tiny_llama()
+    with torch.no_grad():  # a gain with mixed signs: ignoring it ranks tokens differently
+        model.model.norm.weight.copy_(torch.linspace(0.2, 3.0, D) * torch.tensor([1, -1] * 32))
+    W_U, gain = model.lm_head.weight.detach(), model.model.norm.weight.detach()
+    planted = F.normalize(torch.stack([W_U[65] / gain, -W_U[300] / gain]), dim=1)
+    up, _, down, _ = top_tokens(model, planted, 1)
+    assert up[0, 0] == 65 and down[1, 0] == 300
+    assert (W_U @ planted[0]).argmax() != 65  # the gain matters for this direction
+
+
+def test_promoted_tokens_centre_through_layer_norm():
+    model = tiny_gpt2()
+    W_U, gain = model.lm_head.weight.detach(), model.transformer.ln_f.weight.detach()
+    u = W_U[70] / gain
+    planted = u - u.mean() + 5.0  # a large mean, which LayerNorm removes
+    up, values, _, _ = top_tokens(model, planted[None], 3)
+    assert up[0, 0] == 70
+    expected = (W_U * gain) @ (u - u.mean())
+    assert values[0].tolist() == pytest.approx(expected.topk(3).values.tolist(), rel=1e-4)
+
+
+# Steering: greedy continuations against full recomputation -------------------------------
+
+
+def naive_greedy(model, prompt, vector, skip_first, steps):
+    tokens = prompt.clone()
+    for _ in range(steps):
+        def hook(_module, _inputs, output):
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            h[:, skip_first:] += vector
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handle = model.model.layers[0].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=tokens[None], use_cache=False).logits
+        finally:
+            handle.remove()
+        tokens = torch.cat([tokens, logits[0, -1].argmax()[None]])
+    return tokens[len(prompt):].tolist()
+
+
+def test_greedy_continuations_match_full_recomputation(model):
+    prompt = torch.tensor([10, 72, 101, 108, 108, 111])
+    vectors = torch.randn(4, D, generator=torch.Generator().manual_seed(0)) * 3
+    vectors[0] = 0
+    got = greedy(model, model.model.layers[0], prompt, vectors, skip_first=3, new_tokens=6)
+    for row, vector in enumerate(vectors):
+        assert got[row].tolist() == naive_greedy(model, prompt, vector, 3, 6)
+    assert got[1].tolist() != got[0].tolist() or got[2].tolist() != got[0].tolist()
+
+
+def test_steering_strengths_are_multiples_of_the_typical_activation(site_json, naive):
+    sources = set()
+    for latent, details in site_json["pages"].items():
+        plain, fired = naive["plain"][int(latent)], naive["fired"][int(latent)]
+        # the gradient-free mean, as gsae steer; latents that need the gradient to fire use
+        # their gradient-aware mean
+        typical = np.mean(plain) if plain else np.mean([h[2] for h in fired])
+        sources.add(details["steering_unit_source"].split()[0])
+        assert len(details["steering"]) == 3
+        for prompt in details["steering"]:
+            multiples = [c["multiple"] for c in prompt["continuations"]]
+            assert multiples == [0.0, 1.0, 4.0]
+            for c in prompt["continuations"]:
+                assert c["alpha"] == pytest.approx(c["multiple"] * typical, rel=1e-4)
+    assert sources == {"gradient-free", "gradient-aware"}
+
+
+def test_dead_latents_with_pages_are_not_steered(site):
+    other = json.loads((site / "compare" / "latents.json").read_text())
+    dead = [r for r in other["latents"] if r["page"] and r["dead"]]
+    assert dead  # a nearest neighbour that never fires
+    for r in dead:
+        assert other["pages"][str(r["latent"])]["steering"] == []
+        assert "nan" not in (site / "compare" / r["page"]).read_text()
+
+
+# Compare: nearest latents by decoder cosine -------------------------------------------------
+
+
+def test_neighbours_are_the_nearest_by_decoder_cosine(site, site_json, saes):
+    a = saes[0].W_dec.detach().double()
+    b = saes[1].W_dec.detach().double()
+    other = json.loads((site / "compare" / "latents.json").read_text())
+    for latent, details in site_json["pages"].items():
+        cos = [(a[int(latent)] @ b[j] / a[int(latent)].norm() / b[j].norm()).item()
+               for j in range(LATENTS)]
+        want = sorted(range(LATENTS), key=lambda j: -cos[j])[: CFG["neighbours"]]
+        assert [n["latent"] for n in details["neighbours"]] == want
+        html = (site / site_json["latents"][int(latent)]["page"]).read_text()
+        for j in want:
+            assert other["latents"][j]["page"] is not None
+            assert f'href="../compare/{other["latents"][j]["page"]}"' in html
+            assert (site / "compare" / other["latents"][j]["page"]).is_file()
+
+
+# delphi's latent cache -------------------------------------------------------------------------
+
+
+def test_delphi_cache_has_delphis_layout_and_the_firings(site, contexts, naive):
+    (hook_dir,) = (site / "delphi").iterdir()
+    assert hook_dir.name == "model.layers.0"
+    config = json.loads((hook_dir / "config.json").read_text())
+    for key in ("dataset_repo", "dataset_split", "dataset_name", "dataset_column", "batch_size",
+                "cache_ctx_len", "n_tokens", "n_splits", "model_name"):
+        assert key in config
+    assert config["cache_ctx_len"] == contexts.shape[1]
+    assert config["n_tokens"] == contexts.numel()
+    files = sorted(hook_dir.glob("*.safetensors"), key=lambda f: int(f.stem.split("_")[0]))
+    assert len(files) == config["n_splits"]
+    bounds = [tuple(map(int, f.stem.split("_"))) for f in files]
+    assert bounds[0][0] == 0 and bounds[-1][1] == LATENTS - 1
+    assert all(b[0] == a[1] + 1 for a, b in zip(bounds, bounds[1:]))  # end inclusive
+    got = {}
+    for (start, end), f in zip(bounds, files):
+        data = load_file(str(f))  # what delphi's TensorBuffer.load reads
+        assert set(data) == {"locations", "activations", "tokens"}
+        loc, act = data["locations"], data["activations"]
+        assert loc.dtype in (np.uint16, np.uint32) and loc.ndim == 2 and loc.shape[1] == 3
+        assert act.dtype == np.float16 and act.shape == (loc.shape[0],)
+        assert (data["tokens"] == contexts.numpy()).all()
+        loc = loc.astype(np.int64)
+        loc[:, 2] += start
+        assert ((loc[:, 2] >= start) & (loc[:, 2] <= end)).all()
+        got.update({tuple(row): a for row, a in zip(loc.tolist(), act.tolist())})
+    want = {(c, t, i): v for i, hits in naive["fired"].items() for c, t, v, *_ in hits}
+    assert got.keys() == want.keys()
+    assert all(got[key] == pytest.approx(want[key], rel=2e-3, abs=1e-4) for key in want)
+
+
+# The whole command on a corpus file, and refusals ------------------------------------------
+
+
+def test_module_entry_point_reads_the_recorded_model_and_corpus(tmp_path, corpus, capsys):
+    sae = make_sae(0, BETA)
+    sae.metadata["corpus"] = {"dataset": corpus, "context_size": 32}
+    sae.save(tmp_path / "sae")
+    out = tmp_path / "site"
+    args = [str(tmp_path / "sae"), "--out", str(out), "--tokens", "150", "--top_latents", "2",
+            "--random_latents", "1", "--continuation_tokens", "2"]
+    assert browser_main(args) == 0, capsys.readouterr().err
+    result = json.loads((out / "latents.json").read_text())
+    assert result["run"]["contexts"] == 5 and result["run"]["context_size"] == 32
+    assert result["run"]["model"] == "tiny-llama" and result["run"]["corpus"] == corpus
+    assert sum(r["page"] is not None for r in result["latents"]) == 3
+    assert browser_main(args) == 0  # a site is rewritten in place
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert browser_main([*args[:2], str(tmp_path / "other")]) == 2
+    assert "latents.json" in capsys.readouterr().err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_bad_settings_are_refused(model, contexts, saes, tmp_path):
+    with pytest.raises(GsaeError, match="contexts_per_latent"):
+        inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(tmp_path / "x"), contexts_per_latent=0))
+    first, second = make_sae(0, BETA), make_sae(1, 0.0)
+    first.metadata["model"]["fingerprint"], second.metadata["model"]["fingerprint"] = "a", "b"
+    with pytest.raises(GsaeError, match="another model"):
+        inspect_contexts(first, model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(tmp_path / "x")), other=second)
+    narrow = SAE(SAEConfig(n_latents=8, k=2), 32, metadata={"hook": "0"})
+    with pytest.raises(GsaeError, match="width"):
+        inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(tmp_path / "x")), other=narrow)
+
+
+# In a real browser ----------------------------------------------------------------------------
+
+
+def chromium(url, tmp_path, *extra):
+    """The DOM of `url` after its scripts ran, and the URLs of the network requests the page
+    made (from Chromium's net log; the browser's own background requests are left out), with
+    every request bound to fail: a closed proxy port and no host resolution."""
+    log = tmp_path / f"net-{len(list(tmp_path.glob('net-*')))}.json"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--proxy-server=http://127.0.0.1:9",
+               "--host-resolver-rules=MAP * ~NOTFOUND", f"--log-net-log={log}",
+               "--virtual-time-budget=5000", "--dump-dom", *extra, url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, page_requests(log)
+
+
+def page_requests(log):
+    net = json.loads(log.read_text())
+    start = net["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    starts = [e.get("params", {}) for e in net["events"] if e["type"] == start]
+    return [p["url"] for p in starts if "url" in p and p.get("initiator") != "not an origin"]
+
+
+def table_order(dom):
+    body = dom.split('<table id="latents">', 1)[1]
+    return [int(i) for i in re.findall(r'<tr[^>]*><td class="l" data-v="(\d+)"', body)]
+
+
+@needs_chromium
+def test_index_renders_and_makes_no_request(site, site_json, tmp_path):
+    dom, requests = chromium((site / "index.html").as_uri(), tmp_path)
+    assert table_order(dom) == list(range(LATENTS))
+    dead = sum(r["dead"] for r in site_json["latents"])
+    table = dom.split('<table id="latents">', 1)[1]
+    assert table.count('<span class="badge">dead</span>') == dead > 0
+    assert "<svg" in dom and 'class="bar"' in dom
+    assert requests == []
+    for page in site.rglob("*.html"):
+        assert not re.search(r"(https?:|ftp:)?//[a-z0-9]", page.read_text(), re.I), page
+
+
+@needs_chromium
+def test_the_request_detector_sees_requests(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text('<img src="http://example.com/a.png"><script>fetch("https://example.org/b")'
+                    '.catch(() => {})</script>')
+    _, requests = chromium(page.as_uri(), tmp_path)
+    assert {"http://example.com/a.png", "https://example.org/b"} <= set(requests)
+
+
+@needs_chromium
+@pytest.mark.parametrize("key,field,descending",
+                         [("freq", "frequency", True), ("mean", "mean_activation", False)])
+def test_clicking_a_header_sorts_the_rows(site, site_json, tmp_path, key, field, descending):
+    url = (site / "index.html").as_uri() + f"#sort={key},{'desc' if descending else 'asc'}"
+    dom, requests = chromium(url, tmp_path)
+    assert f'data-key="{key}" data-dir="{"desc" if descending else "asc"}"' in dom
+    records = site_json["latents"]
+    missing = -math.inf  # dead latents have no mean: they sort below every number
+
+    def value(r):
+        v = r[field] if not r["dead"] else missing
+        return v if v is not None else missing
+
+    want = sorted(records, key=lambda r: -value(r) if descending else value(r))
+    got = table_order(dom)
+    assert [value(records[i]) for i in got] == [value(r) for r in want]
+    assert got != list(range(LATENTS))
+    assert requests == []
+
+
+@needs_chromium
+def test_a_latent_link_opens_its_page_with_its_strips(site, site_json, tmp_path, naive):
+    index = (site / "index.html").as_uri()
+    dom, _ = chromium(index, tmp_path)
+    links = re.findall(r'<a href="(latents/\d+\.html)">(\d+)</a>', dom)
+    assert len(links) == len(site_json["pages"])
+    for href, latent in (links[0], links[-1]):
+        page_dom, requests = chromium(urljoin(index, href), tmp_path)
+        assert f"<h1>Latent {latent} of gsae</h1>" in page_dom
+        hits = naive["fired"][int(latent)]
+        assert page_dom.count('<div class="strip"') == expected_strips(
+            [h[2] for h in hits], len({h[0] for h in hits}))
+        assert requests == []
+    back = re.search(r'<a href="([^"]+)">&larr; all latents</a>|<a href="([^"]+)">← all', page_dom)
+    assert back and (back[1] or back[2]) == "../index.html"
