@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
 
-from gsae import SAE, SAEConfig
+from gsae import SAE, Provenance, SAEConfig
 from gsae.browser import InspectConfig, inspect_contexts
-from gsae.browser.__main__ import main as browser_main
 from gsae.browser.examples import quantile_positions, top_positions
 from gsae.browser.logits import top_tokens
 from gsae.browser.steering import greedy
+from gsae.cli import main as gsae_main
 from gsae.errors import GsaeError
-from gsae.testing import tiny_gpt2, tiny_llama, tiny_tokenizer
+from gsae.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 D, LATENTS, K, BETA = 64, 40, 4, 200.0
 CFG = dict(top_latents=4, random_latents=3, contexts_per_latent=5, quantiles=3,
@@ -35,7 +35,8 @@ needs_chromium = pytest.mark.skipif(
 def make_sae(seed, beta):
     meta = {"hook": "0", "skip_first": 1, "outlier_factor": 0.0,
             "model": {"model": "tiny-llama", "fingerprint": None}}
-    sae = SAE(SAEConfig(n_latents=LATENTS, k=K, beta=beta, seed=seed), D, metadata=meta)
+    cfg = SAEConfig(n_latents=LATENTS, k=K, beta=beta, seed=seed)
+    sae = SAE(cfg, D, provenance=Provenance.from_json(meta))
     with torch.no_grad():  # spread the firing frequencies; make a few latents dead
         sae.b_enc.copy_(torch.linspace(0.3, -0.3, LATENTS))
         sae.b_enc[-3:] = -50.0
@@ -366,23 +367,28 @@ def test_delphi_cache_has_delphis_layout_and_the_firings(site, contexts, naive):
 # The whole command on a corpus file, and refusals ------------------------------------------
 
 
-def test_module_entry_point_reads_the_recorded_model_and_corpus(tmp_path, corpus, capsys):
+def test_the_command_reads_the_recorded_model_and_corpus(tmp_path, corpus, capsys):
     sae = make_sae(0, BETA)
-    sae.metadata["corpus"] = {"dataset": corpus, "context_size": 32}
+    sae.provenance.corpus = {"dataset": corpus, "context_size": 32}
     sae.save(tmp_path / "sae")
     out = tmp_path / "site"
-    args = [str(tmp_path / "sae"), "--out", str(out), "--tokens", "150", "--top_latents", "2",
-            "--random_latents", "1", "--continuation_tokens", "2"]
-    assert browser_main(args) == 0, capsys.readouterr().err
+    args = ["inspect", str(tmp_path / "sae"), "--out", str(out), "--tokens", "150",
+            "--top_latents", "2", "--random_latents", "1", "--continuation_tokens", "2"]
+    assert gsae_main(args) == 0, capsys.readouterr().err
     result = json.loads((out / "latents.json").read_text())
     assert result["run"]["contexts"] == 5 and result["run"]["context_size"] == 32
     assert result["run"]["model"] == "tiny-llama" and result["run"]["corpus"] == corpus
     assert sum(r["page"] is not None for r in result["latents"]) == 3
-    assert browser_main(args) == 0  # a site is rewritten in place
+    capsys.readouterr()
+    assert gsae_main(args) == 2  # a site is replaced only with --overwrite
+    assert "is not empty" in capsys.readouterr().err
+    (out / "latents.json").write_text("{}")
+    assert gsae_main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "latents.json").read_text())["run"]["contexts"] == 5
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    assert browser_main([*args[:2], str(tmp_path / "other")]) == 2
-    assert "latents.json" in capsys.readouterr().err
+    assert gsae_main([*args[:3], str(tmp_path / "other")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
@@ -391,11 +397,11 @@ def test_bad_settings_are_refused(model, contexts, saes, tmp_path):
         inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
                          InspectConfig(out=str(tmp_path / "x"), contexts_per_latent=0))
     first, second = make_sae(0, BETA), make_sae(1, 0.0)
-    first.metadata["model"]["fingerprint"], second.metadata["model"]["fingerprint"] = "a", "b"
+    first.provenance.model["fingerprint"], second.provenance.model["fingerprint"] = "a", "b"
     with pytest.raises(GsaeError, match="another model"):
         inspect_contexts(first, model, tiny_tokenizer(), contexts,
                          InspectConfig(out=str(tmp_path / "x")), other=second)
-    narrow = SAE(SAEConfig(n_latents=8, k=2), 32, metadata={"hook": "0"})
+    narrow = SAE(SAEConfig(n_latents=8, k=2), 32, provenance=Provenance(hook="0"))
     with pytest.raises(GsaeError, match="width"):
         inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
                          InspectConfig(out=str(tmp_path / "x")), other=narrow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,21 @@ def cmd_compare(run: Any) -> int:
     return 0
 
 
+def cmd_inspect(run: Any) -> int:
+    from gsae.browser import run_inspect
+
+    start = time.perf_counter()
+    out = run_inspect(run)
+    print(f"wrote {out / 'index.html'} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _inspect_tree() -> type:
+    from gsae.browser import InspectRun
+
+    return InspectRun
+
+
 def _compare_tree() -> type:
     try:
         from gsae.study.compare import CompareRun
@@ -90,6 +106,9 @@ COMMANDS: dict[str, Command] = {
                        "seeds: train, evaluate, steer, and write a report", cmd_compare,
                        interrupted="interrupted; finished stages are kept (rerun the same "
                        "command to continue)"),
+    "inspect": Command(_inspect_tree, "write a static feature browser of an SAE's latents "
+                       "(HTML pages, latents.json, a delphi latent cache)", cmd_inspect,
+                       recorded_defaults=True),
 }
 
 

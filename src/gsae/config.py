@@ -187,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser, tree_cls: type) -> None:
     names = flag_names(tree_cls)
     for s in settings(tree_cls):
         if s.positional:
-            parser.add_argument(s.name, nargs="+", metavar=s.field.metadata.get("metavar"),
+            parser.add_argument(s.name, nargs=s.field.metadata.get("nargs", "+"),
+                                metavar=s.field.metadata.get("metavar"),
                                 help=s.field.metadata.get("help"))
             continue
         group = groups.get(s.section) if s.section else parser

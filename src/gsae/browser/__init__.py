@@ -1,5 +1,5 @@
 """`gsae inspect`: a static, offline feature browser of an SAE's latents."""
 
-from gsae.browser.site import InspectConfig, inspect, inspect_contexts
+from gsae.browser.site import InspectConfig, InspectRun, inspect, inspect_contexts, run_inspect
 
-__all__ = ["InspectConfig", "inspect", "inspect_contexts"]
+__all__ = ["InspectConfig", "InspectRun", "inspect", "inspect_contexts", "run_inspect"]

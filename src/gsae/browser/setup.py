@@ -1,19 +1,20 @@
-"""Everything the browser reads from the rest of gsae: an SAE's recorded setup, the model and the
-held-out contexts. Kept in one place so that renamed APIs change one file."""
+"""What the browser takes from the rest of gsae: an SAE's recorded setup (as `gsae eval` reads
+it), the held-out contexts and the hook output's hidden state."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, eval_contexts
+from gsae.config import build
+from gsae.evaluate import EvalConfig, eval_contexts, recorded_hook
+from gsae.hooks import hook_output_tensor, replace_hook_output
+from gsae.models import ModelConfig
+from gsae.pipeline import EvaluationRun, recorded_settings
 from gsae.sae import SAE
-from gsae.source import SourceConfig
 from gsae.text import DataConfig
 
 
@@ -30,49 +31,20 @@ class Recorded:
 
 
 def recorded(sae: SAE, name: str = "the SAE") -> Recorded:
-    """The SAE's provenance (typed `sae.provenance` or the older `sae.metadata` dict)."""
-    prov = getattr(sae, "provenance", None)
-    if prov is None:
-        prov = sae.metadata
-    elif dataclasses.is_dataclass(prov):
-        prov = dataclasses.asdict(prov)
-    if not prov.get("hook"):
-        raise GsaeError(f"{name} records no hook point: it cannot be inspected on its model")
-    return Recorded(
-        hook=str(prov["hook"]),
-        model=dict(prov.get("model") or {}),
-        corpus=dict(prov.get("corpus") or {}),
-        skip_first=int(prov.get("skip_first", SourceConfig.skip_first)),
-        outlier_factor=float(prov.get("outlier_factor", SourceConfig.outlier_factor)),
-        autocast=str(prov.get("autocast") or "none"),
-    )
+    """The SAE's provenance, with the hook point it needs."""
+    prov = sae.provenance
+    return Recorded(hook=recorded_hook(sae, name), model=dict(prov.model or {}),
+                    corpus=dict(prov.corpus or {}), skip_first=prov.skip_first,
+                    outlier_factor=prov.outlier_factor, autocast=prov.autocast)
 
 
-def recorded_configs(sae: SAE, name: str = "the SAE", model_cfg: Any = None,
-                     data_cfg: DataConfig | None = None) -> tuple[Any, DataConfig]:
-    """The ModelConfig and DataConfig of the model and corpus the SAE was trained on, unless
-    given."""
-    from gsae.models import ModelConfig
-
-    rec = recorded(sae, name)
-    if model_cfg is None:
-        if not rec.model.get("model"):
-            raise GsaeError(f"{name} does not record its model: pass --model")
-        model_cfg = ModelConfig(model=rec.model["model"], revision=rec.model.get("revision"))
-    if data_cfg is None:
-        data_cfg = DataConfig(**{f.name: rec.corpus[f.name] for f in fields(DataConfig)
-                                 if rec.corpus.get(f.name) is not None})
-    return model_cfg, data_cfg
-
-
-def load_sae(folder: str | Path) -> SAE:
-    return SAE.load(folder)
-
-
-def load_model(model_cfg: Any) -> tuple[Any, Any]:
-    from gsae.models import load_model as load
-
-    return load(model_cfg)
+def recorded_configs(sae_dir: str | Path, model_cfg: ModelConfig | None = None,
+                     data_cfg: DataConfig | None = None) -> tuple[ModelConfig, DataConfig]:
+    """The model and data configs the SAE records (as `gsae eval` reads them), unless given."""
+    if model_cfg is not None and data_cfg is not None:
+        return model_cfg, data_cfg
+    tree = build(EvaluationRun, recorded_settings([str(sae_dir)], need_model=model_cfg is None))
+    return model_cfg or tree.model, data_cfg or tree.data
 
 
 def held_out_contexts(data_cfg: DataConfig, tokenizer: Any, tokens: int, pool_tokens: int,
@@ -82,15 +54,7 @@ def held_out_contexts(data_cfg: DataConfig, tokenizer: Any, tokens: int, pool_to
                          EvalConfig(eval_tokens=tokens, pool_tokens=pool_tokens, seed=seed))
 
 
-def hook_module(model: Any, hook: str) -> tuple[str, Any]:
-    from gsae.models import resolve_hook
-
-    return resolve_hook(model, hook)
-
-
 def add_to_hook_output(output: Any, delta_of: Any) -> Any:
     """`output` with `delta_of(hidden)` added to its hidden-state tensor."""
-    from gsae.models import hook_output_tensor, replace_hook_output
-
     h = hook_output_tensor(output)
     return replace_hook_output(output, h + delta_of(h).to(h.dtype))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import shutil
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,18 +21,16 @@ from gsae.browser import render
 from gsae.browser.collect import Encoded, choose_pages, encode_contexts, latent_map, latent_numbers
 from gsae.browser.delphi import write_delphi_cache
 from gsae.browser.logits import norm_description, top_tokens
-from gsae.browser.setup import (
-    Recorded,
-    held_out_contexts,
-    hook_module,
-    load_model,
-    load_sae,
-    recorded,
-    recorded_configs,
-)
+from gsae.browser.setup import Recorded, held_out_contexts, recorded
 from gsae.browser.steering import continuations
 from gsae.errors import GsaeError
+from gsae.formats import load
+from gsae.hooks import resolve_hook
+from gsae.io import atomic_output
+from gsae.models import ModelConfig
+from gsae.pipeline import CHANGED_CORPUS_HELP, load_for_eval
 from gsae.sae import SAE
+from gsae.text import DataConfig
 
 SCHEMA = "gsae.inspect/1"
 INDEX_PROMOTED, PAGE_TOKENS = 3, 10
@@ -82,7 +80,10 @@ class InspectConfig:
     compare: str = field(default="", metadata={
         "help": "a second SAE folder (same model and width) to compare latents against"})
     seed: int = field(default=0, metadata={"help": "seed of the contexts and random pages"})
-    batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch"})
+    batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch",
+                                                 "min": 1})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace --out if it already holds a site or other files"})
 
     def validate(self) -> None:
         for name in ("tokens", "contexts_per_latent", "quantiles", "continuation_tokens",
@@ -94,18 +95,36 @@ class InspectConfig:
                 raise GsaeError(f"{name} is {getattr(self, name)}: it must be 0 or more")
 
 
+@dataclass
+class InspectRun:
+    """Everything `gsae inspect` needs; model and data default to what the SAE records."""
+
+    saes: list[str] = field(default_factory=list, metadata={
+        "positional": True, "metavar": "SAE_DIR", "nargs": 1, "help": "the SAE folder to inspect"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    allow_changed_corpus: bool = field(default=False, metadata={"help": CHANGED_CORPUS_HELP})
+
+
+def run_inspect(run: InspectRun) -> Path:
+    """`gsae inspect`: the site of the run's SAE in `run.inspect.out`."""
+    return inspect(run.saes[0], run.inspect, run.model, run.data, run.allow_changed_corpus)
+
+
 def inspect(sae_dir: str | Path, cfg: InspectConfig, model_cfg: Any = None,
-            data_cfg: Any = None) -> Path:
+            data_cfg: Any = None, allow_changed_corpus: bool = False) -> Path:
     """Write the feature browser of the SAE folder `sae_dir` into `cfg.out`, on held-out text
-    of the model and corpus it records (or `model_cfg` / `data_cfg` where given)."""
+    of the model and corpus it records (or `model_cfg` / `data_cfg` where given), loaded as
+    `gsae eval` loads them (`gsae.pipeline.load_for_eval`)."""
     cfg.validate()
-    sae = load_sae(sae_dir)
-    model_cfg, data_cfg = recorded_configs(sae, str(sae_dir), model_cfg, data_cfg)
-    other = load_sae(cfg.compare) if cfg.compare else None
-    model, tokenizer = load_model(model_cfg)
-    contexts = held_out_contexts(data_cfg, tokenizer, cfg.tokens, cfg.pool_tokens, cfg.seed)
-    run = {"model": model_cfg.model, "corpus": data_cfg.dataset, "part": "eval"}
-    return inspect_contexts(sae, model, tokenizer, contexts, cfg, other,
+    _check_out(Path(cfg.out), cfg.overwrite)
+    loaded = load_for_eval([str(sae_dir)], model_cfg, data_cfg, allow_changed_corpus)
+    other = load(cfg.compare) if cfg.compare else None
+    contexts = held_out_contexts(loaded.data, loaded.tokenizer, cfg.tokens, cfg.pool_tokens,
+                                 cfg.seed)
+    run = {"model": loaded.model_cfg.model, "corpus": loaded.data.dataset, "part": "eval"}
+    return inspect_contexts(loaded.saes[0], loaded.model, loaded.tokenizer, contexts, cfg, other,
                             names=(str(sae_dir), cfg.compare), run=run)
 
 
@@ -115,6 +134,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
                      run: dict[str, Any] | None = None) -> Path:
     """Write the site for `sae` (and `other`, to compare) on token contexts [n, T]."""
     cfg.validate()
+    _check_out(Path(cfg.out), cfg.overwrite)
     start = time.perf_counter()
     members = [(sae, recorded(sae, names[0]))]
     if other is not None:
@@ -135,7 +155,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     run = {**(run or {}), "contexts": contexts.shape[0], "context_size": contexts.shape[1],
            "norm": norm_description(model)}
     out = Path(cfg.out)
-    with _fresh_folder(out) as folder:
+    with _site_folder(out) as folder:
         for site in sites:
             site.prepare(model, tokenizer, contexts, cfg, spell)
         run["seconds_encoding"] = round(encode_seconds, 1)
@@ -187,7 +207,7 @@ class Site:
         W_dec = self.sae.W_dec.detach().float()
         up, _, _, _ = top_tokens(model, W_dec, INDEX_PROMOTED)
         self.promoted = [[spell(int(t)) for t in row] for row in up]
-        self.hook_name, module = hook_module(model, self.rec.hook)
+        self.hook_name, module = resolve_hook(model, self.rec.hook)
         if not self.pages:
             return
         up, up_v, down, down_v = top_tokens(model, W_dec[self.pages], PAGE_TOKENS)
@@ -459,29 +479,22 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-class _fresh_folder:
-    """Build the site in a temporary sibling folder and move it into place at the end, so an
-    interrupted run leaves the old site. Refuses a non-empty folder that is not a site."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that holds files (a site or anything else)
+    unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise GsaeError(f"--out {out} is a file: give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GsaeError(f"{out} is not empty: choose a new --out folder, or pass --overwrite to "
+                        "replace it and everything in it")
 
-    def __init__(self, out: Path):
-        self.out = out
 
-    def __enter__(self) -> Path:
-        out = self.out
-        if out.exists() and any(out.iterdir()) and not (out / "latents.json").is_file():
-            raise GsaeError(f"{out} holds other files and no latents.json: choose an empty or "
-                            "new --out folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        (self.tmp / "style.css").write_text(render.STYLE)
-        return self.tmp
-
-    def __exit__(self, kind, *_) -> None:
-        if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        self.tmp.chmod(0o755)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.tmp.replace(self.out)
+@contextmanager
+def _site_folder(out: Path) -> Iterator[Path]:
+    """A fresh folder to build the site in, which replaces `out` whole only when it is
+    complete: an interrupted run leaves `out` as it was."""
+    with atomic_output(out, replace=True) as tmp:
+        tmp.mkdir()
+        (tmp / "style.css").write_text(render.STYLE)
+        yield tmp
 
