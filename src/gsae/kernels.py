@@ -208,13 +208,17 @@ def certified_top(
         exact = rescore(pending, latents)
         best = best_positions(exact.score, latents, k)
         exact = Exact(*(None if t is None else t.gather(1, best) for t in exact))
-        done = torch.ones(len(pending), dtype=torch.bool, device=approx.device)
-        if m < n_cols:
+        latents = latents.gather(1, best)
+        if m == n_cols:
+            done = torch.ones(len(pending), dtype=torch.bool, device=approx.device)
+        else:
             done = bound(pending, values.amin(1).double()) < exact.score.amin(1).double()
+        if len(pending) == n_rows and bool(done.all()):
+            return latents, exact  # the common case: every row settled at once
         if out is None:
             out = Exact(*(None if t is None else t.new_empty(n_rows, k) for t in exact))
         rows = pending[done]
-        chosen[rows] = latents.gather(1, best)[done]
+        chosen[rows] = latents[done]
         for into, t in zip(out, exact):
             if into is not None and t is not None:
                 into[rows] = t[done]
@@ -260,6 +264,11 @@ def _same(rows: Tensor, values: Tensor) -> Tensor:
     return values
 
 
+def _pick(t: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+    """t[rows[n], latents[n, j]]; `rows` are increasing, so as many as t has means all."""
+    return (t if len(rows) == len(t) else t[rows]).gather(1, latents)
+
+
 _Scorer = Callable[[slice], _Block]
 
 
@@ -275,8 +284,9 @@ def _max_row_norm(t: Tensor) -> float:
 
 
 def _row_dots(table: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
-    """out[n, j] = table[latents[n, j]] . rows[n], each entry computed on its own."""
-    return SparsePattern(latents, table.shape[0]).row_dots(table, rows)
+    """out[n, j] = table[latents[n, j]] . rows[n], each entry computed on its own (by the
+    embedding-bag kernel: on CPU faster than the sampled product for this many columns)."""
+    return SparsePattern(latents, table.shape[0])._row_dots_bags(table, rows)
 
 
 class _DenseScorer:
@@ -295,7 +305,7 @@ class _DenseScorer:
         z = self.encoder(self.x[block])
 
         def rescore_z(rows: Tensor, latents: Tensor) -> Exact:
-            picked = z[rows].gather(1, latents)
+            picked = _pick(z, rows, latents)
             return Exact(picked, picked, None)
 
         if self.decoder is None or self.grad is None:
@@ -304,7 +314,7 @@ class _DenseScorer:
         score = torch.addcmul(z, z, effect, value=self.beta)
 
         def rescore(rows: Tensor, latents: Tensor) -> Exact:
-            return Exact(*(t[rows].gather(1, latents) for t in (score, z, effect)))
+            return Exact(*(_pick(t, rows, latents) for t in (score, z, effect)))
 
         return _Block(score, z, _same, _same, rescore, rescore_z, _next_one)
 
@@ -319,7 +329,8 @@ class _Bf16Product:
     (Cauchy-Schwarz); this holds whatever rounding the conversions used. Each product
     x~_j w~_j is exact in float32 (8 x 8 significant bits), and adding the d products and the
     bias in float32, in any order, errs by at most gamma_{d+1} (||x~|| max_i ||w~_i|| +
-    max_i |b~_i|), with gamma_n = n u / (1 - n u) and u = 2^-24; flushing subnormals costs at
+    max_i |b~_i|), with gamma_n = n u / (1 - n u) and u = 2^-24 (and ||w~_i|| <= ||w_i|| +
+    ||dw_i||, so max_i ||w~_i|| <= max_i ||w_i|| + max_i ||dw_i||); flushing subnormals costs at
     most tau = (d + 2) 2^-100 more. `error(x, x~)` is SAFETY times the sum of these terms: a
     bound, per row, on |p_i - (x . w_i + b_i)| for every latent i, where p_i is the float32
     result before it is rounded to bfloat16. The stored bfloat16 value q_i then differs from
@@ -333,7 +344,7 @@ class _Bf16Product:
         self.terms = weight.shape[1] + 1
         self.w_max = _max_row_norm(weight)
         self.dw_max = _max_row_norm(weight - w16.to(weight.dtype))
-        self.w16_max = _max_row_norm(w16.float())
+        self.w16_max = self.w_max + self.dw_max  # an upper bound (triangle inequality)
         self.b_max = self.db_max = self.b16_max = 0.0
         if bias is not None and b16 is not None and bias.numel():
             self.b_max = float(bias.abs().max())
@@ -383,7 +394,7 @@ class _ScreenedScorer:
             return v + 2 * BF16_UNIT * v.abs() + slack[rows]
 
         def rescore(rows: Tensor, latents: Tensor) -> Exact:
-            z = _row_dots(self.W_enc, x[rows], latents)
+            z = _row_dots(self.W_enc, x if len(rows) == len(x) else x[rows], latents)
             z += self.b_enc[latents]
             return Exact(z, z, None)
 
