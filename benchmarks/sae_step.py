@@ -116,6 +116,20 @@ def gsae_step(d_in: int, n_latents: int, k: int, beta: float, x: torch.Tensor, g
     return step
 
 
+def without_screen(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with the selection's bfloat16 screen turned off."""
+    from gsae import kernels
+
+    def dense_step() -> None:
+        kernels.SCREEN, saved = "never", kernels.SCREEN
+        try:
+            step()
+        finally:
+            kernels.SCREEN = saved
+
+    return dense_step
+
+
 def encoder_gemm(d_in: int, n_latents: int, x: torch.Tensor) -> Callable[[], None]:
     """One encoder GEMM over the batch: float32, oneDNN, in the selection's blocks of rows."""
     from gsae import kernels
@@ -381,6 +395,8 @@ def main() -> None:
     gsae = gsae_step(d_in, n_latents, args.k, args.beta, x, g, dead)
     variants: dict[str, Step] = {names["gemm"]: timed(encoder_gemm(d_in, n_latents, x)),
                                  names["topk"]: timed(topk), names["gsae"]: timed(gsae)}
+    if kernels.screens(x):  # the same TopK step with the dense float32 selection, for reference
+        variants["gsae TopK, dense fp32 selection"] = timed(without_screen(topk))
     remote = None
     if args.sparsify:
         remote = RemoteStep(interop_python(), args)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK_BYTES = 8 << 20  # size of one block of dense [rows, n_latents] scores in the selection
-SCREEN_BLOCK_BYTES = 16 << 20  # the same for the bfloat16 screen (a oneDNN call has a fixed cost)
+SCREEN_BLOCK_BYTES = 64 << 20  # the same for the bfloat16 screen (per-block costs are higher)
 SCREEN = "auto"  # "auto": screen where bfloat16 products run in hardware; "always"; "never"
 SCREEN_CANDIDATE_FACTORS = (2, 8)  # candidates per row of the screen: factor * k + 16, in turn
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
