@@ -116,18 +116,19 @@ def gsae_step(d_in: int, n_latents: int, k: int, beta: float, x: torch.Tensor, g
     return step
 
 
-def without_screen(step: Callable[[], None]) -> Callable[[], None]:
-    """`step` with the selection's bfloat16 screen turned off."""
+def switch_screen(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with the selection's bfloat16 screen switched (off if it is on, else on)."""
     from gsae import kernels
 
-    def dense_step() -> None:
-        kernels.SCREEN, saved = "never", kernels.SCREEN
+    def switched_step() -> None:
+        saved = kernels.SCREEN
+        kernels.SCREEN = "always" if saved == "never" else "never"
         try:
             step()
         finally:
             kernels.SCREEN = saved
 
-    return dense_step
+    return switched_step
 
 
 def encoder_gemm(d_in: int, n_latents: int, x: torch.Tensor) -> Callable[[], None]:
@@ -395,8 +396,9 @@ def main() -> None:
     gsae = gsae_step(d_in, n_latents, args.k, args.beta, x, g, dead)
     variants: dict[str, Step] = {names["gemm"]: timed(encoder_gemm(d_in, n_latents, x)),
                                  names["topk"]: timed(topk), names["gsae"]: timed(gsae)}
-    if kernels.screens(x):  # the same TopK step with the dense float32 selection, for reference
-        variants["gsae TopK, dense fp32 selection"] = timed(without_screen(topk))
+    if kernels.bf16_products_fast():  # TopK again, with the other selection path
+        other = "dense fp32" if kernels.screens(x) else "bf16-screened"
+        variants[f"gsae TopK, {other} selection"] = timed(switch_screen(topk))
     remote = None
     if args.sparsify:
         remote = RemoteStep(interop_python(), args)
@@ -404,7 +406,7 @@ def main() -> None:
         variants[names["sparsify"]] = remote
     print(f"shape {d_in} x {n_latents}, k {args.k}, batch {args.batch}, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, bfloat16 screen of TopK: "
+          f"{torch.backends.cpu.get_cpu_capability()}, TopK selection screened in bfloat16: "
           f"{'on' if kernels.screens(x) else 'off'}, dead latents "
           f"{0 if dead is None else int(dead.sum())}"
           + (f", sparsify: {remote.version}" if remote else ""))

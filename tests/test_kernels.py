@@ -346,7 +346,8 @@ def test_encode_equals_naive_reference_with_large_gradients(screen, value_mode, 
 
 
 @pytest.mark.skipif(not kernels.bf16_products_fast(), reason="no bfloat16 hardware")
-def test_auto_screens_float32_topk_only_where_bfloat16_is_fast():
+def test_auto_screens_float32_topk_only_where_bfloat16_is_fast(monkeypatch):
+    monkeypatch.setattr(kernels, "SCREEN", "auto")
     x = torch.zeros(2, 3)
     assert kernels.screens(x) and kernels.screens(x.double())
     assert not kernels.screens(x.half())

@@ -9,12 +9,15 @@ token: `SparsePattern` does them with `embedding_bag` and a CSR sparse-times-den
 cost O(N k d) instead of O(N n d).
 
 The selection is exact: the k latents of largest score in the input's dtype, equal scores
-ordered by latent index (`best_positions`). Where bfloat16 products run in hardware (AVX512-BF16
-or AMX, `bf16_products_fast`), a TopK selection ranks all latents by a bfloat16 product with a
-certified error bound and computes only the candidates exactly (`_ScreenedScorer`,
-`certified_top`). A g-SAE score is not screened: an error e in `d_i . g` moves the score by
-`beta z_i e`, and the bfloat16 bound on e (about 2^-8 ||g|| per latent, after Cauchy-Schwarz)
-times beta z is too wide to rule out enough latents (at beta 100 about 4 on scores near 30).
+ordered by latent index (`best_positions`). With `SCREEN` set to "auto", where bfloat16
+products run in hardware (AVX512-BF16 or AMX, `bf16_products_fast`), a TopK selection ranks all
+latents by a bfloat16 product with a certified error bound and computes only the candidates
+exactly (`_ScreenedScorer`, `certified_top`); it selects the same latents. Its product is
+several times faster than the float32 one, but the top 80 of all latents, the rescoring of the
+candidates and the conversions cost more than that saves, so it is off by default. A g-SAE
+score is not screened: an error e in `d_i . g` moves the score by `beta z_i e`, and the
+bfloat16 bound on e (about 2^-8 ||g|| per latent, after Cauchy-Schwarz) times beta z is too
+wide to rule out enough latents (at beta 100 about 4 on scores near 30).
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from torch import Tensor
 
 BLOCK_BYTES = 8 << 20  # size of one block of dense [rows, n_latents] scores in the selection
 SCREEN_BLOCK_BYTES = 64 << 20  # the same for the bfloat16 screen (per-block costs are higher)
-SCREEN = "auto"  # "auto": screen where bfloat16 products run in hardware; "always"; "never"
+# The TopK bfloat16 screen: "never" (the default: exact too, but measured slower than the dense
+# float32 selection for a whole training step on the AMX machine this was written on, at the
+# SmolLM2 and GPT-2 shapes), "auto" (where bfloat16 products run in hardware) or "always".
+SCREEN = "never"
 SCREEN_CANDIDATE_FACTORS = (2, 8)  # candidates per row of the screen: factor * k + 16, in turn
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 SAFETY = 2.0  # every bound on a rounding error is doubled
