@@ -269,7 +269,7 @@ SELECT_OPS = {  # the selection's operators by the part of the work they do
     "GEMM": ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm"),
     "top-k": ("aten::topk",),
     "order of ties": ("aten::sort", "aten::argsort"),
-    "exact rescoring": ("aten::sparse_sampled_addmm",),
+    "exact rescoring": ("aten::_embedding_bag_per_sample_weights_backward",),
 }
 
 

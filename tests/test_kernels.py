@@ -178,7 +178,6 @@ def test_sparse_pattern_products_equal_dense_ones():
     assert torch.allclose(pattern.scatter(weights_, dense), code.T @ dense, atol=1e-12)
     row_dots = (table[pattern.indices] * dense[:, None, :]).sum(-1)
     assert torch.allclose(pattern.row_dots(table, dense), row_dots, atol=1e-12)
-    assert torch.allclose(pattern._row_dots_bags(table, dense), row_dots, atol=1e-12)
     assert pattern.scatter(weights_, dense)[-2:].eq(0).all()
 
 

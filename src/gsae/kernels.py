@@ -291,8 +291,8 @@ def _max_row_norm(t: Tensor) -> float:
 
 def _row_dots(table: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
     """out[n, j] = table[latents[n, j]] . rows[n], each entry computed on its own (by the
-    embedding-bag kernel: on CPU faster than the sampled product for this many columns)."""
-    return SparsePattern(latents, table.shape[0])._row_dots_bags(table, rows)
+    embedding-bag kernel)."""
+    return SparsePattern(latents, table.shape[0]).row_dots(table, rows)
 
 
 class _DenseScorer:
@@ -425,26 +425,9 @@ class SparsePattern:
 
     def row_dots(self, table: Tensor, dense: Tensor) -> Tensor:
         """out[n, j] = table[indices[n, j]] . dense[n], shape [N, k] (the adjoint of `gather`
-        with respect to its weights)."""
-        if dense.device.type == "cpu":
-            return self._row_dots_sampled(table, dense)
-        return self._row_dots_bags(table, dense)
-
-    def _row_dots_sampled(self, table: Tensor, dense: Tensor) -> Tensor:
-        """`row_dots` as `dense @ table.T` sampled at the pattern (CSR). The CPU kernel computes
-        each entry on its own, so rows need not hold sorted or distinct columns."""
-        n, k = self.indices.shape
-        crow = torch.arange(0, n * k + 1, k, dtype=torch.int32, device=dense.device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
-            pattern = torch.sparse_csr_tensor(
-                crow, self.indices.reshape(-1).to(torch.int32), dense.new_zeros(n * k),
-                (n, table.shape[0]), check_invariants=False,
-            )
-        return torch.sparse.sampled_addmm(pattern, dense, table.t(), beta=0.0).values().view(n, k)
-
-    def _row_dots_bags(self, table: Tensor, dense: Tensor) -> Tensor:
-        """`row_dots` with the embedding-bag kernel for the gradient of per-sample weights."""
+        with respect to its weights), by the embedding-bag kernel for the gradient of
+        per-sample weights: each entry is computed on its own, so rows need not hold sorted or
+        distinct columns (on CPU it is faster than a CSR-sampled dense product)."""
         n, k = self.indices.shape
         offsets = torch.arange(0, n * k, k, device=dense.device)
         bags = torch.arange(n, device=dense.device).repeat_interleave(k)
