@@ -330,31 +330,39 @@ def selection_shares(call: Callable[[], None]) -> dict[str, float]:
     return {part: t / whole for part, t in totals.items()}
 
 
-def profile(steps: dict, x: torch.Tensor, g: torch.Tensor, dead: torch.Tensor | None,
-            args: argparse.Namespace) -> None:
+def profile(steps: dict[str, tuple[Callable[[], None], str]], x: torch.Tensor, g: torch.Tensor,
+            dead: torch.Tensor | None, args: argparse.Namespace) -> None:
     """Where the time of each gsae step goes: median ms per phase over interleaved rounds, the
-    selection split by operator (profiler self time, scaled to the selection's median)."""
-    d_in = x.shape[1]
+    selection split by operator (profiler self time, scaled to the selection's median). Each
+    step runs with its own setting of the bfloat16 screen (`kernels.SCREEN`)."""
+    from gsae import kernels
+
+    d_in, saved = x.shape[1], kernels.SCREEN
     phases: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
-    for _ in range(max(5, args.rounds // 2)):
-        for name, step in steps.items():
-            for phase, t in phase_times(step, x, g, dead, d_in).items():
-                phases[name].setdefault(phase, []).append(t)
+    shares: dict[str, dict[str, float]] = {}
+    try:
+        for _ in range(max(5, args.rounds // 2)):
+            for name, (step, screen) in steps.items():
+                kernels.SCREEN = screen
+                for phase, t in phase_times(step, x, g, dead, d_in).items():
+                    phases[name].setdefault(phase, []).append(t)
+        for name, (step, screen) in steps.items():
+            kernels.SCREEN = screen
+            shares[name] = selection_shares(select_call(step.sae, x, g, dead))
+    finally:
+        kernels.SCREEN = saved
     print("\nprofile: median ms per phase (selection timed alone; the forward's share without it)")
-    print(f"{'phase':42s}" + "".join(f"{name:>18s}" for name in steps))
+    print(f"{'phase':34s}" + "".join(f"{name:>16s}" for name in steps))
     medians = {name: {p: statistics.median(t) for p, t in ph.items()}
                for name, ph in phases.items()}
-    shares = {name: selection_shares(select_call(step.sae, x, g, dead))
-              for name, step in steps.items()}
-    parts = list(SELECT_OPS) + ["other"]
     for phase in next(iter(medians.values())):
-        print(f"{phase:42s}" + "".join(f"{1e3 * medians[n][phase]:18.1f}" for n in steps))
+        print(f"{phase:34s}" + "".join(f"{1e3 * medians[n][phase]:16.1f}" for n in steps))
         if phase == "selection":
-            for part in parts:
-                print(f"{'  of which ' + part:42s}" + "".join(
-                    f"{1e3 * medians[n][phase] * shares[n].get(part, 0.0):18.1f}" for n in steps))
-    print(f"{'sum of phases':42s}" + "".join(
-        f"{1e3 * sum(medians[n].values()):18.1f}" for n in steps))
+            for part in list(SELECT_OPS) + ["other"]:
+                print(f"{'  of which ' + part:34s}" + "".join(
+                    f"{1e3 * medians[n][phase] * shares[n].get(part, 0.0):16.1f}" for n in steps))
+    print(f"{'sum of phases':34s}" + "".join(
+        f"{1e3 * sum(medians[n].values()):16.1f}" for n in steps))
 
 
 def main() -> None:
@@ -419,7 +427,12 @@ def main() -> None:
     report(times, names, args.batch)
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
     if args.profile:
-        profile({"TopK": topk, f"g-SAE (beta {args.beta:g})": gsae}, x, g, dead, args)
+        steps = {"TopK": (topk, kernels.SCREEN), f"g-SAE (beta {args.beta:g})":
+                 (gsae, kernels.SCREEN)}
+        if kernels.bf16_products_fast():
+            other = "never" if kernels.screens(x) else "always"
+            steps[f"TopK, SCREEN={other}"] = (topk, other)
+        profile(steps, x, g, dead, args)
 
 
 if __name__ == "__main__":
