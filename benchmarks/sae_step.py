@@ -352,17 +352,17 @@ def profile(steps: dict[str, tuple[Callable[[], None], str]], x: torch.Tensor, g
     finally:
         kernels.SCREEN = saved
     print("\nprofile: median ms per phase (selection timed alone; the forward's share without it)")
-    print(f"{'phase':34s}" + "".join(f"{name:>16s}" for name in steps))
+    print(f"{'phase':34s}" + "".join(f"{name:>22s}" for name in steps))
     medians = {name: {p: statistics.median(t) for p, t in ph.items()}
                for name, ph in phases.items()}
     for phase in next(iter(medians.values())):
-        print(f"{phase:34s}" + "".join(f"{1e3 * medians[n][phase]:16.1f}" for n in steps))
+        print(f"{phase:34s}" + "".join(f"{1e3 * medians[n][phase]:22.1f}" for n in steps))
         if phase == "selection":
             for part in list(SELECT_OPS) + ["other"]:
                 print(f"{'  of which ' + part:34s}" + "".join(
-                    f"{1e3 * medians[n][phase] * shares[n].get(part, 0.0):16.1f}" for n in steps))
+                    f"{1e3 * medians[n][phase] * shares[n].get(part, 0.0):22.1f}" for n in steps))
     print(f"{'sum of phases':34s}" + "".join(
-        f"{1e3 * sum(medians[n].values()):16.1f}" for n in steps))
+        f"{1e3 * sum(medians[n].values()):22.1f}" for n in steps))
 
 
 def main() -> None:
