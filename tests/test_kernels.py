@@ -1,5 +1,7 @@
 """The kernels against naive dense references."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,19 @@ def same_set(indices, reference):
     return torch.equal(indices.sort(1).values, reference.sort(1).values)
 
 
+def reference_top(scores, k):
+    """The k best columns of each row: larger score first, lower index among equal scores."""
+    rows = [sorted(range(len(row)), key=lambda i: (-row[i], i))[:k] for row in scores.tolist()]
+    return torch.tensor(rows)
+
+
+@pytest.fixture(params=["always", "never"], ids=["bf16 screen", "dense"])
+def screen(request, monkeypatch):
+    """Run a selection test with the bfloat16 screen forced on, and with it off."""
+    monkeypatch.setattr(kernels, "SCREEN", request.param)
+    return request.param
+
+
 @pytest.fixture(params=[1 << 30, 3 * 40 * 8], ids=["one block", "blocks of 3 rows"])
 def block_bytes(request, monkeypatch):
     monkeypatch.setattr(kernels, "BLOCK_BYTES", request.param)
@@ -44,7 +59,7 @@ def block_bytes(request, monkeypatch):
 
 @pytest.mark.parametrize("b_shift", [0.0, -100.0], ids=["mixed signs", "all z negative"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 30.0, 1e4])
-def test_select_equals_dense_topk(block_bytes, beta, b_shift):
+def test_select_equals_dense_topk(block_bytes, screen, beta, b_shift):
     W_enc, b_enc, W_dec = weights()
     b_enc = b_enc + b_shift
     x, g = inputs()
@@ -75,7 +90,7 @@ def test_gradient_changes_the_selection():
     assert sum(differs) > len(differs) // 2
 
 
-def test_aux_selection_is_the_top_dead_latents(block_bytes):
+def test_aux_selection_is_the_top_dead_latents(block_bytes, screen):
     W_enc, b_enc, W_dec = weights()
     x, g = inputs()
     dead = torch.zeros(40, dtype=torch.bool)
@@ -118,7 +133,7 @@ def test_float32_selection_matches_float64_up_to_near_ties():
     assert (chosen >= threshold - tol).all()  # nothing clearly below the k-th best was chosen
 
 
-def test_weight_changes_are_seen_at_once():
+def test_weight_changes_are_seen_at_once(screen):
     """Products use the weights as they are at each call: nothing cached can go stale."""
     sae = SAE(SAEConfig(n_latents=64, k=4, beta=5.0), 16)
     x, g = inputs(n=20, d_in=16, dtype=torch.float32)
@@ -163,7 +178,6 @@ def test_sparse_pattern_products_equal_dense_ones():
     assert torch.allclose(pattern.scatter(weights_, dense), code.T @ dense, atol=1e-12)
     row_dots = (table[pattern.indices] * dense[:, None, :]).sum(-1)
     assert torch.allclose(pattern.row_dots(table, dense), row_dots, atol=1e-12)
-    assert torch.allclose(pattern._row_dots_bags(table, dense), row_dots, atol=1e-12)
     assert pattern.scatter(weights_, dense)[-2:].eq(0).all()
 
 
@@ -209,3 +223,148 @@ def test_sparse_products_never_read_uninitialised_memory(monkeypatch):
     pattern = kernels.SparsePattern(indices, 40)
     assert torch.allclose(pattern.row_dots(table, dense), expected_dots, atol=1e-5)
     assert torch.allclose(pattern.scatter(weights, dense), expected_scatter, atol=1e-5)
+
+
+# ------------------------------------------------------------ exactness of the bfloat16 screen
+
+
+def clustered_case(dtype, n_rows=24, d_in=16, n_latents=300, spacing=1e-3, seed=0):
+    """Latents that are small perturbations of a few directions: per row, dozens of scores lie
+    within the bfloat16 error of the k-th best, but apart by far more than `dtype`'s error."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(4, d_in, generator=gen, dtype=torch.float64)
+    W = base.repeat(n_latents // 4, 1)
+    W += spacing * torch.randn(n_latents, d_in, generator=gen, dtype=torch.float64)
+    b = spacing * torch.randn(n_latents, generator=gen, dtype=torch.float64)
+    x = torch.randn(n_rows, d_in, generator=gen, dtype=torch.float64)
+    return x.to(dtype), W.to(dtype), b.to(dtype)
+
+
+def bound(x, W):
+    """A shift of the biases that makes every score negative."""
+    return x.norm(dim=1).max() * W.norm(dim=1).max() + 1
+
+
+def exact_scores(x, W, b):
+    """x W^T + b in float64, one latent at a time (equal rows of W give equal scores)."""
+    return (x.double()[:, None, :] * W.double()[None]).sum(-1) + b.double()
+
+
+SCENARIOS = {
+    "near ties": lambda x, W, b: (x, W, b),
+    "large norms": lambda x, W, b: (1e4 * x, W, 1e4 * b),
+    "all negative": lambda x, W, b: (x, W, b - bound(x, W)),
+    "fewer than k positive": lambda x, W, b: (x, W, b - bound(x, W) * (torch.arange(len(b)) >= 3)),
+    "exact ties": lambda x, W, b: (x, W[torch.arange(len(W)) // 3 * 3],
+                                   b[torch.arange(len(b)) // 3 * 3]),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_selection_is_exact_on_adversarial_inputs(screen, scenario, dtype):
+    spacing = 1e-3 if dtype == torch.float32 else 1e-8  # far above dtype's rounding error
+    x, W, b = SCENARIOS[scenario](*clustered_case(dtype, spacing=spacing))
+    for k in (1, 8, 40):
+        sel = kernels.select(x, W, b, k)
+        scores = exact_scores(x, W, b)
+        assert same_set(sel.indices, reference_top(scores, k)), (scenario, k)
+        expected = scores.gather(1, sel.indices)
+        assert torch.allclose(sel.preacts.double(), expected, rtol=1e-5, atol=0)
+
+
+def aligned_rounding_case(dtype, n_fillers=40):
+    """A latent whose bfloat16 rounding hides most of its score, behind decoys that bfloat16
+    ranks higher but that truly score lower.
+
+    x is all ones (exact in bfloat16). Latent 0 is (1 + b) on the first half and -(1 - b/2) on
+    the second, with b = 0.99 2^-8: every entry rounds towards zero, all errors align with x,
+    so its bfloat16 pre-activation is 0 while its true one is 48 b (about 0.186), at 95% of the
+    Cauchy-Schwarz bound. Decoy j is (1 + j 2^-7) on the first entry and +-1 elsewhere, exact
+    in bfloat16: it scores j 2^-7 both ways, below latent 0 for j <= 23. Fillers score -10.
+    """
+    d_half, b = 32, 0.99 * 2.0**-8
+    signs = torch.cat([torch.ones(d_half), -torch.ones(d_half)]).double()
+    hidden = torch.cat([torch.full((d_half,), 1 + b), torch.full((d_half,), -(1 - b / 2))])
+    decoys = signs.repeat(23, 1)
+    decoys[:, 0] += torch.arange(1, 24).double() * 2.0**-7
+    fillers = -signs.abs().repeat(n_fillers, 1) * 10 / (2 * d_half)
+    W = torch.cat([hidden.double()[None], decoys, fillers])
+    x = torch.ones(3, 2 * d_half, dtype=torch.float64)
+    return x.to(dtype), W.to(dtype), torch.zeros(len(W), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_screen_finds_a_latent_hidden_by_aligned_rounding(screen, dtype):
+    x, W, b = aligned_rounding_case(dtype)
+    if screen == "always":  # the case is adversarial for the screen: check its premise
+        approx = (x.bfloat16().float() @ W.bfloat16().float().T)[0]
+        assert approx[0] == 0 and (approx[1:24] > 0).all()
+    for k in (1, 2):
+        sel = kernels.select(x, W, b, k)
+        assert (sel.indices == 0).any(dim=1).all()
+        assert same_set(sel.indices, reference_top(exact_scores(x, W, b), k))
+
+
+def test_select_breaks_exact_ties_by_lower_index(screen):
+    """Equal latents (equal rows of W_enc, b_enc and W_dec) give scores equal to the last bit;
+    the lower index wins, with and without a gradient."""
+    W_enc, b_enc, W_dec = weights(n_latents=40, d_in=9)
+    twin = torch.arange(40) // 2 * 2  # latents 2i and 2i + 1 are equal
+    W_enc, b_enc, W_dec = W_enc[twin], b_enc[twin], W_dec[twin]
+    x, g = inputs(n=30, d_in=9)
+    for grad, beta in ((None, 0.0), (g, 3.0)):
+        sel = kernels.select(x, W_enc, b_enc, 5, grad=grad, W_dec=W_dec, beta=beta)
+        _, score = dense_scores(x, W_enc, b_enc, grad, W_dec, beta)
+        assert same_set(sel.indices, reference_top(score, 5))
+        for row in sel.indices.tolist():  # the second of two equal latents only with the first
+            assert all(i - 1 in row for i in row if i % 2)
+        assert (sel.indices % 2 == 1).sum() < (sel.indices % 2 == 0).sum()
+
+
+@pytest.mark.parametrize("value_mode", ["z", "score"])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_encode_equals_naive_reference_with_large_gradients(screen, value_mode, beta, dtype):
+    """Through the SAE: large ||g|| and beta up to 1e4, both value modes."""
+    sae = SAE(SAEConfig(n_latents=96, k=7, beta=beta, value_mode=value_mode, seed=2), 12,
+              dtype=dtype)
+    x, g = inputs(n=25, d_in=12, dtype=dtype, seed=4)
+    g = 1e3 * g
+    with torch.no_grad():
+        sae.b_enc.copy_(0.3 * torch.randn(96, generator=torch.Generator().manual_seed(5)))
+        out = sae.encode(x, g)
+    xc = x.double() - sae.b_dec.double()
+    z = exact_scores(xc, sae.W_enc, sae.b_enc)
+    effect = (g.double() @ sae.W_dec.double().T).abs()
+    score = z + beta * z * effect
+    assert same_set(out.indices, reference_top(score, 7))
+    chosen = (z if value_mode == "z" or beta == 0 else score).gather(1, out.indices)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(out.values.double(), chosen.relu(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not kernels.bf16_products_fast(), reason="no bfloat16 hardware")
+def test_auto_screens_float32_topk_only_where_bfloat16_is_fast(monkeypatch):
+    monkeypatch.setattr(kernels, "SCREEN", "auto")
+    x = torch.zeros(2, 3)
+    assert kernels.screens(x) and kernels.screens(x.double())
+    assert not kernels.screens(x.half())
+
+
+def test_certified_top_needs_the_bound_to_skip_latents():
+    """With a bound that rules nothing out, every row ends up looking at all its latents."""
+    approx = torch.arange(20.0).repeat(3, 1)
+    exact = -approx  # the approximation ranks them exactly backwards
+    seen = []
+
+    def rescore(rows, latents):
+        seen.append(latents.shape[1])
+        picked = exact[rows].gather(1, latents)
+        return kernels.Exact(picked, picked, None)
+
+    chosen, out = kernels.certified_top(approx, 2, lambda rows, v: v + math.inf, rescore,
+                                        lambda k: (4, 8))
+    assert seen == [4, 8, 20]
+    assert same_set(chosen, torch.tensor([[0, 1]] * 3))
+    assert torch.equal(out.score.sort(1).values, torch.tensor([[-1.0, 0.0]] * 3))

@@ -7,11 +7,24 @@ are taken while it is still in cache and no [N, n] tensor is ever stored. Every 
 (the decode and all backward products) involves only the k selected rows of a weight matrix per
 token: `SparsePattern` does them with `embedding_bag` and a CSR sparse-times-dense product, which
 cost O(N k d) instead of O(N n d).
+
+The selection is exact: the k latents of largest score in the input's dtype, equal scores
+ordered by latent index (`best_positions`). With `SCREEN` set to "auto", where bfloat16
+products run in hardware (AVX512-BF16 or AMX, `bf16_products_fast`), a TopK selection ranks all
+latents by a bfloat16 product with a certified error bound and computes only the candidates
+exactly (`_ScreenedScorer`, `certified_top`); it selects the same latents. Its product is
+several times faster than the float32 one, but the top 80 of all latents, the rescoring of the
+candidates and the conversions cost more than that saves, so it is off by default. A g-SAE
+score is not screened: an error e in `d_i . g` moves the score by `beta z_i e`, and the
+bfloat16 bound on e (about 2^-8 ||g|| per latent, after Cauchy-Schwarz) times beta z is too
+wide to rule out enough latents (at beta 100 about 4 on scores near 30).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from functools import cached_property
 from typing import NamedTuple
 
@@ -20,22 +33,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK_BYTES = 8 << 20  # size of one block of dense [rows, n_latents] scores in the selection
+SCREEN_BLOCK_BYTES = 64 << 20  # the same for the bfloat16 screen (per-block costs are higher)
+# The TopK bfloat16 screen: "never" (the default: exact too, but measured slower than the dense
+# float32 selection for a whole training step on the AMX machine this was written on, at the
+# SmolLM2 and GPT-2 shapes), "auto" (where bfloat16 products run in hardware) or "always".
+SCREEN = "never"
+SCREEN_CANDIDATE_FACTORS = (2, 8)  # candidates per row of the screen: factor * k + 16, in turn
+BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+SAFETY = 2.0  # every bound on a rounding error is doubled
 
 
 class DenseLinear:
     """`x @ W^T + b` for many blocks of rows with one weight.
 
-    On CPU in float32 the weight is reordered once into oneDNN's blocked layout and the products
-    run through oneDNN: on AVX2 machines as fast as MKL for a whole batch and much faster for
-    blocks of a few hundred rows; on AVX-512 ones about twice as fast as MKL. The reordered copy
-    lives only as long as this object, which never outlives one selection pass, so it cannot go
-    stale when the weight changes (it costs about 2% of a training step).
+    On CPU, in float32 or bfloat16, the weight is reordered once into oneDNN's blocked layout
+    and the products run through oneDNN: on AVX2 machines as fast as MKL for a whole batch and
+    much faster for blocks of a few hundred rows; on AVX-512 ones about twice as fast as MKL, and
+    in bfloat16 several times faster again where the CPU has AVX512-BF16 or AMX. The reordered
+    copy lives only as long as this object, which never outlives one selection pass, so it
+    cannot go stale when the weight changes (it costs about 2% of a training step).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int):
         self.weight, self.bias = weight, bias
         self.packed: Tensor | None = None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available():
+        if onednn_packs(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -49,6 +71,34 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_packs(weight: Tensor) -> bool:
+    """Whether `DenseLinear` runs products with this weight through oneDNN."""
+    if weight.device.type != "cpu" or not onednn_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache
+def bf16_products_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX tiles),
+    and this torch reaches that hardware through oneDNN."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    hardware = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return hardware and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def screens(x: Tensor) -> bool:
+    """Whether `select` ranks the TopK pre-activations of `x`'s rows by the bfloat16 screen
+    (`_ScreenedScorer`) rather than by dense products in `x`'s dtype. Both select the same."""
+    if SCREEN == "never" or x.device.type != "cpu":
+        return False
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    return SCREEN == "always" or bf16_products_fast()
+
+
 class Selection(NamedTuple):
     indices: Tensor  # [N, k] selected latents
     preacts: Tensor  # [N, k] their pre-activations z (no autograd graph)
@@ -57,10 +107,21 @@ class Selection(NamedTuple):
     aux_preacts: Tensor | None  # [N, k_aux]
 
 
-def block_rows(n_rows: int, n_latents: int, element_size: int) -> int:
+class Exact(NamedTuple):
+    """Exactly computed values for some latents of some rows: the score that ranks them, the
+    pre-activation z and, with a gradient, |d_i . g|."""
+
+    score: Tensor
+    z: Tensor
+    effect: Tensor | None
+
+
+def block_rows(n_rows: int, n_latents: int, element_size: int,
+               block_bytes: int | None = None) -> int:
     """Rows per block of the selection pass: blocks of equal size, each [rows, n_latents] of at
-    most about BLOCK_BYTES."""
-    n_blocks = -(-n_rows * n_latents * element_size // BLOCK_BYTES)
+    most about `block_bytes` (default BLOCK_BYTES)."""
+    block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+    n_blocks = -(-n_rows * n_latents * element_size // block_bytes)
     return max(1, -(-n_rows // max(1, n_blocks)))
 
 
@@ -81,38 +142,269 @@ def select(
 
     The score is `z` (TopK), or `z + beta * z * |W_dec g|` (g-SAE) when `grad` and `W_dec` are
     given. With `dead_latents` (indices of dead latents) the top `k_aux` of them by `z` are
-    picked too, for the AuxK loss. Exactly the dense definition: every score is computed.
+    picked too, for the AuxK loss.
+
+    The result is the exact top k of the scores computed in `x_centered`'s dtype: ranked by
+    value, and among latents whose scores are equal to the last bit the one of lower index comes
+    first. Where `screens(x_centered)` and there is no gradient, all pre-activations are first
+    bounded by bfloat16 products and only the candidates that the bounds cannot rule out are
+    computed exactly (`_ScreenedScorer`); rows the bounds cannot settle get more candidates and
+    in the end all latents.
     """
     n_rows, n_latents = x_centered.shape[0], W_enc.shape[0]
-    rows = block_rows(n_rows, n_latents, x_centered.element_size())
-    encoder = DenseLinear(W_enc, b_enc, rows)
-    decoder = None
-    if grad is not None and W_dec is not None:
-        decoder, grad = DenseLinear(W_dec, None, rows), grad.contiguous()
+    if grad is None or W_dec is None:
+        grad = W_dec = None
+    if screens(x_centered) and grad is None:
+        rows = block_rows(n_rows, n_latents, 2, SCREEN_BLOCK_BYTES)
+        scorer: _Scorer = _ScreenedScorer(x_centered, W_enc, b_enc, rows)
+    else:
+        rows = block_rows(n_rows, n_latents, x_centered.element_size())
+        scorer = _DenseScorer(x_centered, W_enc, b_enc, rows, grad, W_dec, beta)
     indices = x_centered.new_empty(n_rows, k, dtype=torch.long)
     preacts = x_centered.new_empty(n_rows, k)
-    effect = x_centered.new_empty(n_rows, k) if decoder is not None else None
-    aux_local = aux_preacts = None
+    effect = x_centered.new_empty(n_rows, k) if grad is not None else None
+    aux_indices = aux_preacts = None
     if dead_latents is not None:
-        aux_local = x_centered.new_empty(n_rows, k_aux, dtype=torch.long)
+        aux_indices = x_centered.new_empty(n_rows, k_aux, dtype=torch.long)
         aux_preacts = x_centered.new_empty(n_rows, k_aux)
     for start in range(0, n_rows, rows):
         block = slice(start, start + rows)
-        z = encoder(x_centered[block])
-        if decoder is None:
-            torch.topk(z, k, dim=1, sorted=False, out=(preacts[block], indices[block]))
-        else:
-            effect_all = decoder(grad[block]).abs_()
-            score = torch.addcmul(z, z, effect_all, value=beta)
-            indices[block] = score.topk(k, dim=1, sorted=False).indices
-            torch.gather(z, 1, indices[block], out=preacts[block])
-            torch.gather(effect_all, 1, indices[block], out=effect[block])
-        if aux_local is not None:
-            dead_z = z.index_select(1, dead_latents)
-            out = (aux_preacts[block], aux_local[block])
-            torch.topk(dead_z, k_aux, dim=1, sorted=False, out=out)
-    aux_indices = dead_latents[aux_local] if aux_local is not None else None
+        scores = scorer(block)
+        indices[block], exact = certified_top(scores.score, k, scores.score_bound, scores.rescore,
+                                              scores.candidates)
+        preacts[block] = exact.z
+        if effect is not None and exact.effect is not None:
+            effect[block] = exact.effect
+        if aux_indices is not None and aux_preacts is not None and dead_latents is not None:
+            dead_z = scores.z.index_select(1, dead_latents)
+            aux_indices[block], exact = certified_top(dead_z, k_aux, scores.z_bound,
+                                                      scores.rescore_z, scores.candidates,
+                                                      columns=dead_latents)
+            aux_preacts[block] = exact.z
     return Selection(indices, preacts, effect, aux_indices, aux_preacts)
+
+
+Bound = Callable[[Tensor, Tensor], Tensor]
+Rescore = Callable[[Tensor, Tensor], Exact]
+
+
+def certified_top(
+    approx: Tensor, k: int, bound: Bound, rescore: Rescore,
+    candidates: Callable[[int], tuple[int, ...]], columns: Tensor | None = None,
+) -> tuple[Tensor, Exact]:
+    """The k best latents per row by exact score, found from approximate scores `approx`
+    [rows, cols] (column j is latent `columns[j]`, or j).
+
+    Per row, the m columns of largest approximate score are candidates; they are computed
+    exactly (`rescore(rows, latents)`) and ranked (`best_positions`). Let R be the exact score
+    of the k-th best of them and v the smallest approximate score among them. `bound(rows, v)`
+    is, per row, an upper bound on the exact score of every column whose approximate score is
+    at most v. If it is below R, each latent outside the candidates scores below k of them and
+    the candidates' top k is the row's top k. Rows where it is not try the next (larger) m of
+    `candidates`, and finally all columns, which needs no bound.
+    """
+    n_rows, n_cols = approx.shape
+    chosen = approx.new_empty((n_rows, k), dtype=torch.long)
+    out: Exact | None = None
+    pending = torch.arange(n_rows, device=approx.device)
+    for m in [m for m in candidates(k) if k < m < n_cols] + [n_cols]:
+        values, cols = (approx if len(pending) == n_rows else approx[pending]).topk(
+            m, dim=1, sorted=False)
+        latents = cols if columns is None else columns[cols]
+        exact = rescore(pending, latents)
+        best = best_positions(exact.score, latents, k)
+        exact = Exact(*(None if t is None else t.gather(1, best) for t in exact))
+        latents = latents.gather(1, best)
+        if m == n_cols:
+            done = torch.ones(len(pending), dtype=torch.bool, device=approx.device)
+        else:
+            done = bound(pending, values.amin(1).double()) < exact.score.amin(1).double()
+        if len(pending) == n_rows and bool(done.all()):
+            return latents, exact  # the common case: every row settled at once
+        if out is None:
+            out = Exact(*(None if t is None else t.new_empty(n_rows, k) for t in exact))
+        rows = pending[done]
+        chosen[rows] = latents[done]
+        for into, t in zip(out, exact):
+            if into is not None and t is not None:
+                into[rows] = t[done]
+        pending = pending[~done]
+        if len(pending) == 0:
+            break
+    assert out is not None
+    return chosen, out
+
+
+def best_positions(score: Tensor, latents: Tensor, k: int) -> Tensor:
+    """Positions of the k best entries of each row of `score` [rows, m]: larger score first,
+    and on equal scores the lower latent index (`latents`, [rows, m], distinct per row)."""
+    by_latent = latents.argsort(dim=1)
+    ranked = score.gather(1, by_latent).sort(dim=1, descending=True, stable=True).indices
+    return by_latent.gather(1, ranked[:, :k])
+
+
+class _Block(NamedTuple):
+    """The scores of one block of rows, as `certified_top` needs them: approximate (or exact)
+    dense scores and pre-activations, bounds on their errors, and exact rescoring."""
+
+    score: Tensor  # [rows, n_latents]
+    z: Tensor  # [rows, n_latents]
+    score_bound: Bound
+    z_bound: Bound
+    rescore: Rescore
+    rescore_z: Rescore
+    candidates: Callable[[int], tuple[int, ...]]  # candidate counts to try, given k
+
+
+def _next_one(k: int) -> tuple[int, ...]:
+    """Exact scores: the k-th and (k+1)-th decide, unless they are equal."""
+    return (k + 1,)
+
+
+def screen_candidates(k: int) -> tuple[int, ...]:
+    """Candidates per row of a bfloat16 screen, tried in turn before all latents."""
+    return tuple(factor * k + 16 for factor in SCREEN_CANDIDATE_FACTORS)
+
+
+def _same(rows: Tensor, values: Tensor) -> Tensor:
+    return values
+
+
+def _pick(t: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+    """t[rows[n], latents[n, j]]; `rows` are increasing, so as many as t has means all."""
+    return (t if len(rows) == len(t) else t[rows]).gather(1, latents)
+
+
+_Scorer = Callable[[slice], _Block]
+
+
+def _gamma(n: int, dtype: torch.dtype) -> float:
+    """gamma_n = n u / (1 - n u), u the unit roundoff of `dtype`: the relative error bound of a
+    sum of n terms in `dtype`, added in any order (relative to the sum of their magnitudes)."""
+    u = torch.finfo(dtype).eps / 2
+    return n * u / (1 - n * u)
+
+
+def _max_row_norm(t: Tensor) -> float:
+    return float(t.norm(dim=1).max()) if t.numel() else 0.0
+
+
+def _row_dots(table: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+    """out[n, j] = table[latents[n, j]] . rows[n], each entry computed on its own (by the
+    embedding-bag kernel)."""
+    return SparsePattern(latents, table.shape[0]).row_dots(table, rows)
+
+
+class _DenseScorer:
+    """Every score computed densely in the input's dtype: exact, so the bounds are the values
+    themselves and the candidates' exact values are read from the dense block."""
+
+    def __init__(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: int, grad: Tensor | None,
+                 W_dec: Tensor | None, beta: float):
+        self.x, self.grad, self.beta = x, grad, beta
+        self.encoder = DenseLinear(W_enc, b_enc, rows)
+        self.decoder = None
+        if grad is not None and W_dec is not None:
+            self.grad, self.decoder = grad.contiguous(), DenseLinear(W_dec, None, rows)
+
+    def __call__(self, block: slice) -> _Block:
+        z = self.encoder(self.x[block])
+
+        def rescore_z(rows: Tensor, latents: Tensor) -> Exact:
+            picked = _pick(z, rows, latents)
+            return Exact(picked, picked, None)
+
+        if self.decoder is None or self.grad is None:
+            return _Block(z, z, _same, _same, rescore_z, rescore_z, _next_one)
+        effect = self.decoder(self.grad[block]).abs_()
+        score = torch.addcmul(z, z, effect, value=self.beta)
+
+        def rescore(rows: Tensor, latents: Tensor) -> Exact:
+            return Exact(*(_pick(t, rows, latents) for t in (score, z, effect)))
+
+        return _Block(score, z, _same, _same, rescore, rescore_z, _next_one)
+
+
+class _Bf16Product:
+    """`x W^T + b` in bfloat16 with float32 accumulation, and a certified bound on its error.
+
+    Write x~, w~_i, b~_i for the bfloat16 roundings and dx = x - x~, dw_i = w_i - w~_i (both
+    computed exactly). Then
+        (x . w_i + b_i) - (x~ . w~_i + b~_i) = x~ . dw_i + dx . w_i + (b_i - b~_i),
+    whose size is at most ||x~|| max_i ||dw_i|| + ||dx|| max_i ||w_i|| + max_i |b_i - b~_i|
+    (Cauchy-Schwarz); this holds whatever rounding the conversions used. Each product
+    x~_j w~_j is exact in float32 (8 x 8 significant bits), and adding the d products and the
+    bias in float32, in any order, errs by at most gamma_{d+1} (||x~|| max_i ||w~_i|| +
+    max_i |b~_i|), with gamma_n = n u / (1 - n u) and u = 2^-24 (and ||w~_i|| <= ||w_i|| +
+    ||dw_i||, so max_i ||w~_i|| <= max_i ||w_i|| + max_i ||dw_i||); flushing subnormals costs at
+    most tau = (d + 2) 2^-100 more. `error(x, x~)` is SAFETY times the sum of these terms: a
+    bound, per row, on |p_i - (x . w_i + b_i)| for every latent i, where p_i is the float32
+    result before it is rounded to bfloat16. The stored bfloat16 value q_i then differs from
+    p_i by at most u16 |q_i| / (1 - u16) <= 2 u16 |q_i| (u16 = 2^-8), which the callers add.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int):
+        w16 = weight.to(torch.bfloat16)
+        b16 = None if bias is None else bias.to(torch.bfloat16)
+        self.linear = DenseLinear(w16, b16, rows)
+        self.terms = weight.shape[1] + 1
+        self.w_max = _max_row_norm(weight)
+        self.dw_max = _max_row_norm(weight - w16.to(weight.dtype))
+        self.w16_max = self.w_max + self.dw_max  # an upper bound (triangle inequality)
+        self.b_max = self.db_max = self.b16_max = 0.0
+        if bias is not None and b16 is not None and bias.numel():
+            self.b_max = float(bias.abs().max())
+            self.db_max = float((bias - b16.to(bias.dtype)).abs().max())
+            self.b16_max = float(b16.float().abs().max())
+
+    def __call__(self, x16: Tensor) -> Tensor:
+        return self.linear(x16)
+
+    def error(self, x: Tensor, x16: Tensor) -> Tensor:
+        """SAFETY times the bound on |p_i - (x . w_i + b_i)| above, per row of x [rows]."""
+        x16_wide = x16.to(x.dtype)
+        x16_norm = x16_wide.norm(dim=1).double()
+        dx_norm = (x - x16_wide).norm(dim=1).double()
+        accumulation = _gamma(self.terms, torch.float32) * (x16_norm * self.w16_max + self.b16_max)
+        tau = (self.terms + 1) * 2.0**-100
+        return SAFETY * (x16_norm * self.dw_max + dx_norm * self.w_max + accumulation
+                         + self.db_max + tau)
+
+    def exact_error(self, x: Tensor) -> Tensor:
+        """SAFETY times the error bound of `x . w_i + b_i` computed in x's dtype, per row."""
+        magnitude = x.norm(dim=1).double() * self.w_max + self.b_max
+        return SAFETY * _gamma(self.terms, x.dtype) * magnitude
+
+
+class _ScreenedScorer:
+    """TopK pre-activations screened in bfloat16, candidates rescored exactly.
+
+    Let q_i be the stored bfloat16 pre-activation of latent i and E the `_Bf16Product` error
+    bound of the row. If q_i <= v then the float32 value before rounding is at most
+    v + 2 u16 |v| (the map q -> q + 2 u16 |q| is increasing), so z_i <= v + 2 u16 |v| + E, and
+    its exactly computed value is at most that plus its own error F (`exact_error`): that sum is
+    the bound `certified_top` compares with the k-th best exact value.
+    """
+
+    def __init__(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: int):
+        self.x, self.W_enc, self.b_enc = x, W_enc, b_enc
+        self.encoder = _Bf16Product(W_enc, b_enc, rows)
+
+    def __call__(self, block: slice) -> _Block:
+        x = self.x[block]
+        x16 = x.to(torch.bfloat16)
+        z16 = self.encoder(x16)
+        slack = self.encoder.error(x, x16) + self.encoder.exact_error(x)
+
+        def bound(rows: Tensor, v: Tensor) -> Tensor:
+            return v + 2 * BF16_UNIT * v.abs() + slack[rows]
+
+        def rescore(rows: Tensor, latents: Tensor) -> Exact:
+            z = _row_dots(self.W_enc, x if len(rows) == len(x) else x[rows], latents)
+            z += self.b_enc[latents]
+            return Exact(z, z, None)
+
+        return _Block(z16, z16, bound, bound, rescore, rescore, screen_candidates)
 
 
 class SparsePattern:
@@ -133,26 +425,9 @@ class SparsePattern:
 
     def row_dots(self, table: Tensor, dense: Tensor) -> Tensor:
         """out[n, j] = table[indices[n, j]] . dense[n], shape [N, k] (the adjoint of `gather`
-        with respect to its weights)."""
-        if dense.device.type == "cpu":
-            return self._row_dots_sampled(table, dense)
-        return self._row_dots_bags(table, dense)
-
-    def _row_dots_sampled(self, table: Tensor, dense: Tensor) -> Tensor:
-        """`row_dots` as `dense @ table.T` sampled at the pattern (CSR). The CPU kernel computes
-        each entry on its own, so rows need not hold sorted or distinct columns."""
-        n, k = self.indices.shape
-        crow = torch.arange(0, n * k + 1, k, dtype=torch.int32, device=dense.device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
-            pattern = torch.sparse_csr_tensor(
-                crow, self.indices.reshape(-1).to(torch.int32), dense.new_zeros(n * k),
-                (n, table.shape[0]), check_invariants=False,
-            )
-        return torch.sparse.sampled_addmm(pattern, dense, table.t(), beta=0.0).values().view(n, k)
-
-    def _row_dots_bags(self, table: Tensor, dense: Tensor) -> Tensor:
-        """`row_dots` with the embedding-bag kernel for the gradient of per-sample weights."""
+        with respect to its weights), by the embedding-bag kernel for the gradient of
+        per-sample weights: each entry is computed on its own, so rows need not hold sorted or
+        distinct columns (on CPU it is faster than a CSR-sampled dense product)."""
         n, k = self.indices.shape
         offsets = torch.arange(0, n * k, k, device=dense.device)
         bags = torch.arange(n, device=dense.device).repeat_interleave(k)
