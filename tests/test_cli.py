@@ -52,8 +52,8 @@ def test_train_sweep_lowers_fvu_and_saves_each_sae(corpus, tmp_path, capsys):
     ],
 )
 def test_train_errors_are_one_line(corpus, tmp_path, capsys, extra, message):
-    code, _, err = run(["train", *common(corpus, tmp_path / "r"), "--tokens", "512", *extra],
-                       capsys)
+    code, _, err = run(["train", *common(corpus, tmp_path / "r"), "--tokens", "512",
+                        "--batch_tokens", "256", *extra], capsys)
     assert code == 2
     assert message in err and err.startswith("gsae: error:") and err.count("\n") == 1
 
@@ -61,8 +61,8 @@ def test_train_errors_are_one_line(corpus, tmp_path, capsys, extra, message):
 def test_empty_corpus_and_different_run_errors(corpus, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, _, err = run(["train", *common(str(empty), tmp_path / "r"), "--tokens", "512"],
-                       capsys)
+    code, _, err = run(["train", *common(str(empty), tmp_path / "r"), "--tokens", "512",
+                        "--batch_tokens", "256"], capsys)
     assert code == 2 and "corpus" in err
     base = ["train", *common(corpus, tmp_path / "r2"), "--tokens", "512", "--batch_tokens",
             "256", "--expansion_factor", "2"]

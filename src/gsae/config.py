@@ -298,11 +298,17 @@ def _coerce_scalar(value: Any, s: Setting, where: str) -> Any:
 
 
 def check(tree: Any) -> None:
-    """Raise GsaeError for any setting outside its bounds (`min`, `above`, `choices`) or, for
-    numbers, not finite."""
+    """Raise GsaeError for any setting of the wrong type (a tree built in Python is checked as
+    flags and files are), outside its bounds (`min`, `above`, `choices`) or, for numbers, not
+    finite."""
     for s in settings(type(tree)):
         value = getattr(getattr(tree, s.section), s.name) if s.section else getattr(tree, s.name)
+        listed = s.swept or typing.get_origin(s.kind) is list
+        if listed != isinstance(value, list):
+            raise GsaeError(f"--{s.key} must be {'a list' if listed else 'one value'}, "
+                            f"got {value!r}")
         for item in value if isinstance(value, list) else [value]:
+            _coerce_scalar(item, s, "the settings")
             problem = _out_of_bounds(item, s.field.metadata)
             if problem:
                 raise GsaeError(f"--{s.key} {problem}, got {item!r}")
@@ -330,6 +336,8 @@ def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> str | None:
 def read_file(path: str | Path) -> dict[str, Any]:
     """A config file's tree as a nested dict: JSON, or YAML (.yaml/.yml) with PyYAML."""
     path = Path(path)
+    if path.is_dir():
+        raise GsaeError(f"config file {path} is a folder: give a JSON or YAML file")
     if not path.is_file():
         raise GsaeError(f"config file {path} does not exist")
     text = path.read_text()

@@ -133,6 +133,7 @@ def plan_sparsify(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> Expo
     if not hookpoint:
         raise GsaeError("the SAE records no hook point: give one (sparsify names the SAE's "
                         "folder after it, e.g. 'model.layers.15')")
+    check_relative_name(hookpoint, "--hookpoint")
     tensors = {name: getattr(sae, attr).detach() for name, attr in SPARSIFY_TENSORS.items()}
     cfg = {
         "activation": "topk",
@@ -380,6 +381,14 @@ def load_hub(repo_id: str, subfolder: str | None = None, revision: str | None = 
     return load_folder(folder, device)
 
 
+def check_relative_name(name: str, flag: str) -> None:
+    """Refuse a folder name that would lead outside the folder it is meant to be in."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or not parts:
+        raise GsaeError(f"{flag} {name!r} must be a relative name inside the output (no '..', "
+                        "not absolute)")
+
+
 def push(sae_dir: str | Path, repo_id: str, *, format: str = FORMAT_NAME,
          subfolder: str | None = None, hookpoint: str | None = None, private: bool = False,
          token: str | None = None) -> str:
@@ -388,6 +397,8 @@ def push(sae_dir: str | Path, repo_id: str, *, format: str = FORMAT_NAME,
     Returns the commit's URL."""
     from huggingface_hub import HfApi
 
+    if subfolder:
+        check_relative_name(subfolder, "--subfolder")
     sae = load(sae_dir)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:

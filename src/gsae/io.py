@@ -137,17 +137,30 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
     return path
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> None:
-    """Refuse, before any work is done, an output file path that cannot be written: a folder,
-    a path under a file, or a folder without write permission."""
+def check_output_file(path: str | os.PathLike, flag: str, schema: str = "gsae.") -> None:
+    """Refuse, before any work is done, an output file path that cannot be written (a folder,
+    a path under a file, a folder without write permission) or that holds a file gsae did not
+    write: an existing file is replaced only if it is a JSON result whose "schema" starts with
+    `schema`."""
     path = Path(path)
     if path.is_dir():
         raise GsaeError(f"{flag} {path} is a folder: give a file name")
+    if path.is_file() and not _holds_schema(path, schema):
+        raise GsaeError(f"{flag} {path} exists and is not a {schema}* result that gsae wrote: "
+                        "choose another file name or remove it")
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise GsaeError(f"{flag} {path} lies under {parent}, which is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise GsaeError(f"{flag} {path}: the folder {parent} is not writable")
+
+
+def _holds_schema(path: Path, schema: str) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and str(data.get("schema", "")).startswith(schema)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

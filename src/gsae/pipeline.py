@@ -9,6 +9,7 @@ evaluate and steer. The `gsae` command parses its flags into these configs and c
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import sys
@@ -23,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae import distributed
-from gsae.config import build, identity, sweep_configs, sweep_of, to_dict
+from gsae.config import build, check, identity, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
 from gsae.formats import load
@@ -149,11 +150,18 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
     found in `run.train.out` is continued, and anything else there is replaced (what
     `gsae compare` wants)."""
     t0 = time.perf_counter()
+    check(run)
+    if run.train.batch_tokens > run.train.tokens:
+        raise GsaeError(f"--batch_tokens {run.train.batch_tokens} is more than --tokens "
+                        f"{run.train.tokens}: a step takes batch_tokens rows, so make it at most "
+                        "the budget")
     distributed.init()
     run = _local_devices(run)
     check_positions(run.data, run.source)
     check_wandb(run.train)
     data = training_data(run, with_grad=any(c.beta > 0 for c in configs))
+    if run.train.store:
+        run = settings_of_store(run, data.recorded["store"])
     for cfg in configs:
         cfg.validate(data.d_in)
     saes = [(SAE(replace(cfg), data.d_in, provenance=data.provenance(hook)), hook)
@@ -170,6 +178,29 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
     distributed.shutdown()
     return TrainSummary(records, time.perf_counter() - t0, run.train.out,
                         trainer.dropped_outliers, trainer.rows_seen, main_rank)
+
+
+def settings_of_store(run: TrainRun, identity: dict[str, Any]) -> TrainRun:
+    """The run with the model, corpus and data settings the store was made with (they, not the
+    flags, describe the data), so that run.json records what was trained on; a note names the
+    settings that the flags gave otherwise."""
+    corpus = identity.get("corpus") or {}
+    model = identity.get("model") or {}
+    stored = {"model.model": model.get("model"), "model.revision": model.get("revision"),
+              **{f"data.{f}": corpus[f] for f in DataConfig.__dataclass_fields__ if f in corpus},
+              **{f"source.{f}": identity[f] for f in ("skip_first", "outlier_factor", "autocast")
+                 if f in identity}}
+    updated = copy.deepcopy(run)
+    differing = []
+    for key, value in stored.items():
+        section, name = key.split(".")
+        if value is not None and getattr(getattr(updated, section), name) != value:
+            differing.append(key)
+            setattr(getattr(updated, section), name, value)
+    if differing and distributed.is_main():
+        print(f"gsae: --store: training on the store's data; these settings come from the store, "
+              f"not from the flags: {', '.join(differing)}", file=sys.stderr)
+    return updated
 
 
 def _local_devices(run: TrainRun) -> TrainRun:
@@ -420,7 +451,7 @@ def check_corpus(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> Non
 def run_eval(run: EvaluationRun) -> EvalResult:
     """Evaluate the SAE folders of `run` spliced into their model on held-out text."""
     if run.eval.json:
-        check_output_file(run.eval.json, "--json")
+        check_output_file(run.eval.json, "--json", "gsae.eval/")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
     return evaluate(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval,
                     names=loaded.names, model_id=loaded.model_id)
@@ -429,7 +460,7 @@ def run_eval(run: EvaluationRun) -> EvalResult:
 def run_steer(run: SteeringRun) -> SteerResult:
     """Steer with latents of the SAE folders of `run` in held-out contexts."""
     if run.json:
-        check_output_file(run.json, "--json")
+        check_output_file(run.json, "--json", "gsae.steer/")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
     result = steer(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.steer,
                    names=loaded.names, model_id=loaded.model_id)

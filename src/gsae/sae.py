@@ -344,9 +344,15 @@ class SAE(nn.Module):
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise GsaeError(f"{cfg_file} is not a gsae SAE config (no \"format\": "
                             f"\"{FORMAT_NAME}\"): load other formats with gsae.load")
+        if not isinstance(raw.get("format_version"), int) or raw["format_version"] > FORMAT_VERSION:
+            raise GsaeError(f"{cfg_file} has format_version {raw.get('format_version')!r}; this "
+                            f"gsae reads up to {FORMAT_VERSION}: upgrade gsae")
+        record = raw.get("provenance", raw.get("metadata"))
+        if record is not None and not isinstance(record, dict):
+            raise GsaeError(f"{cfg_file}: \"provenance\" must be an object, got {record!r}")
         cfg, d_in = config_from_record(raw, str(cfg_file))
         tensors = read_weights(weights_file)
-        provenance = Provenance.from_json(raw.get("provenance", raw.get("metadata")))
+        provenance = Provenance.from_json(record)
         sae = cls(cfg, d_in, device=device, dtype=tensors["W_dec"].dtype,
                   provenance=provenance, initialize=False)
         sae.load_weights(tensors, str(weights_file))
@@ -376,6 +382,12 @@ class SAE(nn.Module):
 def config_from_record(raw: dict[str, Any], where: str) -> tuple[SAEConfig, int]:
     """The SAEConfig and d_in recorded in a cfg.json dict. A count of latents equal to
     d_in * expansion_factor is read back as 0 (sized by the expansion factor), as configured."""
+    kinds = {"k": int, "beta": (int, float), "value_mode": str, "d_in": int}
+    for key, kind in kinds.items():
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise GsaeError(f"{where}: the SAE config's {key!r} is missing or not a "
+                            f"{'number' if key == 'beta' else kind.__name__} (got {value!r})")
     known = {f.name for f in fields(SAEConfig)}
     try:
         cfg = SAEConfig(**{k: v for k, v in raw.items() if k in known})

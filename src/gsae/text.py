@@ -332,7 +332,8 @@ def _check(cfg: DataConfig) -> None:
     if not 0 <= cfg.eval_fraction < 1:
         raise GsaeError(f"eval_fraction is {cfg.eval_fraction}: it must be in [0, 1)")
     if cfg.context_size < 2:
-        raise GsaeError(f"context_size is {cfg.context_size}: it must be at least 2")
+        raise GsaeError(f"context_size is {cfg.context_size} (--context_size, or "
+                        "--steer.context_size for steering contexts): it must be at least 2")
 
 
 def eval_count(n_docs: int, eval_fraction: float) -> int:

@@ -267,6 +267,18 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def _refuse_damaged(parts: list[Path]) -> None:
+    """A checkpoint's state file is written whole before its folder is renamed into place, so
+    one that exists but does not read is damage, not a kill: refuse rather than start again
+    over the run's progress."""
+    for part in parts:
+        for folder in (part, _sibling(part, OLD)):
+            state = folder / STATE_FILE
+            if state.is_file() and _read_state(folder) is None:
+                raise GsaeError(f"the checkpoint file {state} is damaged (not valid JSON); "
+                                "pass --overwrite to train the run again, or restore the file")
+
+
 def _checkpoints_by_moment(final: Path) -> dict[int, Path]:
     """The complete checkpoints of one part (`final` and its `.old`), by moment."""
     found = {}
@@ -501,6 +513,7 @@ class Trainer:
     def _resume(self) -> None:
         """Restore the latest checkpoint that every part holds (see the module docstring)."""
         parts = self._parts()
+        _refuse_damaged(parts)
         found = [_checkpoints_by_moment(part) for part in parts]
         common = set(found[0]).intersection(*found[1:])
         if not common:
@@ -511,9 +524,15 @@ class Trainer:
             self._start_afresh()
             return
         self.moment = max(common)
-        self._load_run_state(found[0][self.moment])
-        for m, by_moment in zip(self.members, found[1:]):
-            m.load_checkpoint(by_moment[self.moment])
+        try:
+            self._load_run_state(found[0][self.moment])
+            for m, by_moment in zip(self.members, found[1:]):
+                m.load_checkpoint(by_moment[self.moment])
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            reason = (str(err).splitlines() or [""])[0]
+            raise GsaeError(f"a checkpoint of the run in {self.cfg.out} is damaged or incomplete "
+                            f"({type(err).__name__}: {reason}); pass --overwrite to train the "
+                            "run again") from None
         distributed.barrier()  # every rank has read the checkpoint before it is tidied
         if self.writes_files:
             for part, by_moment in zip(parts, found):
