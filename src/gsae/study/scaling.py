@@ -1,0 +1,371 @@
+"""`gsae study`: TopK SAEs against g-SAEs along training (learning curves over seeds, on the
+training corpus's held-out split and on a second corpus no SAE sees).
+
+Stages, each reused when an earlier run of the same study finished it:
+
+1. the activation store (as `gsae cache`; continued after its last shard when interrupted), and
+   its count of exactly repeated rows (cached in `<out>/store-check.json`);
+2. training every SAE of the sweep to `train.tokens`, saving a snapshot at each count of
+   `train.snapshots` (`gsae.pipeline.train_saes`, resumed from its checkpoint); the SAEs of
+   `study.extra_k` are trained as a second run in `<out>/saes-extra`;
+3. evaluation of every snapshot in both inference modes, on the held-out split of the training
+   corpus and on the unseen corpus, cached per snapshot (by the fingerprint of its weights) in
+   `<out>/eval-<corpus>.json` and saved after each snapshot count;
+4. steering with the last snapshot of every SAE, cached the same way in `<out>/steer.json`;
+5. the report (`gsae.study.scaling_report`): README.md, results.json (schema gsae.scaling/1) and
+   the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+
+from gsae import pipeline
+from gsae.config import flag_names, identity, to_dict
+from gsae.errors import GsaeError
+from gsae.evaluate import EvalConfig, EvalResult, evaluate, evaluate_contexts
+from gsae.io import claim_folder, file_fingerprint, read_json, versions, write_json
+from gsae.models import ModelConfig, hidden_size, load_model, model_identity
+from gsae.pipeline import SAESweep, TrainRun
+from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
+from gsae.source import ActivationSource, SourceConfig
+from gsae.steer import SteerConfig, steer
+from gsae.store import StoreConfig, StoreReader, fill_store
+from gsae.study.compare import _cached, _machine, _sae_record, _show
+from gsae.study.results import compact_steering
+from gsae.study.scaling_report import ScalingResult, build_scaling_report
+from gsae.text import DataConfig, corpus_identity, token_contexts
+from gsae.train import TrainConfig, finished_training, sae_folder, snapshot_folder, variant_name
+
+IDENTITY_FILE = "study.json"
+STORE_CHECK_FILE = "store-check.json"
+SNAPSHOTS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
+
+
+@dataclass
+class StudyConfig:
+    """The folders, store and second corpus of the learning-curve study."""
+
+    out: str = field(
+        default="runs/scaling",
+        metadata={"help": "work folder: store, SAEs and their snapshots, evaluation and steering "
+                  "results (reused when the command is run again)", "identity": False},
+    )
+    report: str = field(default="", metadata={
+        "help": "report folder (the committed one is docs/results/scaling); empty: "
+                "<out>/report", "identity": False})
+    store: str = field(
+        default="", metadata={"help": "activation store, built if missing; empty: <out>/store"}
+    )
+    store_tokens: int = field(default=600_000, metadata={
+        "help": "tokens in the store, fewer if the training split runs out first (training "
+                "then takes more shuffled passes over it)", "min": 1})
+    unseen: str = field(default="news", metadata={
+        "help": "a second corpus that no SAE sees in training, evaluated from its start, all "
+                "of it (not only a held-out split) up to --unseen_tokens"})
+    unseen_tokens: int = field(default=65_536, metadata={
+        "help": "evaluation budget on the unseen corpus in context tokens (the whole corpus if "
+                "it is smaller)", "min": 1})
+    extra_k: list[int] = field(default_factory=list, metadata={
+        "help": "further values of k whose SAEs (every other sweep value) are trained as long "
+                "and evaluated and steered at the last snapshot only, e.g. 16 64; give the flag "
+                "alone for none", "may_be_empty": True, "min": 1})
+
+
+@dataclass
+class ScalingRun:
+    """Everything `gsae study` needs: the sweep (TopK is beta 0) trained with snapshots, and
+    the evaluation and steering sections of `gsae eval` and `gsae steer` with this study's
+    defaults (`train.out` and `train.store` are set by the study from `study.out` and
+    `study.store`)."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sae: SAESweep = field(default_factory=lambda: SAESweep(  # type: ignore[valid-type]
+        k=[32], beta=[0.0, 100.0], value_mode=["z"], seed=[0, 1, 2], n_latents=[9216]))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        tokens=2_400_000, snapshots=list(SNAPSHOTS)))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(eval_tokens=8192))
+    steer: SteerConfig = field(default_factory=SteerConfig)
+
+
+def command_line(run: ScalingRun) -> str:
+    """The `gsae study` command that reproduces these settings: every flag whose value differs
+    from its default."""
+    default = ScalingRun()
+    parts = ["gsae", "study"]
+    names = flag_names(ScalingRun)
+    for f in fields(ScalingRun):
+        for g in fields(getattr(run, f.name)):
+            value = getattr(getattr(run, f.name), g.name)
+            if value != getattr(getattr(default, f.name), g.name):
+                joined = ",".join if f.name == "sae" else " ".join
+                parts.append(f"{names[f'{f.name}.{g.name}']} {_show(value, joined)}")
+    return " ".join(parts)
+
+
+# The SAEs --------------------------------------------------------------------------------------
+
+
+def curve_configs(run: ScalingRun) -> list[SAEConfig]:
+    """The SAEs of the learning curves: every combination of the sweep, TopK once per k and
+    seed (its value mode is irrelevant, so it is always z)."""
+    configs: dict[str, SAEConfig] = {}
+    for c in pipeline.sweep_configs(run.sae):
+        c = replace(c, value_mode=c.value_mode if c.beta > 0 else "z")
+        configs.setdefault(variant_name(c), c)
+    if not any(c.beta == 0 for c in configs.values()) or all(c.beta == 0
+                                                               for c in configs.values()):
+        raise GsaeError(f"the study compares TopK with g-SAEs: --beta must list 0 and at least "
+                        f"one value above 0, got {run.sae.beta}")
+    return list(configs.values())
+
+
+def extra_configs(run: ScalingRun) -> list[SAEConfig]:
+    """The SAEs of --extra_k: the curve's SAEs at each further k."""
+    curve = curve_configs(run)
+    extra = {variant_name(c): c for k in run.study.extra_k if k not in run.sae.k
+             for c in (replace(c, k=k) for c in curve)}
+    return list(extra.values())
+
+
+def check_schedule(train: TrainConfig) -> list[int]:
+    """The snapshot counts, sorted; each must be reached by the training."""
+    counts = sorted(set(train.snapshots))
+    if not counts:
+        raise GsaeError("the study evaluates snapshots: give --snapshots at least one count")
+    if counts[-1] > train.tokens:
+        raise GsaeError(f"--snapshots {counts[-1]} is beyond --tokens {train.tokens}: every "
+                        "snapshot must be reached by the training")
+    return counts
+
+
+@dataclass
+class Snapshot:
+    """One saved state of one SAE: its name in the caches and results, where it is, when."""
+
+    name: str
+    variant: str
+    requested: int
+    folder: Path
+
+    def fingerprint(self) -> str:
+        return file_fingerprint(self.folder / WEIGHTS_FILE)
+
+    def record(self) -> dict[str, Any]:
+        saved = read_json(self.folder / "snapshot.json", "a snapshot record")
+        return {"name": self.name, "folder": str(self.folder), **saved}
+
+
+def snapshots_of(folders: dict[str, Path], counts: list[int]) -> list[Snapshot]:
+    """Every snapshot of every SAE, by count then SAE."""
+    return [Snapshot(f"{name}@{n}", name, n, snapshot_folder(folder, n))
+            for n in counts for name, folder in folders.items()]
+
+
+# The stages ------------------------------------------------------------------------------------
+
+
+def unseen_contexts(data: DataConfig, tokenizer: Any, tokens: int) -> tuple[torch.Tensor, int]:
+    """The first ceil(tokens / context_size) contexts of the whole unseen corpus (no document
+    is held out: no SAE saw any of it), and how many contexts the corpus has in all."""
+    stream = token_contexts(data, tokenizer, "train")
+    wanted = math.ceil(tokens / data.context_size)
+    chosen = list(islice(stream, wanted))
+    return torch.stack(chosen), len(chosen) + sum(1 for _ in stream)
+
+
+def unseen_data(run: ScalingRun) -> DataConfig:
+    """The unseen corpus, cut as the training corpus is, every document in one part."""
+    if run.study.unseen == run.data.dataset:
+        raise GsaeError(f"--unseen {run.study.unseen!r} is the training corpus: name a corpus "
+                        "that no SAE sees in training (e.g. news)")
+    return replace(run.data, dataset=run.study.unseen, eval_fraction=0.0)
+
+
+def store_check(out: Path, reader: StoreReader, hook: str) -> dict[str, Any]:
+    """The store's count of exactly repeated rows, computed once per store identity and size."""
+    key = {"identity": reader.identity, "rows": reader.rows}
+    path = out / STORE_CHECK_FILE
+    if path.is_file():
+        cached = read_json(path, "the store check")
+        if cached.get("key") == json.loads(json.dumps(key)):
+            return cached["check"]
+    check = {"rows": reader.rows, "repeated_rows": reader.repeated_rows(hook)}
+    write_json(path, {"key": key, "check": check})
+    return check
+
+
+def train_stage(train_run: TrainRun, configs: list[SAEConfig], out: str, hook: str
+                ) -> dict[str, Path]:
+    """Train (or finish) the SAEs of `configs` as one run in `out`; their folders by name."""
+    folders = {variant_name(c): sae_folder(out, hook, c) for c in configs}
+    todo = [c for c in configs if not finished_training(folders[variant_name(c)])]
+    if todo:
+        pipeline.train_saes(replace(train_run, train=replace(train_run.train, out=out)), todo,
+                            resume_if_same=True)
+    return folders
+
+
+@dataclass
+class Stage:
+    """What an evaluating stage needs: the model and a way to load a snapshot."""
+
+    model: Any
+    tokenizer: Any
+    model_id: dict[str, Any]
+    device: str
+
+    def load(self, snaps: list[Snapshot]) -> list[SAE]:
+        return [SAE.load(s.folder, device=self.device) for s in snaps]
+
+
+def eval_stage(stage: Stage, path: Path, snaps: list[Snapshot], settings: dict[str, Any],
+               evaluate_on: Callable[[list[SAE], list[str]], EvalResult]
+               ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Evaluate every snapshot not yet in the cache at `path`, one snapshot count at a time
+    (the cache is saved after each)."""
+    by_name = {s.name: s for s in snaps}
+    groups = [[s.name for s in snaps if s.requested == n]
+              for n in sorted({s.requested for s in snaps})]
+
+    def compute(names: list[str]) -> dict[str, Any]:
+        return evaluate_on(stage.load([by_name[n] for n in names]), names).to_json()
+
+    return _cached(path, settings, {s.name: s.fingerprint() for s in snaps}, compute, groups)
+
+
+def steer_stage(stage: Stage, path: Path, snaps: list[Snapshot], data: DataConfig,
+                cfg: SteerConfig) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Steer with every snapshot not yet in the cache at `path`, one k at a time."""
+    by_name = {s.name: s for s in snaps}
+    saes = dict(zip(by_name, stage.load(snaps)))
+    groups = [[n for n in by_name if saes[n].k == k] for k in sorted({s.k for s in saes.values()})]
+
+    def compute(names: list[str]) -> dict[str, Any]:
+        return steer([saes[n] for n in names], stage.model, stage.tokenizer, data, cfg,
+                     names=names, model_id=stage.model_id).to_json()
+
+    return _cached(path, asdict(cfg), {s.name: s.fingerprint() for s in snaps}, compute, groups)
+
+
+# The study -------------------------------------------------------------------------------------
+
+
+def run_study(run: ScalingRun) -> tuple[Path, float]:
+    """Run (or finish) the study and write its report; returns the report's markdown and the
+    wall time in seconds."""
+    start = time.perf_counter()
+    if len(run.source.hooks) != 1:
+        raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
+    run.steer.validate()
+    counts = check_schedule(run.train)
+    out = Path(run.study.out)
+    store = Path(run.study.store or out / "store")
+    unseen = unseen_data(run)
+    model, tokenizer = load_model(run.model)
+    stage = Stage(model, tokenizer, model_identity(run.model), run.model.device)
+    curve, extra = curve_configs(run), extra_configs(run)
+    for sae_cfg in curve + extra:
+        sae_cfg.validate(hidden_size(model))
+    train_run = TrainRun(model=run.model, data=run.data, source=run.source,
+                         train=replace(run.train, store=str(store),
+                                       device=run.train.device or run.model.device))
+    settings = identity(run)
+    claim_folder(out, IDENTITY_FILE, {"model": stage.model_id, "store": str(store),
+                                      "store_tokens": run.study.store_tokens,
+                                      **{k: settings[k] for k in ("model", "data", "source",
+                                                                  "train")}},
+                 "a study")
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    source = ActivationSource(model, run.source, with_grad=True)
+    fill_store(StoreConfig(store=str(store), tokens=run.study.store_tokens), source, run.data,
+               tokenizer, stage.model_id)
+    reader = StoreReader(store)
+    (hook,) = reader.hooks
+    checked = store_check(out, reader, hook)
+    seconds["store"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    folders = train_stage(train_run, curve, str(out / "saes"), hook)
+    extra_folders = train_stage(train_run, extra, str(out / "saes-extra"), hook) if extra else {}
+    seconds["train"] = time.perf_counter() - t
+
+    snaps = snapshots_of(folders, counts)
+    last = snapshots_of({**folders, **extra_folders}, counts[-1:])
+    evaluated = snaps + [s for s in last if s.variant in extra_folders]
+    wiki_cfg = replace(run.eval, json="")
+    unseen_cfg = replace(wiki_cfg, eval_tokens=run.study.unseen_tokens, pool_tokens=0)
+    contexts, available = unseen_contexts(unseen, tokenizer, run.study.unseen_tokens)
+    corpora: dict[str, Any] = {}
+
+    t = time.perf_counter()
+    corpora["train"] = eval_stage(
+        stage, out / "eval-train.json", evaluated, asdict(wiki_cfg),
+        lambda saes, names: evaluate(saes, model, tokenizer, run.data, wiki_cfg, names=names,
+                                     model_id=stage.model_id))
+    seconds["eval_train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+
+    def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
+        result = evaluate_contexts(saes, model, contexts, unseen_cfg, names, stage.model_id)
+        result.run.corpus, result.run.part = corpus_identity(unseen), "all"
+        return result
+
+    corpora["unseen"] = eval_stage(
+        stage, out / "eval-unseen.json", evaluated,
+        {"corpus": corpus_identity(unseen), "tokens": run.study.unseen_tokens,
+         "batch_size": run.eval.batch_size}, on_unseen)
+    seconds["eval_unseen"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    steer_run, steers = steer_stage(stage, out / "steer.json", last, run.data, run.steer)
+    seconds["steer"] = time.perf_counter() - t
+
+    all_folders = {**folders, **extra_folders}
+    result = ScalingResult(
+        command=command_line(run),
+        created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        versions={**versions(), "matplotlib": matplotlib.__version__},
+        machine=_machine(run.model.device),
+        wall_seconds=round(time.perf_counter() - start, 1),
+        stage_seconds={k: round(v, 1) for k, v in seconds.items()},
+        model=stage.model_id,
+        hook=hook,
+        store={"folder": str(store), **checked,
+               "passes": round(run.train.tokens / max(1, reader.rows), 2)},
+        corpora={"train": {"name": run.data.dataset, "part": "eval",
+                           "corpus": corpus_identity(run.data)},
+                 "unseen": {"name": run.study.unseen, "part": "all",
+                            "corpus": corpus_identity(unseen), "contexts": len(contexts),
+                            "corpus_contexts": available}},
+        settings={**to_dict(run), "train": asdict(train_run.train)},
+        saes=[{**_sae_record(name, SAE.load(folder), folder), "extra_k": name in extra_folders,
+               "snapshots": [s.record() for s in (last if name in extra_folders else snaps)
+                             if s.variant == name]}
+              for name, folder in all_folders.items()],
+        eval={key: {"run": info,
+                    "results": [{**r, "snapshot": s.requested, "variant": s.variant}
+                                for s in evaluated for r in records[s.name]]}
+              for key, (info, records) in corpora.items()},
+        steer={"run": steer_run,
+               "results": [{**compact_steering(r), "snapshot": s.requested, "variant": s.variant}
+                           for s in last for r in steers[s.name]]},
+    )
+    report = build_scaling_report(result.to_json(), run.study.report or out / "report")
+    return report, time.perf_counter() - start
