@@ -70,6 +70,11 @@ def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus
         assert {(r["variant"], r["snapshot"], r["mode"]) for r in records} == {
             (n, t, m) for n in names for t in SNAPSHOTS for m in (GRAD_AWARE, GRAD_FREE)}
     assert results["eval"]["unseen"]["run"]["contexts"] == math.ceil(160 / 32)
+    # the run info evaluate wrote: which corpus and which part of it each stage read
+    assert results["eval"]["train"]["run"]["corpus"]["dataset"] == corpus
+    assert results["eval"]["train"]["run"]["part"] == "eval"
+    assert results["eval"]["unseen"]["run"]["corpus"]["dataset"] == news
+    assert results["eval"]["unseen"]["run"]["part"] == "all"
     assert {r["variant"] for r in results["steer"]["results"]} == names
     assert {r["snapshot"] for r in results["steer"]["results"]} == {SNAPSHOTS[-1]}
     assert results["settings"]["train"]["snapshots"] == SNAPSHOTS

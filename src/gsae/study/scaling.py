@@ -73,9 +73,10 @@ class StudyConfig:
     unseen: str = field(default="news", metadata={
         "help": "a second corpus that no SAE sees in training, evaluated from its start, all "
                 "of it (not only a held-out split) up to --unseen_tokens"})
-    unseen_tokens: int = field(default=65_536, metadata={
-        "help": "evaluation budget on the unseen corpus in context tokens (the whole corpus if "
-                "it is smaller)", "min": 1})
+    unseen_tokens: int = field(default=16_384, metadata={
+        "help": "evaluation budget on the unseen corpus in context tokens, from its start (the "
+                "whole corpus if it is smaller; news has 75,264 tokens in contexts of 128)",
+        "min": 1})
     extra_k: list[int] = field(default_factory=list, metadata={
         "help": "further values of k whose SAEs (every other sweep value) are trained as long "
                 "and evaluated and steered at the last snapshot only, e.g. 16 64; give the flag "
