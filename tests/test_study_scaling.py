@@ -156,6 +156,71 @@ def test_a_rerun_reuses_every_stage(study, corpus, news, monkeypatch):
     assert again["eval"] == results["eval"] and again["verdicts"] == results["verdicts"]
 
 
+def test_extra_k_added_later_trains_and_evaluates_only_the_new_saes(study, corpus, news,
+                                                                    monkeypatch):
+    import gsae.study.scaling as scaling
+
+    out, _ = study
+    trained, evaluated = [], []
+    train_saes, evaluate = scaling.pipeline.train_saes, scaling.evaluate
+
+    def recording_train(run, configs, **kwargs):
+        trained.extend((c.k, c.beta, c.seed) for c in configs)
+        return train_saes(run, configs, **kwargs)
+
+    def recording_evaluate(saes, *args, names, **kwargs):
+        evaluated.extend(names)
+        return evaluate(saes, *args, names=names, **kwargs)
+
+    monkeypatch.setattr(scaling.pipeline, "train_saes", recording_train)
+    monkeypatch.setattr(scaling, "evaluate", recording_evaluate)
+    assert main([*study_args(corpus, news, out), "--extra_k", "8"]) == 0
+    assert sorted(trained) == [(8, b, s) for b in (0.0, 10.0) for s in (0, 1)]
+    assert sorted(evaluated) == sorted(f"k8-beta{b}-z-x2-s{s}@1600" for b in (0, 10)
+                                       for s in (0, 1))
+    results = json.loads((out / "report" / "results.json").read_text())
+    extra = [s for s in results["saes"] if s["extra_k"]]
+    assert len(extra) == 4 and all([x["requested_tokens"] for x in s["snapshots"]] == [1600]
+                                   for s in extra)
+    by_k = results["aggregates"]["ce_increase_by_k"]["train"]["TopK"]
+    assert set(by_k) == {"4", "8"} and by_k["8"]["n"] == 2
+    assert "## Other values of k" in (out / "report" / "README.md").read_text()
+
+
+def test_an_interrupted_evaluation_resumes_after_its_last_snapshot_count(corpus, news, tmp_path,
+                                                                         monkeypatch):
+    import gsae.study.scaling as scaling
+
+    calls, interrupt = [], [True]
+    evaluate = scaling.evaluate
+
+    def interrupted(saes, *args, names, **kwargs):
+        calls.append(names)
+        if len(calls) == 2 and interrupt[0]:  # during the second snapshot count
+            raise KeyboardInterrupt
+        return evaluate(saes, *args, names=names, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(scaling, "evaluate", interrupted)
+    assert main(study_args(corpus, news, out)) == 130
+    cached = json.loads((out / "eval-train.json").read_text())["saes"]
+    assert sorted(cached) == sorted(f"k4-beta{b}-z-x2-s{s}@400" for b in (0, 10)
+                                    for s in (0, 1))
+    spent = json.loads((out / "stage-seconds.json").read_text())
+    assert {"store", "train", "eval_train"} <= set(spent) and "steer" not in spent
+
+    calls.clear()
+    interrupt[0] = False
+    monkeypatch.setattr(scaling.pipeline, "train_saes", lambda *a, **k: pytest.fail("retrained"))
+    assert main(study_args(corpus, news, out)) == 0
+    assert [sorted({n.split("@")[1] for n in names}) for names in calls] == [["800"], ["1600"]]
+    again = json.loads((out / "stage-seconds.json").read_text())
+    assert again["eval_train"] > spent["eval_train"] and again["store"] >= spent["store"]
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert results["stage_seconds"]["eval_train"] == pytest.approx(again["eval_train"], abs=0.1)
+    assert len(results["eval"]["train"]["results"]) == 4 * 3 * 2
+
+
 def test_the_study_refuses_a_sweep_without_topk_and_the_training_corpus_as_unseen(corpus, news,
                                                                                  tmp_path, capsys):
     args = study_args(corpus, news, tmp_path / "x")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import islice
 from pathlib import Path
@@ -265,22 +266,53 @@ def steer_stage(stage: Stage, path: Path, snaps: list[Snapshot], data: DataConfi
 # The study -------------------------------------------------------------------------------------
 
 
-def run_study(run: ScalingRun) -> tuple[Path, float]:
-    """Run (or finish) the study and write its report; returns the report's markdown and the
-    wall time in seconds."""
-    start = time.perf_counter()
+class StageClock:
+    """Seconds spent in each stage, summed over every invocation of the study (a resumed stage
+    adds its time to what the interrupted ones spent), kept in `<out>/stage-seconds.json`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = (read_json(path, "the stage times")
+                                          if path.is_file() else {})
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:  # an interrupted stage's time counts too
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            write_json(self.path, self.seconds)
+
+
+@dataclass
+class Plan:
+    """The study's settings checked and resolved: folders, SAEs, the loaded model."""
+
+    run: ScalingRun
+    out: Path
+    store: Path
+    counts: list[int]
+    curve: list[SAEConfig]
+    extra: list[SAEConfig]
+    unseen: DataConfig
+    stage: Stage
+    train_run: TrainRun
+
+
+def plan(run: ScalingRun) -> Plan:
+    """Check the settings, load the model and claim the work folder."""
     if len(run.source.hooks) != 1:
         raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
     run.steer.validate()
-    counts = check_schedule(run.train)
+    counts, unseen = check_schedule(run.train), unseen_data(run)
+    curve, extra = curve_configs(run), extra_configs(run)
     out = Path(run.study.out)
     store = Path(run.study.store or out / "store")
-    unseen = unseen_data(run)
     model, tokenizer = load_model(run.model)
-    stage = Stage(model, tokenizer, model_identity(run.model), run.model.device)
-    curve, extra = curve_configs(run), extra_configs(run)
     for sae_cfg in curve + extra:
         sae_cfg.validate(hidden_size(model))
+    stage = Stage(model, tokenizer, model_identity(run.model), run.model.device)
     train_run = TrainRun(model=run.model, data=run.data, source=run.source,
                          train=replace(run.train, store=str(store),
                                        device=run.train.device or run.model.device))
@@ -290,83 +322,97 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
                                       **{k: settings[k] for k in ("model", "data", "source",
                                                                   "train")}},
                  "a study")
-    seconds: dict[str, float] = {}
+    return Plan(run, out, store, counts, curve, extra, unseen, stage, train_run)
 
-    t = time.perf_counter()
-    source = ActivationSource(model, run.source, with_grad=True)
-    fill_store(StoreConfig(store=str(store), tokens=run.study.store_tokens), source, run.data,
-               tokenizer, stage.model_id)
-    reader = StoreReader(store)
-    (hook,) = reader.hooks
-    checked = store_check(out, reader, hook)
-    seconds["store"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    folders = train_stage(train_run, curve, str(out / "saes"), hook)
-    extra_folders = train_stage(train_run, extra, str(out / "saes-extra"), hook) if extra else {}
-    seconds["train"] = time.perf_counter() - t
+def store_stage(p: Plan) -> tuple[StoreReader, dict[str, Any]]:
+    """Build (or finish) the store; its reader and repeated-row check."""
+    source = ActivationSource(p.stage.model, p.run.source, with_grad=True)
+    fill_store(StoreConfig(store=str(p.store), tokens=p.run.study.store_tokens), source,
+               p.run.data, p.stage.tokenizer, p.stage.model_id)
+    reader = StoreReader(p.store)
+    return reader, store_check(p.out, reader, reader.hooks[0])
 
-    snaps = snapshots_of(folders, counts)
-    last = snapshots_of({**folders, **extra_folders}, counts[-1:])
-    evaluated = snaps + [s for s in last if s.variant in extra_folders]
+
+def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock) -> dict[str, Any]:
+    """Both corpora's evaluation of the snapshots; per corpus the run info and records."""
+    run, stage = p.run, p.stage
     wiki_cfg = replace(run.eval, json="")
     unseen_cfg = replace(wiki_cfg, eval_tokens=run.study.unseen_tokens, pool_tokens=0)
-    contexts, available = unseen_contexts(unseen, tokenizer, run.study.unseen_tokens)
     corpora: dict[str, Any] = {}
+    with clock.stage("eval_train"):
+        corpora["train"] = eval_stage(
+            stage, p.out / "eval-train.json", evaluated, asdict(wiki_cfg),
+            lambda saes, names: evaluate(saes, stage.model, stage.tokenizer, run.data, wiki_cfg,
+                                         names=names, model_id=stage.model_id))
+    with clock.stage("eval_unseen"):
+        contexts, available = unseen_contexts(p.unseen, stage.tokenizer, run.study.unseen_tokens)
 
-    t = time.perf_counter()
-    corpora["train"] = eval_stage(
-        stage, out / "eval-train.json", evaluated, asdict(wiki_cfg),
-        lambda saes, names: evaluate(saes, model, tokenizer, run.data, wiki_cfg, names=names,
-                                     model_id=stage.model_id))
-    seconds["eval_train"] = time.perf_counter() - t
+        def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
+            result = evaluate_contexts(saes, stage.model, contexts, unseen_cfg, names,
+                                       stage.model_id)
+            result.run.corpus, result.run.part = corpus_identity(p.unseen), "all"
+            return result
 
-    t = time.perf_counter()
+        corpora["unseen"] = eval_stage(
+            stage, p.out / "eval-unseen.json", evaluated,
+            {"corpus": corpus_identity(p.unseen), "tokens": run.study.unseen_tokens,
+             "batch_size": run.eval.batch_size}, on_unseen)
+    corpora["unseen_contexts"] = (len(contexts), available)
+    return corpora
 
-    def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
-        result = evaluate_contexts(saes, model, contexts, unseen_cfg, names, stage.model_id)
-        result.run.corpus, result.run.part = corpus_identity(unseen), "all"
-        return result
 
-    corpora["unseen"] = eval_stage(
-        stage, out / "eval-unseen.json", evaluated,
-        {"corpus": corpus_identity(unseen), "tokens": run.study.unseen_tokens,
-         "batch_size": run.eval.batch_size}, on_unseen)
-    seconds["eval_unseen"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    steer_run, steers = steer_stage(stage, out / "steer.json", last, run.data, run.steer)
-    seconds["steer"] = time.perf_counter() - t
-
-    all_folders = {**folders, **extra_folders}
+def run_study(run: ScalingRun) -> tuple[Path, float]:
+    """Run (or finish) the study and write its report; returns the report's markdown and the
+    wall time of this invocation in seconds."""
+    start = time.perf_counter()
+    p = plan(run)
+    clock = StageClock(p.out / "stage-seconds.json")
+    with clock.stage("store"):
+        reader, checked = store_stage(p)
+    hook = reader.hooks[0]
+    with clock.stage("train"):
+        folders = train_stage(p.train_run, p.curve, str(p.out / "saes"), hook)
+        extra = train_stage(p.train_run, p.extra, str(p.out / "saes-extra"), hook) \
+            if p.extra else {}
+    snaps = snapshots_of(folders, p.counts)
+    last = snapshots_of({**folders, **extra}, p.counts[-1:])
+    evaluated = snaps + [s for s in last if s.variant in extra]
+    corpora = eval_stages(p, evaluated, clock)
+    with clock.stage("steer"):
+        steered = steer_stage(p.stage, p.out / "steer.json", last, run.data, run.steer)
     result = ScalingResult(
         command=command_line(run),
         created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         versions={**versions(), "matplotlib": matplotlib.__version__},
         machine=_machine(run.model.device),
-        wall_seconds=round(time.perf_counter() - start, 1),
-        stage_seconds={k: round(v, 1) for k, v in seconds.items()},
-        model=stage.model_id,
+        wall_seconds=round(sum(clock.seconds.values()), 1),
+        stage_seconds={k: round(v, 1) for k, v in clock.seconds.items()},
+        model=p.stage.model_id,
         hook=hook,
-        store={"folder": str(store), **checked,
+        store={"folder": str(p.store), **checked,
                "passes": round(run.train.tokens / max(1, reader.rows), 2)},
-        corpora={"train": {"name": run.data.dataset, "part": "eval",
-                           "corpus": corpus_identity(run.data)},
-                 "unseen": {"name": run.study.unseen, "part": "all",
-                            "corpus": corpus_identity(unseen), "contexts": len(contexts),
-                            "corpus_contexts": available}},
-        settings={**to_dict(run), "train": asdict(train_run.train)},
-        saes=[{**_sae_record(name, SAE.load(folder), folder), "extra_k": name in extra_folders,
-               "snapshots": [s.record() for s in (last if name in extra_folders else snaps)
+        corpora=_corpora(p, *corpora.pop("unseen_contexts")),
+        settings={**to_dict(run), "train": asdict(p.train_run.train)},
+        saes=[{**_sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
+               "snapshots": [s.record() for s in (last if name in extra else snaps)
                              if s.variant == name]}
-              for name, folder in all_folders.items()],
+              for name, folder in {**folders, **extra}.items()],
         eval={key: {"run": info,
                     "results": [{**r, "snapshot": s.requested, "variant": s.variant}
                                 for s in evaluated for r in records[s.name]]}
               for key, (info, records) in corpora.items()},
-        steer={"run": steer_run,
+        steer={"run": steered[0],
                "results": [{**compact_steering(r), "snapshot": s.requested, "variant": s.variant}
-                           for s in last for r in steers[s.name]]},
+                           for s in last for r in steered[1][s.name]]},
     )
-    report = build_scaling_report(result.to_json(), run.study.report or out / "report")
+    report = build_scaling_report(result.to_json(), run.study.report or p.out / "report")
     return report, time.perf_counter() - start
+
+
+def _corpora(p: Plan, contexts: int, available: int) -> dict[str, Any]:
+    return {"train": {"name": p.run.data.dataset, "part": "eval",
+                      "corpus": corpus_identity(p.run.data)},
+            "unseen": {"name": p.run.study.unseen, "part": "all",
+                       "corpus": corpus_identity(p.unseen), "contexts": contexts,
+                       "corpus_contexts": available}}

@@ -380,8 +380,9 @@ def markdown(cv: Curves, agg: dict[str, Any], found: dict[str, Any]) -> str:
     lines = [
         f"# Learning curves: TopK vs g-SAEs on {d['model'].get('model', '?')}, {d['hook']}",
         "",
-        f"Made by `gsae study` (gsae {d['versions']['gsae']}) on {d['created']}, in "
-        f"{_duration(d['wall_seconds'])} on {d['machine']['description']} ({stages}).",
+        f"Made by `gsae study` (gsae {d['versions']['gsae']}) on {d['created']}, on "
+        f"{d['machine']['description']}. Time per stage, measured and summed over every run of "
+        f"the command that worked on it: {stages}; {_duration(d['wall_seconds'])} in all.",
         "", "```", d["command"], "```", "",
         "## Verdict", "",
         *verdict_lines(cv, found),
