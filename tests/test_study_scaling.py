@@ -201,8 +201,9 @@ def test_an_interrupted_evaluation_resumes_after_its_last_snapshot_count(corpus,
         return evaluate(saes, *args, names=names, **kwargs)
 
     out = tmp_path / "run"
+    args = [*study_args(corpus, news, out), "--counts_per_eval", "1"]
     monkeypatch.setattr(scaling, "evaluate", interrupted)
-    assert main(study_args(corpus, news, out)) == 130
+    assert main(args) == 130
     cached = json.loads((out / "eval-train.json").read_text())["saes"]
     assert sorted(cached) == sorted(f"k4-beta{b}-z-x2-s{s}@400" for b in (0, 10)
                                     for s in (0, 1))
@@ -212,13 +213,23 @@ def test_an_interrupted_evaluation_resumes_after_its_last_snapshot_count(corpus,
     calls.clear()
     interrupt[0] = False
     monkeypatch.setattr(scaling.pipeline, "train_saes", lambda *a, **k: pytest.fail("retrained"))
-    assert main(study_args(corpus, news, out)) == 0
+    assert main(args) == 0
     assert [sorted({n.split("@")[1] for n in names}) for names in calls] == [["800"], ["1600"]]
     again = json.loads((out / "stage-seconds.json").read_text())
     assert again["eval_train"] > spent["eval_train"] and again["store"] >= spent["store"]
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["stage_seconds"]["eval_train"] == pytest.approx(again["eval_train"], abs=0.1)
     assert len(results["eval"]["train"]["results"]) == 4 * 3 * 2
+
+
+def test_eval_groups_take_consecutive_snapshot_counts():
+    from gsae.study.scaling import Snapshot, eval_groups
+
+    snaps = [Snapshot(f"{v}@{n}", v, n, Path(".")) for n in (1, 2, 4, 8, 16) for v in "ab"]
+    assert eval_groups(snaps, 2) == [["a@1", "b@1", "a@2", "b@2"], ["a@4", "b@4", "a@8", "b@8"],
+                                     ["a@16", "b@16"]]
+    assert eval_groups(snaps, 0) == [[s.name for s in snaps]]
+    assert eval_groups(snaps, 1)[2] == ["a@4", "b@4"]
 
 
 def test_the_study_refuses_a_sweep_without_topk_and_the_training_corpus_as_unseen(corpus, news,

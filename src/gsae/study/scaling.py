@@ -78,6 +78,12 @@ class StudyConfig:
         "help": "evaluation budget on the unseen corpus in context tokens, from its start (the "
                 "whole corpus if it is smaller; news has 75,264 tokens in contexts of 128)",
         "min": 1})
+    counts_per_eval: int = field(default=0, metadata={
+        "help": "snapshot counts evaluated together in one pass over the evaluation text (the "
+                "clean, mean and ablated passes are shared by all their SAEs, about half the "
+                "cost of a pass of six SAEs); results are saved after each pass, so a smaller "
+                "value loses less to an interruption; 0: all counts in one pass",
+        "min": 0, "identity": False})
     extra_k: list[int] = field(default_factory=list, metadata={
         "help": "further values of k whose SAEs (every other sweep value) are trained as long "
                 "and evaluated and steered at the last snapshot only, e.g. 16 64; give the flag "
@@ -234,14 +240,22 @@ class Stage:
         return [SAE.load(s.folder, device=self.device) for s in snaps]
 
 
+def eval_groups(snaps: list[Snapshot], counts_per_eval: int) -> list[list[str]]:
+    """The snapshots' names in groups of `counts_per_eval` consecutive snapshot counts (0: one
+    group)."""
+    counts = sorted({s.requested for s in snaps})
+    size = counts_per_eval or len(counts)
+    return [[s.name for s in snaps if s.requested in counts[i:i + size]]
+            for i in range(0, len(counts), size)]
+
+
 def eval_stage(stage: Stage, path: Path, snaps: list[Snapshot], settings: dict[str, Any],
-               evaluate_on: Callable[[list[SAE], list[str]], EvalResult]
+               evaluate_on: Callable[[list[SAE], list[str]], EvalResult], counts_per_eval: int
                ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Evaluate every snapshot not yet in the cache at `path`, one snapshot count at a time
-    (the cache is saved after each)."""
+    """Evaluate every snapshot not yet in the cache at `path`, `counts_per_eval` snapshot counts
+    per pass over the text (the cache is saved after each)."""
     by_name = {s.name: s for s in snaps}
-    groups = [[s.name for s in snaps if s.requested == n]
-              for n in sorted({s.requested for s in snaps})]
+    groups = eval_groups(snaps, counts_per_eval)
 
     def compute(names: list[str]) -> dict[str, Any]:
         return evaluate_on(stage.load([by_name[n] for n in names]), names).to_json()
@@ -344,7 +358,8 @@ def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock) -> dict[s
         corpora["train"] = eval_stage(
             stage, p.out / "eval-train.json", evaluated, asdict(wiki_cfg),
             lambda saes, names: evaluate(saes, stage.model, stage.tokenizer, run.data, wiki_cfg,
-                                         names=names, model_id=stage.model_id))
+                                         names=names, model_id=stage.model_id),
+            run.study.counts_per_eval)
     with clock.stage("eval_unseen"):
         contexts, available = unseen_contexts(p.unseen, stage.tokenizer, run.study.unseen_tokens)
 
@@ -357,7 +372,7 @@ def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock) -> dict[s
         corpora["unseen"] = eval_stage(
             stage, p.out / "eval-unseen.json", evaluated,
             {"corpus": corpus_identity(p.unseen), "tokens": run.study.unseen_tokens,
-             "batch_size": run.eval.batch_size}, on_unseen)
+             "batch_size": run.eval.batch_size}, on_unseen, run.study.counts_per_eval)
     corpora["unseen_contexts"] = (len(contexts), available)
     return corpora
 
