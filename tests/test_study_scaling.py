@@ -15,7 +15,14 @@ from gsae.models import ModelConfig, load_model
 from gsae.sae import SAE
 from gsae.store import StoreReader
 from gsae.study.results import Variant
-from gsae.study.scaling_report import SCHEMA, Curves, build_scaling_report, trend, verdicts
+from gsae.study.scaling_report import (
+    SCHEMA,
+    Curves,
+    build_scaling_report,
+    trend,
+    trend_phrase,
+    verdicts,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SNAPSHOTS = [400, 800, 1600]
@@ -133,7 +140,7 @@ def test_report_has_its_plots_and_the_verdicts_of_the_json(study):
         assert f"]({name})" in text
     for per_series in results["verdicts"].values():
         for v in per_series.values():
-            assert f"the gap's trend is **{v['trend']}**" in text
+            assert f"tokens {trend_phrase(v['trend'])}" in text
     assert results["command"] in text and results["command"].startswith("gsae study --out ")
 
 
@@ -318,7 +325,7 @@ def test_verdicts_and_report_on_synthetic_curves(gap_end, expected, tmp_path):
             assert v["verdict"] == "held"  # both seeds of the g-SAE below both of TopK
     report = build_scaling_report(data, tmp_path)
     text = report.read_text()
-    assert text.count(f"the gap's trend is **{expected}**") == 4
+    assert text.count(f"tokens the gap **{expected}** (from") == 4
     written = json.loads((tmp_path / "results.json").read_text())
     gaps = written["aggregates"]["gaps"]["train"]["g-SAE β=100 (z), gradient-aware"]
     assert gaps["100"]["mean"] == pytest.approx(-0.2) and gaps["400"]["mean"] == \

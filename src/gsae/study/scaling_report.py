@@ -319,6 +319,13 @@ def _tokens(n: int) -> str:
     return f"{n:,}"
 
 
+def trend_phrase(word: str) -> str:
+    """"the gap **grows**", or for a trend that is no verb, "the gap's trend is **...**"."""
+    if word in ("shrinks", "holds", "grows"):
+        return f"the gap **{word}**"
+    return f"the gap's trend is **{word}**"
+
+
 def verdict_lines(cv: Curves, found: dict[str, Any]) -> list[str]:
     """One paragraph per corpus: the verdict at the longest training and the trend."""
     lines = []
@@ -332,8 +339,8 @@ def verdict_lines(cv: Curves, found: dict[str, Any]) -> list[str]:
                 f"- {label}: spliced CE increase {_pm(v['g_sae'])} nats against TopK's "
                 f"{_pm(v['topk'])}; lower than TopK: **{v['verdict']}**. The gap (g-SAE minus "
                 f"TopK, per seed) is {_pm(v['gap'])} nats; from {_tokens(v['first_tokens'])} to "
-                f"{_tokens(v['tokens'])} tokens the gap's trend is **{v['trend']}**{reversal} "
-                f"(from {_pm(v.get('first'))}).")
+                f"{_tokens(v['tokens'])} tokens {trend_phrase(v['trend'])}{reversal} (from "
+                f"{_pm(v.get('first'))}).")
         lines.append("")
     return lines
 
@@ -403,7 +410,7 @@ def markdown(cv: Curves, agg: dict[str, Any], found: dict[str, Any]) -> str:
           if store["rows"] < s.get("study", {}).get("store_tokens", 0) else []),
         f"- Repeated rows in the store (exactly equal activation rows): "
         f"{store['repeated_rows']} of {_tokens(store['rows'])}.",
-        f"- SAEs: {len(d['saes'])}, {d['saes'][0]['n_latents']} latents, seeds "
+        f"- SAEs: {len(d['saes'])}, {_tokens(d['saes'][0]['n_latents'])} latents, seeds "
         f"{', '.join(str(x) for x in s['sae']['seed'])}.",
         *(f"- {cv.corpus_title(c)}: {d['eval'][c]['run']['contexts']} contexts of "
           f"{d['eval'][c]['run']['context_size']} tokens" for c in cv.corpora),
