@@ -240,8 +240,11 @@ def _steering(cv: Curves) -> dict[str, Any]:
 # Plots -------------------------------------------------------------------------------------------
 
 
-def _color(cv: Curves, variant: Variant) -> str:
-    return "black" if variant.beta == 0 else COLORS[cv.g_variants.index(variant) % len(COLORS)]
+def _color(cv: Curves, s: Series) -> str:
+    """TopK in black; each g-SAE in two colours, one per inference mode."""
+    if s.variant.beta == 0:
+        return "black"
+    return COLORS[(2 * cv.g_variants.index(s.variant) + (s.mode == GRAD_FREE)) % len(COLORS)]
 
 
 def _band(ax: Any, xs: list[int], per_x: list[list[float]], color: str, style: str,
@@ -280,7 +283,7 @@ def plot_metric(cv: Curves, key: str, path: Path) -> None:
     for ax, corpus in zip(axes, cv.corpora):
         for s in cv.series():
             _band(ax, cv.counts, [cv.values(corpus, s, key, n) for n in cv.counts],
-                  _color(cv, s.variant), "--" if s.mode == GRAD_FREE and s.variant.beta else "-",
+                  _color(cv, s), "--" if s.mode == GRAD_FREE and s.variant.beta else "-",
                   s.label(many_k))
     axes[-1].legend(fontsize=8)
     _save(fig, path)
@@ -295,7 +298,7 @@ def plot_gap(cv: Curves, path: Path) -> None:
     for ax, corpus in zip(axes, cv.corpora):
         ax.axhline(0.0, color="gray", linewidth=1)
         for s in cv.gap_series():
-            color, style = _color(cv, s.variant), "--" if s.mode == GRAD_FREE else "-"
+            color, style = _color(cv, s), "--" if s.mode == GRAD_FREE else "-"
             per_x = [cv.gaps(corpus, s, n) for n in cv.counts]
             _band(ax, cv.counts, per_x, color, style, s.label(many_k))
             for seed in range(min(map(len, per_x), default=0)):
