@@ -66,6 +66,14 @@ def cmd_compare(run: Any) -> int:
     return 0
 
 
+def cmd_study(run: Any) -> int:
+    from gsae.study.scaling import run_study
+
+    report, seconds = run_study(run)
+    print(f"report written to {report} ({seconds:.0f} s)")
+    return 0
+
+
 def cmd_inspect(run: Any) -> int:
     from gsae.browser import run_inspect
 
@@ -90,6 +98,15 @@ def _compare_tree() -> type:
     return CompareRun
 
 
+def _study_tree() -> type:
+    try:
+        from gsae.study.scaling import ScalingRun
+    except ImportError as err:
+        raise GsaeError(f"gsae study needs the plotting extra ({err.name} is missing): "
+                        "pip install 'gsae[plots]'") from None
+    return ScalingRun
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(lambda: pipeline.TrainRun, "train g-SAEs / TopK SAEs (a sweep when the "
                      "SAE flags list values)", cmd_train,
@@ -106,6 +123,11 @@ COMMANDS: dict[str, Command] = {
                        "seeds: train, evaluate, steer, and write a report", cmd_compare,
                        interrupted="interrupted; finished stages are kept (rerun the same "
                        "command to continue)"),
+    "study": Command(_study_tree, "learning curves of TopK vs g-SAEs: train with snapshots "
+                     "over seeds, evaluate every snapshot on held-out and unseen text, and "
+                     "write a report", cmd_study,
+                     interrupted="interrupted; finished stages are kept (rerun the same "
+                     "command to continue)"),
     "inspect": Command(_inspect_tree, "write a static feature browser of an SAE's latents "
                        "(HTML pages, latents.json, a delphi latent cache)", cmd_inspect,
                        recorded_defaults=True),

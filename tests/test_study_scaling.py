@@ -1,0 +1,344 @@
+"""`gsae study`: the learning-curve study end to end on the tiny model (snapshots evaluated on
+the training corpus's held-out split and on an unseen corpus, rerun reusing every stage), and
+the report's trend rule and verdicts on hand-made numbers."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsae.cli import main
+from gsae.evaluate import GRAD_AWARE, GRAD_FREE, EvalConfig, evaluate_contexts
+from gsae.models import ModelConfig, load_model
+from gsae.sae import SAE
+from gsae.store import StoreReader
+from gsae.study.results import Variant
+from gsae.study.scaling_report import (
+    SCHEMA,
+    Curves,
+    build_scaling_report,
+    trend,
+    trend_phrase,
+    verdicts,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SNAPSHOTS = [400, 800, 1600]
+NEWS_WORDS = ("markets rose sharply today as investors weighed fresh data on prices wages and "
+              "jobs while officials said the bank would hold rates steady until spring").split()
+
+
+@pytest.fixture(scope="module")
+def news(tmp_path_factory):
+    """A second corpus of another kind (a news-like register), never trained on."""
+    gen = torch.Generator().manual_seed(1)
+    docs = [" ".join(NEWS_WORDS[i] for i in torch.randint(0, len(NEWS_WORDS), (90,),
+                                                          generator=gen).tolist()) + "."
+            for _ in range(12)]
+    path = tmp_path_factory.mktemp("news") / "news.txt"
+    path.write_text("\n\n".join(docs))
+    return str(path)
+
+
+def study_args(corpus, news, out):
+    return ["study", "--model", "tiny-llama", "--dataset", corpus, "--context_size", "32",
+            "--hooks", "1", "--lm_batch_size", "4", "--out", str(out), "--store_tokens", "1200",
+            "--tokens", "1600", "--snapshots", *map(str, SNAPSHOTS), "--batch_tokens", "256",
+            "--k", "4", "--beta", "0,10", "--value_mode", "z", "--seed", "0,1",
+            "--n_latents", "0", "--expansion_factor", "2", "--dead_tokens", "800",
+            "--eval_tokens", "128", "--unseen", news, "--unseen_tokens", "160",
+            "--latents", "3", "--contexts", "2", "--pool", "4", "--steer.context_size", "16",
+            "--alphas", "1", "--top_tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def study(corpus, news, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "run"
+    assert main(study_args(corpus, news, out)) == 0
+    results = json.loads((out / "report" / "results.json").read_text())
+    return out, results
+
+
+def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus, news):
+    _, results = study
+    assert results["schema"] == SCHEMA == "gsae.scaling/1"
+    names = {s["name"] for s in results["saes"]}
+    assert names == {f"k4-beta{b}-z-x2-s{s}" for b in (0, 10) for s in (0, 1)}
+    for sae in results["saes"]:
+        assert [s["requested_tokens"] for s in sae["snapshots"]] == SNAPSHOTS
+        # each snapshot is taken after the step that reaches its count (batches of 256 rows)
+        assert all(0 <= s["tokens"] - s["requested_tokens"] < 256 for s in sae["snapshots"])
+    assert results["corpora"]["train"]["corpus"]["dataset"] == corpus
+    assert results["corpora"]["unseen"]["corpus"]["dataset"] == news
+    for key in ("train", "unseen"):
+        records = results["eval"][key]["results"]
+        assert {(r["variant"], r["snapshot"], r["mode"]) for r in records} == {
+            (n, t, m) for n in names for t in SNAPSHOTS for m in (GRAD_AWARE, GRAD_FREE)}
+    assert results["eval"]["unseen"]["run"]["contexts"] == math.ceil(160 / 32)
+    # the run info evaluate wrote: which corpus and which part of it each stage read
+    assert results["eval"]["train"]["run"]["corpus"]["dataset"] == corpus
+    assert results["eval"]["train"]["run"]["part"] == "eval"
+    assert results["eval"]["unseen"]["run"]["corpus"]["dataset"] == news
+    assert results["eval"]["unseen"]["run"]["part"] == "all"
+    assert {r["variant"] for r in results["steer"]["results"]} == names
+    assert {r["snapshot"] for r in results["steer"]["results"]} == {SNAPSHOTS[-1]}
+    assert results["settings"]["train"]["snapshots"] == SNAPSHOTS
+    assert set(results["verdicts"]) == {"train", "unseen"}
+
+
+def test_the_store_check_counts_repeated_rows(study):
+    out, results = study
+    reader = StoreReader(out / "store")
+    (hook,) = reader.hooks
+    rows = torch.cat([reader.read_shard(n)[hook].x for n in reader.shards])
+    # an independent count: rows minus distinct rows
+    assert results["store"]["repeated_rows"] == rows.shape[0] - torch.unique(rows, dim=0).shape[0]
+    assert results["store"]["rows"] == rows.shape[0]
+    assert f"{results['store']['repeated_rows']} of" in (out / "report" / "README.md").read_text()
+
+
+def _reevaluate(out, results, key, variant, tokens, contexts):
+    """The CE increase of one snapshot, evaluated here from its folder on the given contexts."""
+    model, _ = load_model(ModelConfig(model="tiny-llama"))
+    folder = next(Path(s["folder"]) for sae in results["saes"] if sae["name"] == variant
+                  for s in sae["snapshots"] if s["requested_tokens"] == tokens)
+    got = evaluate_contexts([SAE.load(folder)], model, contexts, EvalConfig(batch_size=8))
+    return got.results[0].ce_increase
+
+
+def _unseen_contexts(news):
+    """The first five contexts of 32 tokens of the whole news file, packed here."""
+    from gsae.text import DataConfig, token_contexts
+
+    model, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    stream = token_contexts(DataConfig(dataset=news, context_size=32, eval_fraction=0.0),
+                            tokenizer, "train")
+    return torch.stack([next(stream) for _ in range(5)])
+
+
+def test_each_snapshot_is_evaluated_itself_on_the_unseen_corpus(study, news):
+    out, results = study
+    contexts = _unseen_contexts(news)
+    variant = "k4-beta10-z-x2-s1"
+    by = {(r["snapshot"], r["mode"]): r["ce_increase"] for r in results["eval"]["unseen"]["results"]
+          if r["variant"] == variant}
+    for tokens in (SNAPSHOTS[0], SNAPSHOTS[-1]):
+        assert by[(tokens, GRAD_AWARE)] == pytest.approx(
+            _reevaluate(out, results, "unseen", variant, tokens, contexts), rel=1e-5)
+    assert by[(SNAPSHOTS[0], GRAD_AWARE)] != pytest.approx(by[(SNAPSHOTS[-1], GRAD_AWARE)])
+
+
+def test_report_has_its_plots_and_the_verdicts_of_the_json(study):
+    out, results = study
+    report = out / "report"
+    text = (report / "README.md").read_text()
+    for name in ("ce_increase_vs_tokens.png", "fvu_vs_tokens.png", "dead_fraction_vs_tokens.png",
+                 "gap_vs_tokens.png"):
+        assert (report / name).read_bytes().startswith(PNG_SIGNATURE)
+        assert f"]({name})" in text
+    for per_series in results["verdicts"].values():
+        for v in per_series.values():
+            assert f"tokens {trend_phrase(v['trend'])}" in text
+    assert results["command"] in text and results["command"].startswith("gsae study --out ")
+
+
+def test_a_rerun_reuses_every_stage(study, corpus, news, monkeypatch):
+    import gsae.study.scaling as scaling
+
+    out, results = study
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("evaluate", "evaluate_contexts", "steer"):
+        monkeypatch.setattr(scaling, name, refuse)
+    monkeypatch.setattr(scaling.pipeline, "train_saes", refuse)
+    monkeypatch.setattr(StoreReader, "repeated_rows", refuse)
+    shards = {p: p.stat().st_mtime_ns for p in (out / "store").glob("shard-*")}
+    assert main(study_args(corpus, news, out)) == 0
+    again = json.loads((out / "report" / "results.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in (out / "store").glob("shard-*")} == shards
+    assert again["eval"] == results["eval"] and again["verdicts"] == results["verdicts"]
+
+
+def test_extra_k_added_later_trains_and_evaluates_only_the_new_saes(study, corpus, news,
+                                                                    monkeypatch):
+    import gsae.study.scaling as scaling
+
+    out, _ = study
+    trained, evaluated = [], []
+    train_saes, evaluate = scaling.pipeline.train_saes, scaling.evaluate
+
+    def recording_train(run, configs, **kwargs):
+        trained.extend((c.k, c.beta, c.seed) for c in configs)
+        return train_saes(run, configs, **kwargs)
+
+    def recording_evaluate(saes, *args, names, **kwargs):
+        evaluated.extend(names)
+        return evaluate(saes, *args, names=names, **kwargs)
+
+    monkeypatch.setattr(scaling.pipeline, "train_saes", recording_train)
+    monkeypatch.setattr(scaling, "evaluate", recording_evaluate)
+    assert main([*study_args(corpus, news, out), "--extra_k", "8"]) == 0
+    assert sorted(trained) == [(8, b, s) for b in (0.0, 10.0) for s in (0, 1)]
+    assert sorted(evaluated) == sorted(f"k8-beta{b}-z-x2-s{s}@1600" for b in (0, 10)
+                                       for s in (0, 1))
+    results = json.loads((out / "report" / "results.json").read_text())
+    extra = [s for s in results["saes"] if s["extra_k"]]
+    assert len(extra) == 4 and all([x["requested_tokens"] for x in s["snapshots"]] == [1600]
+                                   for s in extra)
+    by_k = results["aggregates"]["ce_increase_by_k"]["train"]["TopK"]
+    assert set(by_k) == {"4", "8"} and by_k["8"]["n"] == 2
+    assert "## Other values of k" in (out / "report" / "README.md").read_text()
+
+
+def test_an_interrupted_evaluation_resumes_after_its_last_snapshot_count(corpus, news, tmp_path,
+                                                                         monkeypatch):
+    import gsae.study.scaling as scaling
+
+    calls, interrupt = [], [True]
+    evaluate = scaling.evaluate
+
+    def interrupted(saes, *args, names, **kwargs):
+        calls.append(names)
+        if len(calls) == 2 and interrupt[0]:  # during the second snapshot count
+            raise KeyboardInterrupt
+        return evaluate(saes, *args, names=names, **kwargs)
+
+    out = tmp_path / "run"
+    args = [*study_args(corpus, news, out), "--counts_per_eval", "1"]
+    monkeypatch.setattr(scaling, "evaluate", interrupted)
+    assert main(args) == 130
+    cached = json.loads((out / "eval-train.json").read_text())["saes"]
+    assert sorted(cached) == sorted(f"k4-beta{b}-z-x2-s{s}@400" for b in (0, 10)
+                                    for s in (0, 1))
+    spent = json.loads((out / "stage-seconds.json").read_text())
+    assert {"store", "train", "eval_train"} <= set(spent) and "steer" not in spent
+
+    calls.clear()
+    interrupt[0] = False
+    monkeypatch.setattr(scaling.pipeline, "train_saes", lambda *a, **k: pytest.fail("retrained"))
+    assert main(args) == 0
+    assert [sorted({n.split("@")[1] for n in names}) for names in calls] == [["800"], ["1600"]]
+    again = json.loads((out / "stage-seconds.json").read_text())
+    assert again["eval_train"] > spent["eval_train"] and again["store"] >= spent["store"]
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert results["stage_seconds"]["eval_train"] == pytest.approx(again["eval_train"], abs=0.1)
+    assert len(results["eval"]["train"]["results"]) == 4 * 3 * 2
+
+
+def test_eval_groups_take_consecutive_snapshot_counts():
+    from gsae.study.scaling import Snapshot, eval_groups
+
+    snaps = [Snapshot(f"{v}@{n}", v, n, Path(".")) for n in (1, 2, 4, 8, 16) for v in "ab"]
+    assert eval_groups(snaps, 2) == [["a@1", "b@1", "a@2", "b@2"], ["a@4", "b@4", "a@8", "b@8"],
+                                     ["a@16", "b@16"]]
+    assert eval_groups(snaps, 0) == [[s.name for s in snaps]]
+    assert eval_groups(snaps, 1)[2] == ["a@4", "b@4"]
+
+
+def test_the_study_refuses_a_sweep_without_topk_and_the_training_corpus_as_unseen(corpus, news,
+                                                                                 tmp_path, capsys):
+    args = study_args(corpus, news, tmp_path / "x")
+    assert main([*args, "--beta", "10"]) == 2
+    assert "--beta must list 0 and at least one value above 0" in capsys.readouterr().err
+    assert main([*args, "--unseen", corpus]) == 2
+    assert "is the training corpus" in capsys.readouterr().err
+    assert main([*args, "--snapshots", "400", "3200"]) == 2
+    assert "--snapshots 3200 is beyond --tokens 1600" in capsys.readouterr().err
+
+
+# The trend rule and the verdicts on hand-made numbers -----------------------------------------
+
+
+def test_trend_rule_on_hand_made_gaps():
+    # g-SAE better by about 0.2 nats at the start (negative gap)
+    assert trend([-0.2, -0.22, -0.18], [-0.1, -0.12, -0.09])["trend"] == "shrinks"
+    assert trend([-0.2, -0.22, -0.18], [-0.3, -0.35, -0.33])["trend"] == "grows"
+    assert trend([-0.2, -0.22, -0.18], [-0.21, -0.19, -0.2])["trend"] == "holds"
+    # the mean moves 50% but one seed goes the other way
+    assert trend([-0.2, -0.2, -0.2], [-0.05, -0.05, -0.25])["trend"].startswith("unclear")
+    reversed_ = trend([-0.2, -0.2], [0.1, 0.05])
+    assert reversed_["trend"] == "shrinks" and reversed_["reverses"]
+    # a positive gap (g-SAE worse) growing further is "grows" too
+    grown = trend([0.1, 0.1], [0.2, 0.25])
+    assert grown["trend"] == "grows" and grown["relative_change"] == pytest.approx(1.25)
+    # exactly at the tolerance (20%) still holds; just beyond does not
+    assert trend([-0.5], [-0.6])["trend"] == "holds"
+    assert trend([-0.5], [-0.61])["trend"] == "grows"
+    assert trend([], [])["trend"] == "not measured"
+
+
+def synthetic(gap_start, gap_end, counts=(100, 200, 400)):
+    """A study result: TopK's CE increase falls from 1.0 to 0.5 over the counts; the g-SAE's is
+    TopK's plus a gap moving linearly (in log tokens) from gap_start to gap_end; seed 1 adds
+    0.01 to both, so the gap is the same for both seeds."""
+    saes, records = [], {"train": [], "unseen": []}
+    for beta in (0.0, 100.0):
+        for seed in (0, 1):
+            name = f"b{beta:g}-s{seed}"
+            saes.append({"name": name, "k": 32, "beta": beta, "value_mode": "z", "seed": seed,
+                         "n_latents": 64, "extra_k": False,
+                         "snapshots": [{"requested_tokens": n, "tokens": n} for n in counts]})
+            for i, n in enumerate(counts):
+                t = i / (len(counts) - 1)
+                topk = 1.0 - 0.5 * t + 0.01 * seed
+                ce = topk + (gap_start + (gap_end - gap_start) * t if beta else 0.0)
+                for corpus in records:
+                    for mode in (GRAD_AWARE, GRAD_FREE):
+                        records[corpus].append({
+                            "sae": f"{name}@{n}", "variant": name, "snapshot": n, "mode": mode,
+                            "ce_increase": ce + (0.05 if corpus == "unseen" else 0.0),
+                            "fvu": 0.5 - 0.1 * t, "dead_fraction": 0.1 * t})
+    return {
+        "schema": SCHEMA, "command": "gsae study", "created": "2026-12-01 00:00 UTC",
+        "versions": {"gsae": "0.1.0"}, "machine": {"description": "2 CPU cores"},
+        "wall_seconds": 10.0, "stage_seconds": {"store": 1.0, "train": 2.0},
+        "model": {"model": "tiny-llama"}, "hook": "model.layers.1",
+        "store": {"folder": "s", "rows": 1000, "repeated_rows": 0, "passes": 0.4},
+        "corpora": {"train": {"name": "wiki", "part": "eval"},
+                    "unseen": {"name": "news", "part": "all"}},
+        "settings": {"train": {"tokens": counts[-1], "batch_tokens": 50},
+                     "data": {"dataset": "wiki"}, "sae": {"seed": [0, 1]}},
+        "saes": saes,
+        "eval": {c: {"run": {"contexts": 4, "context_size": 32}, "results": r}
+                 for c, r in records.items()},
+        "steer": {"run": {}, "results": []},
+    }
+
+
+@pytest.mark.parametrize("gap_end, expected", [(-0.1, "shrinks"), (-0.19, "holds"),
+                                                (-0.4, "grows")])
+def test_verdicts_and_report_on_synthetic_curves(gap_end, expected, tmp_path):
+    data = synthetic(-0.2, gap_end)
+    found = verdicts(Curves(data))
+    for corpus in ("train", "unseen"):
+        for mode_label in ("g-SAE β=100 (z), gradient-aware", "g-SAE β=100 (z), gradient-free"):
+            v = found[corpus][mode_label]
+            assert v["trend"] == expected
+            assert v["gap"]["mean"] == pytest.approx(gap_end)
+            assert v["first"]["mean"] == pytest.approx(-0.2)
+            assert v["topk"]["mean"] == pytest.approx(0.505 + (0.05 if corpus == "unseen"
+                                                                else 0.0))
+            assert v["verdict"] == "held"  # both seeds of the g-SAE below both of TopK
+    report = build_scaling_report(data, tmp_path)
+    text = report.read_text()
+    assert text.count(f"tokens the gap **{expected}** (from") == 4
+    written = json.loads((tmp_path / "results.json").read_text())
+    gaps = written["aggregates"]["gaps"]["train"]["g-SAE β=100 (z), gradient-aware"]
+    assert gaps["100"]["mean"] == pytest.approx(-0.2) and gaps["400"]["mean"] == \
+        pytest.approx(gap_end)
+    assert all((tmp_path / n).read_bytes().startswith(PNG_SIGNATURE)
+               for n in ("ce_increase_vs_tokens.png", "gap_vs_tokens.png"))
+
+
+def test_curves_keep_the_corpora_apart():
+    data = synthetic(-0.2, -0.1)
+    cv = Curves(data)
+    from gsae.study.scaling_report import Series
+
+    topk = Series(Variant(0.0, "z"), 32, GRAD_FREE)
+    assert cv.values("train", topk, "ce_increase", 100) == pytest.approx([1.0, 1.01])
+    assert cv.values("unseen", topk, "ce_increase", 100) == pytest.approx([1.05, 1.06])
