@@ -129,3 +129,31 @@ def test_interrupting_cache_says_how_to_continue(corpus, tmp_path, capsys, monke
                  str(tmp_path / "s")]) == 130
     err = capsys.readouterr().err
     assert "rerun the same command to continue" in err and "--resume" not in err
+
+
+def test_json_output_never_replaces_a_file_gsae_did_not_write(corpus, tmp_path, capsys):
+    folder = saved_sae(tmp_path, corpus)
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    run_refused(["eval", str(folder), "--eval_tokens", "64", "--json", str(mine)], capsys,
+                tmp_path, "is not a gsae.eval/* result")
+    run_refused(["steer", str(folder), "--json", str(mine), "--latents", "1", "--contexts", "1",
+                 "--pool", "2"], capsys, tmp_path, "is not a gsae.steer/* result")
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(folder), "--eval_tokens", "64", "--json", str(result)]) == 0
+    assert main(["eval", str(folder), "--eval_tokens", "64", "--json", str(result)]) == 0
+
+
+def test_names_that_would_leave_the_output_folder(corpus, tmp_path, capsys):
+    folder = saved_sae(tmp_path, corpus)
+    run_refused(["export", str(folder), str(tmp_path / "ex"), "--format", "sparsify",
+                 "--hookpoint", "../../escape"], capsys, tmp_path, "must be a relative name")
+    assert not (tmp_path.parent / "escape").exists()
+    run_refused(["push", str(folder), "owner/repo", "--subfolder", "/abs"], capsys, tmp_path,
+                "must be a relative name")
+
+
+def test_a_config_folder_is_named_as_one(corpus, tmp_path, capsys):
+    (tmp_path / "cfgdir").mkdir()
+    run_refused(["train", "--config", str(tmp_path / "cfgdir")], capsys, tmp_path,
+                "is a folder: give a JSON or YAML file")

@@ -12,7 +12,9 @@ from gsae import SAE, GsaeError
 from gsae.cli import main
 from gsae.models import ModelConfig
 from gsae.pipeline import CacheRun, TrainRun, cache, load_for_eval, train
+from gsae.store import StoreConfig
 from gsae.text import DataConfig
+from gsae.train import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -185,3 +187,74 @@ def test_load_for_eval_uses_what_the_sae_records(corpus, tmp_path):
     assert loaded.data.context_size == 32 and loaded.names == [folder]
     with pytest.raises(GsaeError, match="trained on model"):
         load_for_eval([folder], model_cfg=ModelConfig(model="tiny-gpt2"))
+
+
+def test_recorded_settings_keep_the_model_revision_and_corpus(tmp_path):
+    from gsae import Provenance, SAEConfig
+    from gsae.pipeline import recorded_settings
+
+    provenance = Provenance(hook="model.layers.1",
+                            model={"model": "owner/lm", "revision": "abc123"},
+                            corpus={"dataset": "docs.txt", "context_size": 48, "split_seed": 3,
+                                    "fingerprint": "f"})
+    SAE(SAEConfig(n_latents=16, k=2), 8, provenance=provenance).save(tmp_path / "s")
+    recorded = recorded_settings([str(tmp_path / "s")])
+    assert recorded["model"] == {"model": "owner/lm", "revision": "abc123"}
+    assert recorded["data"] == {"dataset": "docs.txt", "context_size": 48, "split_seed": 3}
+
+
+def test_settings_built_in_python_are_checked_as_flags_are(corpus, tmp_path):
+    run = tiny_run(corpus, tmp_path / "r", lr=-1.0)
+    with pytest.raises(GsaeError, match="--train.lr must be at least 0"):
+        train(run)
+    run = tiny_run(corpus, tmp_path / "r")
+    run.sae.k = 4
+    with pytest.raises(GsaeError, match="--sae.k must be a list"):
+        train(run)
+    run = tiny_run(corpus, tmp_path / "r")
+    run.source.hooks = "01"
+    with pytest.raises(GsaeError, match="--source.hooks must be a list"):
+        train(run)
+    run = tiny_run(corpus, tmp_path / "r", batch_tokens=1024)
+    with pytest.raises(GsaeError, match="--batch_tokens 1024 is more than --tokens 768"):
+        train(run)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_store_run_records_the_stores_model_and_corpus(corpus, tmp_path, capsys):
+    cache(CacheRun(model=ModelConfig(model="tiny-llama"),
+                   data=DataConfig(dataset=corpus, context_size=32),
+                   source=tiny_run(corpus, tmp_path).source,
+                   store=StoreConfig(store=str(tmp_path / "st"), tokens=600, dtype="float32")))
+    run = tiny_run(corpus, tmp_path / "r")
+    run.model.model, run.data.context_size = "tiny-gpt2", 64  # not what the store holds
+    run.train.store = str(tmp_path / "st")
+    train(run)
+    assert "model.model, data.context_size" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert saved["model"]["model"] == "tiny-llama" and saved["data"]["context_size"] == 32
+
+
+def test_a_damaged_checkpoint_is_refused_not_trained_over(corpus, tmp_path):
+    run = tiny_run(corpus, tmp_path / "r", tokens=2048, checkpoint_every=1)
+    state = tmp_path / "r" / "checkpoint" / "state.json"
+    real_fit = Trainer.fit
+
+    def stop_after_a_checkpoint(self, chunks):
+        def until_checkpointed():
+            for chunk in chunks:
+                if state.is_file():
+                    raise KeyboardInterrupt
+                yield chunk
+        return real_fit(self, until_checkpointed())
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "fit", stop_after_a_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            train(run)
+    state.write_text('{"moment": ')
+    sae_file = tmp_path / "r" / "model.layers.1" / "k4-beta10-z-x2-s0" / "sae.safetensors"
+    before = sae_file.read_bytes()
+    with pytest.raises(GsaeError, match="checkpoint file .*state.json is damaged"):
+        train(tiny_run(corpus, tmp_path / "r", tokens=2048, checkpoint_every=1, resume=True))
+    assert sae_file.read_bytes() == before

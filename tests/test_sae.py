@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -313,3 +314,38 @@ def test_numpy_input_is_converted():
     got = sae.encode(x.numpy(), g.numpy())  # float32 arrays: cast to the SAE's float64
     want = sae.encode(x.double(), g.double())
     assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"k": None}, "'k' is missing or not a int"),
+    ({"k": "four"}, "'k' is missing or not a int"),
+    ({"k": True}, "'k' is missing or not a int"),
+    ({"beta": "x"}, "'beta' is missing or not a number"),
+    ({"d_in": "12"}, "'d_in' is missing or not a int"),
+    ({"format_version": 999}, "format_version 999; this gsae reads up to 1"),
+    ({"provenance": "x"}, "\"provenance\" must be an object"),
+])
+def test_hand_edited_cfg_json_is_refused_in_one_line(tmp_path, change, message):
+    make_sae().save(tmp_path)
+    raw = json.loads((tmp_path / "cfg.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            raw.pop(key)
+        else:
+            raw[key] = value
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    with pytest.raises(GsaeError, match=re.escape(message)) as err:
+        SAE.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_kept_values_are_never_negative_when_few_scores_are_positive():
+    """With fewer than k positive pre-activations the k slots still hold k latents; the
+    negative ones give 0, not a negative value (TopK then ReLU)."""
+    sae = SAE(SAEConfig(n_latents=16, k=6, beta=0.0), 4)
+    with torch.no_grad():
+        sae.b_enc.fill_(-5.0)
+        sae.b_enc[:2] = 50.0  # two latents positive for any small x
+    values, indices, _ = sae.encode(0.01 * torch.randn(8, 4))
+    assert (values >= 0).all() and ((values > 0).sum(1) == 2).all()
+    assert {0, 1} <= set(indices[0].tolist())

@@ -123,3 +123,17 @@ def test_bf16_autocast_gradient_agrees_with_fp32():
     cos = torch.nn.functional.cosine_similarity(g32[:, :-1].flatten(), g16[:, :-1].flatten(), 0)
     assert cos > 0.98
     assert torch.allclose(x16, x32, rtol=0.05, atol=0.05)
+
+
+def test_training_positions_apply_the_outlier_factor_to_the_median_norm():
+    """Norms 1, 2, 3, 4, 10 at the candidate positions (median 3): factor 2 keeps norms up to
+    6, factor 4 up to 12; positions 0 and T-1 are never data."""
+    from gsae.source import training_positions
+
+    norms = torch.tensor([[100.0, 1, 2, 3, 4, 10, 100.0]])
+    x = torch.zeros(1, 7, 3)
+    x[..., 0] = norms
+    mask, outliers = training_positions(x, skip_first=1, outlier_factor=2.0)
+    assert mask.tolist() == [[False, True, True, True, True, False, False]] and outliers == 1
+    mask, outliers = training_positions(x, skip_first=1, outlier_factor=4.0)
+    assert mask.tolist() == [[False, True, True, True, True, True, False]] and outliers == 0

@@ -7,7 +7,7 @@ import torch
 
 from gsae import SAE, GsaeError, SAEConfig
 from gsae.source import Batch
-from gsae.train import ShuffleBuffer, TrainConfig, TrainedSAE, Trainer, lr_factor
+from gsae.train import ShuffleBuffer, TrainConfig, TrainedSAE, Trainer, default_lr, lr_factor
 
 
 @pytest.fixture(autouse=True)
@@ -241,3 +241,50 @@ def test_snapshots_hold_the_weights_at_their_token_counts(tmp_path, monkeypatch)
         for name, p in loaded.named_parameters():
             assert torch.equal(p, seen[reached][name]), (requested, name)
     assert len(list((folder / "snapshots").iterdir())) == 3
+
+
+def test_default_lr_scales_with_the_inverse_root_of_the_width():
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(4 * 2**14) == pytest.approx(1e-4)
+
+
+def test_the_trainer_follows_its_schedule_step_by_step(tmp_path, monkeypatch):
+    """One SAE, 12 steps of 256 rows: b_dec is initialised once (from the first batch); the
+    learning rate of step s is base * lr_factor(s, tokens // batch_tokens, ...), reaching the
+    decay's end at the last step; latents count as dead from exactly dead_tokens tokens without
+    firing; checkpoints are taken at multiples of checkpoint_every."""
+    cfg = SAEConfig(n_latents=64, k=4, beta=1.0)
+    trainer = make_trainer(tmp_path, [cfg], tokens=256 * 12, warmup_steps=3,
+                           decay_fraction=0.5, dead_tokens=512, checkpoint_every=4,
+                           shuffle_tokens=512)
+    m = trainer.members[0]
+    with torch.no_grad():
+        m.sae.b_enc[-8:] = -1e4  # these 8 latents never fire
+    inits, lrs, dead, checkpoints = [], [], [], []
+    real_init, real_forward = SAE.init_b_dec, SAE.forward
+    real_save = Trainer._save_checkpoints
+
+    def init(self, *args, **kwargs):
+        inits.append(1)
+        return real_init(self, *args, **kwargs)
+
+    def forward(self, x, grad=None, dead_mask=None, **kwargs):
+        lrs.append(m.opt.param_groups[0]["lr"])
+        dead.append(int(dead_mask.sum()))
+        return real_forward(self, x, grad, dead_mask=dead_mask, **kwargs)
+
+    def save(self, finished):
+        checkpoints.append((m.step, finished))
+        return real_save(self, finished)
+
+    monkeypatch.setattr(SAE, "init_b_dec", init)
+    monkeypatch.setattr(SAE, "forward", forward)
+    monkeypatch.setattr(Trainer, "_save_checkpoints", save)
+    trainer.fit(sparse_chunks(12))
+    assert len(inits) == 1 and len(lrs) == 12
+    base = default_lr(64) if not trainer.cfg.lr else trainer.cfg.lr
+    assert lrs == pytest.approx([base * lr_factor(s, 12, 3, 0.5) for s in range(12)])
+    assert lrs[-1] == pytest.approx(base / 6)  # (12 - 11) / (12 - 6) of the base
+    # since_fired reaches 512 = dead_tokens after 2 steps of 256 rows: dead from step index 2.
+    assert dead[:2] == [0, 0] and all(d >= 8 for d in dead[2:])
+    assert [s for s, finished in checkpoints if not finished] == [4, 8]

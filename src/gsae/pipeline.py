@@ -140,6 +140,7 @@ def train(run: TrainRun) -> TrainSummary:
     """Train one SAE per combination of `run.sae`'s lists (a sweep) at every hook point, from
     the language model or `run.train.store`; under torchrun data-parallel or with the sweep
     split across the ranks."""
+    check(run)
     return train_saes(run, sweep_configs(run.sae))
 
 
