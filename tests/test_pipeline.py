@@ -258,3 +258,25 @@ def test_a_damaged_checkpoint_is_refused_not_trained_over(corpus, tmp_path):
     with pytest.raises(GsaeError, match="checkpoint file .*state.json is damaged"):
         train(tiny_run(corpus, tmp_path / "r", tokens=2048, checkpoint_every=1, resume=True))
     assert sae_file.read_bytes() == before
+
+
+def test_overwrite_removes_the_replaced_runs_saes_and_nothing_else(corpus, tmp_path):
+    out = tmp_path / "r"
+    train(tiny_run(corpus, out))
+    (out / "notes.txt").write_text("mine")
+    run = tiny_run(corpus, out, overwrite=True)
+    run.sae.k = [2]
+    train(run)
+    assert sorted(p.name for p in (out / "model.layers.1").iterdir()) == ["k2-beta10-z-x2-s0"]
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "run.json").write_text("{damaged")
+    train(tiny_run(corpus, out, overwrite=True))  # a damaged run.json is replaced, not refused
+    assert (out / "model.layers.1" / "k4-beta10-z-x2-s0" / "sae.safetensors").is_file()
+
+
+def test_train_saes_checks_its_settings_too(corpus, tmp_path):
+    from gsae import SAEConfig
+    from gsae.pipeline import train_saes
+
+    with pytest.raises(GsaeError, match="--train.lr must be at least 0"):
+        train_saes(tiny_run(corpus, tmp_path / "r", lr=-1.0), [SAEConfig(n_latents=8, k=2)])

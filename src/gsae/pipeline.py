@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
 from gsae.steer import SteerConfig, SteerResult, steer
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
 from gsae.text import DataConfig, batched_contexts, corpus_identity, token_contexts
-from gsae.train import TrainConfig, Trainer, check_wandb, data_parallel
+from gsae.train import TrainConfig, Trainer, check_wandb, data_parallel, sae_folder
 
 SAESweep = sweep_of(SAEConfig)
 RUN_FILE = "run.json"
@@ -169,7 +170,9 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
             for hook in data.hooks for cfg in configs]
     if resume_if_same:
         run = _resume_or_restart(run, configs, data)
-    record = claim_run_folder(run, configs, data.recorded)
+    folders = [sae_folder(run.train.out, hook, cfg) for hook in data.hooks for cfg in configs]
+    record = claim_run_folder(run, configs, {**data.recorded, "sae_folders": [
+        str(f.relative_to(run.train.out)) for f in folders]})
     trainer = Trainer.create(saes, run.train, run_config=record)
     if trainer.finished:
         raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to resume "
@@ -293,7 +296,8 @@ def run_record(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
     and, under "recorded", the SAEs trained, the data's identity and what must match to
     resume."""
     saes = [asdict(c) for c in configs]
-    same_run = {"settings": identity(run), "saes": saes, **recorded}
+    same_run = {"settings": identity(run), "saes": saes,
+                **{k: v for k, v in recorded.items() if k != "sae_folders"}}
     return {"command": "train", **to_dict(run),
             "recorded": {"saes": saes, **recorded, "identity": same_run}}
 
@@ -307,7 +311,9 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
     cfg = run.train
     out = Path(cfg.out)
     record = run_record(run, configs, recorded)
-    previous = _previous_identity(out)
+    if cfg.overwrite:
+        _remove_replaced_saes(out, record["recorded"]["sae_folders"])
+    previous = None if cfg.overwrite else _previous_identity(out)
     if not cfg.overwrite:
         if previous is not None and previous != record["recorded"]["identity"]:
             raise GsaeError(f"{out} holds a different run (its {RUN_FILE} differs); choose "
@@ -325,6 +331,22 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
     if distributed.is_main():
         write_json(out / RUN_FILE, record)
     return record
+
+
+def _remove_replaced_saes(out: Path, kept: list[str]) -> None:
+    """Under --overwrite, delete the SAE folders of the run being replaced (as its run.json
+    lists them) that the new run does not reuse, so no stale SAE is left beside the new ones.
+    Nothing else in the folder is touched."""
+    try:
+        old = json.loads((out / RUN_FILE).read_text())["recorded"]["sae_folders"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable record of what the previous run wrote: delete nothing
+    if not distributed.is_main():
+        return
+    for name in old:
+        folder = out / name
+        if name not in kept and ".." not in Path(name).parts and folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def _holds_files(out: Path) -> bool:
