@@ -8,6 +8,16 @@ WORDS = ("the cat sat on a mat while seven green birds sang over quiet hills nea
 
 
 @pytest.fixture
+def one_thread():
+    """For modules of tiny models and SAEs: one thread runs them faster than several, and does
+    not slow down on a busy machine (use with pytest.mark.usefixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def hub_offline(monkeypatch):
     """Make hub look-ups fail at once instead of retrying the network for about 20 s."""
     import datasets.config

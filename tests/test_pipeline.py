@@ -16,15 +16,7 @@ from gsae.store import StoreConfig
 from gsae.text import DataConfig
 from gsae.train import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models and SAEs here are tiny: one thread runs them faster than several, and does
-    not slow down on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_run(corpus, out, **train_kwargs):

@@ -9,15 +9,7 @@ from gsae import SAE, GsaeError, SAEConfig
 from gsae.source import Batch
 from gsae.train import ShuffleBuffer, TrainConfig, TrainedSAE, Trainer, default_lr, lr_factor
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models and SAEs here are tiny: one thread runs them faster than several, and does
-    not slow down on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_chunks(n_chunks, rows=256, d=16, n_atoms=48, active=3, seed=0, grad=True):

@@ -240,9 +240,16 @@ def build_report(results: dict[str, Any], folder: str | Path) -> Path:
     found = claims(res)
     write_plots(res, folder)
     full = {**results, "aggregates": agg, "claims": found}
+    return write_report_files(folder, full, markdown(res, agg, found))
+
+
+def write_report_files(folder: Path, results: dict[str, Any], text: str) -> Path:
+    """A report's results.json (floats to 6 significant digits, compact) and README.md, each
+    written atomically; returns the README."""
     with atomic_output(folder / "results.json") as tmp:
-        tmp.write_text(json.dumps(_rounded(full), separators=(",", ":"), allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(_rounded(results), separators=(",", ":"), allow_nan=False)
+                       + "\n")
     report = folder / "README.md"
     with atomic_output(report) as tmp:
-        tmp.write_text(markdown(res, agg, found))
+        tmp.write_text(text)
     return report

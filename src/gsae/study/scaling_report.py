@@ -16,7 +16,6 @@ A gap that shrinks past zero is said to reverse.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,10 +25,9 @@ from matplotlib.figure import Figure
 
 from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_FREE, MODES
-from gsae.io import atomic_output
 from gsae.study.plots import _save
-from gsae.study.report import _duration, _pm
-from gsae.study.results import COLORS, MODE_NAMES, Variant, _mean, _rounded, spread, verdict
+from gsae.study.report import _duration, _pm, write_report_files
+from gsae.study.results import COLORS, MODE_NAMES, Variant, _mean, spread, verdict
 
 SCHEMA = "gsae.scaling/1"
 CORPORA = ("train", "unseen")
@@ -447,10 +445,5 @@ def build_scaling_report(results: dict[str, Any], folder: str | Path) -> Path:
     agg, found = aggregates(cv), verdicts(cv)
     write_plots(cv, folder)
     full = {**results, "aggregates": agg, "verdicts": found}
-    with atomic_output(folder / "results.json") as tmp:
-        tmp.write_text(json.dumps(_rounded(full), separators=(",", ":"), allow_nan=False) + "\n")
-    report = folder / "README.md"
-    with atomic_output(report) as tmp:
-        tmp.write_text(markdown(cv, agg, found))
-    return report
+    return write_report_files(folder, full, markdown(cv, agg, found))
 
