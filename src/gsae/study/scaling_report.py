@@ -152,7 +152,8 @@ class Curves:
 
     def corpus_title(self, corpus: str) -> str:
         info = self.data["corpora"][corpus]
-        part = "held-out split" if info["part"] == "eval" else "all of it, unseen in training"
+        part = ("held-out split" if info["part"] == "eval"
+                else "its first tokens; no SAE trained on any of it")
         return f"`{info['name']}` ({part})"
 
 
