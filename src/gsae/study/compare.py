@@ -65,12 +65,12 @@ def _flag_value(value: Any) -> str:
     return text if text and " " not in text else repr(text)
 
 
-def _show(value: Any, joined: Callable[[Any], str] = " ".join) -> str:
+def flag_text(value: Any, joined: Callable[[Any], str] = " ".join) -> str:
     return joined(map(_flag_value, value)) if isinstance(value, list) else _flag_value(value)
 
 
 def _quick_help() -> str:
-    shown = ", ".join(f"{key.split('.')[1]} {_show(v)}" for key, v in QUICK.items())
+    shown = ", ".join(f"{key.split('.')[1]} {flag_text(v)}" for key, v in QUICK.items())
     return (f"a small setting, about 15 minutes on 2 idle CPU cores; it sets {shown} (each only "
             "if that setting is left at its default)")
 
@@ -144,7 +144,7 @@ def command_line(run: CompareRun) -> str:
             value = getattr(getattr(run, f.name), g.name)
             if g.name != "quick" and value != getattr(getattr(default, f.name), g.name):
                 joined = ",".join if f.name == "sae" else " ".join
-                parts.append(f"{names[f'{f.name}.{g.name}']} {_show(value, joined)}")
+                parts.append(f"{names[f'{f.name}.{g.name}']} {flag_text(value, joined)}")
     return " ".join(parts)
 
 
@@ -221,26 +221,26 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
                      names=names, model_id=model_id).to_json()
 
     t = time.perf_counter()
-    eval_run, evals = _cached(out / "eval.json", asdict(run.eval), prints, run_eval,
+    eval_run, evals = cached(out / "eval.json", asdict(run.eval), prints, run_eval,
                               [list(prints)])
     stages["eval"] = time.perf_counter() - t
     t = time.perf_counter()
     by_k = [[n for n in prints if saes[n].k == k] for k in sorted({s.k for s in saes.values()})]
-    steer_run, steers = _cached(out / "steer.json", asdict(run.steer), prints, run_steer, by_k)
+    steer_run, steers = cached(out / "steer.json", asdict(run.steer), prints, run_steer, by_k)
     stages["steer"] = time.perf_counter() - t
 
     results = ComparisonResult(
         command=command_line(run),
         created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         versions={**versions(), "matplotlib": matplotlib.__version__},
-        machine=_machine(run.model.device),
+        machine=machine_record(run.model.device),
         wall_seconds=round(time.perf_counter() - start, 1),
         stage_seconds={k: round(v, 1) for k, v in stages.items()},
         model=model_id,
         hook=hook,
         store_tokens=reader.rows,
         settings={**to_dict(run), "train": asdict(train_run.train)},
-        saes=[_sae_record(name, saes[name], folders[name]) for name in folders],
+        saes=[sae_record(name, saes[name], folders[name]) for name in folders],
         eval={"run": eval_run, "results": [r for n in prints for r in evals[n]]},
         steer={"run": steer_run,
                "results": [compact_steering(r) for n in prints for r in steers[n]]},
@@ -252,7 +252,7 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
 # Stages -----------------------------------------------------------------------------------------
 
 
-def _cached(
+def cached(
     path: Path, settings: dict[str, Any], fingerprints: dict[str, str],
     compute: Callable[[list[str]], dict[str, Any]], groups: list[list[str]],
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
@@ -281,14 +281,14 @@ def _cached(
 # Records ----------------------------------------------------------------------------------------
 
 
-def _sae_record(name: str, sae: SAE, folder: Path) -> dict[str, Any]:
+def sae_record(name: str, sae: SAE, folder: Path) -> dict[str, Any]:
     log = (folder / "log.jsonl").read_text().splitlines()
     return {"name": name, "folder": str(folder), "k": sae.k, "beta": sae.beta,
             "value_mode": sae.cfg.value_mode, "seed": sae.cfg.seed,
             "n_latents": sae.n_latents, "train": json.loads(log[-1]) if log else {}}
 
 
-def _machine(device: str) -> dict[str, Any]:
+def machine_record(device: str) -> dict[str, Any]:
     accelerator = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
     threads = torch.get_num_threads()
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(),

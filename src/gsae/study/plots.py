@@ -21,8 +21,8 @@ from gsae.study.results import (
     STEER_METRICS,
     Results,
     Variant,
-    _mean,
-    _median,
+    mean_of,
+    median_of,
 )
 
 
@@ -78,7 +78,7 @@ def _plot_vs(res: Results, path: Path, key: str, ylabel: str, x_key: str) -> Non
     title = next(t for k, t, _ in EVAL_METRICS if k == key)
     for ax, mode in zip(axes, MODES):
         for v in res.k_variants:
-            xs = [_mean(res.eval_values(v, mode, k, "l0")) if x_key == "l0" else k
+            xs = [mean_of(res.eval_values(v, mode, k, "l0")) if x_key == "l0" else k
                   for k in res.ks]
             per_x = [res.eval_values(v, mode, k, key) for k in res.ks]
             _errorbar(ax, xs, per_x, _style(res, v), v.label)
@@ -91,7 +91,7 @@ def _plot_vs(res: Results, path: Path, key: str, ylabel: str, x_key: str) -> Non
     axes[0].set_ylabel(ylabel)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{title}: mean and min-max over seeds (points: single seeds)")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _plot_steering(res: Results, path: Path) -> None:
@@ -114,7 +114,7 @@ def _plot_steering(res: Results, path: Path) -> None:
                     pos = ki + (vi - (len(res.k_variants) - 1) / 2) * width
                     boxes.append(pooled)
                     positions.append(pos)
-                    medians = [_median(seed) for seed in seeds if seed]
+                    medians = [median_of(seed) for seed in seeds if seed]
                     ax.scatter([pos] * len(medians), medians, marker="D", s=16, zorder=3,
                                color=style["color"], edgecolors="black", linewidths=0.5)
                 if boxes:
@@ -141,7 +141,7 @@ def _plot_steering(res: Results, path: Path) -> None:
                fontsize=8)
     fig.suptitle("Steering effects per latent (boxes: quartiles and 1.5 IQR whiskers over the "
                  "latents of all seeds)")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _plot_beta_sweep(res: Results, path: Path) -> None:
@@ -196,10 +196,10 @@ def _plot_beta_sweep(res: Results, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title="value mode, inference", title_fontsize=8)
     fig.suptitle(f"The beta sweep at k = {k}: mean and min-max over seeds")
-    _save(fig, path)
+    save_png(fig, path)
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_png(fig: Figure, path: Path) -> None:
     """Write the figure as a palette PNG (256 colours): a third of the RGBA file's size."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100)

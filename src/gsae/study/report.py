@@ -27,8 +27,8 @@ from gsae.study.results import (
     PLOTS,
     STEER_METRICS,
     Results,
-    _rounded,
     claims,
+    rounded,
 )
 
 
@@ -46,17 +46,17 @@ def claims_markdown(c: dict[str, Any]) -> list[str]:
         "",
         f"1. **Downstream loss at equal k: {ce['verdict_gradient-aware']}** with gradient-aware "
         f"inference, **{ce['verdict_gradient-free']}** with gradient-free inference. At k = {k} "
-        f"the spliced CE increase is {_pm(ce['topk'])} nats for TopK, "
-        f"{_pm(ce['gradient-aware'])} for {ce['best_gradient-aware']} with gradient-aware "
-        f"inference and {_pm(ce['gradient-free'])} for {ce['best_gradient-free']} with "
+        f"the spliced CE increase is {pm(ce['topk'])} nats for TopK, "
+        f"{pm(ce['gradient-aware'])} for {ce['best_gradient-aware']} with gradient-aware "
+        f"inference and {pm(ce['gradient-free'])} for {ce['best_gradient-free']} with "
         "gradient-free inference. "
         f"Over the {ce['k_values']} values of k, the best g-SAE at each k has the lower mean at "
         f"{ce['k_where_best_g_sae_is_lower']['gradient-aware']} (gradient-aware) and "
         f"{ce['k_where_best_g_sae_is_lower']['gradient-free']} (gradient-free).",
         f"2. **Fewer dead latents: {dead['verdict']}.** At k = {k} the fraction of latents "
-        f"never selected in {dead['window_tokens']} evaluation tokens is {_pm(dead['topk'])} "
-        f"for TopK and {_pm(dead['gradient-aware'])} for {best} (gradient-aware selection, as "
-        f"in training; {_pm(dead['gradient-free'])} gradient-free)"
+        f"never selected in {dead['window_tokens']} evaluation tokens is {pm(dead['topk'])} "
+        f"for TopK and {pm(dead['gradient-aware'])} for {best} (gradient-aware selection, as "
+        f"in training; {pm(dead['gradient-free'])} gradient-free)"
         + (f"; over the {dead['all_g_saes']['n']} g-SAE variants the mean ranges from "
            f"{_num(dead['all_g_saes']['min'])} to {_num(dead['all_g_saes']['max'])}."
            if dead["all_g_saes"] and dead["all_g_saes"]["n"] > 1 else ".")
@@ -69,12 +69,12 @@ def claims_markdown(c: dict[str, Any]) -> list[str]:
         lines.append(
             f"3. **Steering moves the output more: {s['verdict']}.** At k = {k}, adding "
             f"{s['alpha_multiple']:g} × the typical activation of a latent's decoder direction "
-            f"gives a median KL(steered || clean) of {_pm(s['kl']['topk'])} nats for TopK and "
-            f"{_pm(s['kl']['g_sae'])} for {best}; the median gain in log-probability of the "
-            f"promoted tokens is {_pm(s['logprob_gain']['topk'])} and "
-            f"{_pm(s['logprob_gain']['g_sae'])} nats. The strengths follow the latents' typical "
-            f"activations, whose medians are {_pm(s['typical_activation']['topk'])} (TopK) and "
-            f"{_pm(s['typical_activation']['g_sae'])} (g-SAE).")
+            f"gives a median KL(steered || clean) of {pm(s['kl']['topk'])} nats for TopK and "
+            f"{pm(s['kl']['g_sae'])} for {best}; the median gain in log-probability of the "
+            f"promoted tokens is {pm(s['logprob_gain']['topk'])} and "
+            f"{pm(s['logprob_gain']['g_sae'])} nats. The strengths follow the latents' typical "
+            f"activations, whose medians are {pm(s['typical_activation']['topk'])} (TopK) and "
+            f"{pm(s['typical_activation']['g_sae'])} (g-SAE).")
     lines.append(
         "4. **Interpretability and other model sizes: not measured** here (one model, no "
         "interpretability evaluation).")
@@ -83,8 +83,8 @@ def claims_markdown(c: dict[str, Any]) -> list[str]:
         ranked = sorted(modes, key=lambda m: modes[m]["mean"] if modes[m] else math.inf)
         first, second = ranked[0], ranked[1]
         lines += ["", f"Value mode: at k = {k}, the best g-SAE keeping `{first}` has a spliced CE "
-                  f"increase of {_pm(modes[first])} and the best keeping `{second}` "
-                  f"{_pm(modes[second])} (gradient-aware): `{first}` is better here."]
+                  f"increase of {pm(modes[first])} and the best keeping `{second}` "
+                  f"{pm(modes[second])} (gradient-aware): `{first}` is better here."]
     return lines
 
 
@@ -92,7 +92,7 @@ def _num(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
-def _pm(s: dict[str, float] | None) -> str:
+def pm(s: dict[str, float] | None) -> str:
     """"mean ± half-range" of a spread."""
     return "-" if s is None else f"{_num(s['mean'])} ± {s['half_range']:.2g}"
 
@@ -119,7 +119,7 @@ def markdown(res: Results, agg: dict[str, Any], c: dict[str, Any]) -> str:
         f"# TopK vs gradient SAEs (g-SAEs) on {model}, {hook}, corpus `{corpus}`",
         "",
         f"Made by `gsae compare` (gsae {d['versions']['gsae']}) on {d.get('created', '?')}, in "
-        f"{_duration(d['wall_seconds'])} on {d.get('machine', {}).get('description', '?')}.",
+        f"{duration_text(d['wall_seconds'])} on {d.get('machine', {}).get('description', '?')}.",
         "",
         "```", d["command"], "```",
         "",
@@ -145,7 +145,7 @@ def markdown(res: Results, agg: dict[str, Any], c: dict[str, Any]) -> str:
         for key, title, unit in EVAL_METRICS:
             cells = agg["eval"][MODE_NAMES[mode]][key]
             lines += table(f"{title} ({unit}), {MODE_NAMES[mode]}", labels,
-                           [(str(k), [_pm(cells[lab][str(k)]) for lab in labels])
+                           [(str(k), [pm(cells[lab][str(k)]) for lab in labels])
                             for k in res.ks])
     lines += ["### Steering (gradient-free encoding)", "",
               "Per SAE, the median over its sampled latents; then mean ± half-range of those "
@@ -155,10 +155,10 @@ def markdown(res: Results, agg: dict[str, Any], c: dict[str, Any]) -> str:
             cells = per_metric[key]
             lines += table(f"{title} ({unit}), median per latent, alpha = {alpha} × typical "
                            "activation", labels,
-                           [(str(k), [_pm(cells[lab][str(k)]) for lab in labels])
+                           [(str(k), [pm(cells[lab][str(k)]) for lab in labels])
                             for k in res.ks])
     lines += table("Mean β·|d_i·g| of the selected latents during training (last log interval)",
-                   labels, [(str(k), [_pm(agg["train_effect"][lab][str(k)]) for lab in labels])
+                   labels, [(str(k), [pm(agg["train_effect"][lab][str(k)]) for lab in labels])
                             for k in res.ks])
     lines += ["## Files", "",
               "`results.json` holds every number above and more: the settings, each SAE's "
@@ -173,7 +173,7 @@ def _setup(res: Results) -> list[str]:
     d, s = res.data, res.data["settings"]
     cmp, train, steer = s["sae"] | s["compare"], s["train"], s["steer"]
     versions = ", ".join(f"{k} {v}" for k, v in d["versions"].items())
-    stages = ", ".join(f"{k} {_duration(v)}" for k, v in d.get("stage_seconds", {}).items())
+    stages = ", ".join(f"{k} {duration_text(v)}" for k, v in d.get("stage_seconds", {}).items())
     first = next(iter(res.saes.values()))
     rows = [
         ("model", f"{s['model']['model']} ({s['model']['dtype']}, {s['model']['device']})"),
@@ -199,7 +199,7 @@ def _setup(res: Results) -> list[str]:
                      f" tokens from a pool of {d['steer']['run']['pool_contexts']}, "
                      f"{steer['top_tokens']} promoted tokens"),
         ("versions", versions),
-        ("wall time", f"{_duration(d['wall_seconds'])} ({stages})"),
+        ("wall time", f"{duration_text(d['wall_seconds'])} ({stages})"),
     ]
     return ["| setting | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
 
@@ -216,7 +216,7 @@ def _list(values: Sequence[Any]) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -247,7 +247,7 @@ def write_report_files(folder: Path, results: dict[str, Any], text: str) -> Path
     """A report's results.json (floats to 6 significant digits, compact) and README.md, each
     written atomically; returns the README."""
     with atomic_output(folder / "results.json") as tmp:
-        tmp.write_text(json.dumps(_rounded(results), separators=(",", ":"), allow_nan=False)
+        tmp.write_text(json.dumps(rounded(results), separators=(",", ":"), allow_nan=False)
                        + "\n")
     report = folder / "README.md"
     with atomic_output(report) as tmp:

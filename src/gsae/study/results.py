@@ -312,22 +312,22 @@ def claims(res: Results) -> dict[str, Any]:
 
 
 
-def _rounded(value: Any) -> Any:
+def rounded(value: Any) -> Any:
     """`value` with every float rounded to 6 significant digits (lists and dicts walked)."""
     if isinstance(value, float):
         return _round(value, 6)
     if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
+        return {k: rounded(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rounded(v) for v in value]
+        return [rounded(v) for v in value]
     return value
 
 
-def _mean(values: list[float]) -> float:
+def mean_of(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _median(values: list[float]) -> float:
+def median_of(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

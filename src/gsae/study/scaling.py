@@ -42,7 +42,7 @@ from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
 from gsae.store import StoreConfig, StoreReader, fill_store
-from gsae.study.compare import _cached, _machine, _sae_record, _show
+from gsae.study.compare import cached, flag_text, machine_record, sae_record
 from gsae.study.results import compact_steering
 from gsae.study.scaling_report import ScalingResult, build_scaling_report
 from gsae.text import DataConfig, corpus_identity, token_contexts
@@ -120,7 +120,7 @@ def command_line(run: ScalingRun) -> str:
             value = getattr(getattr(run, f.name), g.name)
             if value != getattr(getattr(default, f.name), g.name):
                 joined = ",".join if f.name == "sae" else " ".join
-                parts.append(f"{names[f'{f.name}.{g.name}']} {_show(value, joined)}")
+                parts.append(f"{names[f'{f.name}.{g.name}']} {flag_text(value, joined)}")
     return " ".join(parts)
 
 
@@ -208,9 +208,9 @@ def store_check(out: Path, reader: StoreReader, hook: str) -> dict[str, Any]:
     key = {"identity": reader.identity, "rows": reader.rows}
     path = out / STORE_CHECK_FILE
     if path.is_file():
-        cached = read_json(path, "the store check")
-        if cached.get("key") == json.loads(json.dumps(key)):
-            return cached["check"]
+        saved = read_json(path, "the store check")
+        if saved.get("key") == json.loads(json.dumps(key)):
+            return saved["check"]
     check = {"rows": reader.rows, "repeated_rows": reader.repeated_rows(hook)}
     write_json(path, {"key": key, "check": check})
     return check
@@ -260,7 +260,7 @@ def eval_stage(stage: Stage, path: Path, snaps: list[Snapshot], settings: dict[s
     def compute(names: list[str]) -> dict[str, Any]:
         return evaluate_on(stage.load([by_name[n] for n in names]), names).to_json()
 
-    return _cached(path, settings, {s.name: s.fingerprint() for s in snaps}, compute, groups)
+    return cached(path, settings, {s.name: s.fingerprint() for s in snaps}, compute, groups)
 
 
 def steer_stage(stage: Stage, path: Path, snaps: list[Snapshot], data: DataConfig,
@@ -274,7 +274,7 @@ def steer_stage(stage: Stage, path: Path, snaps: list[Snapshot], data: DataConfi
         return steer([saes[n] for n in names], stage.model, stage.tokenizer, data, cfg,
                      names=names, model_id=stage.model_id).to_json()
 
-    return _cached(path, asdict(cfg), {s.name: s.fingerprint() for s in snaps}, compute, groups)
+    return cached(path, asdict(cfg), {s.name: s.fingerprint() for s in snaps}, compute, groups)
 
 
 # The study -------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
         command=command_line(run),
         created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         versions={**versions(), "matplotlib": matplotlib.__version__},
-        machine=_machine(run.model.device),
+        machine=machine_record(run.model.device),
         wall_seconds=round(sum(clock.seconds.values()), 1),
         stage_seconds={k: round(v, 1) for k, v in clock.seconds.items()},
         model=p.stage.model_id,
@@ -409,7 +409,7 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
                "passes": round(run.train.tokens / max(1, reader.rows), 2)},
         corpora=_corpora(p, *corpora.pop("unseen_contexts")),
         settings={**to_dict(run), "train": asdict(p.train_run.train)},
-        saes=[{**_sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
+        saes=[{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
                "snapshots": [s.record() for s in (last if name in extra else snaps)
                              if s.variant == name]}
               for name, folder in {**folders, **extra}.items()],

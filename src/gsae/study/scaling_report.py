@@ -25,9 +25,9 @@ from matplotlib.figure import Figure
 
 from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_FREE, MODES
-from gsae.study.plots import _save
-from gsae.study.report import _duration, _pm, write_report_files
-from gsae.study.results import COLORS, MODE_NAMES, Variant, _mean, spread, verdict
+from gsae.study.plots import save_png
+from gsae.study.report import duration_text, pm, write_report_files
+from gsae.study.results import COLORS, MODE_NAMES, Variant, mean_of, spread, verdict
 
 SCHEMA = "gsae.scaling/1"
 CORPORA = ("train", "unseen")
@@ -166,10 +166,10 @@ def trend(first: list[float], last: list[float], tolerance: float = TOLERANCE
     or grows along the curve; the rule is in the module docstring."""
     if not first or len(first) != len(last):
         return {"trend": "not measured"}
-    start = _mean(first)
+    start = mean_of(first)
     direction = 1.0 if start >= 0 else -1.0
     changes = [direction * (b - a) for a, b in zip(first, last)]
-    moved = _mean(changes)
+    moved = mean_of(changes)
     relative = moved / abs(start) if start != 0 else (0.0 if moved == 0 else
                                                        math.copysign(math.inf, moved))
     if abs(relative) <= tolerance:
@@ -182,7 +182,7 @@ def trend(first: list[float], last: list[float], tolerance: float = TOLERANCE
         word = "unclear (the seeds disagree)"
     return {"trend": word, "first": spread(first), "last": spread(last),
             "relative_change": relative if math.isfinite(relative) else None,
-            "tolerance": tolerance, "reverses": direction * _mean(last) < 0}
+            "tolerance": tolerance, "reverses": direction * mean_of(last) < 0}
 
 
 def verdicts(cv: Curves) -> dict[str, Any]:
@@ -253,7 +253,7 @@ def _band(ax: Any, xs: list[int], per_x: list[list[float]], color: str, style: s
     if not kept:
         return
     x = [p for p, _ in kept]
-    ax.plot(x, [_mean(ys) for _, ys in kept], color=color, linestyle=style, marker="o",
+    ax.plot(x, [mean_of(ys) for _, ys in kept], color=color, linestyle=style, marker="o",
             markersize=4, label=label)
     ax.fill_between(x, [min(ys) for _, ys in kept], [max(ys) for _, ys in kept], color=color,
                     alpha=0.18, linewidth=0)
@@ -285,7 +285,7 @@ def plot_metric(cv: Curves, key: str, path: Path) -> None:
                   _color(cv, s), "--" if s.mode == GRAD_FREE and s.variant.beta else "-",
                   s.label(many_k))
     axes[-1].legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_gap(cv: Curves, path: Path) -> None:
@@ -304,7 +304,7 @@ def plot_gap(cv: Curves, path: Path) -> None:
                 ax.plot(cv.counts, [ys[seed] for ys in per_x], color=color, linestyle=style,
                         linewidth=0.6, alpha=0.5)
     axes[-1].legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_plots(cv: Curves, folder: Path) -> None:
@@ -338,11 +338,11 @@ def verdict_lines(cv: Curves, found: dict[str, Any]) -> list[str]:
         for label, v in per_series.items():
             reversal = " and changes sign" if v.get("reverses") else ""
             lines.append(
-                f"- {label}: spliced CE increase {_pm(v['g_sae'])} nats against TopK's "
-                f"{_pm(v['topk'])}; lower than TopK: **{v['verdict']}**. The gap (g-SAE minus "
-                f"TopK, per seed) is {_pm(v['gap'])} nats; from {_tokens(v['first_tokens'])} to "
+                f"- {label}: spliced CE increase {pm(v['g_sae'])} nats against TopK's "
+                f"{pm(v['topk'])}; lower than TopK: **{v['verdict']}**. The gap (g-SAE minus "
+                f"TopK, per seed) is {pm(v['gap'])} nats; from {_tokens(v['first_tokens'])} to "
                 f"{_tokens(v['tokens'])} tokens {trend_phrase(v['trend'])}{reversal} (from "
-                f"{_pm(v.get('first'))}).")
+                f"{pm(v.get('first'))}).")
         lines.append("")
     return lines
 
@@ -359,10 +359,10 @@ def tables(cv: Curves, agg: dict[str, Any]) -> list[str]:
         for key, title in METRICS.items():
             cols = agg["curves"][corpus]
             lines += _table(title, ["tokens", *cols], [[_tokens(n), *(
-                _pm(cols[c][key][str(n)]) for c in cols)] for n in cv.counts])
+                pm(cols[c][key][str(n)]) for c in cols)] for n in cv.counts])
         gaps = agg["gaps"][corpus]
         lines += _table("CE gap, g-SAE minus TopK (nats)", ["tokens", *gaps],
-                        [[_tokens(n), *(_pm(gaps[c][str(n)]) for c in gaps)]
+                        [[_tokens(n), *(pm(gaps[c][str(n)]) for c in gaps)]
                          for n in cv.counts])
     return lines
 
@@ -377,21 +377,21 @@ def other_k_lines(cv: Curves, agg: dict[str, Any]) -> list[str]:
         cols = agg["ce_increase_by_k"][corpus]
         lines += _table(f"Spliced CE increase at {_tokens(cv.last)} tokens, "
                         f"{cv.corpus_title(corpus)}", ["k", *cols],
-                        [[str(k), *(_pm(cols[c][str(k)]) for c in cols)] for k in cv.all_ks])
+                        [[str(k), *(pm(cols[c][str(k)]) for c in cols)] for k in cv.all_ks])
     return lines
 
 
 def markdown(cv: Curves, agg: dict[str, Any], found: dict[str, Any]) -> str:
     d, s = cv.data, cv.data["settings"]
     store = d["store"]
-    stages = ", ".join(f"{k} {_duration(v)}" for k, v in d["stage_seconds"].items())
+    stages = ", ".join(f"{k} {duration_text(v)}" for k, v in d["stage_seconds"].items())
     steer_cols = list(agg["steering"])
     lines = [
         f"# Learning curves: TopK vs g-SAEs on {d['model'].get('model', '?')}, {d['hook']}",
         "",
         f"Made by `gsae study` (gsae {d['versions']['gsae']}) on {d['created']}, on "
         f"{d['machine']['description']}. Time per stage, measured and summed over every run of "
-        f"the command that worked on it: {stages}; {_duration(d['wall_seconds'])} in all.",
+        f"the command that worked on it: {stages}; {duration_text(d['wall_seconds'])} in all.",
         "", "```", d["command"], "```", "",
         "## Verdict", "",
         *verdict_lines(cv, found),
@@ -425,7 +425,7 @@ def markdown(cv: Curves, agg: dict[str, Any], found: dict[str, Any]) -> str:
         *other_k_lines(cv, agg),
         "## Steering at the last snapshot", "",
         *_table("Median KL(steered || clean) per SAE at the first strength (nats)",
-                ["k", *steer_cols], [[str(k), *(_pm(agg["steering"][c][str(k)])
+                ["k", *steer_cols], [[str(k), *(pm(agg["steering"][c][str(k)])
                                                 for c in steer_cols)] for k in cv.all_ks]),
         "`results.json` holds every number above and the evaluation records of every "
         "snapshot.", ""]
