@@ -48,6 +48,7 @@ def reference_top(scores, k):
 def screen(request, monkeypatch):
     """Run a selection test with the bfloat16 screen forced on, and with it off."""
     monkeypatch.setattr(kernels, "SCREEN", request.param)
+    assert kernels.screens(torch.zeros(1, 1)) == (request.param == "always")
     return request.param
 
 
@@ -368,3 +369,182 @@ def test_certified_top_needs_the_bound_to_skip_latents():
     assert seen == [4, 8, 20]
     assert same_set(chosen, torch.tensor([[0, 1]] * 3))
     assert torch.equal(out.score.sort(1).values, torch.tensor([[-1.0, 0.0]] * 3))
+
+
+# ------------------------------------------------------ the g-SAE score through the screen
+
+
+def gradient_clustered_case(dtype, spacing, n_rows=20, d_in=16, n_latents=240, seed=3):
+    """Encoder and decoder rows that are small perturbations of a few directions, so that per
+    row dozens of g-SAE scores lie within the bfloat16 error of the k-th best."""
+    gen = torch.Generator().manual_seed(seed)
+    def clustered():
+        base = torch.randn(4, d_in, generator=gen, dtype=torch.float64)
+        return base.repeat(n_latents // 4, 1) + spacing * torch.randn(
+            n_latents, d_in, generator=gen, dtype=torch.float64)
+    W_enc, W_dec = clustered(), clustered()
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    b_enc = spacing * torch.randn(n_latents, generator=gen, dtype=torch.float64)
+    x = torch.randn(n_rows, d_in, generator=gen, dtype=torch.float64)
+    g = torch.randn(n_rows, d_in, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, W_enc, b_enc, g, W_dec)]
+
+
+def exact_gradient_scores(x, W_enc, b_enc, g, W_dec, beta):
+    z = exact_scores(x, W_enc, b_enc)
+    return z + beta * z * exact_scores(g, W_dec, torch.zeros_like(b_enc)).abs()
+
+
+GRADIENT_SCENARIOS = {
+    "near ties": lambda x, W, b, g: (x, W, b, g),
+    "large gradient": lambda x, W, b, g: (x, W, b, 1e4 * g),
+    "tiny gradient": lambda x, W, b, g: (x, W, b, 1e-6 * g),
+    "large norms": lambda x, W, b, g: (1e4 * x, W, 1e4 * b, g),
+    "all negative": lambda x, W, b, g: (x, W, b - bound(x, W), g),
+    "fewer than k positive": lambda x, W, b, g: (
+        x, W, b - bound(x, W) * (torch.arange(len(b)) >= 3), g),
+}
+
+
+@pytest.mark.parametrize("scenario", GRADIENT_SCENARIOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [0.5, 100.0])
+def test_gradient_selection_is_exact_on_adversarial_inputs(screen, scenario, dtype, beta):
+    spacing = 1e-3 if dtype == torch.float32 else 1e-8  # far above dtype's rounding error
+    x, W_enc, b_enc, g, W_dec = gradient_clustered_case(dtype, spacing)
+    x, W_enc, b_enc, g = GRADIENT_SCENARIOS[scenario](x, W_enc, b_enc, g)
+    scores = exact_gradient_scores(x, W_enc, b_enc, g, W_dec, beta)
+    z = exact_scores(x, W_enc, b_enc)
+    for k in (1, 8, 40):
+        sel = kernels.select(x, W_enc, b_enc, k, grad=g, W_dec=W_dec, beta=beta)
+        assert same_set(sel.indices, reference_top(scores, k)), (scenario, k)
+        assert torch.allclose(sel.preacts.double(), z.gather(1, sel.indices), rtol=1e-5,
+                              atol=1e-6 * z.abs().max().item())
+
+
+def random_case(dtype, seed, n_rows=30, d_in=48, n_latents=300):
+    """Heavy-tailed inputs and weights over six orders of magnitude, some rows cancelling."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-3, 3, d_in, dtype=torch.float64)[torch.randperm(d_in, generator=gen)]
+    W = torch.randn(n_latents, d_in, generator=gen, dtype=torch.float64) * scale
+    x = torch.randn(n_rows, d_in, generator=gen, dtype=torch.float64) / scale
+    x[: n_rows // 2] -= W[: n_rows // 2] / scale**2  # large, mostly cancelling products
+    b = torch.randn(n_latents, generator=gen, dtype=torch.float64) * 10
+    return x.to(dtype), W.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_split_product_bounds_hold_against_float64(dtype, seed):
+    """The documented inequalities, entry by entry, against float64 truth: the shifted product
+    bounds every value within the rescoring error from above with no absolute part, and the
+    unshifted one is within its `bound` (plus the bfloat16 rounding) of the truth."""
+    x, W, b = random_case(dtype, seed)
+    truth = exact_scores(x, W, b)
+    rescoring = kernels.SplitProduct(x, W, b, rows=7).exact_bound[:, None]
+    for shifted in (False, True):
+        product = kernels.SplitProduct(x, W, b, rows=7, shifted=shifted)
+        q = torch.cat([product(slice(s, s + 7)) for s in range(0, len(x), 7)]).double()
+        if shifted:
+            assert (truth + rescoring <= kernels.upper(q)).all()
+            assert (q <= kernels.upper(truth + 2 * product.shift[:, None])).all()
+        else:
+            rounding = kernels.BF16_UNIT / (1 - kernels.BF16_UNIT) * q.abs()
+            assert ((q - truth).abs() - rounding <= product.bound[:, None] - rescoring).all()
+        assert (q.abs() <= product.magnitude[:, None]).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_screened_score_bound_holds_for_every_latent(seed):
+    """`score_bound(v)` bounds the exact score of every latent whose screened score is <= v,
+    taking v at each latent's own screened score, for both signs."""
+    x, W_enc, b_enc = random_case(torch.float32, seed)
+    gen = torch.Generator().manual_seed(seed + 10)
+    W_dec = torch.randn_like(W_enc)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    g = torch.randn(x.shape, generator=gen) * 1e-2
+    for beta in (1.0, 1e3):
+        scorer = kernels._ScreenedScorer(x, W_enc, b_enc, len(x), g, W_dec, beta)
+        block = scorer(slice(0, len(x)))
+        truth = exact_gradient_scores(x, W_enc, b_enc, g, W_dec, beta)
+        rows = torch.arange(len(x))
+        for j in range(0, W_enc.shape[0], 7):
+            v = block.score[:, j].double()
+            assert (truth[:, j] <= block.score_bound(rows, v)).all()
+            assert (exact_scores(x, W_enc, b_enc)[:, j] <= block.z_bound(rows,
+                                                                         block.z[:, j].double())).all()
+
+
+def test_probe_rejects_products_that_break_the_error_model(monkeypatch):
+    """If the hardware rounded more than the model allows, the screen must switch itself off."""
+    assert kernels.split_products_as_modelled.__wrapped__()
+    real_call = kernels.SplitProduct.__call__
+    monkeypatch.setattr(kernels.SplitProduct, "__call__",
+                        lambda self, block: real_call(self, block) * (1 - 2**-6))
+    assert not kernels.split_products_as_modelled.__wrapped__()
+
+
+def hidden_effect_case(dtype):
+    """A latent whose gradient effect lives entirely in the parts of W_dec that the three-term
+    bfloat16 split leaves out, behind decoys that the screen ranks higher but that truly
+    score lower.
+
+    g alternates +1 and -1. Latent 0 pairs entries 1 + r (g = +1) and 1 + r' (g = -1), with
+    r = (129 - 7/16) 2^-16 and r' = (129 + 7/16) 2^-16: both round to bfloat16's 129 2^-16, so
+    the split's terms cancel exactly (its product is 0), while what it leaves out, -7/16 2^-16
+    and +7/16 2^-16, adds up against g to an effect of 8 (7/8) 2^-16, about 1.07e-4. Decoy 1
+    has effect 1.0e-4 and twelve decoys 2e-6, all kept by the split. Every z is 1 (W_enc = 0,
+    b_enc = 1), so at beta 1e5 latent 0 scores about 11.7, decoy 1 11.0 and the twelve 1.2;
+    the rest score 1.
+    """
+    d_in = 16
+    r, r_prime = (129 - 7 / 16) * 2.0**-16, (129 + 7 / 16) * 2.0**-16
+    g = torch.tensor([1.0, -1.0] * (d_in // 2), dtype=torch.float64)
+    W_dec = torch.zeros(30, d_in, dtype=torch.float64)
+    W_dec[0] = torch.tensor([1 + r, 1 + r_prime] * (d_in // 2), dtype=torch.float64)
+    W_dec[1, 0] = 1.0e-4
+    W_dec[2:14, 0] = 2e-6
+    W_enc = torch.zeros(30, d_in, dtype=torch.float64)
+    b_enc = torch.ones(30, dtype=torch.float64)
+    x = torch.ones(2, d_in, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, W_enc, b_enc, g.repeat(2, 1), W_dec)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_screen_finds_a_gradient_effect_hidden_by_the_split(screen, dtype):
+    x, W_enc, b_enc, g, W_dec = hidden_effect_case(dtype)
+    true_effect = exact_scores(g, W_dec, torch.zeros_like(b_enc)).abs()[0]
+    assert 1.0e-4 < true_effect[0] < 1.1e-4  # the premise: latent 0 truly wins
+    if screen == "always":  # and the split's product cannot see it
+        product = kernels.SplitProduct(g, W_dec, None, rows=2)
+        assert product(slice(0, 2))[:, 0].eq(0).all()
+    for k in (1, 2):
+        sel = kernels.select(x, W_enc, b_enc, k, grad=g, W_dec=W_dec, beta=1e5)
+        scores = exact_gradient_scores(x, W_enc, b_enc, g, W_dec, 1e5)
+        assert same_set(sel.indices, reference_top(scores, k))
+        assert (sel.indices == 0).any(dim=1).all()
+
+
+def test_split_product_bound_matches_its_derivation():
+    """The error bound's value on an input whose norms are known by hand: x = 3 (100 entries),
+    w = 2 (100 entries), b = 0.5, so ||x|| = 30 and ||w|| = 20; 3 * 100 + 3 = 303 columns pad
+    to K = 320. Each term of the documented bound is computed here from those numbers."""
+    u, u32, u64 = 2.0**-8, 2.0**-24, 2.0**-53
+    x = torch.full((2, 100), 3.0)
+    W = torch.full((5, 100), 2.0)
+    b = torch.full((5,), 0.5)
+    gamma = 320 * u32 / (1 - 320 * u32)
+    left_out = 3.1 * u * u * 600 + u * u * 0.5
+    magnitude = (1 + u) ** 2 * ((1 + 2 * u) * 600 + 0.5)
+    error = 2 * (left_out + gamma * magnitude + 320 * 2.0**-100)
+    rescoring = 2 * (101 * u32 / (1 - 101 * u32)) * 600.5
+    product = kernels.SplitProduct(x, W, b, rows=2, shifted=True)
+    assert torch.allclose(product.bound, torch.full((2,), error + rescoring, dtype=torch.float64),
+                          rtol=1e-4)
+    assert (product.shift >= product.bound / (1 - 2 * gamma)).all()
+    assert (product.shift <= product.bound * (1 + 3 * u)).all()
+    assert torch.allclose(product(slice(0, 2)).double(), 600.5 + product.shift[:, None],
+                          rtol=u)
+    exact64 = kernels.SplitProduct(x.double(), W.double(), b.double(), rows=2).exact_bound
+    assert torch.allclose(exact64, torch.full((2,), 2 * 101 * u64 / (1 - 101 * u64) * 600.5,
+                                              dtype=torch.float64), rtol=1e-4)

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK_BYTES = 8 << 20  # size of one block of dense [rows, n_latents] scores in the selection
-SCREEN_BLOCK_BYTES = 64 << 20  # the same for the bfloat16 screen (per-block costs are higher)
+SCREEN_BLOCK_BYTES = 8 << 20  # the same for the bfloat16 screen
 # The TopK bfloat16 screen: "never" (the default: exact too, but measured slower than the dense
 # float32 selection for a whole training step on the AMX machine this was written on, at the
 # SmolLM2 and GPT-2 shapes), "auto" (where bfloat16 products run in hardware) or "always".
 SCREEN = "never"
-SCREEN_CANDIDATE_FACTORS = (2, 8)  # candidates per row of the screen: factor * k + 16, in turn
+SCREEN_CANDIDATE_FACTORS = (1.25, 4)  # candidates per row of the screen: factor * k + 8, in turn
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 SAFETY = 2.0  # every bound on a rounding error is doubled
 
@@ -90,13 +90,14 @@ def bf16_products_fast() -> bool:
 
 
 def screens(x: Tensor) -> bool:
-    """Whether `select` ranks the TopK pre-activations of `x`'s rows by the bfloat16 screen
+    """Whether `select` ranks the scores of `x`'s rows by the bfloat16 screen
     (`_ScreenedScorer`) rather than by dense products in `x`'s dtype. Both select the same."""
     if SCREEN == "never" or x.device.type != "cpu":
         return False
     if x.dtype not in (torch.float32, torch.float64):
         return False
-    return SCREEN == "always" or bf16_products_fast()
+    fast = SCREEN == "always" or bf16_products_fast()
+    return fast and split_products_as_modelled()
 
 
 class Selection(NamedTuple):
@@ -146,17 +147,17 @@ def select(
 
     The result is the exact top k of the scores computed in `x_centered`'s dtype: ranked by
     value, and among latents whose scores are equal to the last bit the one of lower index comes
-    first. Where `screens(x_centered)` and there is no gradient, all pre-activations are first
-    bounded by bfloat16 products and only the candidates that the bounds cannot rule out are
-    computed exactly (`_ScreenedScorer`); rows the bounds cannot settle get more candidates and
-    in the end all latents.
+    first. Where `screens(x_centered)`, all scores are first ranked by bfloat16 products with
+    certified error bounds and only the candidates that the bounds cannot rule out are computed
+    exactly (`_ScreenedScorer`); rows the bounds cannot settle get more candidates and in the
+    end all latents.
     """
     n_rows, n_latents = x_centered.shape[0], W_enc.shape[0]
     if grad is None or W_dec is None:
         grad = W_dec = None
-    if screens(x_centered) and grad is None:
+    if screens(x_centered):
         rows = block_rows(n_rows, n_latents, 2, SCREEN_BLOCK_BYTES)
-        scorer: _Scorer = _ScreenedScorer(x_centered, W_enc, b_enc, rows)
+        scorer: _Scorer = _ScreenedScorer(x_centered, W_enc, b_enc, rows, grad, W_dec, beta)
     else:
         rows = block_rows(n_rows, n_latents, x_centered.element_size())
         scorer = _DenseScorer(x_centered, W_enc, b_enc, rows, grad, W_dec, beta)
@@ -261,9 +262,9 @@ def _next_one(k: int) -> tuple[int, ...]:
     return (k + 1,)
 
 
-def screen_candidates(k: int) -> tuple[int, ...]:
-    """Candidates per row of a bfloat16 screen, tried in turn before all latents."""
-    return tuple(factor * k + 16 for factor in SCREEN_CANDIDATE_FACTORS)
+def split_candidates(k: int) -> tuple[int, ...]:
+    """Candidates per row of the screen, tried in turn before all latents."""
+    return tuple(int(factor * k) + 8 for factor in SCREEN_CANDIDATE_FACTORS)
 
 
 def _same(rows: Tensor, values: Tensor) -> Tensor:
@@ -283,10 +284,6 @@ def _gamma(n: int, dtype: torch.dtype) -> float:
     sum of n terms in `dtype`, added in any order (relative to the sum of their magnitudes)."""
     u = torch.finfo(dtype).eps / 2
     return n * u / (1 - n * u)
-
-
-def _max_row_norm(t: Tensor) -> float:
-    return float(t.norm(dim=1).max()) if t.numel() else 0.0
 
 
 def _row_dots(table: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
@@ -325,86 +322,189 @@ class _DenseScorer:
         return _Block(score, z, _same, _same, rescore, rescore_z, _next_one)
 
 
-class _Bf16Product:
-    """`x W^T + b` in bfloat16 with float32 accumulation, and a certified bound on its error.
+def split2(t: Tensor) -> tuple[Tensor, Tensor]:
+    """The first two terms of t = hi + lo + rest: hi = bf16(t), lo = bf16(t - hi). Entrywise
+    |t - hi| <= u |t|, |lo| <= (1 + u) u |t| and |rest| <= u^2 |t| (u = 2^-8; t - hi is exact in
+    t's dtype, float32 or float64)."""
+    hi = t.to(torch.bfloat16)
+    return hi, (t - hi.to(t.dtype)).to(torch.bfloat16)
 
-    Write x~, w~_i, b~_i for the bfloat16 roundings and dx = x - x~, dw_i = w_i - w~_i (both
-    computed exactly). Then
-        (x . w_i + b_i) - (x~ . w~_i + b~_i) = x~ . dw_i + dx . w_i + (b_i - b~_i),
-    whose size is at most ||x~|| max_i ||dw_i|| + ||dx|| max_i ||w_i|| + max_i |b_i - b~_i|
-    (Cauchy-Schwarz); this holds whatever rounding the conversions used. Each product
-    x~_j w~_j is exact in float32 (8 x 8 significant bits), and adding the d products and the
-    bias in float32, in any order, errs by at most gamma_{d+1} (||x~|| max_i ||w~_i|| +
-    max_i |b~_i|), with gamma_n = n u / (1 - n u) and u = 2^-24 (and ||w~_i|| <= ||w_i|| +
-    ||dw_i||, so max_i ||w~_i|| <= max_i ||w_i|| + max_i ||dw_i||); flushing subnormals costs at
-    most tau = (d + 2) 2^-100 more. `error(x, x~)` is SAFETY times the sum of these terms: a
-    bound, per row, on |p_i - (x . w_i + b_i)| for every latent i, where p_i is the float32
-    result before it is rounded to bfloat16. The stored bfloat16 value q_i then differs from
-    p_i by at most u16 |q_i| / (1 - u16) <= 2 u16 |q_i| (u16 = 2^-8), which the callers add.
+
+def _split_into(t: Tensor, hi: Tensor, lo: Tensor) -> None:
+    """`split2(t)` written into the bfloat16 tensors `hi` and `lo` (views of one matrix)."""
+    hi.copy_(t)
+    lo.copy_(torch.sub(t, hi))
+
+
+def _row_norms(t: Tensor) -> Tensor:
+    """Upper bounds on the Euclidean norms of the rows of t (of its entries, for a vector):
+    computed in t's dtype, then raised by twice their relative rounding bound."""
+    if t.dim() == 1:
+        return t.abs().double()
+    return t.norm(dim=1).double() * (1 + 2 * _gamma(t.shape[1] + 1, t.dtype))
+
+
+def _max_norm(t: Tensor) -> float:
+    return float(_row_norms(t).max()) if t.numel() else 0.0
+
+
+class SplitProduct:
+    """`x W^T + b` for the rows of x as one bfloat16 product of three-term splits, with a
+    certified bound on its error; with `shifted`, plus a shift per row that turns the bound
+    into a purely relative one.
+
+    With x = xh + xl + xr, each row w = wh + wl + wr and b = bh + bl + br (`split2`), the
+    product of [xh, xl, xh, 1, 1, A~] and [wh, wh, wl, bh, bl, 1] (zero-padded to a multiple of
+    32 columns, the AMX tile width) runs in bfloat16 with float32 accumulation. Against
+    y = x . w + b it leaves out xh.wr + xl.(w - wh) + xr.w + br, at most (Cauchy-Schwarz and
+    the entrywise bounds of `split2`) (1 + u) u^2 + (1 + u) u^2 + u^2 <= 3.1 u^2 times
+    ||x|| max||w||, plus u^2 max|b|. Each product of two bfloat16 values is exact in float32;
+    adding the K terms in any order errs by at most gamma_K times the sum of their magnitudes,
+    at most gamma_K ((1 + u)^2 ((1 + 2u) ||x|| max||w|| + max|b|) + A~), plus K 2^-100
+    for flushed subnormals. E is SAFETY times that bound without the A~ term, F
+    (`exact_bound`) SAFETY times the error bound of y computed in x's dtype one latent at a
+    time (the rescoring).
+
+    Unshifted (A~ = 0): the float32 sum p is within E of y, and `bound` = E + F bounds the
+    distance of every rescored y' from p. Shifted: A = (E + F) / (1 - 2 gamma_K), A~ = a
+    bfloat16 value >= A. Then p >= y + A~ - E - gamma_K A~ >= y + F >= y' for every rescored
+    y'. The stored q = bf16(p) has |q - p| <= u |p| (u = 2^-8, round to nearest), so
+        y' <= `upper(q)` = q + u |q| / (1 - u),
+    a bound with no absolute part (`split_products_as_modelled` checks this model of the
+    hardware once per process).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int):
-        w16 = weight.to(torch.bfloat16)
-        b16 = None if bias is None else bias.to(torch.bfloat16)
-        self.linear = DenseLinear(w16, b16, rows)
-        self.terms = weight.shape[1] + 1
-        self.w_max = _max_row_norm(weight)
-        self.dw_max = _max_row_norm(weight - w16.to(weight.dtype))
-        self.w16_max = self.w_max + self.dw_max  # an upper bound (triangle inequality)
-        self.b_max = self.db_max = self.b16_max = 0.0
-        if bias is not None and b16 is not None and bias.numel():
-            self.b_max = float(bias.abs().max())
-            self.db_max = float((bias - b16.to(bias.dtype)).abs().max())
-            self.b16_max = float(b16.float().abs().max())
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, rows: int,
+                 shifted: bool = False):
+        d, u = weight.shape[1], BF16_UNIT
+        width = -(-(3 * d + 3) // 32) * 32
+        w3 = weight.new_empty(weight.shape[0], width, dtype=torch.bfloat16)
+        _split_into(weight, w3[:, :d], w3[:, 2 * d:3 * d])
+        w3[:, d:2 * d] = w3[:, :d]
+        w3[:, 3 * d:].zero_()
+        w3[:, 3 * d + 2] = 1
+        b_max = 0.0
+        if bias is not None and bias.numel():
+            w3[:, 3 * d], w3[:, 3 * d + 1] = split2(bias)
+            b_max = _max_norm(bias)
+        gamma = _gamma(width, torch.float32)
+        x_norm, w_max = _row_norms(x), _max_norm(weight)
+        left_out = 3.1 * u * u * x_norm * w_max + u * u * b_max
+        magnitude = (1 + u) ** 2 * ((1 + 2 * u) * x_norm * w_max + b_max)
+        error = SAFETY * (left_out + gamma * magnitude + width * 2.0**-100)
+        self.exact_bound = SAFETY * _gamma(d + 1, x.dtype) * (x_norm * w_max + b_max)
+        self.bound = error + self.exact_bound
+        shift16 = torch.zeros_like(self.bound, dtype=torch.bfloat16)
+        if shifted:  # rounded up: bf16(y) >= y (1 - u)
+            shift16 = (self.bound / (1 - 2 * gamma) * (1 + 2 * u)).to(torch.bfloat16)
+        self.shift = shift16.double()
+        self.x3 = x.new_zeros(x.shape[0], width, dtype=torch.bfloat16)
+        _split_into(x, self.x3[:, :d], self.x3[:, d:2 * d])
+        self.x3[:, 2 * d:3 * d] = self.x3[:, :d]
+        self.x3[:, 3 * d:3 * d + 2] = 1
+        self.x3[:, 3 * d + 2] = shift16
+        self.linear = DenseLinear(w3, None, rows)
+        # an upper bound on |q| for every latent, per row
+        self.magnitude = (x_norm * w_max + b_max + self.shift + self.bound) / (1 - u)
 
-    def __call__(self, x16: Tensor) -> Tensor:
-        return self.linear(x16)
+    def __call__(self, block: slice) -> Tensor:
+        return self.linear(self.x3[block])
 
-    def error(self, x: Tensor, x16: Tensor) -> Tensor:
-        """SAFETY times the bound on |p_i - (x . w_i + b_i)| above, per row of x [rows]."""
-        x16_wide = x16.to(x.dtype)
-        x16_norm = x16_wide.norm(dim=1).double()
-        dx_norm = (x - x16_wide).norm(dim=1).double()
-        accumulation = _gamma(self.terms, torch.float32) * (x16_norm * self.w16_max + self.b16_max)
-        tau = (self.terms + 1) * 2.0**-100
-        return SAFETY * (x16_norm * self.dw_max + dx_norm * self.w_max + accumulation
-                         + self.db_max + tau)
 
-    def exact_error(self, x: Tensor) -> Tensor:
-        """SAFETY times the error bound of `x . w_i + b_i` computed in x's dtype, per row."""
-        magnitude = x.norm(dim=1).double() * self.w_max + self.b_max
-        return SAFETY * _gamma(self.terms, x.dtype) * magnitude
+def upper(q: Tensor) -> Tensor:
+    """The `SplitProduct` bound: q + u' |q| (u' = u / (1 - u)), an upper bound on every value
+    within the product's slack of the true one, given its stored bfloat16 value q."""
+    return q + BF16_UNIT / (1 - BF16_UNIT) * q.abs()
+
+
+@functools.cache
+def split_products_as_modelled() -> bool:
+    """Whether this machine's bfloat16 products obey `SplitProduct`'s error model, checked
+    against float64 on a case with cancellation and magnitudes from 1e-3 to 1e3."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(200, 100, generator=gen) * torch.logspace(-3, 3, 100)
+    bias = torch.randn(200, generator=gen)
+    x = torch.randn(40, 100, generator=gen) * torch.logspace(3, -3, 100)
+    x[:20] += weight[:20]  # large, mostly cancelling sums
+    truth = x.double() @ weight.double().T + bias.double()
+    ok = True
+    for shifted in (False, True):
+        product = SplitProduct(x, weight, bias, rows=16, shifted=shifted)
+        q = torch.cat([product(slice(s, s + 16)) for s in range(0, 40, 16)]).double()
+        if shifted:
+            ok &= bool((truth <= upper(q)).all())
+        else:
+            p_far = (q - truth).abs() - BF16_UNIT / (1 - BF16_UNIT) * q.abs()
+            ok &= bool((p_far <= product.bound[:, None]).all())
+    return ok
 
 
 class _ScreenedScorer:
-    """TopK pre-activations screened in bfloat16, candidates rescored exactly.
+    """All scores ranked from `SplitProduct`s, candidates rescored exactly.
 
-    Let q_i be the stored bfloat16 pre-activation of latent i and E the `_Bf16Product` error
-    bound of the row. If q_i <= v then the float32 value before rounding is at most
-    v + 2 u16 |v| (the map q -> q + 2 u16 |q| is increasing), so z_i <= v + 2 u16 |v| + E, and
-    its exactly computed value is at most that plus its own error F (`exact_error`): that sum is
-    the bound `certified_top` compares with the k-th best exact value.
+    TopK: the score is z, ranked by its shifted product q: every rescored z' of a latent with
+    q <= v is at most `upper(v)`.
+
+    g-SAE: the score s = z + beta z |e|, e = d_i . g, is ranked by T = q + beta q |Q|, taken in
+    bfloat16 (`torch.addcmul`, at most three roundings of terms of one sign) from the shifted
+    z-product q and the unshifted e-product Q, whose `bound` B gives |e'| <= |Q| / (1 - u) + B
+    for the rescored e'. For a latent with z' >= 0 (then q >= 0):
+        s' <= upper(q) (1 + beta |e'|) (1 + 4 eps)
+           <= q (1 + beta |Q|) (1 + beta B) / (1 - u)^2 (1 + 4 eps) <= C T,
+    C = (1 + beta B) / ((1 - u)^2 (1 - 3u)) (1 + 4 eps). A latent with z' < 0 has s' < 0, below
+    every v >= 0. For v < 0, a latent with T <= v has q <= v / ((1 + 3u)(1 + beta Qm)), Qm >= |Q|
+    (`magnitude`), and s' <= z' (1 - 2 eps) <= upper(q) (1 - 2 eps).
     """
 
-    def __init__(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: int):
-        self.x, self.W_enc, self.b_enc = x, W_enc, b_enc
-        self.encoder = _Bf16Product(W_enc, b_enc, rows)
+    def __init__(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: int,
+                 grad: Tensor | None, W_dec: Tensor | None, beta: float):
+        self.x, self.W_enc, self.b_enc, self.beta = x, W_enc, b_enc, beta
+        self.encoder = SplitProduct(x, W_enc, b_enc, rows, shifted=True)
+        self.grad, self.W_dec = grad, W_dec
+        self.effect: SplitProduct | None = None
+        if grad is not None and W_dec is not None:
+            self.effect = SplitProduct(grad, W_dec, None, rows)
 
     def __call__(self, block: slice) -> _Block:
         x = self.x[block]
-        x16 = x.to(torch.bfloat16)
-        z16 = self.encoder(x16)
-        slack = self.encoder.error(x, x16) + self.encoder.exact_error(x)
+        z16 = self.encoder(block)
 
-        def bound(rows: Tensor, v: Tensor) -> Tensor:
-            return v + 2 * BF16_UNIT * v.abs() + slack[rows]
-
-        def rescore(rows: Tensor, latents: Tensor) -> Exact:
+        def rescore_z(rows: Tensor, latents: Tensor) -> Exact:
             z = _row_dots(self.W_enc, x if len(rows) == len(x) else x[rows], latents)
             z += self.b_enc[latents]
             return Exact(z, z, None)
 
-        return _Block(z16, z16, bound, bound, rescore, rescore, screen_candidates)
+        def z_bound(rows: Tensor, v: Tensor) -> Tensor:
+            return upper(v)
+
+        if self.effect is None or self.grad is None or self.W_dec is None:
+            return _Block(z16, z16, z_bound, z_bound, rescore_z, rescore_z, split_candidates)
+        score16 = torch.addcmul(z16, z16, self.effect(block).abs_(), value=self.beta)
+        grad, W_dec = self.grad[block], self.W_dec
+
+        def rescore(rows: Tensor, latents: Tensor) -> Exact:
+            z = rescore_z(rows, latents).z
+            e = _row_dots(W_dec, grad if len(rows) == len(grad) else grad[rows], latents).abs_()
+            return Exact(torch.addcmul(z, z, e, value=self.beta), z, e)
+
+        return _Block(score16, z16, self.score_bound(block), z_bound, rescore, rescore_z,
+                      split_candidates)
+
+    def score_bound(self, block: slice) -> Bound:
+        """`C v` for v >= 0 and `upper(v / ((1 + 3u)(1 + beta Qm))) (1 - 2 eps)` below 0,
+        per row (see the class)."""
+        assert self.effect is not None
+        u, beta = BF16_UNIT, self.beta
+        eps = torch.finfo(self.x.dtype).eps
+        effect = self.effect.bound[block]
+        positive = (1 + beta * effect) / ((1 - u) ** 2 * (1 - 3 * u)) * (1 + 4 * eps)
+        negative = 1 / ((1 + 3 * u) * (1 + beta * self.effect.magnitude[block]))
+
+        def bound(rows: Tensor, v: Tensor) -> Tensor:
+            below = upper(v * negative[rows]) * (1 - 2 * eps)
+            return torch.where(v >= 0, v * positive[rows], below)
+
+        return bound
 
 
 class SparsePattern:
