@@ -471,8 +471,8 @@ def test_screened_score_bound_holds_for_every_latent(seed):
         for j in range(0, W_enc.shape[0], 7):
             v = block.score[:, j].double()
             assert (truth[:, j] <= block.score_bound(rows, v)).all()
-            assert (exact_scores(x, W_enc, b_enc)[:, j] <= block.z_bound(rows,
-                                                                         block.z[:, j].double())).all()
+            z_bound = block.z_bound(rows, block.z[:, j].double())
+            assert (exact_scores(x, W_enc, b_enc)[:, j] <= z_bound).all()
 
 
 def test_probe_rejects_products_that_break_the_error_model(monkeypatch):
