@@ -407,3 +407,25 @@ def test_trainable_weights_are_refused(contexts):
     with pytest.raises(GsaeError, match=r"requires_grad_\(False\)") as info:
         evaluate_contexts([make_sae()], model, contexts, EvalConfig())
     assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("skip_first", [0, 1, 3])
+@pytest.mark.parametrize("length", [5, 18, 37])
+def test_blockwise_scoring_equals_a_float64_reference(skip_first, length):
+    """CE and KL of other logits against the clean ones, scored a few positions at a time,
+    equal per-position float64 softmaxes (lengths around the block size of 16)."""
+    from gsae.evaluate import _Clean
+
+    gen = torch.Generator().manual_seed(length)
+    clean_logits = 3 * torch.randn(2, length, 300, generator=gen)
+    other = clean_logits + torch.randn(2, length, 300, generator=gen)
+    tokens = torch.randint(0, 300, (2, length), generator=gen)
+    ce, kl = _Clean(clean_logits, tokens, skip_first).compare(other)
+    positions = range(skip_first, length - 1)
+    assert ce.shape == kl.shape == (2, len(positions))
+    for b in range(2):
+        for j, t in enumerate(positions):
+            logp, logq = log_softmax64(clean_logits[b, t]), log_softmax64(other[b, t])
+            assert ce[b, j].item() == pytest.approx(-logq[tokens[b, t + 1]].item(), rel=1e-5)
+            expected_kl = (logp.exp() * (logp - logq)).sum().item()
+            assert kl[b, j].item() == pytest.approx(expected_kl, rel=1e-4, abs=1e-6)

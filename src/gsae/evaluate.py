@@ -486,6 +486,9 @@ class _Hook:
         return (self.sum_x2 - self.sum_x.pow(2) / self.rows).sum().item()
 
 
+SCORED_POSITIONS = 16  # positions scored at a time: their [16, vocabulary] block stays in cache
+
+
 class _Clean:
     """The clean model's next-token distribution at the CE positions of one batch."""
 
@@ -497,10 +500,18 @@ class _Clean:
         self.ce = -self.logp.gather(-1, self.targets).squeeze(-1)
 
     def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-position CE [B, P] of other logits, and KL(clean || other) [B, P]."""
-        logp = log_probs(logits[:, self.skip_first : -1])
-        ce = -logp.gather(-1, self.targets).squeeze(-1)
-        kl = logp.neg_().add_(self.logp).mul_(self.p).sum(-1)  # in place: one [B, P, V] buffer
+        """Per-position CE [B, P] of other logits, and KL(clean || other) [B, P], a few positions
+        at a time so that each block of log-probabilities is reused while still in cache (the
+        same operations as on the whole batch at once, so the same numbers)."""
+        ce, kl = torch.empty_like(self.ce), torch.empty_like(self.ce)
+        for b in range(ce.shape[0]):
+            for start in range(0, ce.shape[1], SCORED_POSITIONS):
+                part = slice(start, start + SCORED_POSITIONS)
+                shifted = slice(self.skip_first + start,
+                                self.skip_first + min(start + SCORED_POSITIONS, ce.shape[1]))
+                logp = log_probs(logits[b, shifted])
+                ce[b, part] = -logp.gather(-1, self.targets[b, part]).squeeze(-1)
+                kl[b, part] = logp.neg_().add_(self.logp[b, part]).mul_(self.p[b, part]).sum(-1)
         return ce, kl
 
 
