@@ -548,3 +548,21 @@ def test_split_product_bound_matches_its_derivation():
     exact64 = kernels.SplitProduct(x.double(), W.double(), b.double(), rows=2).exact_bound
     assert torch.allclose(exact64, torch.full((2,), 2 * 101 * u64 / (1 - 101 * u64) * 600.5,
                                               dtype=torch.float64), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n, m", [(9216, 33), (9216, 48), (640, 40), (640, 41), (1001, 8)])
+def test_top_m_finds_the_largest_entries(dtype, n, m):
+    """Against `torch.topk`: the same multiset of values per row, each at its column, on rows
+    with many exact ties (values on a coarse grid) and with the largest entries crowded into
+    one strided group."""
+    gen = torch.Generator().manual_seed(n + m)
+    scores = (torch.randn(12, n, generator=gen) * 4).round().to(dtype)
+    scores[0] = torch.arange(n).to(dtype)  # the largest entries in consecutive columns
+    scores[1, :: max(1, n // 16)] = 1000  # ... and in one strided group
+    scores[2] = 7  # all equal
+    values, columns = kernels.top_m(scores, m)
+    expected = scores.topk(m, dim=1).values
+    assert torch.equal(values.sort(1, descending=True).values, expected)
+    assert torch.equal(scores.gather(1, columns), values)
+    assert (columns.sort(1).values.diff(dim=1) > 0).all()  # distinct columns

@@ -142,10 +142,17 @@ def test_fvu_is_around_the_mean():
 
 def test_remove_parallel_grads_and_normalize():
     sae = make_sae()
-    sae.W_dec.grad = torch.randn_like(sae.W_dec)
-    sae.remove_parallel_grads()
-    dots = (sae.W_dec.grad * sae.W_dec).sum(1)
-    assert dots.abs().max() < 1e-12
+    for scale in (1.0, 3.0):  # unit rows, as in training, and rows of norm 3
+        with torch.no_grad():
+            sae.W_dec.mul_(scale)
+        grad = torch.randn_like(sae.W_dec)
+        sae.W_dec.grad = grad.clone()
+        sae.remove_parallel_grads()
+        rows = sae.W_dec.detach()
+        dots = (sae.W_dec.grad * rows).sum(1)
+        assert dots.abs().max() < 1e-12
+        expected = grad - (grad * rows).sum(1, keepdim=True) / scale**2 * rows
+        assert torch.allclose(sae.W_dec.grad, expected, atol=1e-12)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
     sae.normalize_decoder()

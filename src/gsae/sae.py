@@ -298,9 +298,11 @@ class SAE(nn.Module):
         """Remove from W_dec.grad the component parallel to each (unit-norm) decoder row."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-        parallel /= self.W_dec.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        grad, weight = self.W_dec.grad, self.W_dec.detach()
+        # fused reductions and an in-place update: no [n_latents, d_in] temporaries
+        parallel = torch.linalg.vecdot(grad, weight, dim=1).unsqueeze(1)
+        parallel /= torch.linalg.vector_norm(weight, dim=1, keepdim=True).square().clamp_min(1e-12)
+        grad.addcmul_(parallel, weight, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
