@@ -8,7 +8,7 @@ path in turn, alternating which path goes first. Prints the median seconds per s
 (forward alone, and forward plus scoring) of each path and their ratio, and checks that both
 paths give the same logits. It also times the full path with the earlier whole-batch scoring
 (the cost of each SAE-mode before the above-hook path and the blockwise scoring) and checks
-that both scorings give the same numbers.
+how far apart the two scorings' numbers are (float32 summation order).
 
     python benchmarks/eval_above_hook.py [--model smollm2-135m] [--hook 15] [--batches 4]
 """
@@ -43,7 +43,7 @@ def spliced_pass(run: Recording, patch: Patch, clean: _Clean | None = None) -> o
 
 def whole_batch_scoring(clean: _Clean, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CE and KL as `gsae eval` scored them before scoring went a few positions at a time: the
-    same operations on the whole [B, P, vocabulary] batch at once (the same numbers)."""
+    same operations on the whole [B, P, vocabulary] batch at once."""
     logp = log_probs(logits[:, clean.skip_first : -1])
     ce = -logp.gather(-1, clean.targets).squeeze(-1)
     return ce, logp.neg_().add_(clean.logp).mul_(clean.p).sum(-1)

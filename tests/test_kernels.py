@@ -60,7 +60,10 @@ def screen(request, monkeypatch):
 
 @pytest.fixture(params=[1 << 30, 3 * 40 * 8], ids=["one block", "blocks of 3 rows"])
 def block_bytes(request, monkeypatch):
+    """One block, or blocks of 3 rows of 40 latents (of a row or two for wider SAEs), for
+    the dense pass (8-byte scores) and the screen (2-byte scores) alike."""
     monkeypatch.setattr(kernels, "BLOCK_BYTES", request.param)
+    monkeypatch.setattr(kernels, "SCREEN_BLOCK_BYTES", request.param // 4)
     return request.param
 
 
@@ -257,6 +260,10 @@ def exact_scores(x, W, b):
     return (x.double()[:, None, :] * W.double()[None]).sum(-1) + b.double()
 
 
+def tiny_scale(x):
+    return 1e-20 if x.dtype == torch.float64 else 1e-17
+
+
 SCENARIOS = {
     "near ties": lambda x, W, b: (x, W, b),
     "large norms": lambda x, W, b: (1e4 * x, W, 1e4 * b),
@@ -264,12 +271,14 @@ SCENARIOS = {
     "fewer than k positive": lambda x, W, b: (x, W, b - bound(x, W) * (torch.arange(len(b)) >= 3)),
     "exact ties": lambda x, W, b: (x, W[torch.arange(len(W)) // 3 * 3],
                                    b[torch.arange(len(b)) // 3 * 3]),
+    # products below bfloat16's normal range in float64 (flushed), just above it in float32
+    "tiny norms": lambda x, W, b: (tiny_scale(x) * x, tiny_scale(x) * W, tiny_scale(x)**2 * b),
 }
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_topk_selection_is_exact_on_adversarial_inputs(screen, scenario, dtype):
+def test_topk_selection_is_exact_on_adversarial_inputs(block_bytes, screen, scenario, dtype):
     spacing = 1e-3 if dtype == torch.float32 else 1e-8  # far above dtype's rounding error
     x, W, b = SCENARIOS[scenario](*clustered_case(dtype, spacing=spacing))
     for k in (1, 8, 40):
@@ -415,7 +424,8 @@ GRADIENT_SCENARIOS = {
 @pytest.mark.parametrize("scenario", GRADIENT_SCENARIOS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("beta", [0.5, 100.0])
-def test_gradient_selection_is_exact_on_adversarial_inputs(screen, scenario, dtype, beta):
+def test_gradient_selection_is_exact_on_adversarial_inputs(block_bytes, screen, scenario, dtype,
+                                                          beta):
     spacing = 1e-3 if dtype == torch.float32 else 1e-8  # far above dtype's rounding error
     x, W_enc, b_enc, g, W_dec = gradient_clustered_case(dtype, spacing)
     x, W_enc, b_enc, g = GRADIENT_SCENARIOS[scenario](x, W_enc, b_enc, g)
@@ -514,24 +524,34 @@ def hidden_effect_case(dtype):
     W_dec[1, 0] = 1.0e-4
     W_dec[2:14, 0] = 2e-6
     W_enc = torch.zeros(30, d_in, dtype=torch.float64)
+    W_enc[5, 0] = 10
     b_enc = torch.ones(30, dtype=torch.float64)
-    x = torch.ones(2, d_in, dtype=torch.float64)
-    return [t.to(dtype) for t in (x, W_enc, b_enc, g.repeat(2, 1), W_dec)]
+    # Row 0 comes first with another story: latent 5 wins clearly (z = 11) and g is tiny, so
+    # its bounds are tight and it settles at once; rows 1 and 2 need their own, wide bounds.
+    x = torch.ones(3, d_in, dtype=torch.float64)
+    x[1:, 0] = 0
+    grads = torch.stack([2.0**-20 * g, g, g])
+    return [t.to(dtype) for t in (x, W_enc, b_enc, grads, W_dec)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_screen_finds_a_gradient_effect_hidden_by_the_split(screen, dtype):
+@pytest.mark.parametrize("one_row_blocks", [False, True], ids=["one block", "a block per row"])
+def test_screen_finds_a_gradient_effect_hidden_by_the_split(screen, dtype, one_row_blocks,
+                                                             monkeypatch):
+    if one_row_blocks:
+        monkeypatch.setattr(kernels, "SCREEN_BLOCK_BYTES", 30 * 2)
+        monkeypatch.setattr(kernels, "BLOCK_BYTES", 30 * 8)
     x, W_enc, b_enc, g, W_dec = hidden_effect_case(dtype)
-    true_effect = exact_scores(g, W_dec, torch.zeros_like(b_enc)).abs()[0]
-    assert 1.0e-4 < true_effect[0] < 1.1e-4  # the premise: latent 0 truly wins
+    true_effect = exact_scores(g, W_dec, torch.zeros_like(b_enc)).abs()[1]
+    assert 1.0e-4 < true_effect[0] < 1.1e-4  # the premise: latent 0 truly wins rows 1 and 2
     if screen == "always":  # and the split's product cannot see it
-        product = kernels.SplitProduct(g, W_dec, None, rows=2)
-        assert product(slice(0, 2))[:, 0].eq(0).all()
+        product = kernels.SplitProduct(g, W_dec, None, rows=3)
+        assert product(slice(0, 3))[:, 0].eq(0).all()
+    scores = exact_gradient_scores(x, W_enc, b_enc, g, W_dec, 1e5)
     for k in (1, 2):
         sel = kernels.select(x, W_enc, b_enc, k, grad=g, W_dec=W_dec, beta=1e5)
-        scores = exact_gradient_scores(x, W_enc, b_enc, g, W_dec, 1e5)
         assert same_set(sel.indices, reference_top(scores, k))
-        assert (sel.indices == 0).any(dim=1).all()
+        assert (sel.indices[1:] == 0).any(dim=1).all() and (sel.indices[0] == 5).any()
 
 
 @needs_split_model
@@ -546,7 +566,8 @@ def test_split_product_bound_matches_its_derivation():
     gamma = 320 * u32 / (1 - 320 * u32)
     left_out = 3.1 * u * u * 600 + u * u * 0.5
     magnitude = (1 + u) ** 2 * ((1 + 2 * u) * 600 + 0.5)
-    error = 2 * (left_out + gamma * magnitude + 320 * 2.0**-100)
+    underflow = 3.1 * 10 * 2.0**-100 * (20 + 30) + 322 * 2.0**-100
+    error = 2 * (left_out + gamma * magnitude + underflow)
     rescoring = 2 * (101 * u32 / (1 - 101 * u32)) * 600.5
     product = kernels.SplitProduct(x, W, b, rows=2, shifted=True)
     assert torch.allclose(product.bound, torch.full((2,), error + rescoring, dtype=torch.float64),
@@ -576,3 +597,73 @@ def test_top_m_finds_the_largest_entries(dtype, n, m):
     assert torch.equal(values.sort(1, descending=True).values, expected)
     assert torch.equal(scores.gather(1, columns), values)
     assert (columns.sort(1).values.diff(dim=1) > 0).all()  # distinct columns
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_screen_accounts_for_entries_too_small_for_bfloat16(screen, dtype):
+    """An input entry below bfloat16's normal range meets a huge weight: the product loses it,
+    so the bound must not certify a ranking that it decides."""
+    x = torch.tensor([[1e-39, 0.0]], dtype=dtype)
+    W = torch.zeros(20, 2, dtype=dtype)
+    W[0, 0] = 1e12
+    b = torch.zeros(20, dtype=dtype)
+    b[0], b[1], b[2:11] = 2.5e-27, 3.0e-27, 2.75e-27
+    assert kernels.select(x, W, b, 1).indices.tolist() == [[0]]  # 1e-39 * 1e12 + 2.5e-27 wins
+
+
+def test_screen_keeps_the_low_half_of_the_bias(screen):
+    """Biases that differ only below bfloat16's precision decide the ranking here."""
+    x = torch.ones(1, 1)
+    W = torch.zeros(12, 1)
+    W[0] = -99
+    b = torch.full((12,), 1.0625)
+    b[0], b[1] = 100.24, 1.125  # z = 1.24 (after cancellation), 1.125 and 1.0625
+    assert kernels.select(x, W, b, 1).indices.tolist() == [[0]]
+    assert kernels.select(x, W, b, 2).indices.sort(1).values.tolist() == [[0, 1]]
+
+
+def test_screens_consults_the_probe(monkeypatch):
+    monkeypatch.setattr(kernels, "SCREEN", "always")
+    monkeypatch.setattr(kernels, "split_products_as_modelled", lambda: False)
+    assert not kernels.screens(torch.zeros(1, 1))
+
+
+@needs_split_model
+@pytest.mark.parametrize("broken", ["unshifted", "shifted"])
+def test_probe_checks_both_kinds_of_product(monkeypatch, broken):
+    """An error that breaks the model of one kind of product only is caught: unshifted
+    products 2^-6 too large (still below every shifted bound), or shifted ones lacking
+    their shift."""
+    real_call = kernels.SplitProduct.__call__
+
+    def call(self, block):
+        q = real_call(self, block)
+        shifted = bool(self.shift.abs().sum() > 0)
+        if broken == "unshifted" and not shifted:
+            return q + q.abs() * 2**-6
+        if broken == "shifted" and shifted:
+            return q - 2 * self.shift[block, None].to(q.dtype)
+        return q
+
+    monkeypatch.setattr(kernels.SplitProduct, "__call__", call)
+    assert not kernels.split_products_as_modelled.__wrapped__()
+
+
+@needs_split_model
+def test_screened_score_bound_holds_near_its_relative_limit():
+    """One input dimension, z and |e| near 1 and beta 1: the bound's relative factors are all
+    that separates scores, checked for every latent."""
+    gen = torch.Generator().manual_seed(7)
+    n = 20000
+    x = torch.ones(3, 1) + 1e-3 * torch.rand(3, 1, generator=gen)
+    W_enc = 1 + 0.01 * torch.rand(n, 1, generator=gen)
+    b_enc = 0.01 * torch.rand(n, generator=gen)
+    W_dec = torch.where(torch.rand(n, 1, generator=gen) < 0.5, -1.0, 1.0)
+    W_dec *= 1 + 0.01 * torch.rand(n, 1, generator=gen)
+    g = torch.ones(3, 1)
+    rows, columns = torch.arange(3), torch.arange(n).repeat(3, 1)
+    block = kernels._ScreenedScorer(x, W_enc, b_enc, 3, g, W_dec, 1.0)(slice(0, 3))
+    rescored = block.rescore(rows, columns).score.double()
+    bound = torch.stack([block.score_bound(rows, block.score[:, j].double()) for j in range(n)], 1)
+    assert (rescored <= bound).all()

@@ -157,6 +157,12 @@ def test_remove_parallel_grads_and_normalize():
         sae.W_dec.mul_(3.0)
     sae.normalize_decoder()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents, dtype=torch.float64))
+    with torch.no_grad():
+        sae.W_dec[0] = 0  # a zero row: its gradient passes unchanged, nothing turns NaN
+    grad = torch.randn_like(sae.W_dec)
+    sae.W_dec.grad = grad.clone()
+    sae.remove_parallel_grads()
+    assert torch.equal(sae.W_dec.grad[0], grad[0]) and sae.W_dec.grad.isfinite().all()
 
 
 def test_geometric_median_init():

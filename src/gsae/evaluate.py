@@ -501,8 +501,10 @@ class _Clean:
 
     def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position CE [B, P] of other logits, and KL(clean || other) [B, P], a few positions
-        at a time so that each block of log-probabilities is reused while still in cache (the
-        same operations as on the whole batch at once, so the same numbers)."""
+        at a time so that each block of log-probabilities is reused while still in cache. These
+        are the operations of the whole batch at once; only the order in which a sum over the
+        vocabulary is split between threads can differ (for a block of one position), by a
+        unit in the last place."""
         ce, kl = torch.empty_like(self.ce), torch.empty_like(self.ce)
         for b in range(ce.shape[0]):
             for start in range(0, ce.shape[1], SCORED_POSITIONS):

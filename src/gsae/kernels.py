@@ -9,15 +9,15 @@ token: `SparsePattern` does them with `embedding_bag` and a CSR sparse-times-den
 cost O(N k d) instead of O(N n d).
 
 The selection is exact: the k latents of largest score in the input's dtype, equal scores
-ordered by latent index (`best_positions`). With `SCREEN` set to "auto", where bfloat16
-products run in hardware (AVX512-BF16 or AMX, `bf16_products_fast`), a TopK selection ranks all
-latents by a bfloat16 product with a certified error bound and computes only the candidates
-exactly (`_ScreenedScorer`, `certified_top`); it selects the same latents. Its product is
-several times faster than the float32 one, but the top 80 of all latents, the rescoring of the
-candidates and the conversions cost more than that saves, so it is off by default. A g-SAE
-score is not screened: an error e in `d_i . g` moves the score by `beta z_i e`, and the
-bfloat16 bound on e (about 2^-8 ||g|| per latent, after Cauchy-Schwarz) times beta z is too
-wide to rule out enough latents (at beta 100 about 4 on scores near 30).
+ordered by latent index (`best_positions`); its top-k ranks maxima of column groups first
+(`top_m`). With `SCREEN` set to "auto", where bfloat16 products run in hardware (AVX512-BF16 or
+AMX, `bf16_products_fast`), or "always", every score (z, and for a g-SAE z + beta z |d_i . g|)
+is ranked by bfloat16 products of three-term splits with certified error bounds
+(`SplitProduct`) and only the candidates are computed exactly (`_ScreenedScorer`,
+`certified_top`); it selects the same latents. Its products are about twice as fast as the
+float32 ones, but the candidates' rescoring, the split operands and a slower top-k over
+bfloat16 values cost more than that saves in a whole step on the machines measured
+(docs/performance.md), so it is off by default.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ SCREEN = "never"
 SCREEN_CANDIDATE_FACTORS = (1.25, 4)  # candidates per row of the screen: factor * k + 8, in turn
 TOP_M_GROUPS = (16, 8, 4)  # group sizes `top_m` tries, in turn
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+TINY = 2.0**-100  # entries below this may vanish in a bfloat16 product (flushed subnormals)
 SAFETY = 2.0  # every bound on a rounding error is doubled
 
 
@@ -385,8 +386,11 @@ class SplitProduct:
     the entrywise bounds of `split2`) (1 + u) u^2 + (1 + u) u^2 + u^2 <= 3.1 u^2 times
     ||x|| max||w||, plus u^2 max|b|. Each product of two bfloat16 values is exact in float32;
     adding the K terms in any order errs by at most gamma_K times the sum of their magnitudes,
-    at most gamma_K ((1 + u)^2 ((1 + 2u) ||x|| max||w|| + max|b|) + A~), plus K 2^-100
-    for flushed subnormals. E is SAFETY times that bound without the A~ term, F
+    at most gamma_K ((1 + u)^2 ((1 + 2u) ||x|| max||w|| + max|b|) + A~). Underflow: an entry
+    of x or w below TINY = 2^-100 may be lost entirely (bfloat16 conversions and products that
+    flush subnormals), and a larger one loses at most 2^-125 beyond the bounds above; so the
+    losses add at most 3.1 sqrt(d) TINY (max||w|| + ||x||) + 2 TINY (the bias pieces) + K TINY
+    (flushed products). E is SAFETY times the sum without the A~ term, F
     (`exact_bound`) SAFETY times the error bound of y computed in x's dtype one latent at a
     time (the rescoring).
 
@@ -416,7 +420,8 @@ class SplitProduct:
         x_norm, w_max = _row_norms(x), _max_norm(weight)
         left_out = 3.1 * u * u * x_norm * w_max + u * u * b_max
         magnitude = (1 + u) ** 2 * ((1 + 2 * u) * x_norm * w_max + b_max)
-        error = SAFETY * (left_out + gamma * magnitude + width * 2.0**-100)
+        underflow = 3.1 * d**0.5 * TINY * (w_max + x_norm) + (2 + width) * TINY
+        error = SAFETY * (left_out + gamma * magnitude + underflow)
         self.exact_bound = SAFETY * _gamma(d + 1, x.dtype) * (x_norm * w_max + b_max)
         self.bound = error + self.exact_bound
         shift16 = torch.zeros_like(self.bound, dtype=torch.bfloat16)
