@@ -505,13 +505,12 @@ class _Clean:
         are the operations of the whole batch at once; only the order in which a sum over the
         vocabulary is split between threads can differ (for a block of one position), by a
         unit in the last place."""
+        scored = logits[:, self.skip_first : -1]  # a view, aligned with self.ce
         ce, kl = torch.empty_like(self.ce), torch.empty_like(self.ce)
         for b in range(ce.shape[0]):
             for start in range(0, ce.shape[1], SCORED_POSITIONS):
                 part = slice(start, start + SCORED_POSITIONS)
-                shifted = slice(self.skip_first + start,
-                                self.skip_first + min(start + SCORED_POSITIONS, ce.shape[1]))
-                logp = log_probs(logits[b, shifted])
+                logp = log_probs(scored[b, part])
                 ce[b, part] = -logp.gather(-1, self.targets[b, part]).squeeze(-1)
                 kl[b, part] = logp.neg_().add_(self.logp[b, part]).mul_(self.p[b, part]).sum(-1)
         return ce, kl

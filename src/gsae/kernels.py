@@ -348,16 +348,11 @@ class _DenseScorer:
         return _Block(score, z, _same, _same, rescore, rescore_z, _next_one)
 
 
-def split2(t: Tensor) -> tuple[Tensor, Tensor]:
-    """The first two terms of t = hi + lo + rest: hi = bf16(t), lo = bf16(t - hi). Entrywise
-    |t - hi| <= u |t|, |lo| <= (1 + u) u |t| and |rest| <= u^2 |t| (u = 2^-8; t - hi is exact in
-    t's dtype, float32 or float64)."""
-    hi = t.to(torch.bfloat16)
-    return hi, (t - hi.to(t.dtype)).to(torch.bfloat16)
-
-
-def _split_into(t: Tensor, hi: Tensor, lo: Tensor) -> None:
-    """`split2(t)` written into the bfloat16 tensors `hi` and `lo` (views of one matrix)."""
+def split_into(t: Tensor, hi: Tensor, lo: Tensor) -> None:
+    """Write the first two terms of t = hi + lo + rest into the bfloat16 tensors `hi` and `lo`
+    (views of one matrix): hi = bf16(t), lo = bf16(t - hi). Entrywise |t - hi| <= u |t|,
+    |lo| <= (1 + u) u |t| and |rest| <= u^2 |t| (u = 2^-8; t - hi is exact in t's dtype,
+    float32 or float64), for entries in bfloat16's normal range."""
     hi.copy_(t)
     lo.copy_(torch.sub(t, hi))
 
@@ -379,11 +374,11 @@ class SplitProduct:
     certified bound on its error; with `shifted`, plus a shift per row that turns the bound
     into a purely relative one.
 
-    With x = xh + xl + xr, each row w = wh + wl + wr and b = bh + bl + br (`split2`), the
+    With x = xh + xl + xr, each row w = wh + wl + wr and b = bh + bl + br (`split_into`), the
     product of [xh, xl, xh, 1, 1, A~] and [wh, wh, wl, bh, bl, 1] (zero-padded to a multiple of
     32 columns, the AMX tile width) runs in bfloat16 with float32 accumulation. Against
     y = x . w + b it leaves out xh.wr + xl.(w - wh) + xr.w + br, at most (Cauchy-Schwarz and
-    the entrywise bounds of `split2`) (1 + u) u^2 + (1 + u) u^2 + u^2 <= 3.1 u^2 times
+    the entrywise bounds of `split_into`) (1 + u) u^2 + (1 + u) u^2 + u^2 <= 3.1 u^2 times
     ||x|| max||w||, plus u^2 max|b|. Each product of two bfloat16 values is exact in float32;
     adding the K terms in any order errs by at most gamma_K times the sum of their magnitudes,
     at most gamma_K ((1 + u)^2 ((1 + 2u) ||x|| max||w|| + max|b|) + A~). Underflow: an entry
@@ -408,13 +403,13 @@ class SplitProduct:
         d, u = weight.shape[1], BF16_UNIT
         width = -(-(3 * d + 3) // 32) * 32
         w3 = weight.new_empty(weight.shape[0], width, dtype=torch.bfloat16)
-        _split_into(weight, w3[:, :d], w3[:, 2 * d:3 * d])
+        split_into(weight, w3[:, :d], w3[:, 2 * d:3 * d])
         w3[:, d:2 * d] = w3[:, :d]
         w3[:, 3 * d:].zero_()
         w3[:, 3 * d + 2] = 1
         b_max = 0.0
         if bias is not None and bias.numel():
-            w3[:, 3 * d], w3[:, 3 * d + 1] = split2(bias)
+            split_into(bias, w3[:, 3 * d], w3[:, 3 * d + 1])
             b_max = _max_norm(bias)
         gamma = _gamma(width, torch.float32)
         x_norm, w_max = _row_norms(x), _max_norm(weight)
@@ -429,7 +424,7 @@ class SplitProduct:
             shift16 = (self.bound / (1 - 2 * gamma) * (1 + 2 * u)).to(torch.bfloat16)
         self.shift = shift16.double()
         self.x3 = x.new_zeros(x.shape[0], width, dtype=torch.bfloat16)
-        _split_into(x, self.x3[:, :d], self.x3[:, d:2 * d])
+        split_into(x, self.x3[:, :d], self.x3[:, d:2 * d])
         self.x3[:, 2 * d:3 * d] = self.x3[:, :d]
         self.x3[:, 3 * d:3 * d + 2] = 1
         self.x3[:, 3 * d + 2] = shift16
@@ -445,6 +440,11 @@ def upper(q: Tensor) -> Tensor:
     """The `SplitProduct` bound: q + u' |q| (u' = u / (1 - u)), an upper bound on every value
     within the product's slack of the true one, given its stored bfloat16 value q."""
     return q + BF16_UNIT / (1 - BF16_UNIT) * q.abs()
+
+
+def _upper(rows: Tensor, v: Tensor) -> Tensor:
+    """`upper` as a `Bound` (the same for every row)."""
+    return upper(v)
 
 
 @functools.cache
@@ -490,10 +490,9 @@ class _ScreenedScorer:
                  grad: Tensor | None, W_dec: Tensor | None, beta: float):
         self.x, self.W_enc, self.b_enc, self.beta = x, W_enc, b_enc, beta
         self.encoder = SplitProduct(x, W_enc, b_enc, rows, shifted=True)
-        self.grad, self.W_dec = grad, W_dec
-        self.effect: SplitProduct | None = None
+        self.effect: tuple[SplitProduct, Tensor, Tensor] | None = None  # product, g, W_dec
         if grad is not None and W_dec is not None:
-            self.effect = SplitProduct(grad, W_dec, None, rows)
+            self.effect = (SplitProduct(grad, W_dec, None, rows), grad, W_dec)
 
     def __call__(self, block: slice) -> _Block:
         x = self.x[block]
@@ -504,31 +503,27 @@ class _ScreenedScorer:
             z += self.b_enc[latents]
             return Exact(z, z, None)
 
-        def z_bound(rows: Tensor, v: Tensor) -> Tensor:
-            return upper(v)
-
-        if self.effect is None or self.grad is None or self.W_dec is None:
-            return _Block(z16, z16, z_bound, z_bound, rescore_z, rescore_z, split_candidates)
-        score16 = torch.addcmul(z16, z16, self.effect(block).abs_(), value=self.beta)
-        grad, W_dec = self.grad[block], self.W_dec
+        if self.effect is None:
+            return _Block(z16, z16, _upper, _upper, rescore_z, rescore_z, split_candidates)
+        product, grad, W_dec = self.effect
+        score16 = torch.addcmul(z16, z16, product(block).abs_(), value=self.beta)
+        grad = grad[block]
 
         def rescore(rows: Tensor, latents: Tensor) -> Exact:
             z = rescore_z(rows, latents).z
             e = _row_dots(W_dec, grad if len(rows) == len(grad) else grad[rows], latents).abs_()
             return Exact(torch.addcmul(z, z, e, value=self.beta), z, e)
 
-        return _Block(score16, z16, self.score_bound(block), z_bound, rescore, rescore_z,
+        return _Block(score16, z16, self.score_bound(product, block), _upper, rescore, rescore_z,
                       split_candidates)
 
-    def score_bound(self, block: slice) -> Bound:
+    def score_bound(self, effect: SplitProduct, block: slice) -> Bound:
         """`C v` for v >= 0 and `upper(v / ((1 + 3u)(1 + beta Qm))) (1 - 2 eps)` below 0,
-        per row (see the class)."""
-        assert self.effect is not None
+        per row, for the e-product `effect` (see the class)."""
         u, beta = BF16_UNIT, self.beta
         eps = torch.finfo(self.x.dtype).eps
-        effect = self.effect.bound[block]
-        positive = (1 + beta * effect) / ((1 - u) ** 2 * (1 - 3 * u)) * (1 + 4 * eps)
-        negative = 1 / ((1 + 3 * u) * (1 + beta * self.effect.magnitude[block]))
+        positive = (1 + beta * effect.bound[block]) / ((1 - u) ** 2 * (1 - 3 * u)) * (1 + 4 * eps)
+        negative = 1 / ((1 + 3 * u) * (1 + beta * effect.magnitude[block]))
 
         def bound(rows: Tensor, v: Tensor) -> Tensor:
             below = upper(v * negative[rows]) * (1 - 2 * eps)

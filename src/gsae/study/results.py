@@ -97,10 +97,10 @@ def _round(value: float, digits: int = 5) -> float:
 
 
 @dataclass
-class ComparisonResult:
-    """What `gsae compare` measured (schema "gsae.compare/2"): the run's settings, its SAEs,
-    their evaluation and steering records, and where and how long it ran. `to_json` is the
-    layout of results.json (before the report adds its aggregates and claims)."""
+class StudyRecord:
+    """What every study result records first: the command, when, with which versions, on
+    which machine and how long, on which model and hook. Subclasses add their fields and a
+    `schema` field last; `to_json` puts the schema first."""
 
     command: str
     created: str
@@ -110,16 +110,29 @@ class ComparisonResult:
     stage_seconds: dict[str, float]
     model: dict[str, Any]
     hook: str
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"schema": data.pop("schema"), **data}
+
+    @classmethod
+    def of_fields(cls, data: dict[str, Any]) -> Any:
+        """The record from the keys of `data` that name its fields (all must be there)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass
+class ComparisonResult(StudyRecord):
+    """What `gsae compare` measured (schema "gsae.compare/2"): the run's settings, its SAEs,
+    their evaluation and steering records, and where and how long it ran. `to_json` is the
+    layout of results.json (before the report adds its aggregates and claims)."""
+
     store_tokens: int
     settings: dict[str, Any]  # the config tree of the run, section by section
     saes: list[dict[str, Any]]  # name, folder, k, beta, value_mode, seed, n_latents, train
     eval: dict[str, Any]  # {"run": the evaluation's run info, "results": its records}
     steer: dict[str, Any]  # {"run": ..., "results": compact steering records}
     schema: str = SCHEMA
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {"schema": data.pop("schema"), **data}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ComparisonResult:
@@ -128,8 +141,7 @@ class ComparisonResult:
         if data.get("schema") not in SCHEMAS:
             raise GsaeError(f"not a gsae compare result (schema {data.get('schema')!r}; "
                             f"readable: {', '.join(SCHEMAS)})")
-        upgraded = upgrade(data)
-        return cls(**{f.name: upgraded[f.name] for f in fields(cls)})
+        return cls.of_fields(upgrade(data))
 
 
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:

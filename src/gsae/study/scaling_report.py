@@ -17,7 +17,7 @@ A gap that shrinks past zero is said to reverse.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,15 @@ from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_FREE, MODES
 from gsae.study.plots import save_png
 from gsae.study.report import duration_text, pm, write_report_files
-from gsae.study.results import COLORS, MODE_NAMES, Variant, mean_of, spread, verdict
+from gsae.study.results import (
+    COLORS,
+    MODE_NAMES,
+    StudyRecord,
+    Variant,
+    mean_of,
+    spread,
+    verdict,
+)
 
 SCHEMA = "gsae.scaling/1"
 CORPORA = ("train", "unseen")
@@ -44,20 +52,12 @@ PLOTS = {
 
 
 @dataclass
-class ScalingResult:
+class ScalingResult(StudyRecord):
     """What `gsae study` measured (schema "gsae.scaling/1"): settings, store check, SAEs with
     their snapshots, evaluation records per corpus ("train": the training corpus's held-out
     split; "unseen": the second corpus) and steering at the last snapshot. Every evaluation and
     steering record carries "variant" (the SAE) and "snapshot" (its requested token count)."""
 
-    command: str
-    created: str
-    versions: dict[str, str]
-    machine: dict[str, Any]
-    wall_seconds: float
-    stage_seconds: dict[str, float]
-    model: dict[str, Any]
-    hook: str
     store: dict[str, Any]  # folder, rows, repeated_rows, passes
     corpora: dict[str, Any]  # "train" / "unseen": name, part, corpus identity
     settings: dict[str, Any]
@@ -66,14 +66,10 @@ class ScalingResult:
     steer: dict[str, Any]
     schema: str = SCHEMA
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {"schema": data.pop("schema"), **data}
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScalingResult:
         _check_schema(data)
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls.of_fields(data)
 
 
 def _check_schema(data: dict[str, Any]) -> None:
