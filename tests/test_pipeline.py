@@ -272,3 +272,71 @@ def test_train_saes_checks_its_settings_too(corpus, tmp_path):
 
     with pytest.raises(GsaeError, match="--train.lr must be at least 0"):
         train_saes(tiny_run(corpus, tmp_path / "r", lr=-1.0), [SAEConfig(n_latents=8, k=2)])
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+def test_a_mixed_beta_sweep_trains_its_g_sae_with_gradients(corpus, tmp_path):
+    """A sweep of TopK and a g-SAE reads gradients for the g-SAE: it ends as it does trained
+    alone, selecting by beta |d.g| > 0, while TopK's effect stays 0."""
+    mixed = tiny_run(corpus, tmp_path / "mixed")
+    mixed.sae.beta = [0.0, 10.0]
+    records = {r["name"].split("/")[1]: r for r in train(mixed).records}
+    assert records["k4-beta10-z-x2-s0"]["effect"] > 0
+    assert records["k4-beta0-z-x2-s0"]["effect"] == 0
+    train(tiny_run(corpus, tmp_path / "alone"))
+    sae = Path("model.layers.1") / "k4-beta10-z-x2-s0"
+    expected, got = weights(tmp_path / "alone" / sae), weights(tmp_path / "mixed" / sae)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_batch_tokens_may_equal_the_token_budget_but_not_exceed_it(corpus, tmp_path):
+    (record,) = train(tiny_run(corpus, tmp_path / "equal", tokens=256, batch_tokens=256)).records
+    assert record["step"] == 1 and record["tokens"] == 256
+    with pytest.raises(GsaeError, match="--batch_tokens 257 is more than --tokens 256"):
+        train(tiny_run(corpus, tmp_path / "over", tokens=256, batch_tokens=257))
+
+
+def test_train_saes_continues_the_same_run_and_replaces_another(corpus, tmp_path,
+                                                                monkeypatch):
+    """With resume_if_same (what gsae compare uses), an interrupted run of the same SAEs is
+    continued from its checkpoint, and a different run in the folder is trained afresh."""
+    import gsae.pipeline
+    from gsae.pipeline import sweep_configs, train_saes
+
+    def run_in(out, k=4):
+        run = tiny_run(corpus, out, tokens=1536, batch_tokens=64, shuffle_tokens=256,
+                       checkpoint_every=2)
+        run.sae.k = [k]
+        return run
+
+    real_fit = gsae.pipeline.Trainer.fit
+    starts = []
+
+    def fit_then_stop(trainer, chunks):
+        def some(chunks):
+            for i, chunk in enumerate(chunks):
+                if i == 9:
+                    raise KeyboardInterrupt
+                yield chunk
+        return real_fit(trainer, some(chunks))
+
+    def fit_noting_the_start(trainer, chunks):
+        starts.append(trainer.chunks_done)
+        return real_fit(trainer, chunks)
+
+    out = tmp_path / "r"
+    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", fit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_in(out))
+    done = json.loads((out / "checkpoint" / "state.json").read_text())["chunks_done"]
+    assert done > 0
+    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", fit_noting_the_start)
+    run = run_in(out)
+    train_saes(run, sweep_configs(run.sae), resume_if_same=True)
+    assert starts == [done]
+    other = run_in(out, k=2)
+    (record,) = train_saes(other, sweep_configs(other.sae), resume_if_same=True).records
+    assert starts == [done, 0] and record["tokens"] >= 1536
+    assert sorted(p.name for p in (out / "model.layers.1").iterdir()) == ["k2-beta10-z-x2-s0"]
