@@ -429,3 +429,40 @@ def test_blockwise_scoring_equals_a_float64_reference(skip_first, length):
             assert ce[b, j].item() == pytest.approx(-logq[tokens[b, t + 1]].item(), rel=1e-5)
             expected_kl = (logp.exp() * (logp - logq)).sum().item()
             assert kl[b, j].item() == pytest.approx(expected_kl, rel=1e-4, abs=1e-6)
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+def test_sampled_eval_contexts_are_a_uniform_choice_kept_in_order(monkeypatch):
+    """Out of a pool of 10 planted contexts, 2 are taken: over 4000 seeds each context is taken
+    in about 1 of 5 samples (a biased reservoir takes the first ones about half as often), and
+    every sample keeps corpus order."""
+    import gsae.evaluate
+
+    pool = [torch.tensor([i]) for i in range(10)]
+    monkeypatch.setattr(gsae.evaluate, "token_contexts", lambda *_args: iter(pool))
+    data = DataConfig(context_size=4)
+    taken = torch.zeros(10)
+    for seed in range(4000):
+        sample = eval_contexts(data, None, EvalConfig(eval_tokens=8, pool_tokens=40,
+                                                      seed=seed))[:, 0]
+        assert len(sample) == 2 and sample[0] < sample[1]
+        taken[sample] += 1
+    assert (taken / 4000 - 0.2).abs().max() < 0.03, taken.tolist()
+
+
+def test_selected_latents_whose_value_is_zero_are_not_active(model, contexts):
+    """Every row selects k = 8 latents, but only the 3 with a positive bias (the encoder
+    weights are zero) have a positive value: L0 is 3 and the other latents are dead, in both
+    inference modes."""
+    sae = make_sae(hook="1", beta=2.0, n_latents=128, k=8)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)
+        sae.b_enc[[5, 40, 99]] = 1.0
+    result = evaluate_contexts([sae], model, contexts[:4], EvalConfig(batch_size=4),
+                               names=["s"])
+    for record in by_mode(result, "s").values():
+        assert record["l0"] == 3 and record["dead_latents"] == 125
+        assert record["firing_histogram"]["dead"] == 125
