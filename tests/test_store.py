@@ -228,3 +228,27 @@ def test_repeated_rows_are_counted(tmp_path):
     writer.write_shard([twice, chunk(2)])  # a document read twice: its 5 rows again
     writer.finish()
     assert StoreReader(tmp_path / "s").repeated_rows("h.0") == 5
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+def test_a_larger_token_count_extends_a_finished_store(corpus, tmp_path, capsys):
+    """A store stops at the first batch that reaches its token count; a finished store asked
+    for more tokens is continued after its last shard and ends as a store built with the larger
+    count at once; asked for fewer, it is left as it is."""
+    args = ["--model", "tiny-llama", "--dataset", corpus, "--context_size", "32", "--hooks", "1",
+            "--lm_batch_size", "4", "--store.dtype", "float32", "--batches_per_shard", "1"]
+
+    def cache(store, tokens):
+        code, _, err = run(["cache", "--store", str(tmp_path / store), *args, "--tokens",
+                            str(tokens)], capsys)
+        assert code == 0, err
+        return json.loads((tmp_path / store / "manifest.json").read_text())
+
+    (first,) = cache("grown", 1)["shards"]
+    assert cache("exact", first["rows"])["shards"] == [first]
+    grown = cache("grown", 450)
+    assert grown == cache("direct", 450) and len(grown["shards"]) > 2
+    assert sum(s["rows"] for s in grown["shards"]) >= 450
+    assert cache("grown", 150) == grown
