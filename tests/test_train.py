@@ -280,3 +280,53 @@ def test_the_trainer_follows_its_schedule_step_by_step(tmp_path, monkeypatch):
     # since_fired reaches 512 = dead_tokens after 2 steps of 256 rows: dead from step index 2.
     assert dead[:2] == [0, 0] and all(d >= 8 for d in dead[2:])
     assert [s for s, finished in checkpoints if not finished] == [4, 8]
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+def test_a_kill_before_the_old_checkpoints_go_resumes_the_newest(tmp_path, monkeypatch):
+    """Killed when every part holds checkpoint 3 and still its checkpoint 2, a run resumes from
+    checkpoint 3 (nothing done is redone) and ends as the uninterrupted run."""
+    import gsae.train
+
+    reference = resumable_trainer(tmp_path / "ref")
+    reference.fit(two_hook_chunks(40))
+    out = tmp_path / "cut"
+    trainer = resumable_trainer(out)
+    real_remove = gsae.train._remove_part
+
+    def die_before_removing_the_old(folder):
+        final = folder.with_name(folder.name.removesuffix(gsae.train.OLD))
+        if folder.name.endswith(gsae.train.OLD) and folder.exists() \
+                and json.loads((final / "state.json").read_text())["moment"] == 3:
+            raise Killed
+        real_remove(folder)
+
+    monkeypatch.setattr(gsae.train, "_remove_part", die_before_removing_the_old)
+    with pytest.raises(Killed):
+        trainer.fit(two_hook_chunks(40))
+    monkeypatch.setattr(gsae.train, "_remove_part", real_remove)
+    assert len(list(out.rglob("checkpoint" + gsae.train.OLD))) == 1 + len(trainer.members)
+    resumed = resumable_trainer(out, resume=True)
+    assert resumed.moment == 3 and resumed.chunks_done == trainer.chunks_done
+    assert [m.step for m in resumed.members] == [m.step for m in trainer.members]
+    resumed.fit(chunks_after(resumed.chunks_done))
+    assert_same_runs(resumed, reference)
+
+
+@pytest.mark.parametrize("d_in, k_aux, expected", [(16, None, 8), (1, None, 1), (16, 3, 3)])
+def test_auxk_takes_half_the_input_width_of_dead_latents_by_default(d_in, k_aux, expected,
+                                                                    tmp_path):
+    """The AuxK term reconstructs the residual with the top d_in // 2 dead latents (at least
+    one) unless --k_aux says how many: with every latent dead, exactly that many latents of each
+    row get an AuxK gradient."""
+    given = {} if k_aux is None else {"k_aux": k_aux}  # None: the default
+    cfg = TrainConfig(out=str(tmp_path), **given)
+    m = TrainedSAE(SAE(SAEConfig(n_latents=32, k=2, beta=0.0), d_in), "h", tmp_path, cfg)
+    x = torch.randn(1, d_in, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m.sae.b_enc.copy_(torch.arange(32.0))  # every pre-activation positive and distinct
+    out = m.sae(x, None, dead_mask=torch.ones(32, dtype=torch.bool), k_aux=m.k_aux)
+    out.auxk_loss.backward()
+    assert int((m.sae.b_enc.grad != 0).sum()) == expected
