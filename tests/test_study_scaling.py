@@ -342,3 +342,40 @@ def test_curves_keep_the_corpora_apart():
     topk = Series(Variant(0.0, "z"), 32, GRAD_FREE)
     assert cv.values("train", topk, "ce_increase", 100) == pytest.approx([1.0, 1.01])
     assert cv.values("unseen", topk, "ce_increase", 100) == pytest.approx([1.05, 1.06])
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+@pytest.mark.parametrize("first, last, expected", [
+    ([-0.5, -0.5], [-0.55, -0.52], "holds"),  # 7% of the first gap
+    ([-5.0], [-6.0], "holds"),  # exactly 20% (1 / 5 is the double nearest 0.2): still holds
+    ([-0.5, -0.5], [-0.7, -0.65], "grows"),  # 35%
+    ([-0.5, -0.5], [-0.3, -0.35], "shrinks"),  # -35%
+    ([0.5, 0.5], [0.3, 0.35], "shrinks"),  # a positive gap towards zero
+    ([0.5, 0.5], [0.7, 0.65], "grows"),
+    # the mean moves 42% away from zero, but one seed of three moves towards it
+    ([-0.2, -0.2, -0.2], [-0.35, -0.35, -0.15], "unclear (the seeds disagree)"),
+    # the mean moves 42% towards zero, but one seed of three moves away from it
+    ([0.2, 0.2, 0.2], [0.05, 0.05, 0.25], "unclear (the seeds disagree)"),
+])
+def test_trend_rule_on_clear_cases_on_both_sides(first, last, expected):
+    assert trend(first, last)["trend"] == expected
+
+
+def test_steering_aggregate_takes_the_first_strength():
+    """The steering table shows the median KL at the first strength (alpha_multiples 1, then
+    4), as a spread over the seeds of each variant."""
+    data = synthetic(-0.2, -0.1)
+    medians = {"b0-s0": (1.0, 9.0), "b0-s1": (1.2, 9.5), "b100-s0": (0.5, 7.0),
+               "b100-s1": (0.7, 8.0)}
+    data["steer"]["results"] = [
+        {"variant": name, "snapshot": 400,
+         "summary": [{"alpha_multiple": m, "kl": {"median": v}} for m, v in zip((1, 4), kl)]}
+        for name, kl in medians.items()]
+    from gsae.study.scaling_report import aggregates
+
+    steering = aggregates(Curves(data))["steering"]
+    assert steering["TopK"]["32"]["mean"] == pytest.approx(1.1)
+    assert steering["g-SAE β=100 (z)"]["32"]["mean"] == pytest.approx(0.6)
+    assert steering["g-SAE β=100 (z)"]["32"]["n"] == 2
