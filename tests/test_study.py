@@ -306,3 +306,43 @@ def test_comparison_results_are_typed_and_old_files_still_load():
     assert again == old and list(old.to_json())[0] == "schema"
     with pytest.raises(GsaeError, match="not a gsae compare result"):
         ComparisonResult.from_json({"schema": "gsae.eval/2"})
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+def test_a_cached_stage_recomputes_only_saes_whose_weights_or_settings_changed(tmp_path):
+    from gsae.study.compare import cached
+
+    calls = []
+
+    def compute(names):
+        calls.append(list(names))
+        return {"run": {"call": len(calls)},
+                "results": [{"sae": n, "value": f"{n}{len(calls)}"} for n in names]}
+
+    def stage(settings, prints):
+        run, records = cached(tmp_path / "eval.json", settings, prints, compute, [["x"], ["y"]])
+        return {n: [r["value"] for r in rs] for n, rs in records.items()}
+
+    assert stage({"seed": 0}, {"x": "fx", "y": "fy"}) == {"x": ["x1"], "y": ["y2"]}
+    assert stage({"seed": 0}, {"x": "fx", "y": "fy"}) == {"x": ["x1"], "y": ["y2"]}
+    assert calls == [["x"], ["y"]]
+    # y's weights changed: only y is computed again
+    assert stage({"seed": 0}, {"x": "fx", "y": "fy2"}) == {"x": ["x1"], "y": ["y3"]}
+    assert stage({"seed": 1}, {"x": "fx", "y": "fy2"}) == {"x": ["x4"], "y": ["y5"]}
+    assert calls == [["x"], ["y"], ["y"], ["x"], ["y"]]
+
+
+def test_quick_sets_only_the_settings_left_at_their_defaults():
+    from gsae.study.compare import CompareRun, apply_quick, command_line
+
+    run = CompareRun()
+    run.compare.quick = True
+    run.train.tokens, run.sae.k, run.eval.eval_tokens = 1234, [4], 100
+    apply_quick(run)
+    assert (run.train.tokens, run.sae.k, run.eval.eval_tokens) == (1234, [4], 100)
+    assert run.compare.store_tokens == 30_000 and run.sae.beta == [0.0, 100.0]
+    assert run.compare.sweep_beta == [] and run.steer.latents == 12
+    assert run.train.dead_tokens == 20_000 and run.compare.out == "runs/compare-quick"
+    assert command_line(run) == "gsae compare --quick --k 4 --tokens 1234 --eval_tokens 100"
