@@ -494,3 +494,40 @@ def test_a_latent_link_opens_its_page_with_its_strips(site, site_json, tmp_path,
         assert requests == []
     back = re.search(r'<a href="([^"]+)">&larr; all latents</a>|<a href="([^"]+)">← all', page_dom)
     assert back and (back[1] or back[2]) == "../index.html"
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+def test_promoted_tokens_go_through_the_gemma_norm_gain_one_plus_w():
+    """Gemma's final norm multiplies by 1 + w: the promoted and suppressed tokens are those of
+    the model's own norm and unembedding applied to the direction (up to the norm's positive
+    1 / RMS factor)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(vocab_size=512, hidden_size=D, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+                         head_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GemmaForCausalLM(config).eval().requires_grad_(False)
+    norm = model.model.norm
+    with torch.no_grad():  # a gain with mixed signs: w and 1 + w rank tokens differently
+        norm.weight.copy_(torch.linspace(0.2, 3.0, D) * torch.tensor([1, -1] * (D // 2)))
+    directions = torch.randn(8, D, generator=torch.Generator().manual_seed(1))
+    up, up_values, down, _ = top_tokens(model, directions, 3)
+    with torch.no_grad():
+        reference = model.lm_head(norm(directions))
+    assert torch.equal(up, reference.topk(3).indices)
+    assert torch.equal(down, reference.topk(3, largest=False).indices)
+    inverse_rms = (directions.pow(2).mean(1, keepdim=True) + norm.eps).rsqrt()
+    assert torch.allclose(up_values * inverse_rms, reference.topk(3).values, rtol=1e-4)
+    with_w_alone = (directions * norm.weight) @ model.lm_head.weight.T
+    assert not torch.equal(with_w_alone.topk(3).indices, up)  # the test can tell them apart
+
+
+def test_only_contexts_where_the_latent_fires_are_top_examples():
+    act = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 1.0], [float("nan"), 0.0, 0.0],
+                        [-1.0, -3.0, 0.0], [0.5, 0.0, 0.0]])
+    assert top_positions(act, 5) == [(1, 1), (4, 0)]
+    assert top_positions(act, 1) == [(1, 1)]
