@@ -1,6 +1,7 @@
 """The config tree: flags generated from nested dataclasses, config files, bounds, identity."""
 
 import json
+import re
 
 import pytest
 
@@ -122,3 +123,34 @@ def test_identity_leaves_out_where_and_how_a_run_executes():
 def test_positional_sae_folders():
     run = parse(EvaluationRun, ["a", "b", "--eval_tokens", "64", "--seed", "3"])
     assert run.saes == ["a", "b"] and run.eval.eval_tokens == 64 and run.eval.seed == 3
+
+
+# Behaviour that deliberately broken code once got past -------------------------------------------
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"train": {"tokens": True}}, "--train.tokens in the config file must be int, got True"),
+    ({"sae": {"k": [4, False]}}, "--sae.k in the config file must be int, got False"),
+    ({"train": {"lr": True}}, "--train.lr in the config file must be float, got True"),
+    ({"train": {"resume": 1}}, "--train.resume in the config file must be bool, got 1"),
+    ({"train": {"tokens": 5.0}}, "--train.tokens in the config file must be int, got 5.0"),
+])
+def test_a_bool_is_not_a_number_nor_a_number_a_bool(tmp_path, tree, message):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(tree))
+    with pytest.raises(GsaeError, match=re.escape(message)):
+        build(TrainRun, read_file(path))
+
+
+def test_settings_built_in_python_refuse_a_bool_for_a_number():
+    from gsae.config import check
+
+    run = TrainRun()
+    run.train.tokens = True
+    with pytest.raises(GsaeError, match="--train.tokens .*must be int, got True"):
+        check(run)
+    run = TrainRun()
+    run.train.lr = 1  # a whole number is a float setting's value
+    check(run)
+    assert build(TrainRun, {"train": {"lr": 1}}).train.lr == 1.0
+    assert isinstance(build(TrainRun, {"train": {"lr": 1}}).train.lr, float)
