@@ -1,7 +1,6 @@
 """The config tree: flags generated from nested dataclasses, config files, bounds, identity."""
 
 import json
-import re
 
 import pytest
 
@@ -136,6 +135,8 @@ def test_positional_sae_folders():
     ({"train": {"tokens": 5.0}}, "--train.tokens in the config file must be int, got 5.0"),
 ])
 def test_a_bool_is_not_a_number_nor_a_number_a_bool(tmp_path, tree, message):
+    import re
+
     path = tmp_path / "run.json"
     path.write_text(json.dumps(tree))
     with pytest.raises(GsaeError, match=re.escape(message)):
