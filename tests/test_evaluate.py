@@ -455,7 +455,7 @@ def test_sampled_eval_contexts_are_a_uniform_choice_kept_in_order(monkeypatch):
 def test_selected_latents_whose_value_is_zero_are_not_active(model, contexts):
     """Every row selects k = 8 latents, but only the 3 with a positive bias (the encoder
     weights are zero) have a positive value: L0 is 3 and the other latents are dead, in both
-    inference modes."""
+    inference modes; the firing histogram and dead fraction count the same way."""
     sae = make_sae(hook="1", beta=2.0, n_latents=128, k=8)
     with torch.no_grad():
         sae.W_enc.zero_()
@@ -465,4 +465,11 @@ def test_selected_latents_whose_value_is_zero_are_not_active(model, contexts):
                                names=["s"])
     for record in by_mode(result, "s").values():
         assert record["l0"] == 3 and record["dead_latents"] == 125
-        assert record["firing_histogram"]["dead"] == 125
+        assert record["dead_fraction"] == 125 / 128
+        assert record["dead_window_tokens"] == record["tokens"] == 4 * 18
+        # the 3 live latents fire at every position: log10 frequency 0, the top bin
+        histogram = record["firing_histogram"]
+        assert histogram["counts"] == [0] * 31 + [3] and histogram["dead"] == 125
+        # README: the CE increase is the spliced CE minus the clean CE
+        assert record["ce_increase"] == pytest.approx(record["ce_spliced"] - record["ce_clean"])
+        assert record["ce_increase"] != 0
