@@ -330,3 +330,33 @@ def test_auxk_takes_half_the_input_width_of_dead_latents_by_default(d_in, k_aux,
     out = m.sae(x, None, dead_mask=torch.ones(32, dtype=torch.bool), k_aux=m.k_aux)
     out.auxk_loss.backward()
     assert int((m.sae.b_enc.grad != 0).sum()) == expected
+
+
+def test_the_shuffle_buffer_emits_a_random_half_once_it_holds_its_capacity():
+    buf = ShuffleBuffer(capacity=8, batch_size=2, seed=0)
+    assert list(buf.add(Batch(torch.arange(7.0)[:, None], None))) == []
+    out = list(buf.add(Batch(torch.tensor([[7.0]]), None)))
+    assert [len(b) for b in out] == [2, 2] and buf.rows == 4
+    assert ShuffleBuffer(capacity=3, batch_size=4, seed=0).capacity == 8  # two batches at least
+
+
+def test_the_logged_effect_is_the_mean_beta_d_g_of_the_selected_latents(tmp_path, monkeypatch):
+    """log.jsonl's `effect` of a step: beta |d_i . g| averaged over rows and kept latents, with
+    the decoder rows as they were when the step selected them."""
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=2.0)],
+                           tokens=256 * 4, shuffle_tokens=512, log_every=1)
+    expected = []
+    real_forward = SAE.forward
+
+    def forward(self, x, grad=None, **kwargs):
+        W_dec = self.W_dec.detach().clone()
+        out = real_forward(self, x, grad, **kwargs)
+        dots = (W_dec[out.indices] * grad[:, None, :]).sum(-1)  # [N, k]: d_i . g
+        expected.append((2.0 * dots.abs()).mean().item())
+        return out
+
+    monkeypatch.setattr(SAE, "forward", forward)
+    trainer.fit(sparse_chunks(4))
+    log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
+    assert len(expected) == 4
+    assert [r["effect"] for r in log] == pytest.approx(expected, rel=1e-5)
