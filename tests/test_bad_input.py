@@ -157,3 +157,34 @@ def test_a_config_folder_is_named_as_one(corpus, tmp_path, capsys):
     (tmp_path / "cfgdir").mkdir()
     run_refused(["train", "--config", str(tmp_path / "cfgdir")], capsys, tmp_path,
                 "is a folder: give a JSON or YAML file")
+
+
+# ------------------------------------------------------------ silent wrong results, refused
+
+
+def cache_args(corpus, store):
+    return ["cache", "--model", "tiny-llama", "--dataset", str(corpus), "--context_size", "32",
+            "--hooks", "1", "--lm_batch_size", "4", "--tokens", "600", "--batches_per_shard", "1",
+            "--store.dtype", "float32", "--store", str(store)]
+
+
+def test_a_store_still_being_written_is_not_trained_on(corpus, tmp_path, capsys, monkeypatch):
+    from gsae.store import StoreWriter
+
+    real_write = StoreWriter.write_shard
+
+    def killed_after_one_shard(self, chunks):
+        real_write(self, chunks)
+        raise KeyboardInterrupt
+
+    train = ["train", "--store", str(tmp_path / "s"), "--hooks", "1", "--tokens", "256",
+             "--batch_tokens", "128", "--expansion_factor", "2", "--k", "4"]
+    for more in ([], ["--tokens", "1200"]):  # a new store, then a complete one extended
+        monkeypatch.setattr(StoreWriter, "write_shard", killed_after_one_shard)
+        assert main([*cache_args(corpus, tmp_path / "s"), *more]) == 130
+        monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+        run_refused([*train, "--out", str(tmp_path / "r")], capsys, tmp_path,
+                    "is incomplete: gsae cache is still writing it or was stopped")
+        assert not (tmp_path / "r").exists()
+        assert main([*cache_args(corpus, tmp_path / "s"), *more]) == 0  # finishing it
+    assert main([*train, "--out", str(tmp_path / "r")]) == 0
