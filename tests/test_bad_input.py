@@ -4,6 +4,7 @@ changed that the command did not create."""
 import errno
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,29 @@ def test_a_store_still_being_written_is_not_trained_on(corpus, tmp_path, capsys,
         assert not (tmp_path / "r").exists()
         assert main([*cache_args(corpus, tmp_path / "s"), *more]) == 0  # finishing it
     assert main([*train, "--out", str(tmp_path / "r")]) == 0
+
+
+def test_a_run_folder_in_use_is_refused_naming_its_holder(corpus, tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import gsae
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(gsae.__file__).parents[1])}
+    holder = subprocess.Popen(  # another command, in the middle of training this run
+        [sys.executable, "-c", "import sys, time; from gsae.io import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'the run'):\n print('held', flush=True); time.sleep(600)",
+         str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for extra in ([], ["--resume"]):
+            run_refused(["train", *tiny(corpus, out), *extra], capsys, tmp_path,
+                        f"is in use: the run there is held by pid {holder.pid} on "
+                        f"{socket.gethostname()}, since 20")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", *tiny(corpus, out)]) == 0  # the lock ended with its holder

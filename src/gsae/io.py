@@ -7,12 +7,15 @@ file (safetensors alone would leave weights readable by their owner only).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import stat
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ from gsae.errors import GsaeError
 
 _TMP_MARK = ".tmp-"
 _MIB = 1 << 20
+LOCK_FILE = ".gsae.lock"
 
 
 def cache_root() -> Path:
@@ -246,6 +250,30 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
         else:
             keys.extend(differing_keys(a[key], b[key], name))
     return keys
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (which holds `what`, e.g. "the run") while the block
+    runs: `fcntl.flock` on the hidden file LOCK_FILE in it, which records its holder. A second
+    holder is refused with one line naming the first (pid, host, start time). The lock ends with
+    the block or the process; the file stays (deleting it could split a later lock in two)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise GsaeError(f"{folder} is in use: {what} there is held by {holder}; wait for "
+                            "that command to finish (or stop it) and try again") from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------- records

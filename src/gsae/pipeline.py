@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from gsae.config import build, check, identity, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
 from gsae.formats import load
-from gsae.io import check_output_file, write_json
+from gsae.io import LOCK_FILE, check_output_file, folder_lock, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
@@ -168,20 +169,29 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
         cfg.validate(data.d_in)
     saes = [(SAE(replace(cfg), data.d_in, provenance=data.provenance(hook)), hook)
             for hook in data.hooks for cfg in configs]
-    if resume_if_same:
-        run = _resume_or_restart(run, configs, data)
-    folders = [sae_folder(run.train.out, hook, cfg) for hook in data.hooks for cfg in configs]
-    record = claim_run_folder(run, configs, {**data.recorded, "sae_folders": [
-        str(f.relative_to(run.train.out)) for f in folders]})
-    trainer = Trainer.create(saes, run.train, run_config=record)
-    if trainer.finished:
-        raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to resume "
-                        "(pass --overwrite to train it again, or a larger --tokens as a new run)")
-    records = trainer.fit(data.chunks(trainer.chunks_done))
+    with run_folder_lock(run.train.out):
+        if resume_if_same:
+            run = _resume_or_restart(run, configs, data)
+        folders = [sae_folder(run.train.out, hook, cfg) for hook in data.hooks for cfg in configs]
+        record = claim_run_folder(run, configs, {**data.recorded, "sae_folders": [
+            str(f.relative_to(run.train.out)) for f in folders]})
+        trainer = Trainer.create(saes, run.train, run_config=record)
+        if trainer.finished:
+            raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to "
+                            "resume (pass --overwrite to train it again, or a larger --tokens "
+                            "as a new run)")
+        records = trainer.fit(data.chunks(trainer.chunks_done))
     main_rank = distributed.is_main()
     distributed.shutdown()
     return TrainSummary(records, time.perf_counter() - t0, run.train.out,
                         trainer.dropped_outliers, trainer.rows_seen, main_rank)
+
+
+def run_folder_lock(out: str) -> AbstractContextManager[None]:
+    """The run folder's exclusive lock, held from reading run.json to the end of training, so
+    that a second command on the same run (two --resume, say) is refused instead of writing
+    beside the first. The main process holds it for all ranks of a torchrun run."""
+    return folder_lock(out, "the run") if distributed.is_main() else nullcontext()
 
 
 def settings_of_store(run: TrainRun, identity: dict[str, Any]) -> TrainRun:
@@ -351,8 +361,9 @@ def _remove_replaced_saes(out: Path, kept: list[str]) -> None:
 
 def _holds_files(out: Path) -> bool:
     """Whether `out` holds anything besides what a killed write of run.json leaves behind
-    (a hidden temporary sibling)."""
-    return out.is_dir() and any(not p.name.startswith(f".{RUN_FILE}") for p in out.iterdir())
+    (a hidden temporary sibling) and the run's lock file."""
+    return out.is_dir() and any(not p.name.startswith(f".{RUN_FILE}") and p.name != LOCK_FILE
+                                for p in out.iterdir())
 
 
 def _previous_identity(out: Path) -> dict[str, Any] | None:
