@@ -215,3 +215,37 @@ def test_a_run_folder_in_use_is_refused_naming_its_holder(corpus, tmp_path, caps
         holder.kill()
         holder.wait()
     assert main(["train", *tiny(corpus, out)]) == 0  # the lock ended with its holder
+
+
+def test_a_change_in_the_middle_of_a_large_corpus_is_seen(corpus, tmp_path, capsys):
+    from gsae.io import file_fingerprint
+    from gsae.pipeline import check_corpus
+
+    text = tmp_path / "docs.txt"
+    one = open(corpus).read()
+    text.write_text("\n\n".join([one] * (3 * 2**20 // len(one))))  # 3 MiB
+    assert text.stat().st_size > 2 * 2**20 + 4096
+    folder = saved_sae(tmp_path, text)
+    data = DataConfig(dataset=str(text), context_size=32)
+    older = SAE(SAEConfig(n_latents=128, k=4), 64, provenance=Provenance(  # recorded the ends
+        hook="model.layers.1", corpus={**corpus_identity(data),
+                                       "fingerprint": file_fingerprint(text)}))
+    check_corpus([older], ["older"], data)  # an older record of the unchanged corpus is accepted
+    raw = bytearray(text.read_bytes())
+    middle = raw.index(b" ", len(raw) // 2)
+    raw[middle] = ord("\n")  # one byte, 1.5 MiB from either end; the size is the same
+    text.write_bytes(bytes(raw))
+    run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path, "changed since")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--split_seed", "1"], "--split_seed 1 differs from the 0 that"),
+    (["--eval_fraction", "0.5"], "--eval_fraction 0.5 is larger than the 0.1 that"),
+])
+def test_evaluation_on_another_split_of_the_training_corpus_is_refused(
+        corpus, tmp_path, capsys, flags, message):
+    folder = saved_sae(tmp_path, corpus)
+    run_refused(["eval", str(folder), "--eval_tokens", "64", *flags], capsys, tmp_path, message)
+    run_refused(["steer", str(folder), "--latents", "1", "--contexts", "1", "--pool", "2",
+                 *flags], capsys, tmp_path, message)
+    assert main(["eval", str(folder), "--eval_tokens", "64", "--eval_fraction", "0.05"]) == 0

@@ -293,22 +293,26 @@ def versions() -> dict[str, str]:
     return found
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap content hash of a file: sha256 of its size, first MiB and last MiB."""
+def file_fingerprint(path: str | os.PathLike, whole: bool = False) -> str:
+    """A content hash of a file: sha256 of its size and bytes. With `whole` every byte counts
+    (corpora: a change anywhere is seen); without, only the first and last MiB (cheap, for
+    model weights of many GB). The two agree for files of at most 2 MiB."""
     path = Path(path)
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         digest.update(f.read(_MIB))
-        if size > _MIB:
-            f.seek(max(_MIB, size - _MIB))
-            digest.update(f.read())
+        if size > 2 * _MIB and not whole:
+            f.seek(size - _MIB)
+        while block := f.read(_MIB):
+            digest.update(block)
     return digest.hexdigest()
 
 
-def files_fingerprint(root: str | os.PathLike, files: list[Path]) -> str:
+def files_fingerprint(root: str | os.PathLike, files: list[Path], whole: bool = False) -> str:
     """A content hash of several files under `root`: their relative paths and fingerprints."""
     digest = hashlib.sha256()
     for file in sorted(files):
-        digest.update(f"{file.relative_to(root).as_posix()}\0{file_fingerprint(file)}\n".encode())
+        name = file.relative_to(root).as_posix()
+        digest.update(f"{name}\0{file_fingerprint(file, whole)}\n".encode())
     return digest.hexdigest()

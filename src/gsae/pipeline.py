@@ -36,7 +36,13 @@ from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
 from gsae.steer import SteerConfig, SteerResult, steer
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
-from gsae.text import DataConfig, batched_contexts, corpus_identity, token_contexts
+from gsae.text import (
+    DataConfig,
+    batched_contexts,
+    corpus_fingerprint,
+    corpus_identity,
+    token_contexts,
+)
 from gsae.train import TrainConfig, Trainer, check_wandb, data_parallel, sae_folder
 
 SAESweep = sweep_of(SAEConfig)
@@ -463,10 +469,30 @@ def load_for_eval(sae_dirs: list[str], model_cfg: ModelConfig | None = None,
     saes = [load(folder, device=model_cfg.device) for folder in sae_dirs]
     model_id = model_identity(model_cfg)
     check_model(saes, model_id)
+    check_split(saes, sae_dirs, data_cfg)
     if not allow_changed_corpus:
         check_corpus(saes, sae_dirs, data_cfg)
     model, tokenizer = load_model(model_cfg)
     return LoadedModel(saes, list(sae_dirs), model, tokenizer, model_cfg, model_id, data_cfg)
+
+
+def check_split(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> None:
+    """Refuse an evaluation split that would hold documents an SAE trained on: of the corpus it
+    trained on, under another --split_seed or a larger --eval_fraction (a smaller one holds out
+    a part of the same documents)."""
+    for sae, name in zip(saes, names):
+        trained = sae.provenance.corpus or {}
+        if trained.get("dataset") != data_cfg.dataset:
+            continue
+        seed, fraction = trained.get("split_seed"), trained.get("eval_fraction")
+        if seed is not None and seed != data_cfg.split_seed:
+            raise GsaeError(f"--split_seed {data_cfg.split_seed} differs from the {seed} that "
+                            f"{name} was trained with, so its evaluation split would hold "
+                            "training documents; leave --split_seed out to use the recorded one")
+        if fraction is not None and data_cfg.eval_fraction > fraction:
+            raise GsaeError(f"--eval_fraction {data_cfg.eval_fraction} is larger than the "
+                            f"{fraction} that {name} was trained with, so its evaluation split "
+                            "would hold training documents; use at most the recorded fraction")
 
 
 def check_corpus(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> None:
@@ -475,8 +501,10 @@ def check_corpus(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> Non
     current = corpus_identity(data_cfg)
     for sae, name in zip(saes, names):
         trained = sae.provenance.corpus or {}
-        if (trained.get("dataset") == current["dataset"] and trained.get("fingerprint")
-                and current["fingerprint"] and trained["fingerprint"] != current["fingerprint"]):
+        recorded = trained.get("fingerprint")
+        if (trained.get("dataset") == current["dataset"] and recorded and current["fingerprint"]
+                and recorded != current["fingerprint"]
+                and recorded != corpus_fingerprint(data_cfg, whole=False)):  # an older record
             raise GsaeError(f"the corpus {current['dataset']!r} changed since {name} was trained "
                             "on it (its fingerprint differs), so its held-out split may now hold "
                             "training documents; pass --allow_changed_corpus to evaluate anyway")

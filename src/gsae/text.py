@@ -417,16 +417,24 @@ def batched_contexts(
         yield torch.stack(batch)
 
 
+def corpus_fingerprint(cfg: DataConfig, whole: bool = True) -> str | None:
+    """The content hash of a local or embedded corpus (None for a hub dataset): of every byte,
+    or with `whole` false as gsae recorded it before, of the first and last MiB of each file
+    (the same for files of at most 2 MiB, such as the embedded corpora)."""
+    kind, where = resolve_dataset(cfg)
+    if kind == "embedded":
+        return file_fingerprint(embedded_path(where), whole)
+    if kind == "file":
+        return file_fingerprint(where, whole)
+    if kind == "folder":
+        return files_fingerprint(where, _data_files(Path(where)), whole)
+    return None
+
+
 def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
     """A JSON-able record of the corpus and its cutting, with a fingerprint of local files."""
-    kind, where = resolve_dataset(cfg)
-    fingerprint = None
-    if kind == "embedded":
-        fingerprint = file_fingerprint(embedded_path(where))
-    elif kind == "file":
-        fingerprint = file_fingerprint(where)
-    elif kind == "folder":
-        fingerprint = files_fingerprint(where, _data_files(Path(where)))
+    kind, _ = resolve_dataset(cfg)
+    fingerprint = corpus_fingerprint(cfg)
     return {
         "dataset": cfg.dataset,
         "kind": kind,
