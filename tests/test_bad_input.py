@@ -249,3 +249,25 @@ def test_evaluation_on_another_split_of_the_training_corpus_is_refused(
     run_refused(["steer", str(folder), "--latents", "1", "--contexts", "1", "--pool", "2",
                  *flags], capsys, tmp_path, message)
     assert main(["eval", str(folder), "--eval_tokens", "64", "--eval_fraction", "0.05"]) == 0
+
+
+def test_outputs_reached_through_a_symlink_are_written_where_it_points(corpus, tmp_path, capsys):
+    folder = saved_sae(tmp_path, corpus)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert main(["export", str(folder), str(tmp_path / "link"), "--format", "saelens"]) == 0
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == [
+        "cfg.json", "sae_weights.safetensors"]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site-link").symlink_to(tmp_path / "site")
+    assert main(["inspect", str(folder), "--out", str(tmp_path / "site-link"), "--tokens", "64",
+                 "--pool_tokens", "0", "--top_latents", "2", "--random_latents", "0",
+                 "--continuation_tokens", "1"]) == 0
+    assert (tmp_path / "site-link").is_symlink() and (tmp_path / "site" / "index.html").is_file()
+    (tmp_path / "earlier.json").write_text('{"schema": "gsae.eval/2"}')
+    (tmp_path / "result.json").symlink_to(tmp_path / "earlier.json")
+    assert main(["eval", str(folder), "--eval_tokens", "64", "--json",
+                 str(tmp_path / "result.json")]) == 0
+    assert (tmp_path / "result.json").is_symlink()
+    assert "results" in json.loads((tmp_path / "earlier.json").read_text())

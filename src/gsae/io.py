@@ -98,9 +98,10 @@ def atomic_output(final: str | os.PathLike, replace: bool = False) -> Iterator[P
     An existing file `final` is replaced. An existing folder `final` is kept (another writer
     made it first) and this one discarded, unless `replace`: then the old folder is renamed
     away, the new one renamed in, and the old one deleted. The result gets the umask's
-    permissions.
+    permissions. A `final` that is a symbolic link is written where the link points (the link
+    stays): renamed onto the link itself, a folder would fail and a file would replace the link.
     """
-    final = Path(final)
+    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
     tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
