@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
@@ -271,3 +272,53 @@ def test_outputs_reached_through_a_symlink_are_written_where_it_points(corpus, t
                  str(tmp_path / "result.json")]) == 0
     assert (tmp_path / "result.json").is_symlink()
     assert "results" in json.loads((tmp_path / "earlier.json").read_text())
+
+
+def test_line_breaks_byte_order_marks_and_nul_characters_in_text(corpus, tmp_path, capsys):
+    from gsae.text import load_documents
+
+    docs = ["First document,\nits second line.", "Second document.", "Third, café."]
+    lf = tmp_path / "lf.txt"
+    lf.write_text("\n\n".join(docs) + "\n")
+    expected = load_documents(DataConfig(dataset=str(lf)))
+    assert expected == docs
+    variants = {"cr.txt": lf.read_bytes().replace(b"\n", b"\r"),  # classic Mac OS line breaks
+                "crlf.txt": lf.read_bytes().replace(b"\n", b"\r\n"),
+                "bom.txt": b"\xef\xbb\xbf" + lf.read_bytes()}
+    for name, data in variants.items():
+        (tmp_path / name).write_bytes(data)
+        got = load_documents(DataConfig(dataset=str(tmp_path / name)))
+        assert [d.replace("\r\n", "\n") for d in got] == docs, name
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": d}) for d in docs).encode())
+    assert load_documents(DataConfig(dataset=str(rows))) == docs
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes(open(corpus).read().encode("utf-16-le"))  # no BOM: valid UTF-8 with NULs
+    run_refused(["train", *tiny(wide, tmp_path / "r")], capsys, tmp_path,
+                "holds a NUL character (at character 1)")
+    named = DataConfig(dataset=str(wide), encoding="utf-16-le")
+    assert load_documents(named) == load_documents(DataConfig(dataset=corpus))
+
+
+def test_edited_selection_settings_and_integer_weights_are_refused(corpus, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = saved_sae(tmp_path, corpus)  # k 4, beta 100, value_mode z
+    cfg = folder / "cfg.json"
+    raw = json.loads(cfg.read_text())
+    for key, value, message in [
+        ("beta", 0.0, "gives beta 0.0, but its weights were trained and saved with beta 100.0"),
+        ("k", 8, "gives k 8, but its weights were trained and saved with k 4"),
+        ("value_mode", "score", "gives value_mode score, but its weights were trained and saved "
+         "with value_mode z"),
+    ]:
+        cfg.write_text(json.dumps({**raw, key: value}))
+        run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path, message)
+    cfg.write_text(json.dumps({**raw, "beta": 100}))  # the same value, written as an integer
+    assert SAE.load(folder).beta == 100
+    weights = folder / "sae.safetensors"
+    tensors = load_file(weights)
+    for dtype, name in ((torch.int32, "int32"), (torch.bool, "bool")):
+        save_file({**tensors, "W_enc": (tensors["W_enc"] * 10).to(dtype)}, weights)
+        run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path,
+                    f"SAE weights must be floating point, but W_enc is {name}")

@@ -135,7 +135,7 @@ def _data_files(folder: Path) -> list[Path]:
 
 def _read_file(path: Path, column: str, encoding: str = "utf-8") -> Iterator[str]:
     if path.suffix == ".txt":
-        text = _decoded(path, encoding)
+        text = re.sub(r"\r(?!\n)", "\n", _decoded(path, encoding))  # a lone CR breaks a line
         yield from (doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip())
     elif path.suffix == ".jsonl":
         yield from _column(_jsonl_rows(path, encoding), column, str(path))
@@ -144,8 +144,18 @@ def _read_file(path: Path, column: str, encoding: str = "utf-8") -> Iterator[str
 
 
 def _decoded(path: Path, encoding: str) -> str:
-    """The text of a file, refusing bytes that are not valid in `encoding` (rather than
-    training on replacement characters)."""
+    """The text of a file without a leading byte-order mark, refusing bytes that are not valid
+    in `encoding` (rather than training on replacement characters) and NUL characters (binary
+    data, or text in another encoding such as UTF-16)."""
+    text = _decoded_bytes(path, encoding)
+    if "\0" in text:
+        raise GsaeError(f"{path} holds a NUL character (at character {text.index(chr(0))}): it "
+                        "is binary, or text in another encoding; name it with --encoding, e.g. "
+                        "--encoding utf-16")
+    return text.removeprefix("\ufeff")
+
+
+def _decoded_bytes(path: Path, encoding: str) -> str:
     try:
         return path.read_bytes().decode(encoding)
     except LookupError:
