@@ -6,7 +6,7 @@
   gensim wheel, stripped of markup (cached as JSONL under `$GSAE_CACHE`, else `~/.cache/gsae`);
 - `news`: about 300 news articles from the same wheel (`lee_background.cor`, one per line);
 - a `.txt` file: documents separated by blank lines (a file without blank lines is one
-  document); for multi-paragraph documents use `.jsonl`;
+  document; a lone CR breaks a line as LF does); for multi-paragraph documents use `.jsonl`;
 - a `.jsonl` file: one JSON object per line, the text in `text_column`;
 - a `.parquet` file: the text in column `text_column`;
 - a folder: every such file under it, in sorted path order;
