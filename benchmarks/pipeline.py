@@ -76,6 +76,7 @@ def main() -> None:
         chunks = [source.batches(t) for t in batches]
         for i in range(0, len(chunks), 2):
             writer.write_shard(chunks[i : i + 2])
+        writer.finish()
         reader = StoreReader(store_dir)
         n_chunks = len(reader.shards)
         stored = train_rate(itertools.islice(reader.chunks(), 3 * n_chunks), make_saes(1), hook,

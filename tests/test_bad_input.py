@@ -4,8 +4,10 @@ changed that the command did not create."""
 import errno
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
@@ -157,3 +159,166 @@ def test_a_config_folder_is_named_as_one(corpus, tmp_path, capsys):
     (tmp_path / "cfgdir").mkdir()
     run_refused(["train", "--config", str(tmp_path / "cfgdir")], capsys, tmp_path,
                 "is a folder: give a JSON or YAML file")
+
+
+# ------------------------------------------------------------ silent wrong results, refused
+
+
+def cache_args(corpus, store):
+    return ["cache", "--model", "tiny-llama", "--dataset", str(corpus), "--context_size", "32",
+            "--hooks", "1", "--lm_batch_size", "4", "--tokens", "600", "--batches_per_shard", "1",
+            "--store.dtype", "float32", "--store", str(store)]
+
+
+def test_a_store_still_being_written_is_not_trained_on(corpus, tmp_path, capsys, monkeypatch):
+    from gsae.store import StoreWriter
+
+    real_write = StoreWriter.write_shard
+
+    def killed_after_one_shard(self, chunks):
+        real_write(self, chunks)
+        raise KeyboardInterrupt
+
+    train = ["train", "--store", str(tmp_path / "s"), "--hooks", "1", "--tokens", "256",
+             "--batch_tokens", "128", "--expansion_factor", "2", "--k", "4"]
+    for more in ([], ["--tokens", "1200"]):  # a new store, then a complete one extended
+        monkeypatch.setattr(StoreWriter, "write_shard", killed_after_one_shard)
+        assert main([*cache_args(corpus, tmp_path / "s"), *more]) == 130
+        monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+        run_refused([*train, "--out", str(tmp_path / "r")], capsys, tmp_path,
+                    "is incomplete: gsae cache is still writing it or was stopped")
+        assert not (tmp_path / "r").exists()
+        assert main([*cache_args(corpus, tmp_path / "s"), *more]) == 0  # finishing it
+    assert main([*train, "--out", str(tmp_path / "r")]) == 0
+
+
+def test_a_run_folder_in_use_is_refused_naming_its_holder(corpus, tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import gsae
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(gsae.__file__).parents[1])}
+    holder = subprocess.Popen(  # another command, in the middle of training this run
+        [sys.executable, "-c", "import sys, time; from gsae.io import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'the run'):\n print('held', flush=True); time.sleep(600)",
+         str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for extra in ([], ["--resume"]):
+            run_refused(["train", *tiny(corpus, out), *extra], capsys, tmp_path,
+                        f"is in use: the run there is held by pid {holder.pid} on "
+                        f"{socket.gethostname()}, since 20")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", *tiny(corpus, out)]) == 0  # the lock ended with its holder
+
+
+def test_a_change_in_the_middle_of_a_large_corpus_is_seen(corpus, tmp_path, capsys):
+    from gsae.io import file_fingerprint
+    from gsae.pipeline import check_corpus
+
+    text = tmp_path / "docs.txt"
+    one = open(corpus).read()
+    text.write_text("\n\n".join([one] * (3 * 2**20 // len(one))))  # 3 MiB
+    assert text.stat().st_size > 2 * 2**20 + 4096
+    folder = saved_sae(tmp_path, text)
+    data = DataConfig(dataset=str(text), context_size=32)
+    older = SAE(SAEConfig(n_latents=128, k=4), 64, provenance=Provenance(  # recorded the ends
+        hook="model.layers.1", corpus={**corpus_identity(data),
+                                       "fingerprint": file_fingerprint(text)}))
+    check_corpus([older], ["older"], data)  # an older record of the unchanged corpus is accepted
+    raw = bytearray(text.read_bytes())
+    middle = raw.index(b" ", len(raw) // 2)
+    raw[middle] = ord("\n")  # one byte, 1.5 MiB from either end; the size is the same
+    text.write_bytes(bytes(raw))
+    run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path, "changed since")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--split_seed", "1"], "--split_seed 1 differs from the 0 that"),
+    (["--eval_fraction", "0.5"], "--eval_fraction 0.5 is larger than the 0.1 that"),
+])
+def test_evaluation_on_another_split_of_the_training_corpus_is_refused(
+        corpus, tmp_path, capsys, flags, message):
+    folder = saved_sae(tmp_path, corpus)
+    run_refused(["eval", str(folder), "--eval_tokens", "64", *flags], capsys, tmp_path, message)
+    run_refused(["steer", str(folder), "--latents", "1", "--contexts", "1", "--pool", "2",
+                 *flags], capsys, tmp_path, message)
+    assert main(["eval", str(folder), "--eval_tokens", "64", "--eval_fraction", "0.05"]) == 0
+
+
+def test_outputs_reached_through_a_symlink_are_written_where_it_points(corpus, tmp_path, capsys):
+    folder = saved_sae(tmp_path, corpus)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert main(["export", str(folder), str(tmp_path / "link"), "--format", "saelens"]) == 0
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == [
+        "cfg.json", "sae_weights.safetensors"]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site-link").symlink_to(tmp_path / "site")
+    assert main(["inspect", str(folder), "--out", str(tmp_path / "site-link"), "--tokens", "64",
+                 "--pool_tokens", "0", "--top_latents", "2", "--random_latents", "0",
+                 "--continuation_tokens", "1"]) == 0
+    assert (tmp_path / "site-link").is_symlink() and (tmp_path / "site" / "index.html").is_file()
+    (tmp_path / "earlier.json").write_text('{"schema": "gsae.eval/2"}')
+    (tmp_path / "result.json").symlink_to(tmp_path / "earlier.json")
+    assert main(["eval", str(folder), "--eval_tokens", "64", "--json",
+                 str(tmp_path / "result.json")]) == 0
+    assert (tmp_path / "result.json").is_symlink()
+    assert "results" in json.loads((tmp_path / "earlier.json").read_text())
+
+
+def test_line_breaks_byte_order_marks_and_nul_characters_in_text(corpus, tmp_path, capsys):
+    from gsae.text import load_documents
+
+    docs = ["First document,\nits second line.", "Second document.", "Third, café."]
+    lf = tmp_path / "lf.txt"
+    lf.write_text("\n\n".join(docs) + "\n")
+    expected = load_documents(DataConfig(dataset=str(lf)))
+    assert expected == docs
+    variants = {"cr.txt": lf.read_bytes().replace(b"\n", b"\r"),  # classic Mac OS line breaks
+                "crlf.txt": lf.read_bytes().replace(b"\n", b"\r\n"),
+                "bom.txt": b"\xef\xbb\xbf" + lf.read_bytes()}
+    for name, data in variants.items():
+        (tmp_path / name).write_bytes(data)
+        got = load_documents(DataConfig(dataset=str(tmp_path / name)))
+        assert [d.replace("\r\n", "\n") for d in got] == docs, name
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": d}) for d in docs).encode())
+    assert load_documents(DataConfig(dataset=str(rows))) == docs
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes(open(corpus).read().encode("utf-16-le"))  # no BOM: valid UTF-8 with NULs
+    run_refused(["train", *tiny(wide, tmp_path / "r")], capsys, tmp_path,
+                "holds a NUL character (at character 1)")
+    named = DataConfig(dataset=str(wide), encoding="utf-16-le")
+    assert load_documents(named) == load_documents(DataConfig(dataset=corpus))
+
+
+def test_edited_selection_settings_and_integer_weights_are_refused(corpus, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = saved_sae(tmp_path, corpus)  # k 4, beta 100, value_mode z
+    cfg = folder / "cfg.json"
+    raw = json.loads(cfg.read_text())
+    for key, value, message in [
+        ("beta", 0.0, "gives beta 0.0, but its weights were trained and saved with beta 100.0"),
+        ("k", 8, "gives k 8, but its weights were trained and saved with k 4"),
+        ("value_mode", "score", "gives value_mode score, but its weights were trained and saved "
+         "with value_mode z"),
+    ]:
+        cfg.write_text(json.dumps({**raw, key: value}))
+        run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path, message)
+    cfg.write_text(json.dumps({**raw, "beta": 100}))  # the same value, written as an integer
+    assert SAE.load(folder).beta == 100
+    weights = folder / "sae.safetensors"
+    tensors = load_file(weights)
+    for dtype, name in ((torch.int32, "int32"), (torch.bool, "bool")):
+        save_file({**tensors, "W_enc": (tensors["W_enc"] * 10).to(dtype)}, weights)
+        run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path,
+                    f"SAE weights must be floating point, but W_enc is {name}")

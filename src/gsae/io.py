@@ -7,12 +7,15 @@ file (safetensors alone would leave weights readable by their owner only).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import stat
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ from gsae.errors import GsaeError
 
 _TMP_MARK = ".tmp-"
 _MIB = 1 << 20
+LOCK_FILE = ".gsae.lock"
 
 
 def cache_root() -> Path:
@@ -94,9 +98,10 @@ def atomic_output(final: str | os.PathLike, replace: bool = False) -> Iterator[P
     An existing file `final` is replaced. An existing folder `final` is kept (another writer
     made it first) and this one discarded, unless `replace`: then the old folder is renamed
     away, the new one renamed in, and the old one deleted. The result gets the umask's
-    permissions.
+    permissions. A `final` that is a symbolic link is written where the link points (the link
+    stays): renamed onto the link itself, a folder would fail and a file would replace the link.
     """
-    final = Path(final)
+    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
     tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -248,6 +253,30 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (which holds `what`, e.g. "the run") while the block
+    runs: `fcntl.flock` on the hidden file LOCK_FILE in it, which records its holder. A second
+    holder is refused with one line naming the first (pid, host, start time). The lock ends with
+    the block or the process; the file stays (deleting it could split a later lock in two)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise GsaeError(f"{folder} is in use: {what} there is held by {holder}; wait for "
+                            "that command to finish (or stop it) and try again") from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------- records
 
 
@@ -265,22 +294,26 @@ def versions() -> dict[str, str]:
     return found
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap content hash of a file: sha256 of its size, first MiB and last MiB."""
+def file_fingerprint(path: str | os.PathLike, whole: bool = False) -> str:
+    """A content hash of a file: sha256 of its size and bytes. With `whole` every byte counts
+    (corpora: a change anywhere is seen); without, only the first and last MiB (cheap, for
+    model weights of many GB). The two agree for files of at most 2 MiB."""
     path = Path(path)
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         digest.update(f.read(_MIB))
-        if size > _MIB:
-            f.seek(max(_MIB, size - _MIB))
-            digest.update(f.read())
+        if size > 2 * _MIB and not whole:
+            f.seek(size - _MIB)
+        while block := f.read(_MIB):
+            digest.update(block)
     return digest.hexdigest()
 
 
-def files_fingerprint(root: str | os.PathLike, files: list[Path]) -> str:
+def files_fingerprint(root: str | os.PathLike, files: list[Path], whole: bool = False) -> str:
     """A content hash of several files under `root`: their relative paths and fingerprints."""
     digest = hashlib.sha256()
     for file in sorted(files):
-        digest.update(f"{file.relative_to(root).as_posix()}\0{file_fingerprint(file)}\n".encode())
+        name = file.relative_to(root).as_posix()
+        digest.update(f"{name}\0{file_fingerprint(file, whole)}\n".encode())
     return digest.hexdigest()

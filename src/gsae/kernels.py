@@ -149,10 +149,13 @@ def select(
 
     The result is the exact top k of the scores computed in `x_centered`'s dtype: ranked by
     value, and among latents whose scores are equal to the last bit the one of lower index comes
-    first. Where `screens(x_centered)`, all scores are first ranked by bfloat16 products with
-    certified error bounds and only the candidates that the bounds cannot rule out are computed
-    exactly (`_ScreenedScorer`); rows the bounds cannot settle get more candidates and in the
-    end all latents.
+    first. Latents with identical weights tie only where their products are exact: a BLAS
+    kernel's summation order may depend on the CPU and on a row's place in memory, so in general
+    they may score a rounding apart and either may win (docs/performance.md, "Ties"). Where
+    `screens(x_centered)`, all scores are first ranked by bfloat16 products with certified error
+    bounds and only the candidates that the bounds cannot rule out are computed exactly
+    (`_ScreenedScorer`); rows the bounds cannot settle get more candidates and in the end all
+    latents.
     """
     n_rows, n_latents = x_centered.shape[0], W_enc.shape[0]
     if grad is None or W_dec is None:

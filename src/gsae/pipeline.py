@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,19 @@ from gsae.config import build, check, identity, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
 from gsae.formats import load
-from gsae.io import check_output_file, write_json
+from gsae.io import LOCK_FILE, check_output_file, folder_lock, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
 from gsae.steer import SteerConfig, SteerResult, steer
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
-from gsae.text import DataConfig, batched_contexts, corpus_identity, token_contexts
+from gsae.text import (
+    DataConfig,
+    batched_contexts,
+    corpus_fingerprint,
+    corpus_identity,
+    token_contexts,
+)
 from gsae.train import TrainConfig, Trainer, check_wandb, data_parallel, sae_folder
 
 SAESweep = sweep_of(SAEConfig)
@@ -168,20 +175,29 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
         cfg.validate(data.d_in)
     saes = [(SAE(replace(cfg), data.d_in, provenance=data.provenance(hook)), hook)
             for hook in data.hooks for cfg in configs]
-    if resume_if_same:
-        run = _resume_or_restart(run, configs, data)
-    folders = [sae_folder(run.train.out, hook, cfg) for hook in data.hooks for cfg in configs]
-    record = claim_run_folder(run, configs, {**data.recorded, "sae_folders": [
-        str(f.relative_to(run.train.out)) for f in folders]})
-    trainer = Trainer.create(saes, run.train, run_config=record)
-    if trainer.finished:
-        raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to resume "
-                        "(pass --overwrite to train it again, or a larger --tokens as a new run)")
-    records = trainer.fit(data.chunks(trainer.chunks_done))
+    with run_folder_lock(run.train.out):
+        if resume_if_same:
+            run = _resume_or_restart(run, configs, data)
+        folders = [sae_folder(run.train.out, hook, cfg) for hook in data.hooks for cfg in configs]
+        record = claim_run_folder(run, configs, {**data.recorded, "sae_folders": [
+            str(f.relative_to(run.train.out)) for f in folders]})
+        trainer = Trainer.create(saes, run.train, run_config=record)
+        if trainer.finished:
+            raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to "
+                            "resume (pass --overwrite to train it again, or a larger --tokens "
+                            "as a new run)")
+        records = trainer.fit(data.chunks(trainer.chunks_done))
     main_rank = distributed.is_main()
     distributed.shutdown()
     return TrainSummary(records, time.perf_counter() - t0, run.train.out,
                         trainer.dropped_outliers, trainer.rows_seen, main_rank)
+
+
+def run_folder_lock(out: str) -> AbstractContextManager[None]:
+    """The run folder's exclusive lock, held from reading run.json to the end of training, so
+    that a second command on the same run (two --resume, say) is refused instead of writing
+    beside the first. The main process holds it for all ranks of a torchrun run."""
+    return folder_lock(out, "the run") if distributed.is_main() else nullcontext()
 
 
 def settings_of_store(run: TrainRun, identity: dict[str, Any]) -> TrainRun:
@@ -351,8 +367,9 @@ def _remove_replaced_saes(out: Path, kept: list[str]) -> None:
 
 def _holds_files(out: Path) -> bool:
     """Whether `out` holds anything besides what a killed write of run.json leaves behind
-    (a hidden temporary sibling)."""
-    return out.is_dir() and any(not p.name.startswith(f".{RUN_FILE}") for p in out.iterdir())
+    (a hidden temporary sibling) and the run's lock file."""
+    return out.is_dir() and any(not p.name.startswith(f".{RUN_FILE}") and p.name != LOCK_FILE
+                                for p in out.iterdir())
 
 
 def _previous_identity(out: Path) -> dict[str, Any] | None:
@@ -452,10 +469,30 @@ def load_for_eval(sae_dirs: list[str], model_cfg: ModelConfig | None = None,
     saes = [load(folder, device=model_cfg.device) for folder in sae_dirs]
     model_id = model_identity(model_cfg)
     check_model(saes, model_id)
+    check_split(saes, sae_dirs, data_cfg)
     if not allow_changed_corpus:
         check_corpus(saes, sae_dirs, data_cfg)
     model, tokenizer = load_model(model_cfg)
     return LoadedModel(saes, list(sae_dirs), model, tokenizer, model_cfg, model_id, data_cfg)
+
+
+def check_split(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> None:
+    """Refuse an evaluation split that would hold documents an SAE trained on: of the corpus it
+    trained on, under another --split_seed or a larger --eval_fraction (a smaller one holds out
+    a part of the same documents)."""
+    for sae, name in zip(saes, names):
+        trained = sae.provenance.corpus or {}
+        if trained.get("dataset") != data_cfg.dataset:
+            continue
+        seed, fraction = trained.get("split_seed"), trained.get("eval_fraction")
+        if seed is not None and seed != data_cfg.split_seed:
+            raise GsaeError(f"--split_seed {data_cfg.split_seed} differs from the {seed} that "
+                            f"{name} was trained with, so its evaluation split would hold "
+                            "training documents; leave --split_seed out to use the recorded one")
+        if fraction is not None and data_cfg.eval_fraction > fraction:
+            raise GsaeError(f"--eval_fraction {data_cfg.eval_fraction} is larger than the "
+                            f"{fraction} that {name} was trained with, so its evaluation split "
+                            "would hold training documents; use at most the recorded fraction")
 
 
 def check_corpus(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> None:
@@ -464,8 +501,10 @@ def check_corpus(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> Non
     current = corpus_identity(data_cfg)
     for sae, name in zip(saes, names):
         trained = sae.provenance.corpus or {}
-        if (trained.get("dataset") == current["dataset"] and trained.get("fingerprint")
-                and current["fingerprint"] and trained["fingerprint"] != current["fingerprint"]):
+        recorded = trained.get("fingerprint")
+        if (trained.get("dataset") == current["dataset"] and recorded and current["fingerprint"]
+                and recorded != current["fingerprint"]
+                and recorded != corpus_fingerprint(data_cfg, whole=False)):  # an older record
             raise GsaeError(f"the corpus {current['dataset']!r} changed since {name} was trained "
                             "on it (its fingerprint differs), so its held-out split may now hold "
                             "training documents; pass --allow_changed_corpus to evaluate anyway")

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -329,9 +329,15 @@ class SAE(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write `sae.safetensors` and `cfg.json` into the folder `path` (created if needed)."""
         path = Path(path)
-        save_tensors(path / WEIGHTS_FILE, dict(self.named_parameters()))
+        save_tensors(path / WEIGHTS_FILE, dict(self.named_parameters()), self.selection_record())
         write_json(path / CONFIG_FILE, self.config_dict())
         return path
+
+    def selection_record(self) -> dict[str, str]:
+        """The settings that decide which latents the weights select (k, beta, value_mode),
+        recorded in the weights file's metadata so that an edited cfg.json is noticed."""
+        return {"gsae.k": str(self.cfg.k), "gsae.beta": repr(float(self.cfg.beta)),
+                "gsae.value_mode": self.cfg.value_mode}
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -358,7 +364,20 @@ class SAE(nn.Module):
         sae = cls(cfg, d_in, device=device, dtype=tensors["W_dec"].dtype,
                   provenance=provenance, initialize=False)
         sae.load_weights(tensors, str(weights_file))
+        sae.check_selection_record(weights_file, cfg_file)
         return sae
+
+    def check_selection_record(self, weights_file: Path, cfg_file: Path) -> None:
+        """Refuse a cfg.json whose k, beta or value_mode differ from what its weights were saved
+        with (files of an older gsae record none and are not checked)."""
+        with safe_open(str(weights_file), framework="pt") as f:
+            saved = f.metadata() or {}
+        ours = self.selection_record()
+        for key in [k for k in ours if k in saved and saved[k] != ours[k]]:
+            name = key.removeprefix("gsae.")
+            raise GsaeError(f"{cfg_file} gives {name} {ours[key]}, but its weights were trained "
+                            f"and saved with {name} {saved[key]} ({weights_file.name} records it): "
+                            f"cfg.json was edited; set {name} back to {saved[key]}")
 
     def load_weights(self, tensors: dict[str, Tensor], where: str) -> None:
         """Copy `tensors` (W_enc, b_enc, W_dec, b_dec) into the SAE; refuse missing, extra,
@@ -404,7 +423,13 @@ def config_from_record(raw: dict[str, Any], where: str) -> tuple[SAEConfig, int]
 def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """The tensors of a safetensors file; a damaged file raises a one-line GsaeError."""
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise GsaeError(f"{path} is damaged or not a safetensors file ({reason})") from None
+    wrong = [f"{name} is {str(t.dtype).removeprefix('torch.')}" for name, t in
+             sorted(tensors.items()) if not t.is_floating_point()]
+    if wrong:
+        raise GsaeError(f"{path}: SAE weights must be floating point, but {', '.join(wrong)}; "
+                        "the file was not written as SAE weights")
+    return tensors

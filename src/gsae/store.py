@@ -17,6 +17,11 @@ is read once: its bytes are hashed and then parsed), so a shard damaged after it
 refused, naming the shard, rather than trained on; `sha256sum` checks the same by hand. Stores
 of version 1 (no checksums, no identity.json) are still read, with a warning, their shards
 checked by size only; they cannot be continued.
+
+A store is read (trained on) only once its manifest says `"complete": true`, which `gsae cache`
+writes when it has stored what it was asked for (or the corpus ran out), as every gsae version
+has. While a store is written or extended its manifest says false, so a store that `gsae cache`
+is still writing, or that an interrupted one left behind, is refused with a hint to finish it.
 """
 
 from __future__ import annotations
@@ -225,6 +230,10 @@ class StoreReader:
         missing = [h for h in self.hooks if h not in stored]
         if missing:
             raise GsaeError(f"the store {self.folder} has no hook {missing}; it holds {stored}")
+        if self.manifest.get("complete") is not True:
+            raise GsaeError(f"the store {self.folder} is incomplete: gsae cache is still writing "
+                            "it or was stopped before it finished; finish it by running the same "
+                            f"gsae cache command (--store {self.folder}) again")
         self.shards = [s["file"] for s in self.manifest["shards"]]
         if not self.shards:
             raise GsaeError(f"the store {self.folder} holds no finished shard yet")

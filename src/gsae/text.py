@@ -6,7 +6,7 @@
   gensim wheel, stripped of markup (cached as JSONL under `$GSAE_CACHE`, else `~/.cache/gsae`);
 - `news`: about 300 news articles from the same wheel (`lee_background.cor`, one per line);
 - a `.txt` file: documents separated by blank lines (a file without blank lines is one
-  document); for multi-paragraph documents use `.jsonl`;
+  document; a lone CR breaks a line as LF does); for multi-paragraph documents use `.jsonl`;
 - a `.jsonl` file: one JSON object per line, the text in `text_column`;
 - a `.parquet` file: the text in column `text_column`;
 - a folder: every such file under it, in sorted path order;
@@ -135,7 +135,7 @@ def _data_files(folder: Path) -> list[Path]:
 
 def _read_file(path: Path, column: str, encoding: str = "utf-8") -> Iterator[str]:
     if path.suffix == ".txt":
-        text = _decoded(path, encoding)
+        text = re.sub(r"\r(?!\n)", "\n", _decoded(path, encoding))  # a lone CR breaks a line
         yield from (doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip())
     elif path.suffix == ".jsonl":
         yield from _column(_jsonl_rows(path, encoding), column, str(path))
@@ -144,8 +144,18 @@ def _read_file(path: Path, column: str, encoding: str = "utf-8") -> Iterator[str
 
 
 def _decoded(path: Path, encoding: str) -> str:
-    """The text of a file, refusing bytes that are not valid in `encoding` (rather than
-    training on replacement characters)."""
+    """The text of a file without a leading byte-order mark, refusing bytes that are not valid
+    in `encoding` (rather than training on replacement characters) and NUL characters (binary
+    data, or text in another encoding such as UTF-16)."""
+    text = _decoded_bytes(path, encoding)
+    if "\0" in text:
+        raise GsaeError(f"{path} holds a NUL character (at character {text.index(chr(0))}): it "
+                        "is binary, or text in another encoding; name it with --encoding, e.g. "
+                        "--encoding utf-16")
+    return text.removeprefix("\ufeff")
+
+
+def _decoded_bytes(path: Path, encoding: str) -> str:
     try:
         return path.read_bytes().decode(encoding)
     except LookupError:
@@ -417,16 +427,24 @@ def batched_contexts(
         yield torch.stack(batch)
 
 
+def corpus_fingerprint(cfg: DataConfig, whole: bool = True) -> str | None:
+    """The content hash of a local or embedded corpus (None for a hub dataset): of every byte,
+    or with `whole` false as gsae recorded it before, of the first and last MiB of each file
+    (the same for files of at most 2 MiB, such as the embedded corpora)."""
+    kind, where = resolve_dataset(cfg)
+    if kind == "embedded":
+        return file_fingerprint(embedded_path(where), whole)
+    if kind == "file":
+        return file_fingerprint(where, whole)
+    if kind == "folder":
+        return files_fingerprint(where, _data_files(Path(where)), whole)
+    return None
+
+
 def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
     """A JSON-able record of the corpus and its cutting, with a fingerprint of local files."""
-    kind, where = resolve_dataset(cfg)
-    fingerprint = None
-    if kind == "embedded":
-        fingerprint = file_fingerprint(embedded_path(where))
-    elif kind == "file":
-        fingerprint = file_fingerprint(where)
-    elif kind == "folder":
-        fingerprint = files_fingerprint(where, _data_files(Path(where)))
+    kind, _ = resolve_dataset(cfg)
+    fingerprint = corpus_fingerprint(cfg)
     return {
         "dataset": cfg.dataset,
         "kind": kind,
