@@ -360,3 +360,25 @@ def test_the_logged_effect_is_the_mean_beta_d_g_of_the_selected_latents(tmp_path
     log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
     assert len(expected) == 4
     assert [r["effect"] for r in log] == pytest.approx(expected, rel=1e-5)
+
+
+def test_each_sae_of_a_two_hook_run_trains_exactly_its_budget(tmp_path):
+    """Hooks whose chunks hold different row counts reach the budget at different chunks: each
+    SAE stops at the budget (30 steps of 128 rows), none short of it and none beyond."""
+    trainer = resumable_trainer(tmp_path / "run")
+    final = trainer.fit(two_hook_chunks(40))
+    assert [(m.step, m.tokens) for m in trainer.members] == [(30, 128 * 30)] * 4
+    assert [r["tokens"] for r in final] == [128 * 30] * 4
+
+
+def test_the_logged_outlier_fraction_counts_outliers_among_all_rows(tmp_path):
+    """Chunks of 256 kept rows that each dropped 64 outliers: 64 of every 320 rows, 0.2."""
+    def with_outliers(chunks):
+        for chunk in chunks:
+            yield {"h": Batch(chunk["h"].x, chunk["h"].g, "h", dropped_outliers=64)}
+
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)], tokens=256 * 4,
+                           shuffle_tokens=512, log_every=1)
+    trainer.fit(with_outliers(sparse_chunks(6)))
+    log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
+    assert log and all(r["outlier_fraction"] == pytest.approx(0.2) for r in log)
