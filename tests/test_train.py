@@ -382,3 +382,15 @@ def test_the_logged_outlier_fraction_counts_outliers_among_all_rows(tmp_path):
     trainer.fit(with_outliers(sparse_chunks(6)))
     log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
     assert log and all(r["outlier_fraction"] == pytest.approx(0.2) for r in log)
+
+
+def test_lr_zero_trains_at_the_width_scaled_default_rate(tmp_path):
+    """--lr 0 (the default) means 2e-4 / sqrt(n_latents / 2^14): 3.2e-3 for 64 latents."""
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)], tokens=256 * 4,
+                           shuffle_tokens=512, lr=0.0, warmup_steps=0, decay_fraction=0.0,
+                           log_every=1)
+    before = trainer.members[0].sae.W_dec.detach().clone()
+    trainer.fit(sparse_chunks(4))
+    log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
+    assert [r["lr"] for r in log] == pytest.approx([3.2e-3] * 4)
+    assert not torch.equal(trainer.members[0].sae.W_dec, before)
