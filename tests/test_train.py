@@ -394,3 +394,26 @@ def test_lr_zero_trains_at_the_width_scaled_default_rate(tmp_path):
     log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
     assert [r["lr"] for r in log] == pytest.approx([3.2e-3] * 4)
     assert not torch.equal(trainer.members[0].sae.W_dec, before)
+
+
+def test_a_budget_that_is_not_whole_batches_decays_over_every_step_it_takes(tmp_path,
+                                                                            monkeypatch):
+    """3172 tokens in batches of 256 take 13 steps (the last one reaches the budget); the
+    schedule spans those 13, so the last step still learns (at 1/7 of the base rate, the
+    decay covering steps 6..12), rather than taking a step at rate 0."""
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)],
+                           tokens=256 * 12 + 100, warmup_steps=3, decay_fraction=0.5,
+                           shuffle_tokens=512)
+    m = trainer.members[0]
+    lrs = []
+    real_forward = SAE.forward
+
+    def forward(self, *args, **kwargs):
+        lrs.append(m.opt.param_groups[0]["lr"])
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SAE, "forward", forward)
+    trainer.fit(sparse_chunks(14))
+    assert m.step == 13 and m.tokens == 256 * 13
+    assert lrs[-1] == pytest.approx(1e-2 / 7)
+    assert lrs == pytest.approx([1e-2 * lr_factor(s, 13, 3, 0.5) for s in range(13)])
