@@ -332,12 +332,17 @@ def test_auxk_takes_half_the_input_width_of_dead_latents_by_default(d_in, k_aux,
     assert int((m.sae.b_enc.grad != 0).sum()) == expected
 
 
-def test_the_shuffle_buffer_emits_a_random_half_once_it_holds_its_capacity():
+def test_the_shuffle_buffer_emits_half_when_full_and_every_row_at_the_end():
     buf = ShuffleBuffer(capacity=8, batch_size=2, seed=0)
     assert list(buf.add(Batch(torch.arange(7.0)[:, None], None))) == []
     out = list(buf.add(Batch(torch.tensor([[7.0]]), None)))
     assert [len(b) for b in out] == [2, 2] and buf.rows == 4
     assert ShuffleBuffer(capacity=3, batch_size=4, seed=0).capacity == 8  # two batches at least
+    # at the end of the data every row left comes out, the last batch short if need be
+    assert [len(b) for b in buf.flush()] == [2, 2]
+    assert list(buf.add(Batch(torch.tensor([[8.0]]), None))) == []
+    (last,) = buf.flush()
+    assert last.x.flatten().tolist() == [8.0] and buf.rows == 0
 
 
 def test_the_logged_effect_is_the_mean_beta_d_g_of_the_selected_latents(tmp_path, monkeypatch):
