@@ -422,3 +422,33 @@ def test_a_budget_that_is_not_whole_batches_decays_over_every_step_it_takes(tmp_
     assert m.step == 13 and m.tokens == 256 * 13
     assert lrs[-1] == pytest.approx(1e-2 / 7)
     assert lrs == pytest.approx([1e-2 * lr_factor(s, 13, 3, 0.5) for s in range(13)])
+
+
+@pytest.mark.parametrize("method", ["geometric_median", "mean"])
+def test_b_dec_starts_at_the_first_batchs_geometric_median_or_mean(tmp_path, monkeypatch,
+                                                                   method):
+    """A few far rows pull the mean away; the geometric median (where the unit vectors to the
+    rows sum to zero) stays with the bulk. b_dec starts at the one asked for."""
+    def with_far_rows(chunks):
+        for chunk in chunks:
+            x = chunk["h"].x.clone()
+            x[:8] += 200.0
+            yield {"h": Batch(x, chunk["h"].g, "h")}
+
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)], tokens=256,
+                           shuffle_tokens=512, b_dec_init=method)
+    seen = []
+    real_forward = SAE.forward
+
+    def forward(self, x, *args, **kwargs):
+        seen.append((x.clone(), self.b_dec.detach().clone()))
+        return real_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SAE, "forward", forward)
+    trainer.fit(with_far_rows(sparse_chunks(2)))
+    x, b_dec = seen[0]
+    if method == "mean":
+        assert torch.allclose(b_dec, x.mean(0), atol=1e-5)
+    else:
+        pull = torch.nn.functional.normalize(x - b_dec, dim=1).sum(0).norm() / len(x)
+        assert pull < 0.01 and (b_dec - x.mean(0)).norm() > 1.0
