@@ -332,12 +332,17 @@ def test_auxk_takes_half_the_input_width_of_dead_latents_by_default(d_in, k_aux,
     assert int((m.sae.b_enc.grad != 0).sum()) == expected
 
 
-def test_the_shuffle_buffer_emits_a_random_half_once_it_holds_its_capacity():
+def test_the_shuffle_buffer_emits_half_when_full_and_every_row_at_the_end():
     buf = ShuffleBuffer(capacity=8, batch_size=2, seed=0)
     assert list(buf.add(Batch(torch.arange(7.0)[:, None], None))) == []
     out = list(buf.add(Batch(torch.tensor([[7.0]]), None)))
     assert [len(b) for b in out] == [2, 2] and buf.rows == 4
     assert ShuffleBuffer(capacity=3, batch_size=4, seed=0).capacity == 8  # two batches at least
+    # at the end of the data every row left comes out, the last batch short if need be
+    assert [len(b) for b in buf.flush()] == [2, 2]
+    assert list(buf.add(Batch(torch.tensor([[8.0]]), None))) == []
+    (last,) = buf.flush()
+    assert last.x.flatten().tolist() == [8.0] and buf.rows == 0
 
 
 def test_the_logged_effect_is_the_mean_beta_d_g_of_the_selected_latents(tmp_path, monkeypatch):
@@ -360,3 +365,90 @@ def test_the_logged_effect_is_the_mean_beta_d_g_of_the_selected_latents(tmp_path
     log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
     assert len(expected) == 4
     assert [r["effect"] for r in log] == pytest.approx(expected, rel=1e-5)
+
+
+def test_each_sae_of_a_two_hook_run_trains_exactly_its_budget(tmp_path):
+    """Hooks whose chunks hold different row counts reach the budget at different chunks: each
+    SAE stops at the budget (30 steps of 128 rows), none short of it and none beyond."""
+    trainer = resumable_trainer(tmp_path / "run")
+    final = trainer.fit(two_hook_chunks(40))
+    assert [(m.step, m.tokens) for m in trainer.members] == [(30, 128 * 30)] * 4
+    assert [r["tokens"] for r in final] == [128 * 30] * 4
+
+
+def test_the_logged_outlier_fraction_counts_outliers_among_all_rows(tmp_path):
+    """Chunks of 256 kept rows that each dropped 64 outliers: 64 of every 320 rows, 0.2."""
+    def with_outliers(chunks):
+        for chunk in chunks:
+            yield {"h": Batch(chunk["h"].x, chunk["h"].g, "h", dropped_outliers=64)}
+
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)], tokens=256 * 4,
+                           shuffle_tokens=512, log_every=1)
+    trainer.fit(with_outliers(sparse_chunks(6)))
+    log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
+    assert log and all(r["outlier_fraction"] == pytest.approx(0.2) for r in log)
+
+
+def test_lr_zero_trains_at_the_width_scaled_default_rate(tmp_path):
+    """--lr 0 (the default) means 2e-4 / sqrt(n_latents / 2^14): 3.2e-3 for 64 latents."""
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)], tokens=256 * 4,
+                           shuffle_tokens=512, lr=0.0, warmup_steps=0, decay_fraction=0.0,
+                           log_every=1)
+    before = trainer.members[0].sae.W_dec.detach().clone()
+    trainer.fit(sparse_chunks(4))
+    log = [json.loads(line) for line in (trainer.members[0].folder / "log.jsonl").open()]
+    assert [r["lr"] for r in log] == pytest.approx([3.2e-3] * 4)
+    assert not torch.equal(trainer.members[0].sae.W_dec, before)
+
+
+def test_a_budget_that_is_not_whole_batches_decays_over_every_step_it_takes(tmp_path,
+                                                                            monkeypatch):
+    """3172 tokens in batches of 256 take 13 steps (the last one reaches the budget); the
+    schedule spans those 13, so the last step still learns (at 1/7 of the base rate, the
+    decay covering steps 6..12), rather than taking a step at rate 0."""
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)],
+                           tokens=256 * 12 + 100, warmup_steps=3, decay_fraction=0.5,
+                           shuffle_tokens=512)
+    m = trainer.members[0]
+    lrs = []
+    real_forward = SAE.forward
+
+    def forward(self, *args, **kwargs):
+        lrs.append(m.opt.param_groups[0]["lr"])
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SAE, "forward", forward)
+    trainer.fit(sparse_chunks(14))
+    assert m.step == 13 and m.tokens == 256 * 13
+    assert lrs[-1] == pytest.approx(1e-2 / 7)
+    assert lrs == pytest.approx([1e-2 * lr_factor(s, 13, 3, 0.5) for s in range(13)])
+
+
+@pytest.mark.parametrize("method", ["geometric_median", "mean"])
+def test_b_dec_starts_at_the_first_batchs_geometric_median_or_mean(tmp_path, monkeypatch,
+                                                                   method):
+    """A few far rows pull the mean away; the geometric median (where the unit vectors to the
+    rows sum to zero) stays with the bulk. b_dec starts at the one asked for."""
+    def with_far_rows(chunks):
+        for chunk in chunks:
+            x = chunk["h"].x.clone()
+            x[:8] += 200.0
+            yield {"h": Batch(x, chunk["h"].g, "h")}
+
+    trainer = make_trainer(tmp_path, [SAEConfig(n_latents=64, k=4, beta=1.0)], tokens=256,
+                           shuffle_tokens=512, b_dec_init=method)
+    seen = []
+    real_forward = SAE.forward
+
+    def forward(self, x, *args, **kwargs):
+        seen.append((x.clone(), self.b_dec.detach().clone()))
+        return real_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SAE, "forward", forward)
+    trainer.fit(with_far_rows(sparse_chunks(2)))
+    x, b_dec = seen[0]
+    if method == "mean":
+        assert torch.allclose(b_dec, x.mean(0), atol=1e-5)
+    else:
+        pull = torch.nn.functional.normalize(x - b_dec, dim=1).sum(0).norm() / len(x)
+        assert pull < 0.01 and (b_dec - x.mean(0)).norm() > 1.0

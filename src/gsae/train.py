@@ -468,7 +468,8 @@ class Trainer:
         # Data-parallel ranks hold identical SAEs: rank 0 writes them. Sweep shares are disjoint.
         self.writes_files = distributed.is_main() or cfg.distribute_sweep
         self.device = members[0].sae.W_dec.device
-        self.total_steps = max(1, cfg.tokens // cfg.batch_tokens)
+        # The steps taken: the last one may be partly beyond the budget (it reaches it).
+        self.total_steps = max(1, math.ceil(cfg.tokens / cfg.batch_tokens))
         self.buffers = {hook: ShuffleBuffer(cfg.shuffle_tokens, cfg.batch_tokens,
                                             cfg.shuffle_seed)
                         for hook in dict.fromkeys(m.hook for m in members)}
