@@ -272,3 +272,47 @@ def test_train_saes_checks_its_settings_too(corpus, tmp_path):
 
     with pytest.raises(GsaeError, match="--train.lr must be at least 0"):
         train_saes(tiny_run(corpus, tmp_path / "r", lr=-1.0), [SAEConfig(n_latents=8, k=2)])
+
+
+def test_train_missing_finishes_an_interrupted_run_then_trains_the_rest_beside_it(
+        corpus, tmp_path, monkeypatch):
+    import gsae.pipeline as pipeline
+    from gsae.sae import SAEConfig
+
+    hook = "model.layers.1"
+    a, b = (SAEConfig(expansion_factor=2, k=4, beta=10.0, seed=s) for s in (0, 1))
+    pipeline.train_saes(tiny_run(corpus, tmp_path / "ref"), [a, b])  # one uninterrupted run
+    run = tiny_run(corpus, tmp_path / "run", checkpoint_every=1)
+    real_fit = Trainer.fit
+
+    def cut(chunks):
+        for i, chunk in enumerate(chunks):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(Trainer, "fit", lambda trainer, chunks: real_fit(trainer, cut(chunks)))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_missing(run, [a], hook)
+    monkeypatch.undo()
+    folder_a = tmp_path / "run" / hook / "k4-beta10-z-x2-s0"
+    before = {p: p.read_bytes() for p in folder_a.rglob("*") if p.is_file()}
+    # a sweep that no longer lists the interrupted SAE is refused, and nothing is lost
+    with pytest.raises(GsaeError, match="interrupted run of other SAEs.*list them too"):
+        pipeline.train_missing(run, [b], hook)
+    assert {p: p.read_bytes() for p in folder_a.rglob("*") if p.is_file()} == before
+    calls = []
+    train_saes = pipeline.train_saes
+
+    def recording(run, configs, **kwargs):
+        calls.append([c.seed for c in configs])
+        return train_saes(run, configs, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_saes", recording)
+    assert pipeline.train_missing(run, [a, b], hook) == [b]
+    assert calls == [[0], [1]]  # the interrupted run resumed, then the new SAE as a run
+    for variant in ("k4-beta10-z-x2-s0", "k4-beta10-z-x2-s1"):
+        expected = weights(tmp_path / "ref" / hook / variant)
+        got = weights(tmp_path / "run" / hook / variant)
+        assert all(torch.equal(got[name], expected[name]) for name in expected), variant
+    assert pipeline.train_missing(run, [a, b], hook) == [] and calls == [[0], [1]]
