@@ -76,7 +76,11 @@ def test_another_seed_trains_only_that_seed_and_keeps_the_first(corpus, news, st
 
 def test_another_unseen_corpus_is_evaluated_without_training(corpus, news, study, tmp_path,
                                                              recorded_training):
+    """A study folder as studies already on disk are (one run, run.json without
+    earlier_sae_folders) is reused: its SAEs are neither trained again nor rewritten."""
     out, _ = study
+    recorded = json.loads((out / "saes" / "run.json").read_text())["recorded"]
+    assert set(recorded) == {"saes", "store", "sae_folders", "identity"}
     other = tmp_path / "other.txt"
     other.write_text(" ".join(["prices of grain and timber fell again this week"] * 60))
     before = {v: files_of(sae_dir(out, v)) for v in VARIANTS}
@@ -144,3 +148,21 @@ def test_an_added_snapshot_is_replayed_exactly_and_only_it_is_evaluated(
         assert [s["requested_tokens"] for s in sae["snapshots"]] == [400, 800, 1600]
     assert {(r["variant"], r["snapshot"]) for r in results["eval"]["train"]["results"]} == {
         (v, n) for v in VARIANTS for n in (400, 800, 1600)}
+
+
+def test_overwrite_replaces_the_study_and_leaves_nothing_stale(corpus, news, tmp_path,
+                                                               recorded_training):
+    out = tmp_path / "run"
+    args = [*study_args(corpus, news, out), "--seed", "0"]
+    assert main(args) == 0
+    old = sae_dir(out, "k4-beta10-z-x2-s0")
+    weights = (old / WEIGHTS_FILE).read_bytes()
+    recorded_training.clear()
+    changed = [*args, "--lr", "0.001", "--snapshots", "400", "1600"]
+    assert main(changed) == 2  # refused, as above
+    assert main([*changed, "--overwrite"]) == 0
+    assert sorted(recorded_training) == [(4, 0.0, 0), (4, 10.0, 0)]
+    assert (old / WEIGHTS_FILE).read_bytes() != weights  # trained again, with the new lr
+    assert sorted(p.name for p in (old / "snapshots").iterdir()) == ["tokens-1600", "tokens-400"]
+    study_record = json.loads((out / "study.json").read_text())
+    assert study_record["train"]["lr"] == 0.001

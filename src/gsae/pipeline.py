@@ -365,7 +365,7 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
     out = Path(cfg.out)
     record = run_record(run, configs, recorded)
     if cfg.overwrite:
-        _remove_replaced_saes(out, record["recorded"]["sae_folders"])
+        _remove_replaced_saes(out)
     previous = None if cfg.overwrite else _previous_identity(out)
     if not cfg.overwrite:
         same = previous == record["recorded"]["identity"]
@@ -445,18 +445,16 @@ def _written_sae_folders(out: Path, names: Any) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _remove_replaced_saes(out: Path, kept: list[str]) -> None:
+def _remove_replaced_saes(out: Path) -> None:
     """Under --overwrite, delete the SAE folders of the runs being replaced (as run.json lists
-    them) that the new run does not reuse, so no stale SAE is left beside the new ones.
-    Nothing else in the folder is touched."""
+    them), so nothing stale (an SAE, a snapshot, a log) is left beside the new run's. Nothing
+    else in the folder is touched."""
     recorded = _previous_record(out, damaged_ok=True) or {}
     if not distributed.is_main():
         return
-    keep = {(out / name).resolve() for name in kept}
     for key in WRITTEN_FOLDERS:
         for folder in _written_sae_folders(out, recorded.get(key)):
-            if folder.resolve() not in keep:
-                shutil.rmtree(folder)
+            shutil.rmtree(folder)
 
 
 def _holds_files(out: Path) -> bool:
