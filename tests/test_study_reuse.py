@@ -114,6 +114,21 @@ def test_settings_that_change_earlier_work_are_refused(corpus, news, study, chan
     assert {v: files_of(sae_dir(out, v)) for v in VARIANTS} == before
 
 
+def test_a_setting_the_study_record_lacks_counts_as_its_default(corpus, news, study, capsys,
+                                                                recorded_training):
+    """A study made before gsae had a setting is reused while the setting keeps its default
+    (what the study had, in effect), and refused, naming it, once it is given another value."""
+    out, _ = study
+    path = out / "study.json"
+    record = json.loads(path.read_text())
+    assert record["train"].pop("k_aux") == 0
+    path.write_text(json.dumps(record))
+    assert main(study_args(corpus, news, out)) == 0 and recorded_training == []
+    assert main([*study_args(corpus, news, out), "--k_aux", "3"]) == 2
+    assert "train.k_aux" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == record
+
+
 def test_an_added_snapshot_is_replayed_exactly_and_only_it_is_evaluated(
         corpus, news, study, tmp_path, monkeypatch, recorded_training):
     import gsae.study.scaling as scaling

@@ -372,10 +372,25 @@ def plan(run: ScalingRun) -> Plan:
     settings = identity(run)
     claim_folder(out, IDENTITY_FILE, {"model": stage.model_id, "store": str(store),
                                       "store_tokens": run.study.store_tokens,
-                                      **{k: settings[k] for k in ("model", "data", "source",
-                                                                  "train")}},
+                                      **as_recorded(out / IDENTITY_FILE, {
+                                          k: settings[k] for k in SETTINGS_RECORDED})},
                  "a study", run.train.overwrite)
     return Plan(run, out, store, counts, curve, extra, unseen, stage, train_run)
+
+
+SETTINGS_RECORDED = ("model", "data", "source", "train")  # the sections study.json records
+
+
+def as_recorded(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` (sections of `identity(run)`) without those that the study.json at `path`
+    does not record and that hold their default: settings that gsae gained after the study
+    was made, which then had, in effect, their default."""
+    recorded = read_json(path, "a study's settings") if path.is_file() else {}
+    default = identity(ScalingRun())
+    return {section: {k: v for k, v in values.items()
+                      if k in (recorded.get(section) or {}) or v != default[section].get(k)}
+            if isinstance(recorded.get(section), dict) else values
+            for section, values in settings.items()}
 
 
 def store_stage(p: Plan) -> tuple[StoreReader, dict[str, Any]]:
