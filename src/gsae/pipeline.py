@@ -371,8 +371,9 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
         same = previous == record["recorded"]["identity"]
         if previous is not None and not same:
             _refuse_other_run(out, previous, record["recorded"]["identity"], extend)
-        if previous is not None:
-            record["recorded"]["earlier_sae_folders"] = _earlier_folders(out, record)
+        earlier = _earlier_folders(out, record) if previous is not None else []
+        if earlier:
+            record["recorded"]["earlier_sae_folders"] = earlier
         if same and not cfg.resume:
             raise GsaeError(f"{out} already holds this run; pass --resume to continue it or "
                             "--overwrite to start again")
