@@ -309,7 +309,7 @@ def test_train_missing_finishes_an_interrupted_run_then_trains_the_rest_beside_i
         return train_saes(run, configs, **kwargs)
 
     monkeypatch.setattr(pipeline, "train_saes", recording)
-    assert pipeline.train_missing(run, [a, b], hook) == [b]
+    assert pipeline.train_missing(run, [a, b], hook) == [a, b]
     assert calls == [[0], [1]]  # the interrupted run resumed, then the new SAE as a run
     for variant in ("k4-beta10-z-x2-s0", "k4-beta10-z-x2-s1"):
         expected = weights(tmp_path / "ref" / hook / variant)

@@ -243,12 +243,13 @@ def train_missing(run: TrainRun, configs: list[SAEConfig], hook: str) -> list[SA
         return configs
     wanted = {_comparable_config(c): c for c in configs}
     interrupted = _interrupted_saes(Path(run.train.out))
-    if interrupted and all(c in wanted for c in interrupted):
-        train_saes(run, [wanted[c] for c in interrupted], extend=True)
+    resumed = [wanted[c] for c in interrupted] if all(c in wanted for c in interrupted) else []
+    if resumed:
+        train_saes(run, resumed, extend=True)
     todo = [c for c in configs if not finished_training(sae_folder(run.train.out, hook, c))]
     if todo:
         train_saes(run, todo, extend=True)
-    return todo
+    return resumed + todo
 
 
 def _comparable_config(cfg: SAEConfig) -> str:
