@@ -322,3 +322,58 @@ def test_edited_selection_settings_and_integer_weights_are_refused(corpus, tmp_p
         save_file({**tensors, "W_enc": (tensors["W_enc"] * 10).to(dtype)}, weights)
         run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path,
                     f"SAE weights must be floating point, but W_enc is {name}")
+
+
+def test_overwrite_deletes_only_sae_folders_gsae_wrote_inside_the_run(corpus, tmp_path):
+    """run.json's list of SAE folders is what --overwrite deletes: hand-edited entries that
+    point outside the run (an absolute path, "..", a link) or at the run folder itself are
+    ignored; the listed SAE folder of the replaced run goes."""
+    run = tmp_path / "run"
+    assert main(["train", *tiny(corpus, run)]) == 0
+    (old,) = (run / "model.layers.1").iterdir()
+    outside = tmp_path / "outside"
+    (outside / "model.layers.1" / "x").mkdir(parents=True)
+    (outside / "precious.txt").write_text("the user's")
+    (run / "notes.txt").write_text("the user's too")
+    (run / "model.layers.1" / "mine").mkdir()
+    (run / "link").symlink_to(outside / "model.layers.1")
+    record = json.loads((run / "run.json").read_text())
+    listed = [str(outside), str(outside / "model.layers.1" / "x"), ".", "..", "../outside",
+              "model.layers.1/../../outside/model.layers.1", "link/x", "model.layers.1",
+              f"model.layers.1/{old.name}"]
+    record["recorded"]["sae_folders"] = listed
+    record["recorded"]["earlier_sae_folders"] = [".", str(outside)]
+    (run / "run.json").write_text(json.dumps(record))
+    kept = snapshot(outside)
+    assert main(["train", *tiny(corpus, run), "--k", "8", "--overwrite"]) == 0
+    assert snapshot(outside) == kept and (outside / "model.layers.1" / "x").is_dir()
+    assert (run / "notes.txt").read_text() == "the user's too"
+    assert (run / "model.layers.1" / "mine").is_dir() and (run / "link").is_symlink()
+    assert not old.exists()  # the replaced run's SAE, listed as gsae writes it
+    assert (run / "model.layers.1" / "k8-beta100-z-x2-s0" / "sae.safetensors").is_file()
+
+
+def test_export_never_replaces_the_folder_it_reads(corpus, tmp_path, capsys):
+    folder = saved_sae(tmp_path / "a", corpus)
+    (folder / "log.jsonl").write_text("{}\n")
+    for out, fmt in ((folder, "gsae"), (folder.parent, "saelens"), (folder.parent, "gsae")):
+        run_refused(["export", str(folder), str(out), "--format", fmt, "--overwrite"], capsys,
+                    tmp_path, "holds the SAE being exported")
+    run_refused(["export", str(folder), str(folder.parent), "--format", "sparsify",
+                 "--hookpoint", "sae", "--overwrite"], capsys, tmp_path,
+                "holds the SAE being exported")
+    assert (folder / "log.jsonl").is_file()
+
+
+def test_inspect_overwrite_never_replaces_an_sae_or_a_store(corpus, tmp_path, capsys):
+    folder = saved_sae(tmp_path / "a", corpus)
+    other = saved_sae(tmp_path / "b", corpus)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")
+    args = ["inspect", str(folder), "--tokens", "64", "--overwrite", "--out"]
+    for out in (folder, folder.parent):
+        run_refused([*args, str(out)], capsys, tmp_path, "that is inspected")
+    for out, found in ((other, "cfg.json"), (tmp_path / "b", "sae/cfg.json"),
+                       (store, "manifest.json")):
+        run_refused([*args, str(out)], capsys, tmp_path, f"holds {found}, a file of an SAE")

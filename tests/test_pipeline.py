@@ -298,10 +298,10 @@ def test_batch_tokens_may_equal_the_token_budget_but_not_exceed_it(corpus, tmp_p
         train(tiny_run(corpus, tmp_path / "over", tokens=256, batch_tokens=257))
 
 
-def test_train_saes_continues_the_same_run_and_replaces_another(corpus, tmp_path,
-                                                                monkeypatch):
-    """With resume_if_same (what gsae compare uses), an interrupted run of the same SAEs is
-    continued from its checkpoint, and a different run in the folder is trained afresh."""
+def test_train_saes_continues_an_interrupted_run_from_its_checkpoint(corpus, tmp_path,
+                                                                     monkeypatch):
+    """With extend (what gsae study and gsae compare use), an interrupted run of the same SAEs
+    is continued from its checkpoint, not trained again from the start."""
     import gsae.pipeline
     from gsae.pipeline import sweep_configs, train_saes
 
@@ -334,9 +334,49 @@ def test_train_saes_continues_the_same_run_and_replaces_another(corpus, tmp_path
     assert done > 0
     monkeypatch.setattr(gsae.pipeline.Trainer, "fit", fit_noting_the_start)
     run = run_in(out)
-    train_saes(run, sweep_configs(run.sae), resume_if_same=True)
-    assert starts == [done]
-    other = run_in(out, k=2)
-    (record,) = train_saes(other, sweep_configs(other.sae), resume_if_same=True).records
-    assert starts == [done, 0] and record["tokens"] >= 1536
-    assert sorted(p.name for p in (out / "model.layers.1").iterdir()) == ["k2-beta10-z-x2-s0"]
+    (record,) = train_saes(run, sweep_configs(run.sae), extend=True).records
+    assert starts == [done] and record["tokens"] >= 1536
+
+
+def test_train_missing_finishes_an_interrupted_run_then_trains_the_rest_beside_it(
+        corpus, tmp_path, monkeypatch):
+    import gsae.pipeline as pipeline
+    from gsae.sae import SAEConfig
+
+    hook = "model.layers.1"
+    a, b = (SAEConfig(expansion_factor=2, k=4, beta=10.0, seed=s) for s in (0, 1))
+    pipeline.train_saes(tiny_run(corpus, tmp_path / "ref"), [a, b])  # one uninterrupted run
+    run = tiny_run(corpus, tmp_path / "run", checkpoint_every=1)
+    real_fit = Trainer.fit
+
+    def cut(chunks):
+        for i, chunk in enumerate(chunks):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(Trainer, "fit", lambda trainer, chunks: real_fit(trainer, cut(chunks)))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_missing(run, [a], hook)
+    monkeypatch.undo()
+    folder_a = tmp_path / "run" / hook / "k4-beta10-z-x2-s0"
+    before = {p: p.read_bytes() for p in folder_a.rglob("*") if p.is_file()}
+    # a sweep that no longer lists the interrupted SAE is refused, and nothing is lost
+    with pytest.raises(GsaeError, match="interrupted run of other SAEs.*list them too"):
+        pipeline.train_missing(run, [b], hook)
+    assert {p: p.read_bytes() for p in folder_a.rglob("*") if p.is_file()} == before
+    calls = []
+    train_saes = pipeline.train_saes
+
+    def recording(run, configs, **kwargs):
+        calls.append([c.seed for c in configs])
+        return train_saes(run, configs, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_saes", recording)
+    assert pipeline.train_missing(run, [a, b], hook) == [a, b]
+    assert calls == [[0], [1]]  # the interrupted run resumed, then the new SAE as a run
+    for variant in ("k4-beta10-z-x2-s0", "k4-beta10-z-x2-s1"):
+        expected = weights(tmp_path / "ref" / hook / variant)
+        got = weights(tmp_path / "run" / hook / variant)
+        assert all(torch.equal(got[name], expected[name]) for name in expected), variant
+    assert pipeline.train_missing(run, [a, b], hook) == [] and calls == [[0], [1]]

@@ -141,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gsae.formats import export, load
 
     folder = export(load(args.sae_dir), args.out_dir, args.format, args.hookpoint,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, source=args.sae_dir)
     print(f"wrote a {args.format} SAE folder: {folder}")
     return 0
 

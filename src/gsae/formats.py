@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from gsae.errors import GsaeError
-from gsae.io import atomic_output, read_json, save_tensors, write_json
+from gsae.io import atomic_output, holds_folder, read_json, save_tensors, write_json
 from gsae.sae import (
     CONFIG_FILE,
     FORMAT_NAME,
@@ -151,16 +151,20 @@ def plan_sparsify(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> Expo
 
 
 def export(sae: SAE, out_dir: str | Path, format: str, hookpoint: str | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, source: str | Path | None = None) -> Path:
     """Write `sae` in `format` (a key of FORMATS) under `out_dir`; return the SAE's folder.
 
     `hookpoint` is used by the sparsify layout only (its SAE folder is `out_dir/<hookpoint>`).
     An SAE folder that exists and is not empty is refused, since it may hold another SAE, its
-    log or checkpoint; `overwrite` replaces it, with everything in it, as one rename.
+    log or checkpoint; `overwrite` replaces it, with everything in it, as one rename. The
+    folder `sae` was loaded from (`source`), or one holding it, is never replaced.
     """
     if format not in FORMATS:
         raise GsaeError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     plan = FORMATS[format].plan(sae, Path(out_dir), hookpoint)
+    if source is not None and holds_folder(plan.folder, Path(source)):
+        raise GsaeError(f"{plan.folder} holds the SAE being exported ({source}), which the "
+                        "export would replace: export into another folder")
     if plan.folder.is_dir() and any(plan.folder.iterdir()) and not overwrite:
         raise GsaeError(f"{plan.folder} is not empty: export into a new or empty folder, or "
                         "pass --overwrite to replace it and everything in it")

@@ -239,6 +239,15 @@ def _refuse_other(folder: Path, file: Path, identity: dict[str, Any], what: str)
                         "folder, or pass --overwrite to write into it anyway")
 
 
+def holds_folder(folder: str | os.PathLike, inner: str | os.PathLike) -> bool:
+    """Whether the existing folder `inner` is `folder` or lies inside it, by resolved path
+    (so replacing `folder` would remove it)."""
+    if not Path(inner).is_dir():
+        return False
+    target, inner = Path(folder).resolve(), Path(inner).resolve()
+    return target == inner or target in inner.parents
+
+
 def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     """The dotted keys at which two JSON-like dicts differ (the whole value if not dicts)."""
     if not isinstance(a, dict) or not isinstance(b, dict):

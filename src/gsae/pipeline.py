@@ -30,7 +30,7 @@ from gsae.config import build, check, identity, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
 from gsae.formats import load
-from gsae.io import LOCK_FILE, check_output_file, folder_lock, write_json
+from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
@@ -43,7 +43,14 @@ from gsae.text import (
     corpus_identity,
     token_contexts,
 )
-from gsae.train import TrainConfig, Trainer, check_wandb, data_parallel, sae_folder
+from gsae.train import (
+    TrainConfig,
+    Trainer,
+    check_wandb,
+    data_parallel,
+    finished_training,
+    sae_folder,
+)
 
 SAESweep = sweep_of(SAEConfig)
 RUN_FILE = "run.json"
@@ -152,12 +159,14 @@ def train(run: TrainRun) -> TrainSummary:
     return train_saes(run, sweep_configs(run.sae))
 
 
-def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = False
+def train_saes(run: TrainRun, configs: list[SAEConfig], extend: bool = False, until: int = 0
                ) -> TrainSummary:
     """Train the SAEs of `configs` (the sweep lists in `run.sae` are ignored) on the same
-    batches, as `train` does. With `resume_if_same`, a run of exactly these SAEs and settings
-    found in `run.train.out` is continued, and anything else there is replaced (what
-    `gsae compare` wants)."""
+    batches, as `train` does. With `extend` (see `train_missing`), a run of exactly these SAEs
+    and settings found in `run.train.out` is continued, and a finished run there of other SAEs
+    with the same settings is kept: these SAEs are trained beside its SAEs as a new run. With
+    `until`, the data stops once every SAE has seen that many tokens (the schedule is still
+    that of `run.train.tokens`: the steps so far are those of the whole run)."""
     t0 = time.perf_counter()
     check(run)
     if run.train.batch_tokens > run.train.tokens:
@@ -176,17 +185,18 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], resume_if_same: bool = F
     saes = [(SAE(replace(cfg), data.d_in, provenance=data.provenance(hook)), hook)
             for hook in data.hooks for cfg in configs]
     with run_folder_lock(run.train.out):
-        if resume_if_same:
-            run = _resume_or_restart(run, configs, data)
+        if extend:
+            run = _resume_if_same(run, configs, data)
         folders = [sae_folder(run.train.out, hook, cfg) for hook in data.hooks for cfg in configs]
         record = claim_run_folder(run, configs, {**data.recorded, "sae_folders": [
-            str(f.relative_to(run.train.out)) for f in folders]})
+            str(f.relative_to(run.train.out)) for f in folders]}, extend)
         trainer = Trainer.create(saes, run.train, run_config=record)
         if trainer.finished:
             raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to "
                             "resume (pass --overwrite to train it again, or a larger --tokens "
                             "as a new run)")
-        records = trainer.fit(data.chunks(trainer.chunks_done))
+        chunks = data.chunks(trainer.chunks_done)
+        records = trainer.fit(_until(trainer, chunks, until) if until else chunks)
     main_rank = distributed.is_main()
     distributed.shutdown()
     return TrainSummary(records, time.perf_counter() - t0, run.train.out,
@@ -198,6 +208,14 @@ def run_folder_lock(out: str) -> AbstractContextManager[None]:
     that a second command on the same run (two --resume, say) is refused instead of writing
     beside the first. The main process holds it for all ranks of a torchrun run."""
     return folder_lock(out, "the run") if distributed.is_main() else nullcontext()
+
+
+def _until(trainer: Trainer, chunks: Iterator[dict[str, Batch]], tokens: int
+           ) -> Iterator[dict[str, Batch]]:
+    for chunk in chunks:
+        if min(m.tokens for m in trainer.members) >= tokens:
+            return
+        yield chunk
 
 
 def settings_of_store(run: TrainRun, identity: dict[str, Any]) -> TrainRun:
@@ -230,11 +248,45 @@ def _local_devices(run: TrainRun) -> TrainRun:
     return replace(run, model=model, train=replace(run.train, device=sae_device))
 
 
-def _resume_or_restart(run: TrainRun, configs: list[SAEConfig], data: TrainingData
-                       ) -> TrainRun:
+def train_missing(run: TrainRun, configs: list[SAEConfig], hook: str) -> list[SAEConfig]:
+    """Train the SAEs of `configs` whose folder in `run.train.out` holds no finished training,
+    keeping every finished SAE there (how `gsae study` and `gsae compare` grow): a run
+    interrupted there is continued first when `configs` still lists all its SAEs (its progress
+    is kept), then the missing SAEs are trained beside the others as a new run. Under
+    --overwrite every SAE is trained again. Returns the SAEs trained."""
+    if run.train.overwrite:
+        train_saes(run, configs, extend=True)
+        return configs
+    wanted = {_comparable_config(c): c for c in configs}
+    interrupted = _interrupted_saes(Path(run.train.out))
+    resumed = [wanted[c] for c in interrupted] if all(c in wanted for c in interrupted) else []
+    if resumed:
+        train_saes(run, resumed, extend=True)
+    todo = [c for c in configs if not finished_training(sae_folder(run.train.out, hook, c))]
+    if todo:
+        train_saes(run, todo, extend=True)
+    return resumed + todo
+
+
+def _comparable_config(cfg: SAEConfig) -> str:
+    """An SAE config as run.json records it, as a key."""
+    return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def _interrupted_saes(out: Path) -> list[str]:
+    """The SAEs (as `_comparable_config` keys) of the run recorded in `out`, if any of them
+    has not finished training; else none."""
+    recorded = _previous_record(out) or {}
+    folders = _written_sae_folders(out, recorded.get("sae_folders"))
+    if all(finished_training(f) for f in folders):
+        return []
+    return [json.dumps(c, sort_keys=True) for c in recorded.get("saes", [])]
+
+
+def _resume_if_same(run: TrainRun, configs: list[SAEConfig], data: TrainingData) -> TrainRun:
     same = (_previous_identity(Path(run.train.out))
             == run_record(run, configs, data.recorded)["recorded"]["identity"])
-    return replace(run, train=replace(run.train, resume=same, overwrite=not same))
+    return replace(run, train=replace(run.train, resume=same and not run.train.overwrite))
 
 
 def check_positions(data: DataConfig, source: SourceConfig) -> None:
@@ -313,28 +365,33 @@ def run_record(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
     resume."""
     saes = [asdict(c) for c in configs]
     same_run = {"settings": identity(run), "saes": saes,
-                **{k: v for k, v in recorded.items() if k != "sae_folders"}}
+                **{k: v for k, v in recorded.items() if k not in WRITTEN_FOLDERS}}
     return {"command": "train", **to_dict(run),
             "recorded": {"saes": saes, **recorded, "identity": same_run}}
 
 
-def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
-                     ) -> dict[str, Any]:
+def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any],
+                     extend: bool = False) -> dict[str, Any]:
     """Refuse to mix runs in `run.train.out` (unless --overwrite): --resume continues only the
     same run, recognised by its recorded identity (not by how the path is spelled), and starts
     it when the folder holds none yet (a run killed before it wrote anything); a folder holding
-    anything but this run is never written into. Then (re)write run.json; returns its record."""
+    anything but this run is never written into, except with `extend` beside a finished run of
+    the same settings (its SAE folders are kept, and listed in run.json as `earlier_sae_folders`
+    for a later --overwrite). Then (re)write run.json; returns its record."""
     cfg = run.train
     out = Path(cfg.out)
     record = run_record(run, configs, recorded)
     if cfg.overwrite:
-        _remove_replaced_saes(out, record["recorded"]["sae_folders"])
+        _remove_replaced_saes(out)
     previous = None if cfg.overwrite else _previous_identity(out)
     if not cfg.overwrite:
-        if previous is not None and previous != record["recorded"]["identity"]:
-            raise GsaeError(f"{out} holds a different run (its {RUN_FILE} differs); choose "
-                            "another --out or pass --overwrite")
-        if previous is not None and not cfg.resume:
+        same = previous == record["recorded"]["identity"]
+        if previous is not None and not same:
+            _refuse_other_run(out, previous, record["recorded"]["identity"], extend)
+        earlier = _earlier_folders(out, record) if previous is not None else []
+        if earlier:
+            record["recorded"]["earlier_sae_folders"] = earlier
+        if same and not cfg.resume:
             raise GsaeError(f"{out} already holds this run; pass --resume to continue it or "
                             "--overwrite to start again")
         if previous is None and _holds_files(out):
@@ -349,19 +406,72 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
     return record
 
 
-def _remove_replaced_saes(out: Path, kept: list[str]) -> None:
-    """Under --overwrite, delete the SAE folders of the run being replaced (as its run.json
-    lists them) that the new run does not reuse, so no stale SAE is left beside the new ones.
-    Nothing else in the folder is touched."""
-    try:
-        old = json.loads((out / RUN_FILE).read_text())["recorded"]["sae_folders"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no readable record of what the previous run wrote: delete nothing
+def _refuse_other_run(out: Path, previous: dict[str, Any], current: dict[str, Any],
+                      extend: bool) -> None:
+    """A run may start beside another only when extending it: that run finished, and it has
+    the settings and data of this one (so the SAEs of both mean the same)."""
+    def settings(ident: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in ident.items() if k != "saes"}
+
+    differing = differing_keys(settings(previous), settings(current))
+    if differing:
+        raise GsaeError(f"{out} holds a different run, made with other settings (differs "
+                        f"in: {', '.join(differing)}; see its {RUN_FILE}); choose another --out "
+                        "or pass --overwrite to replace it")
+    if not extend:
+        raise GsaeError(f"{out} holds a different run, of other SAEs (see its {RUN_FILE}); "
+                        "choose another --out or pass --overwrite to replace it")
+    recorded = _previous_record(out) or {}
+    unfinished = [f.name for f in _written_sae_folders(out, recorded.get("sae_folders"))
+                  if not finished_training(f)]
+    if unfinished:
+        raise GsaeError(f"{out} holds an interrupted run of other SAEs ({', '.join(unfinished)})"
+                        ": list them too to finish it, or pass --overwrite to replace it")
+
+
+WRITTEN_FOLDERS = ("sae_folders", "earlier_sae_folders")  # what --overwrite may delete
+
+
+def _earlier_folders(out: Path, record: dict[str, Any]) -> list[str]:
+    """The SAE folders that earlier runs in `out` wrote (as its run.json lists them), besides
+    the folders of this run."""
+    previous = _previous_record(out) or {}
+    listed = [*(previous.get("earlier_sae_folders") or []), *(previous.get("sae_folders") or [])]
+    current = record["recorded"]["sae_folders"]
+    return [name for name in dict.fromkeys(str(f.relative_to(out))
+                                           for f in _written_sae_folders(out, listed))
+            if name not in current]
+
+
+def _written_sae_folders(out: Path, names: Any) -> list[Path]:
+    """The folders of a run.json list that are SAE folders gsae writes in `out`: <hook>/<name>
+    inside it, reached without a link (a hand-edited absolute path, "." or ".." is ignored)."""
+    if not isinstance(names, list):
+        return []
+    root = out.resolve()
+    found = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).is_absolute():
+            continue
+        folder = out / name
+        try:
+            inside = folder.resolve().relative_to(root)
+        except (ValueError, OSError):
+            continue
+        if len(inside.parts) == 2 and inside == Path(name) and folder.is_dir():
+            found.append(folder)
+    return list(dict.fromkeys(found))
+
+
+def _remove_replaced_saes(out: Path) -> None:
+    """Under --overwrite, delete the SAE folders of the runs being replaced (as run.json lists
+    them), so nothing stale (an SAE, a snapshot, a log) is left beside the new run's. Nothing
+    else in the folder is touched."""
+    recorded = _previous_record(out, damaged_ok=True) or {}
     if not distributed.is_main():
         return
-    for name in old:
-        folder = out / name
-        if name not in kept and ".." not in Path(name).parts and folder.is_dir():
+    for key in WRITTEN_FOLDERS:
+        for folder in _written_sae_folders(out, recorded.get(key)):
             shutil.rmtree(folder)
 
 
@@ -373,14 +483,26 @@ def _holds_files(out: Path) -> bool:
 
 
 def _previous_identity(out: Path) -> dict[str, Any] | None:
+    recorded = _previous_record(out)
+    return None if recorded is None else recorded.get("identity", {})
+
+
+def _previous_record(out: Path, damaged_ok: bool = False) -> dict[str, Any] | None:
+    """The "recorded" part of the run.json in `out`, None if there is none (or, with
+    `damaged_ok`, if it does not read as a run record)."""
     path = out / RUN_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text()).get("recorded", {}).get("identity", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise GsaeError(f"{path} is damaged (not a run record); pass --overwrite to start "
-                        "the run again") from None
+        recorded = json.loads(path.read_text()).get("recorded", {})
+        if isinstance(recorded, dict):
+            return recorded
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        pass
+    if damaged_ok:
+        return None
+    raise GsaeError(f"{path} is damaged (not a run record); pass --overwrite to start "
+                    "the run again")
 
 
 # --------------------------------------------------------------------------------- caching

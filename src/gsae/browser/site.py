@@ -26,7 +26,7 @@ from gsae.browser.steering import continuations
 from gsae.errors import GsaeError
 from gsae.formats import load
 from gsae.hooks import resolve_hook
-from gsae.io import atomic_output
+from gsae.io import atomic_output, holds_folder
 from gsae.models import ModelConfig
 from gsae.pipeline import CHANGED_CORPUS_HELP, load_for_eval
 from gsae.sae import SAE
@@ -118,7 +118,7 @@ def inspect(sae_dir: str | Path, cfg: InspectConfig, model_cfg: Any = None,
     of the model and corpus it records (or `model_cfg` / `data_cfg` where given), loaded as
     `gsae eval` loads them (`gsae.pipeline.load_for_eval`)."""
     cfg.validate()
-    _check_out(Path(cfg.out), cfg.overwrite)
+    _check_out(Path(cfg.out), cfg.overwrite, read=[Path(sae_dir), Path(cfg.compare or sae_dir)])
     loaded = load_for_eval([str(sae_dir)], model_cfg, data_cfg, allow_changed_corpus)
     other = load(cfg.compare) if cfg.compare else None
     contexts = held_out_contexts(loaded.data, loaded.tokenizer, cfg.tokens, cfg.pool_tokens,
@@ -479,14 +479,29 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+# Files that mark what gsae writes besides a site: an SAE, a training run, a store.
+NOT_A_SITE = ("cfg.json", "run.json", "manifest.json", "identity.json")
+
+
+def _check_out(out: Path, overwrite: bool, read: list[Path] | None = None) -> None:
     """Refuse, before any work, an output folder that holds files (a site or anything else)
-    unless `overwrite`."""
+    unless `overwrite`; even then, one that holds a folder in `read` (the SAEs inspected) or
+    anything gsae writes that is not a site (an SAE, a run, a store) is never replaced."""
     if out.exists() and not out.is_dir():
         raise GsaeError(f"--out {out} is a file: give a folder")
+    held = next((f for f in read or [] if holds_folder(out, f)), None)
+    if held is not None:
+        raise GsaeError(f"--out {out} holds the SAE {held} that is inspected: write the site "
+                        "into another folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GsaeError(f"{out} is not empty: choose a new --out folder, or pass --overwrite to "
                         "replace it and everything in it")
+    other = next((p for p in out.rglob("*") if p.name in NOT_A_SITE), None) \
+        if out.is_dir() else None
+    if other is not None:
+        raise GsaeError(f"--out {out} holds {other.relative_to(out)}, a file of an SAE, a run "
+                        "or a store, not of a site: --overwrite replaces only a site, so "
+                        "choose another --out")
 
 
 @contextmanager

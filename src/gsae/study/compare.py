@@ -40,7 +40,7 @@ from gsae.store import StoreConfig, StoreReader, fill_store
 from gsae.study.report import build_report
 from gsae.study.results import ComparisonResult, compact_steering
 from gsae.text import DataConfig
-from gsae.train import TrainConfig, finished_training, sae_folder, variant_name
+from gsae.train import TrainConfig, sae_folder, variant_name
 
 IDENTITY_FILE = "compare.json"
 
@@ -192,7 +192,7 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
                                       "store_tokens": run.compare.store_tokens,
                                       **{k: settings[k] for k in ("model", "data", "source",
                                                                   "train")}},
-                 "a comparison")
+                 "a comparison", run.train.overwrite)
 
     t = time.perf_counter()
     source = ActivationSource(model, run.source, with_grad=True)
@@ -204,9 +204,7 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
     t = time.perf_counter()
     (hook,) = reader.hooks
     folders = {variant_name(c): sae_folder(train_run.train.out, hook, c) for c in configs}
-    todo = [c for c in configs if not finished_training(folders[variant_name(c)])]
-    if todo:
-        pipeline.train_saes(train_run, todo, resume_if_same=True)
+    pipeline.train_missing(train_run, configs, hook)
     stages["train"] = time.perf_counter() - t
 
     saes = {name: SAE.load(folder, device=run.model.device) for name, folder in folders.items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,10 +47,11 @@ from gsae.study.compare import cached, flag_text, machine_record, sae_record
 from gsae.study.results import compact_steering
 from gsae.study.scaling_report import ScalingResult, build_scaling_report
 from gsae.text import DataConfig, corpus_identity, token_contexts
-from gsae.train import TrainConfig, finished_training, sae_folder, snapshot_folder, variant_name
+from gsae.train import TrainConfig, sae_folder, snapshot_folder, variant_name
 
 IDENTITY_FILE = "study.json"
 STORE_CHECK_FILE = "store-check.json"
+REPLAY_DIR = "snapshot-replay"  # scratch run folder: snapshots added after training
 SNAPSHOTS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
 
 
@@ -216,15 +218,52 @@ def store_check(out: Path, reader: StoreReader, hook: str) -> dict[str, Any]:
     return check
 
 
-def train_stage(train_run: TrainRun, configs: list[SAEConfig], out: str, hook: str
-                ) -> dict[str, Path]:
-    """Train (or finish) the SAEs of `configs` as one run in `out`; their folders by name."""
+def train_stage(train_run: TrainRun, configs: list[SAEConfig], out: str, hook: str,
+                counts: list[int]) -> dict[str, Path]:
+    """Train (or finish) the SAEs of `configs` in the run folder `out`, keeping the finished
+    SAEs there (`pipeline.train_missing`), and give each a snapshot at every one of `counts`;
+    their folders by name."""
+    pipeline.train_missing(replace(train_run, train=replace(train_run.train, out=out)), configs,
+                           hook)
     folders = {variant_name(c): sae_folder(out, hook, c) for c in configs}
-    todo = [c for c in configs if not finished_training(folders[variant_name(c)])]
-    if todo:
-        pipeline.train_saes(replace(train_run, train=replace(train_run.train, out=out)), todo,
-                            resume_if_same=True)
+    replay_snapshots(train_run, configs, folders, counts, Path(out).parent / REPLAY_DIR)
     return folders
+
+
+def missing_snapshots(folders: dict[str, Path], counts: list[int]) -> dict[str, list[int]]:
+    """The snapshot counts that each SAE folder lacks (only SAEs that lack any)."""
+    missing = {name: [n for n in counts if not (snapshot_folder(f, n) / WEIGHTS_FILE).is_file()]
+               for name, f in folders.items()}
+    return {name: counts for name, counts in missing.items() if counts}
+
+
+def replay_snapshots(train_run: TrainRun, configs: list[SAEConfig], folders: dict[str, Path],
+                     counts: list[int], scratch: Path) -> None:
+    """Save the snapshots that trained SAEs lack (counts added after they passed them): their
+    training runs again, step for step, as a run in the folder `scratch` up to the last missing
+    count, and each missing snapshot is moved into its SAE's folder (no snapshot there is
+    replaced). `scratch` is the study's own: it is emptied before and removed after."""
+    missing = missing_snapshots(folders, counts)
+    if not missing:
+        return
+    wanted = sorted({n for lacking in missing.values() for n in lacking})
+    replayed = [c for c in configs if variant_name(c) in missing]
+    _remove_scratch(scratch)
+    run = replace(train_run, train=replace(train_run.train, out=str(scratch), snapshots=wanted,
+                                           resume=False, overwrite=False))
+    summary = pipeline.train_saes(run, replayed, until=wanted[-1])
+    for record in summary.records:
+        name = Path(record["folder"]).name
+        for n in missing[name]:
+            target = snapshot_folder(folders[name], n)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            snapshot_folder(Path(record["folder"]), n).rename(target)
+    _remove_scratch(scratch)
+
+
+def _remove_scratch(scratch: Path) -> None:
+    if scratch.is_dir() and not scratch.is_symlink():
+        shutil.rmtree(scratch)
 
 
 @dataclass
@@ -333,10 +372,25 @@ def plan(run: ScalingRun) -> Plan:
     settings = identity(run)
     claim_folder(out, IDENTITY_FILE, {"model": stage.model_id, "store": str(store),
                                       "store_tokens": run.study.store_tokens,
-                                      **{k: settings[k] for k in ("model", "data", "source",
-                                                                  "train")}},
-                 "a study")
+                                      **as_recorded(out / IDENTITY_FILE, {
+                                          k: settings[k] for k in SETTINGS_RECORDED})},
+                 "a study", run.train.overwrite)
     return Plan(run, out, store, counts, curve, extra, unseen, stage, train_run)
+
+
+SETTINGS_RECORDED = ("model", "data", "source", "train")  # the sections study.json records
+
+
+def as_recorded(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` (sections of `identity(run)`) without those that the study.json at `path`
+    does not record and that hold their default: settings that gsae gained after the study
+    was made, which then had, in effect, their default."""
+    recorded = read_json(path, "a study's settings") if path.is_file() else {}
+    default = identity(ScalingRun())
+    return {section: {k: v for k, v in values.items()
+                      if k in (recorded.get(section) or {}) or v != default[section].get(k)}
+            if isinstance(recorded.get(section), dict) else values
+            for section, values in settings.items()}
 
 
 def store_stage(p: Plan) -> tuple[StoreReader, dict[str, Any]]:
@@ -387,9 +441,9 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
         reader, checked = store_stage(p)
     hook = reader.hooks[0]
     with clock.stage("train"):
-        folders = train_stage(p.train_run, p.curve, str(p.out / "saes"), hook)
-        extra = train_stage(p.train_run, p.extra, str(p.out / "saes-extra"), hook) \
-            if p.extra else {}
+        folders = train_stage(p.train_run, p.curve, str(p.out / "saes"), hook, p.counts)
+        extra = train_stage(p.train_run, p.extra, str(p.out / "saes-extra"), hook,
+                            p.counts[-1:]) if p.extra else {}
     snaps = snapshots_of(folders, p.counts)
     last = snapshots_of({**folders, **extra}, p.counts[-1:])
     evaluated = snaps + [s for s in last if s.variant in extra]
