@@ -60,7 +60,7 @@ class Provenance:
 
 @dataclass
 class SAEConfig:
-    """Architecture of one SAE. The input width `d_in` comes from the data, not from here."""
+    """Architecture and training objective of one SAE; the input width `d_in` is the data's."""
 
     expansion_factor: int = field(
         default=16, metadata={"help": "latents per input dimension (ignored if n_latents > 0)",
@@ -76,6 +76,13 @@ class SAEConfig:
         metadata={"help": "weight of the gradient term in the selection score; 0 is plain TopK",
                   "min": 0},
     )
+    fisher_coef: float = field(
+        default=0.0,
+        metadata={"help": "weight lambda of the Fisher term in the loss, FVU + lambda FVU_g + "
+                  "AuxK: FVU_g is the error along the loss gradient, sum (g.(x - x_hat))^2 / "
+                  "sum (g.(x - mean x))^2 (docs/method.md); 0 trains on FVU alone",
+                  "min": 0, "omit_at_default": True},
+    )
     value_mode: str = field(
         default="z",
         metadata={
@@ -85,6 +92,11 @@ class SAEConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether training this SAE needs the loss gradient g (its selection or its loss)."""
+        return self.beta > 0 or self.fisher_coef > 0
 
     def latents_for(self, d_in: int) -> int:
         """The number of latents for an input of width `d_in`."""
@@ -104,6 +116,9 @@ class SAEConfig:
             raise GsaeError(f"k must be between 1 and the number of latents ({n}), got {self.k}")
         if not (self.beta >= 0 and math.isfinite(self.beta)):
             raise GsaeError(f"beta must be a finite number >= 0 (0 is plain TopK), got {self.beta}")
+        if not (self.fisher_coef >= 0 and math.isfinite(self.fisher_coef)):
+            raise GsaeError(f"fisher_coef must be a finite number >= 0 (0 trains on FVU alone), "
+                            f"got {self.fisher_coef}")
         if self.value_mode not in VALUE_MODES:
             raise GsaeError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
 

@@ -164,9 +164,11 @@ def data_parallel(cfg: TrainConfig) -> bool:
 
 
 def variant_name(cfg: SAEConfig) -> str:
-    """A folder name that tells the sweep members apart."""
+    """A folder name that tells the sweep members apart; `-f<lambda>` only when the Fisher
+    term is on, so SAEs without it keep the names they had before it existed."""
     width = f"n{cfg.n_latents}" if cfg.n_latents > 0 else f"x{cfg.expansion_factor}"
-    return f"k{cfg.k}-beta{cfg.beta:g}-{cfg.value_mode}-{width}-s{cfg.seed}"
+    fisher = f"-f{cfg.fisher_coef:g}" if cfg.fisher_coef > 0 else ""
+    return f"k{cfg.k}-beta{cfg.beta:g}{fisher}-{cfg.value_mode}-{width}-s{cfg.seed}"
 
 
 def sae_folder(out: str | Path, hook: str, cfg: SAEConfig) -> Path:
