@@ -136,11 +136,24 @@ class ForwardOutput(NamedTuple):
     fvu: Tensor
     auxk_loss: Tensor
     effect: Tensor | None
+    fvu_g: Tensor | None = None  # the Fisher term FVU_g; None without a gradient
 
 
 def total_variance_of(x: Tensor) -> Tensor:
     """Sum of squared deviations of the rows of `x` [N, d] from their mean: FVU's denominator."""
     return (x - x.mean(0)).pow(2).sum()
+
+
+def first_order_change(delta: Tensor, g: Tensor) -> Tensor:
+    """`g . delta` per row [N]: the first-order change of the model's loss when the activation
+    moves by `delta` (x_hat - x for a reconstruction), with `g` = dL/dx."""
+    return torch.linalg.vecdot(delta, g, dim=1)
+
+
+def fisher_variance_of(x: Tensor, g: Tensor) -> Tensor:
+    """Sum over rows of (g . (x - mean x))^2: FVU_g's denominator, the Fisher term of
+    reconstructing every row by the batch mean (as FVU's is for the squared error)."""
+    return first_order_change(x - x.mean(0), g).square().sum()
 
 
 class SAE(nn.Module):
@@ -249,7 +262,8 @@ class SAE(nn.Module):
         return kernels.sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None,
-                k_aux: int = 0, variance: Tensor | None = None) -> ForwardOutput:
+                k_aux: int = 0, variance: Tensor | None = None,
+                fisher_variance: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and compute the training losses.
 
         `fvu` is the squared error over the batch's total variance around its mean (or over
@@ -257,6 +271,8 @@ class SAE(nn.Module):
         to the whole batch's). When `dead_mask` marks dead latents, `auxk_loss` is the AuxK term
         of Gao et al.: the top `k_aux` dead latents (by pre-activation) reconstruct the detached
         residual, normalised by the same total variance. It is 0 when no latent is dead.
+        With `grad`, `fvu_g` is the Fisher term (method.md): sum (g . (x - x_hat))^2 over
+        `fisher_variance_of(x, grad)` (or over `fisher_variance`, for a part of a larger batch).
         """
         (values, indices, effect), pattern, aux = self._encode(x, grad, dead_mask, k_aux)
         x_hat = kernels.sparse_decode(values, pattern, self.W_dec) + self.b_dec
@@ -266,7 +282,11 @@ class SAE(nn.Module):
         auxk_loss = x.new_zeros(())
         if aux is not None:
             auxk_loss = self._auxk_loss(*aux, residual.detach()) / total_variance
-        return ForwardOutput(x_hat, values, indices, fvu, auxk_loss, effect)
+        fvu_g = None
+        if grad is not None:
+            fisher = fisher_variance_of(x, grad) if fisher_variance is None else fisher_variance
+            fvu_g = first_order_change(residual, grad).square().sum() / fisher
+        return ForwardOutput(x_hat, values, indices, fvu, auxk_loss, effect, fvu_g)
 
     def _auxk_loss(
         self, values: Tensor, pattern: kernels.SparsePattern, residual: Tensor
