@@ -186,6 +186,22 @@ def test_folder_names_and_configs_without_the_term_stay_as_they_were(tmp_path):
     assert SAE.load(folder).cfg.fisher_coef == 0.0
 
 
+def test_runs_recorded_before_the_term_are_the_same_runs():
+    """At lambda 0 a run's record and identity hold no trace of the setting (so a run recorded
+    before it existed resumes as the same run); above 0 they record it."""
+    from gsae.config import sweep_configs
+    from gsae.pipeline import TrainRun, run_record
+
+    run = TrainRun()
+    run.sae.beta = [0.0, 100.0]
+    text = json.dumps(run_record(run, sweep_configs(run.sae), {})["recorded"])
+    assert "fisher" not in text and '"beta": 0.0' in text
+    run.sae.fisher_coef = [0.0, 0.5]
+    recorded = run_record(run, sweep_configs(run.sae), {})["recorded"]
+    assert recorded["identity"]["settings"]["sae"]["fisher_coef"] == [0.0, 0.5]
+    assert [s.get("fisher_coef") for s in recorded["saes"]] == [None, 0.5, None, 0.5]
+
+
 def tiny_args(corpus, out, tokens=768):
     return ["--model", "tiny-llama", "--dataset", corpus, "--context_size", "32", "--hooks",
             "1", "--lm_batch_size", "4", "--tokens", str(tokens), "--batch_tokens", "128",
