@@ -9,8 +9,8 @@ tokens per second, and its time as a multiple of one encoder GEMM (`x @ W_enc^T 
 the batch in float32 through oneDNN, in the selection's blocks of rows).
 
     python benchmarks/sae_step.py [--shape smollm2|gpt2] [--rounds 12] [--steps 1]
-        [--beta 100] [--fisher-coef 0] [--dead-fraction 0] [--wait-idle 0] [--sparsify]
-        [--profile]
+        [--beta 100] [--fisher-coef 0] [--dead-fraction 0] [--wait-idle 0] [--one-path]
+        [--sparsify] [--profile]
 
 `--fisher-coef LAMBDA` adds both steps with the Fisher term (loss FVU + lambda FVU_g + AuxK,
 docs/method.md) and prints each one's time against the same step without it. The steps take
@@ -397,6 +397,9 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="on a shared machine: before each timed step, wait up to this long "
                         "for other processes to leave the CPUs idle (Linux)")
+    parser.add_argument("--one-path", action="store_true",
+                        help="time the default selection path only (not also the other one on "
+                        "CPUs with bfloat16 hardware)")
     parser.add_argument("--sparsify", action="store_true",
                         help="also time EleutherAI sparsify's step (in the interop environment)")
     parser.add_argument("--profile", action="store_true",
@@ -427,7 +430,7 @@ def main() -> None:
             names[key] = f"gsae {label} + Fisher (lambda {args.fisher_coef:g})"
             variants[names[key]] = timed(gsae_step(d_in, n_latents, args.k, beta, x, g, dead,
                                                    args.fisher_coef))
-    if kernels.bf16_products_fast():  # both again, with the other selection path
+    if kernels.bf16_products_fast() and not args.one_path:  # both again, the other path
         other = "dense fp32" if kernels.screens(x) else "bf16 screen"
         names["topk other"] = f"gsae TopK, {other}"
         names["gsae other"] = f"gsae g-SAE, {other}"
