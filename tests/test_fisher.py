@@ -165,10 +165,13 @@ def test_the_fisher_term_spends_latents_on_the_gradients_direction(tmp_path, bet
     """Without the Fisher term no decoder row points along v (it carries under 1% of the
     variance) and the error along v is that of the mean; with it one does, and the error along
     v falls (to almost nothing when the g-SAE's selection also sees g)."""
+    # Measured here: cosine 0.02-0.09 and FVU_g 1.00-1.20 without the term, cosine 0.82-0.90
+    # with it, over four seeds of the data and the weights; FVU_g 0.29-0.40 (TopK) and
+    # 0.002-0.014 (g-SAE).
     cosine, fvu_g = planted_run(tmp_path, 0.0, beta)
-    assert cosine < 0.1 and fvu_g > 0.95
+    assert cosine < 0.2 and fvu_g > 0.95
     cosine, fvu_g = planted_run(tmp_path, 1.0, beta)
-    assert cosine > 0.8 and fvu_g < (0.6 if beta == 0 else 0.05)
+    assert cosine > 0.75 and fvu_g < (0.6 if beta == 0 else 0.05)
 
 
 # ------------------------------------------------------------------- runs and folders
