@@ -9,7 +9,12 @@ tokens per second, and its time as a multiple of one encoder GEMM (`x @ W_enc^T 
 the batch in float32 through oneDNN, in the selection's blocks of rows).
 
     python benchmarks/sae_step.py [--shape smollm2|gpt2] [--rounds 12] [--steps 1]
-        [--beta 100] [--dead-fraction 0] [--wait-idle 0] [--sparsify] [--profile]
+        [--beta 100] [--fisher-coef 0] [--dead-fraction 0] [--wait-idle 0] [--one-path]
+        [--sparsify] [--profile]
+
+`--fisher-coef LAMBDA` adds both steps with the Fisher term (loss FVU + lambda FVU_g + AuxK,
+docs/method.md) and prints each one's time against the same step without it. The steps take
+(x, g) already in memory, as training from a store gives them to the SAE.
 
 `--sparsify` adds sparsify's SparseCoder step (TopK, same shape, same Adam). sparsify is not a
 dependency of gsae: it runs in the separate environment of the interop tests (created under the
@@ -94,18 +99,19 @@ def timed(fn: Callable[[], None]) -> Step:
 
 
 def gsae_step(d_in: int, n_latents: int, k: int, beta: float, x: torch.Tensor, g: torch.Tensor,
-              dead: torch.Tensor | None) -> Callable[[], None]:
+              dead: torch.Tensor | None, fisher_coef: float = 0.0) -> Callable[[], None]:
     """One training step of a gsae SAE, as the trainer runs it."""
     from gsae import SAE, SAEConfig
+    from gsae.train import training_loss
 
-    sae = SAE(SAEConfig(n_latents=n_latents, k=k, beta=beta), d_in)
+    sae = SAE(SAEConfig(n_latents=n_latents, k=k, beta=beta, fisher_coef=fisher_coef), d_in)
     sae.init_b_dec(x, "mean")
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    grad = g if beta > 0 else None
+    grad = g if sae.cfg.needs_grad else None
 
     def step() -> None:
         out = sae(x, grad, dead_mask=dead, k_aux=d_in // 2)
-        (out.fvu + out.auxk_loss / 32).backward()
+        training_loss(out, sae.cfg, auxk_coef=1 / 32).backward()
         sae.remove_parallel_grads()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -255,6 +261,9 @@ def report(times: dict[str, list[float]], names: dict[str, str], batch: int) -> 
         ratios["TopK / GEMM, other"] = (names["topk other"], names["gemm"])
         ratios["TopK other / TopK"] = (names["topk other"], names["topk"])
         ratios["g-SAE other / g-SAE"] = (names["gsae other"], names["gsae"])
+    if "topk fisher" in names:
+        ratios["TopK+Fisher / TopK"] = (names["topk fisher"], names["topk"])
+        ratios["g-SAE+Fisher / g-SAE"] = (names["gsae fisher"], names["gsae"])
     if "sparsify" in names:
         ratios["sparsify / TopK"] = (names["sparsify"], names["topk"])
         ratios["sparsify / g-SAE"] = (names["sparsify"], names["gsae"])
@@ -377,6 +386,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096, help="tokens per step")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--beta", type=float, default=100.0, help="beta of the g-SAE")
+    parser.add_argument("--fisher-coef", type=float, default=0.0, metavar="LAMBDA",
+                        help="also time both steps with the Fisher term of this weight")
     parser.add_argument("--rounds", type=int, default=12, help="turns each variant takes")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant per turn")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
@@ -386,6 +397,9 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="on a shared machine: before each timed step, wait up to this long "
                         "for other processes to leave the CPUs idle (Linux)")
+    parser.add_argument("--one-path", action="store_true",
+                        help="time the default selection path only (not also the other one on "
+                        "CPUs with bfloat16 hardware)")
     parser.add_argument("--sparsify", action="store_true",
                         help="also time EleutherAI sparsify's step (in the interop environment)")
     parser.add_argument("--profile", action="store_true",
@@ -410,7 +424,13 @@ def main() -> None:
     gsae = gsae_step(d_in, n_latents, args.k, args.beta, x, g, dead)
     variants: dict[str, Step] = {names["gemm"]: timed(encoder_gemm(d_in, n_latents, x)),
                                  names["topk"]: timed(topk), names["gsae"]: timed(gsae)}
-    if kernels.bf16_products_fast():  # both again, with the other selection path
+    if args.fisher_coef > 0:
+        for key, beta, label in (("topk fisher", 0.0, "TopK"), ("gsae fisher", args.beta,
+                                                                 "g-SAE")):
+            names[key] = f"gsae {label} + Fisher (lambda {args.fisher_coef:g})"
+            variants[names[key]] = timed(gsae_step(d_in, n_latents, args.k, beta, x, g, dead,
+                                                   args.fisher_coef))
+    if kernels.bf16_products_fast() and not args.one_path:  # both again, the other path
         other = "dense fp32" if kernels.screens(x) else "bf16 screen"
         names["topk other"] = f"gsae TopK, {other}"
         names["gsae other"] = f"gsae g-SAE, {other}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsae import SAE, Provenance, SAEConfig
+from gsae import SAE, GsaeError, Provenance, SAEConfig
 from gsae.cli import main
 from gsae.models import ModelConfig, model_identity
 from gsae.text import DataConfig, corpus_identity
@@ -377,3 +377,30 @@ def test_inspect_overwrite_never_replaces_an_sae_or_a_store(corpus, tmp_path, ca
     for out, found in ((other, "cfg.json"), (tmp_path / "b", "sae/cfg.json"),
                        (store, "manifest.json")):
         run_refused([*args, str(out)], capsys, tmp_path, f"holds {found}, a file of an SAE")
+
+
+# ----------------------------------------------------------- the Fisher term (--fisher_coef)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-0.5", "--sae.fisher_coef must be at least 0, got -0.5"),
+    ("0.5,-1", "--sae.fisher_coef must be at least 0, got -1.0"),
+    ("nan", "argument --fisher_coef/--sae.fisher_coef: expected a finite number, got 'nan'"),
+])
+def test_a_bad_fisher_coef_on_the_command_line(corpus, tmp_path, capsys, value, message):
+    (tmp_path / "keep.txt").write_text("a file of the user's")
+    run_refused(["train", *tiny(corpus, tmp_path / "run"), "--fisher_coef", value], capsys,
+                tmp_path, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_fisher_coef_in_a_config_file_or_in_python(corpus, tmp_path, capsys):
+    config = tmp_path / "run.json"
+    for value, message in (("-2", "must be at least 0, got -2.0"),
+                           ("NaN", "must be a finite number, got nan")):
+        config.write_text('{"sae": {"fisher_coef": [' + value + ']}}')
+        run_refused(["train", *tiny(corpus, tmp_path / "run"), "--config", str(config)], capsys,
+                    tmp_path, f"--sae.fisher_coef {message}")
+    for value in (-0.1, float("nan")):
+        with pytest.raises(GsaeError, match="fisher_coef must be a finite number >= 0"):
+            SAE(SAEConfig(n_latents=8, k=2, fisher_coef=value), 4)

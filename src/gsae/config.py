@@ -7,8 +7,11 @@ From that tree this module makes the command line and reads and writes config fi
 - every field gets the flag `--section.field`; it also gets the short flag `--field` unless an
   earlier section of the same command already has a field of that name (first section wins);
 - a field's `metadata` holds its help text and bounds (`min`, `above`, `choices`) that are
-  checked for flags and files alike, and `identity: False` for settings that say where or how a
-  run executes rather than what it computes (output folder, device, resume);
+  checked for flags and files alike, `identity: False` for settings that say where or how a
+  run executes rather than what it computes (output folder, device, resume), and
+  `omit_at_default: True` for settings added after runs were recorded, whose default is what
+  those runs did: at the default they are left out of identities and records, so those runs
+  are still the same runs;
 - a sweep section (`sweep_of(SAEConfig)`) has the same fields as lists: each flag takes a
   comma-separated list of values;
 - a config file (JSON, or YAML when PyYAML is installed) holds the same tree, e.g.
@@ -372,5 +375,19 @@ def identity(tree: Any) -> dict[str, Any]:
         if s.field.metadata.get("identity", True):
             value = getattr(getattr(tree, s.section), s.name) if s.section else \
                 getattr(tree, s.name)
-            out.setdefault(s.section or "", {})[s.name] = value
+            if not _left_out(s.field, value):
+                out.setdefault(s.section or "", {})[s.name] = value
     return json.loads(json.dumps(out))
+
+
+def section_record(section: Any) -> dict[str, Any]:
+    """One section's settings as a dict (e.g. an SAE config in a run's record), without the
+    `omit_at_default` settings that sit at their default."""
+    values = dataclasses.asdict(section)
+    return {f.name: values[f.name] for f in fields(section) if not _left_out(f, values[f.name])}
+
+
+def _left_out(f: Field, value: Any) -> bool:
+    """Whether a setting added after runs were recorded sits at its default (see the module
+    docstring); a sweep field's default is the list of the one default."""
+    return bool(f.metadata.get("omit_at_default")) and value == _default(f)

@@ -38,7 +38,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from gsae.errors import GsaeError
 from gsae.hooks import FULL, Intervention, Recording, log_probs, resolve_hook, splice
 from gsae.io import versions, write_json
-from gsae.sae import SAE
+from gsae.sae import SAE, first_order_change
 from gsae.source import GRADIENT_DEFINITION, ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity, token_contexts
 
@@ -452,7 +452,7 @@ class _Tally:
         active = values > 0
         self.l0 += _total(active)
         self.fired += torch.bincount(indices[active].cpu(), minlength=self.fired.numel())
-        dots = (g * error).sum(1)
+        dots = first_order_change(error, g)
         self.first_order_abs += _total(dots.abs())
         per_sequence = dots.new_zeros(ce.shape[0], dtype=torch.float64)
         self.predicted += per_sequence.index_add_(0, sequence, dots.double()).tolist()

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae import distributed
-from gsae.config import build, check, identity, sweep_configs, sweep_of, to_dict
+from gsae.config import build, check, identity, section_record, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
 from gsae.formats import load
@@ -177,7 +177,7 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], extend: bool = False, un
     run = _local_devices(run)
     check_positions(run.data, run.source)
     check_wandb(run.train)
-    data = training_data(run, with_grad=any(c.beta > 0 for c in configs))
+    data = training_data(run, with_grad=any(c.needs_grad for c in configs))
     if run.train.store:
         run = settings_of_store(run, data.recorded["store"])
     for cfg in configs:
@@ -270,7 +270,7 @@ def train_missing(run: TrainRun, configs: list[SAEConfig], hook: str) -> list[SA
 
 def _comparable_config(cfg: SAEConfig) -> str:
     """An SAE config as run.json records it, as a key."""
-    return json.dumps(asdict(cfg), sort_keys=True)
+    return json.dumps(section_record(cfg), sort_keys=True)
 
 
 def _interrupted_saes(out: Path) -> list[str]:
@@ -363,7 +363,7 @@ def run_record(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
     """What run.json holds: the run's whole config tree (so `--config run.json` replays it)
     and, under "recorded", the SAEs trained, the data's identity and what must match to
     resume."""
-    saes = [asdict(c) for c in configs]
+    saes = [section_record(c) for c in configs]
     same_run = {"settings": identity(run), "saes": saes,
                 **{k: v for k, v in recorded.items() if k not in WRITTEN_FOLDERS}}
     return {"command": "train", **to_dict(run),

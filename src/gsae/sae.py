@@ -60,7 +60,7 @@ class Provenance:
 
 @dataclass
 class SAEConfig:
-    """Architecture of one SAE. The input width `d_in` comes from the data, not from here."""
+    """Architecture and training objective of one SAE; the input width `d_in` is the data's."""
 
     expansion_factor: int = field(
         default=16, metadata={"help": "latents per input dimension (ignored if n_latents > 0)",
@@ -76,6 +76,13 @@ class SAEConfig:
         metadata={"help": "weight of the gradient term in the selection score; 0 is plain TopK",
                   "min": 0},
     )
+    fisher_coef: float = field(
+        default=0.0,
+        metadata={"help": "weight lambda of the Fisher term in the loss, FVU + lambda FVU_g + "
+                  "AuxK: FVU_g is the error along the loss gradient, sum (g.(x - x_hat))^2 / "
+                  "sum (g.(x - mean x))^2 (docs/method.md); 0 trains on FVU alone",
+                  "min": 0, "omit_at_default": True},
+    )
     value_mode: str = field(
         default="z",
         metadata={
@@ -85,6 +92,11 @@ class SAEConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether training this SAE needs the loss gradient g (its selection or its loss)."""
+        return self.beta > 0 or self.fisher_coef > 0
 
     def latents_for(self, d_in: int) -> int:
         """The number of latents for an input of width `d_in`."""
@@ -104,6 +116,9 @@ class SAEConfig:
             raise GsaeError(f"k must be between 1 and the number of latents ({n}), got {self.k}")
         if not (self.beta >= 0 and math.isfinite(self.beta)):
             raise GsaeError(f"beta must be a finite number >= 0 (0 is plain TopK), got {self.beta}")
+        if not (self.fisher_coef >= 0 and math.isfinite(self.fisher_coef)):
+            raise GsaeError(f"fisher_coef must be a finite number >= 0 (0 trains on FVU alone), "
+                            f"got {self.fisher_coef}")
         if self.value_mode not in VALUE_MODES:
             raise GsaeError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
 
@@ -121,11 +136,24 @@ class ForwardOutput(NamedTuple):
     fvu: Tensor
     auxk_loss: Tensor
     effect: Tensor | None
+    fvu_g: Tensor | None = None  # the Fisher term FVU_g; None without a gradient
 
 
 def total_variance_of(x: Tensor) -> Tensor:
     """Sum of squared deviations of the rows of `x` [N, d] from their mean: FVU's denominator."""
     return (x - x.mean(0)).pow(2).sum()
+
+
+def first_order_change(delta: Tensor, g: Tensor) -> Tensor:
+    """`g . delta` per row [N]: the first-order change of the model's loss when the activation
+    moves by `delta` (x_hat - x for a reconstruction), with `g` = dL/dx."""
+    return torch.linalg.vecdot(delta, g, dim=1)
+
+
+def fisher_variance_of(x: Tensor, g: Tensor) -> Tensor:
+    """Sum over rows of (g . (x - mean x))^2: FVU_g's denominator, the Fisher term of
+    reconstructing every row by the batch mean (as FVU's is for the squared error)."""
+    return first_order_change(x - x.mean(0), g).square().sum()
 
 
 class SAE(nn.Module):
@@ -234,7 +262,8 @@ class SAE(nn.Module):
         return kernels.sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None,
-                k_aux: int = 0, variance: Tensor | None = None) -> ForwardOutput:
+                k_aux: int = 0, variance: Tensor | None = None,
+                fisher_variance: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and compute the training losses.
 
         `fvu` is the squared error over the batch's total variance around its mean (or over
@@ -242,6 +271,8 @@ class SAE(nn.Module):
         to the whole batch's). When `dead_mask` marks dead latents, `auxk_loss` is the AuxK term
         of Gao et al.: the top `k_aux` dead latents (by pre-activation) reconstruct the detached
         residual, normalised by the same total variance. It is 0 when no latent is dead.
+        With `grad`, `fvu_g` is the Fisher term (method.md): sum (g . (x - x_hat))^2 over
+        `fisher_variance_of(x, grad)` (or over `fisher_variance`, for a part of a larger batch).
         """
         (values, indices, effect), pattern, aux = self._encode(x, grad, dead_mask, k_aux)
         x_hat = kernels.sparse_decode(values, pattern, self.W_dec) + self.b_dec
@@ -251,7 +282,11 @@ class SAE(nn.Module):
         auxk_loss = x.new_zeros(())
         if aux is not None:
             auxk_loss = self._auxk_loss(*aux, residual.detach()) / total_variance
-        return ForwardOutput(x_hat, values, indices, fvu, auxk_loss, effect)
+        fvu_g = None
+        if grad is not None:
+            fisher = fisher_variance_of(x, grad) if fisher_variance is None else fisher_variance
+            fvu_g = first_order_change(residual, grad).square().sum() / fisher
+        return ForwardOutput(x_hat, values, indices, fvu, auxk_loss, effect, fvu_g)
 
     def _auxk_loss(
         self, values: Tensor, pattern: kernels.SparsePattern, residual: Tensor

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from gsae import distributed
 from gsae.errors import GsaeError
 from gsae.io import save_tensors, write_json
-from gsae.sae import SAE, SAEConfig, total_variance_of
+from gsae.sae import SAE, ForwardOutput, SAEConfig, fisher_variance_of, total_variance_of
 from gsae.source import Batch
 
 STATE_DIR = "checkpoint"
@@ -158,15 +158,30 @@ def lr_factor(step: int, total_steps: int, warmup: int, decay_fraction: float) -
     return 1.0
 
 
+def training_loss(out: ForwardOutput, sae_cfg: SAEConfig, auxk_coef: float) -> torch.Tensor:
+    """FVU + auxk_coef AuxK, plus lambda FVU_g when the SAE's `fisher_coef` lambda is above 0
+    (method.md)."""
+    loss = out.fvu + auxk_coef * out.auxk_loss
+    if sae_cfg.fisher_coef > 0:
+        if out.fvu_g is None:
+            raise GsaeError(f"fisher_coef {sae_cfg.fisher_coef:g} needs the loss gradient g, and "
+                            "the data has none: train from a store or from a source made with "
+                            "gradients")
+        loss = loss + sae_cfg.fisher_coef * out.fvu_g
+    return loss
+
+
 def data_parallel(cfg: TrainConfig) -> bool:
     """True when the ranks of a torchrun launch split every batch (rather than the sweep)."""
     return distributed.world_size() > 1 and not cfg.distribute_sweep
 
 
 def variant_name(cfg: SAEConfig) -> str:
-    """A folder name that tells the sweep members apart."""
+    """A folder name that tells the sweep members apart; `-f<lambda>` only when the Fisher
+    term is on, so SAEs without it keep the names they had before it existed."""
     width = f"n{cfg.n_latents}" if cfg.n_latents > 0 else f"x{cfg.expansion_factor}"
-    return f"k{cfg.k}-beta{cfg.beta:g}-{cfg.value_mode}-{width}-s{cfg.seed}"
+    fisher = f"-f{cfg.fisher_coef:g}" if cfg.fisher_coef > 0 else ""
+    return f"k{cfg.k}-beta{cfg.beta:g}{fisher}-{cfg.value_mode}-{width}-s{cfg.seed}"
 
 
 def sae_folder(out: str | Path, hook: str, cfg: SAEConfig) -> Path:
@@ -672,9 +687,10 @@ class Trainer:
             group["lr"] = m.base_lr * lr_factor(m.step, self.total_steps, self.cfg.warmup_steps,
                                                  self.cfg.decay_fraction)
         dead = m.since_fired >= self.cfg.dead_tokens
-        part, variance = self._rows_here(batch)
-        out = sae(part.x, part.g, dead_mask=dead, k_aux=m.k_aux, variance=variance)
-        loss = out.fvu + self.cfg.auxk_coef * out.auxk_loss
+        part, variance, fisher_variance = self._rows_here(batch)
+        out = sae(part.x, part.g, dead_mask=dead, k_aux=m.k_aux, variance=variance,
+                  fisher_variance=fisher_variance)
+        loss = training_loss(out, sae.cfg, self.cfg.auxk_coef)
         if not torch.isfinite(loss):
             raise GsaeError(
                 f"the loss of {m.name} became non-finite at step {m.step}; the last checkpoint "
@@ -686,7 +702,8 @@ class Trainer:
             fired = torch.zeros(sae.n_latents, device=active.device)
             fired[out.indices[active]] = 1.0
             effect = out.fvu.new_zeros(()) if out.effect is None else out.effect.sum()
-            totals = torch.stack([out.fvu, out.auxk_loss, active.sum().float(), effect])
+            fvu_g = out.fvu.new_zeros(()) if out.fvu_g is None else out.fvu_g
+            totals = torch.stack([out.fvu, out.auxk_loss, active.sum().float(), effect, fvu_g])
         if self.data_parallel:  # before the step: the ranks' gradients add up to the batch's
             distributed.all_reduce_sum([p.grad for p in sae.parameters()] + [fired, totals])
         sae.remove_parallel_grads()
@@ -695,9 +712,11 @@ class Trainer:
         sae.normalize_decoder()
         m.since_fired += len(batch)
         m.since_fired[fired > 0] = 0
-        fvu, auxk, selected, effect_sum = totals.tolist()
+        fvu, auxk, selected, effect_sum, fvu_g = totals.tolist()
         stats = {"fvu": fvu, "auxk": auxk, "l0": selected / len(batch),
                  "effect": effect_sum / (len(batch) * sae.k)}
+        if out.fvu_g is not None:
+            stats["fvu_g"] = fvu_g
         for key, value in stats.items():
             m.acc[key] = m.acc.get(key, 0.0) + value
         m.acc_steps += 1
@@ -709,14 +728,17 @@ class Trainer:
         if reached and self.writes_files:
             save_snapshots(m, reached)
 
-    def _rows_here(self, batch: Batch) -> tuple[Batch, torch.Tensor | None]:
-        """The rows this rank trains on, and the variance that normalises the losses (None: the
-        rows' own). Data-parallel ranks take contiguous shares of the batch, normalised by the
-        whole batch's variance, so their losses and gradients add up to the one-process ones."""
+    def _rows_here(self, batch: Batch
+                   ) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
+        """The rows this rank trains on, and the variance and Fisher variance that normalise
+        the losses (None: the rows' own). Data-parallel ranks take contiguous shares of the
+        batch, normalised by the whole batch's, so their losses and gradients add up to the
+        one-process ones."""
         if not self.data_parallel:
-            return batch, None
+            return batch, None, None
         g = None if batch.g is None else distributed.shard(batch.g)
-        return Batch(distributed.shard(batch.x), g), total_variance_of(batch.x)
+        fisher = None if batch.g is None else fisher_variance_of(batch.x, batch.g)
+        return Batch(distributed.shard(batch.x), g), total_variance_of(batch.x), fisher
 
     def _dead_fraction(self, m: TrainedSAE) -> float:
         return (m.since_fired >= self.cfg.dead_tokens).float().mean().item()
