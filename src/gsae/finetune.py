@@ -127,6 +127,9 @@ class SplicingSource:
 
     def __init__(self, model: nn.Module, cfg: SourceConfig, with_grad: bool,
                  split_across_ranks: bool = False):
+        if any(p.requires_grad for p in model.parameters()):
+            raise GsaeError("the model's weights require grad: freeze them with "
+                            "model.requires_grad_(False) before fine-tuning")
         self.cfg, self.split = cfg, split_across_ranks
         self.source = ActivationSource(model, cfg, with_grad=with_grad)
         self.hook_names = self.source.hook_names
