@@ -288,16 +288,21 @@ def weights_fingerprint(sae: SAE) -> str:
     return digest.hexdigest()
 
 
-def check_parent(sae: SAE, folder: str, model: nn.Module, model_id: dict[str, Any],
-                 hooks: list[str], corpus: dict[str, Any]) -> str:
-    """Refuse a parent SAE trained on another model, at a hook not among `hooks` (canonical
-    names), or on another corpus (its cutting into contexts may differ); else return its
-    hook's canonical name."""
+def check_parent_model(sae: SAE, folder: str, model_id: dict[str, Any]) -> None:
+    """Refuse a parent SAE trained on another model than `model_id` (the same fingerprint
+    when both are known, else the same name)."""
     trained = sae.provenance.model or {}
     key = "fingerprint" if trained.get("fingerprint") and model_id.get("fingerprint") else "model"
     if trained and trained.get(key) != model_id.get(key):
         raise GsaeError(f"{folder} was trained on model {trained.get('model')!r}, not on "
                         f"--model {model_id.get('model')!r}: fine-tune it on its own model")
+
+
+def check_parent_data(sae: SAE, folder: str, model: nn.Module, hooks: list[str],
+                      corpus: dict[str, Any]) -> str:
+    """Refuse a parent SAE trained at a hook not among `hooks` (canonical names) or on
+    another corpus (its cutting into contexts may differ); else return its hook's canonical
+    name."""
     if not sae.provenance.hook:
         raise GsaeError(f"{folder} does not record its hook point, so it cannot be fine-tuned")
     hook = resolve_hook(model, sae.provenance.hook)[0]

@@ -32,7 +32,8 @@ from gsae.finetune import (
     FinetuneConfig,
     FinetuneTrainer,
     SplicingSource,
-    check_parent,
+    check_parent_data,
+    check_parent_model,
     trainer_config,
     weights_fingerprint,
 )
@@ -406,6 +407,8 @@ def finetune(run: FinetuneRun) -> TrainSummary:
     check_wandb(run.train)  # type: ignore[arg-type]
     parents = [load(folder, device=run.train.device) for folder in run.saes]
     model, tokenizer = load_model(run.model)
+    for folder, sae in zip(run.saes, parents):
+        check_parent_model(sae, folder, model_identity(run.model))
     rows_per_step = run.source.lm_batch_size * (run.data.context_size - 1 - run.source.skip_first)
     train_cfg = trainer_config(run.train, rows_per_step)
     source = SplicingSource(model, run.source, with_grad=any(p.beta > 0 for p in parents),
@@ -437,12 +440,12 @@ def _children(run: FinetuneRun, parents: list[SAE], model: PreTrainedModel, hook
               ) -> tuple[list[tuple[SAE, str]], dict[str, Any]]:
     """The SAEs to fine-tune (the parents' weights, with the provenance of this run's data and
     of the parent) at their hooks, and what run.json records of the parents; a parent of
-    another model, hook or corpus is refused."""
+    another hook or corpus is refused."""
     model_id, corpus = model_identity(run.model), corpus_identity(run.data)
     data = {"model": model_id, **source_identity(run.source, run.data)}
     children, parents_record = [], []
     for folder, sae in zip(run.saes, parents):
-        hook = check_parent(sae, folder, model, model_id, hooks, corpus)
+        hook = check_parent_data(sae, folder, model, hooks, corpus)
         parent = {"folder": folder, "weights": weights_fingerprint(sae)}
         sae.provenance = Provenance(hook=hook, **data,
                                     finetuned_from={**parent, "tokens": run.train.tokens})
