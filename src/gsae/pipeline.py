@@ -143,12 +143,13 @@ class TrainSummary:
     dropped_outliers: int
     rows_seen: int
     main_rank: bool = True  # under torchrun, whether this process is rank 0 (which reports)
+    verb: str = "trained"
 
     def table(self) -> str:
         """The summary `gsae train` prints: one row per SAE."""
         total = self.dropped_outliers + self.rows_seen
-        lines = [f"\ntrained {len(self.records)} SAE(s) in {self.seconds:.0f} s; outlier tokens "
-                 f"dropped: {self.dropped_outliers} of {total} "
+        lines = [f"\n{self.verb} {len(self.records)} SAE(s) in {self.seconds:.0f} s; outlier "
+                 f"tokens dropped: {self.dropped_outliers} of {total} "
                  f"({100 * self.dropped_outliers / max(1, total):.3f}%)",
                  f"{'SAE':<48} {'tokens':>9} {'FVU':>7} {'L0':>6} {'dead':>6} {'beta|d.g|':>9}"]
         for r in self.records:
@@ -433,7 +434,7 @@ def finetune(run: FinetuneRun) -> TrainSummary:
     main_rank = distributed.is_main()
     distributed.shutdown()
     return TrainSummary(records, time.perf_counter() - t0, run.train.out,
-                        trainer.dropped_outliers, trainer.rows_seen, main_rank)
+                        trainer.dropped_outliers, trainer.rows_seen, main_rank, "fine-tuned")
 
 
 def _children(run: FinetuneRun, parents: list[SAE], model: PreTrainedModel, hooks: list[str]
