@@ -11,13 +11,14 @@ import torch.nn.functional as F
 import gsae
 from gsae import SAE, GsaeError, SAEConfig
 from gsae.evaluate import GRAD_AWARE, GRAD_FREE, EvalConfig, evaluate
-from gsae.finetune import SplicingSource, spliced_losses
+from gsae.finetune import FinetuneTrainer, SplicingSource, spliced_losses
 from gsae.hooks import hook_output_tensor, replace_hook_output
 from gsae.models import ModelConfig
 from gsae.pipeline import TrainRun, finetune, finetune_run, load_for_eval, train
 from gsae.source import SourceConfig
 from gsae.text import DataConfig
 from gsae.tiny import tiny_llama
+from gsae.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,6 +122,24 @@ def test_a_model_that_requires_grad_is_refused():
     model = tiny_llama().requires_grad_(True)
     with pytest.raises(GsaeError, match="require grad"):
         SplicingSource(model, SourceConfig(hooks=["0"]), with_grad=False)
+
+
+def test_the_saes_of_a_hook_share_one_pass_of_the_lower_layers(tmp_path):
+    """Two SAEs fine-tuned on three batches of contexts: the layers below the hook run once per
+    batch, the block above once in the clean pass and once per SAE."""
+    model = tiny_llama()
+    source = SplicingSource(model, SourceConfig(hooks=["0"], lm_batch_size=2), with_grad=True)
+    cfg = TrainConfig(out=str(tmp_path), tokens=3 * 2 * 30, batch_tokens=2 * 30, lr=1e-3)
+    trainer = FinetuneTrainer.create([(random_sae(0.0), HOOK), (random_sae(5.0, seed=1), HOOK)],
+                                     cfg)
+    counts, handles = count_calls({"below": model.model.layers[0],
+                                   "above": model.model.layers[1]})
+    batches = torch.randint(0, 256, (3, 2, 32), generator=torch.Generator().manual_seed(0))
+    trainer.fit(source.stream(iter(batches)))
+    for handle in handles:
+        handle.remove()
+    assert [m.step for m in trainer.members] == [3, 3]
+    assert counts == {"below": 3, "above": 3 * (1 + 2)}
 
 
 # -------------------------------------------------------------------------- on the pipeline
