@@ -193,11 +193,17 @@ def test_finetuning_lowers_held_out_kl_against_the_parent(parents, tmp_path):
 
 
 def test_the_fine_tuned_folder_records_its_parent(parents, tmp_path):
-    finetune(finetuning(parents[:1], tmp_path / "ft", tokens=240))
-    child = gsae.load(tmp_path / "ft" / "model.layers.1" / VARIANTS[0])
-    parent = gsae.load(parents[0])
+    """The fine-tuned SAE is a normal folder recording its parent, with snapshots as in
+    training (a step takes 8 contexts of 30 positions at most)."""
+    finetune(finetuning(parents[:1], tmp_path / "ft", tokens=480, snapshots=[60]))
+    folder = tmp_path / "ft" / "model.layers.1" / VARIANTS[0]
+    child, parent = gsae.load(folder), gsae.load(parents[0])
+    snapshot = gsae.load(folder / "snapshots" / "tokens-60")
+    for name, p in parent.state_dict().items():
+        assert not torch.equal(snapshot.state_dict()[name], p), name
+        assert not torch.equal(snapshot.state_dict()[name], child.state_dict()[name]), name
     recorded = child.provenance.finetuned_from
-    assert recorded["folder"] == parents[0] and recorded["tokens"] == 240
+    assert recorded["folder"] == parents[0] and recorded["tokens"] == 480
     assert len(recorded["weights"]) == 64
     assert child.provenance.hook == parent.provenance.hook == "model.layers.1"
     assert child.provenance.corpus == parent.provenance.corpus
