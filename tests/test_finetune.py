@@ -209,7 +209,7 @@ def test_the_fine_tuned_folder_records_its_parent(parents, tmp_path):
     assert child.provenance.corpus == parent.provenance.corpus
     run = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert run["command"] == "finetune"
-    assert run["recorded"]["parents"] == [{"folder": parents[0], "weights": recorded["weights"]}]
+    assert run["saes"] == parents[:1] and run["recorded"]["parent_weights"] == [recorded["weights"]]
 
 
 def weights(folder):

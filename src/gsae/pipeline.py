@@ -412,18 +412,10 @@ def finetune(run: FinetuneRun) -> TrainSummary:
         check_parent_model(sae, folder, model_identity(run.model))
     rows_per_step = run.source.lm_batch_size * (run.data.context_size - 1 - run.source.skip_first)
     train_cfg = trainer_config(run.train, rows_per_step)
-    source = SplicingSource(model, run.source, with_grad=any(p.beta > 0 for p in parents),
-                            split_across_ranks=data_parallel(train_cfg))
-    if source.split and run.source.lm_batch_size < distributed.world_size():
-        raise GsaeError(f"--lm_batch_size {run.source.lm_batch_size} gives some of the "
-                        f"{distributed.world_size()} ranks no context: make it at least that")
-    saes, recorded = _children(run, parents, model, source.hook_names)
+    source = _splicing_source(run, model, parents, data_parallel(train_cfg))
+    saes = _children(run, parents, model, source.hook_names)
     next(iter(token_contexts(run.data, tokenizer, "train")), None)  # refuse a bad corpus now
-    folders = [sae_folder(run.train.out, hook, sae.cfg) for sae, hook in saes]
-    recorded["sae_folders"] = [str(f.relative_to(run.train.out)) for f in folders]
-    record = claim_run_folder(run, [sae.cfg for sae, _ in saes], recorded,  # type: ignore[arg-type]
-                              command="finetune")
-    trainer = FinetuneTrainer.create(saes, train_cfg, run_config=record)
+    trainer = FinetuneTrainer.create(saes, train_cfg, run_config=_claim_finetune_folder(run, saes))
     trainer.kl_weight = run.train.kl_weight
     if trainer.finished:
         raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to resume "
@@ -437,22 +429,41 @@ def finetune(run: FinetuneRun) -> TrainSummary:
                         trainer.dropped_outliers, trainer.rows_seen, main_rank, "fine-tuned")
 
 
+def _splicing_source(run: FinetuneRun, model: PreTrainedModel, parents: list[SAE],
+                     split: bool) -> SplicingSource:
+    """The clean pass of a fine-tuning run: with the backward to the hooks when some parent
+    selects with the gradient; under data-parallel torchrun, each rank on its contexts."""
+    if split and run.source.lm_batch_size < distributed.world_size():
+        raise GsaeError(f"--lm_batch_size {run.source.lm_batch_size} gives some of the "
+                        f"{distributed.world_size()} ranks no context: make it at least that")
+    return SplicingSource(model, run.source, with_grad=any(p.beta > 0 for p in parents),
+                          split_across_ranks=split)
+
+
 def _children(run: FinetuneRun, parents: list[SAE], model: PreTrainedModel, hooks: list[str]
-              ) -> tuple[list[tuple[SAE, str]], dict[str, Any]]:
-    """The SAEs to fine-tune (the parents' weights, with the provenance of this run's data and
-    of the parent) at their hooks, and what run.json records of the parents; a parent of
-    another hook or corpus is refused."""
+              ) -> list[tuple[SAE, str]]:
+    """The SAEs to fine-tune at their hooks: the parents' weights, with the provenance of this
+    run's data and of the parent; a parent of another hook or corpus is refused."""
     model_id, corpus = model_identity(run.model), corpus_identity(run.data)
     data = {"model": model_id, **source_identity(run.source, run.data)}
-    children, parents_record = [], []
+    children = []
     for folder, sae in zip(run.saes, parents):
         hook = check_parent_data(sae, folder, model, hooks, corpus)
-        parent = {"folder": folder, "weights": weights_fingerprint(sae)}
-        sae.provenance = Provenance(hook=hook, **data,
-                                    finetuned_from={**parent, "tokens": run.train.tokens})
+        parent = {"folder": folder, "weights": weights_fingerprint(sae), "tokens": run.train.tokens}
+        sae.provenance = Provenance(hook=hook, **data, finetuned_from=parent)
         children.append((sae, hook))
-        parents_record.append(parent)
-    return children, {"parents": parents_record}
+    return children
+
+
+def _claim_finetune_folder(run: FinetuneRun, saes: list[tuple[SAE, str]]) -> dict[str, Any]:
+    """`claim_run_folder` for a fine-tuning run. The parents are recognised by their weights'
+    fingerprints (run.json's `saes` lists their folders as given)."""
+    folders = [sae_folder(run.train.out, hook, sae.cfg) for sae, hook in saes]
+    recorded = {"parent_weights": [sae.provenance.finetuned_from["weights"]  # type: ignore[index]
+                                   for sae, _ in saes],
+                "sae_folders": [str(f.relative_to(run.train.out)) for f in folders]}
+    return claim_run_folder(run, [sae.cfg for sae, _ in saes], recorded,  # type: ignore[arg-type]
+                            command="finetune")
 
 
 # --------------------------------------------------------------------------------- caching
