@@ -64,7 +64,8 @@ class FinetuneConfig:
 
     out: str = _as_in_training("out", default="runs/finetune")
     tokens: int = _as_in_training("tokens", default=12_000, metadata={
-        "help": "fine-tuning tokens per SAE (SAE positions of the contexts read)"})
+        "help": "fine-tuning budget per SAE in SAE positions: the run makes ceil(tokens / "
+        "(lm_batch_size * (context_size - 1 - skip_first))) steps, one batch of contexts each"})
     kl_weight: float = field(default=0.5, metadata={
         "help": "share w of the KL term in loss = w * c * KL + (1 - w) * FVU + AuxK, where c "
         "makes the KL term equal to FVU on the first batch", "min": 0, "max": 1})
