@@ -404,3 +404,24 @@ def test_a_bad_fisher_coef_in_a_config_file_or_in_python(corpus, tmp_path, capsy
     for value in (-0.1, float("nan")):
         with pytest.raises(GsaeError, match="fisher_coef must be a finite number >= 0"):
             SAE(SAEConfig(n_latents=8, k=2, fisher_coef=value), 4)
+
+
+def test_finetune_refuses_what_is_no_parent_of_this_run(corpus, tmp_path, capsys):
+    """A folder without an SAE, and an SAE of another model, hook or corpus: one line naming
+    it, and nothing written."""
+    parent = str(saved_sae(tmp_path, corpus))
+    (tmp_path / "empty").mkdir()
+    other = tmp_path / "other.txt"
+    other.write_text(open(corpus).read() + "\n\nA document of another corpus.")
+    out = ["--out", str(tmp_path / "ft"), "--tokens", "64"]
+    run_refused(["finetune", str(tmp_path / "empty"), *out], capsys, tmp_path,
+                "empty is not a gsae SAE folder")
+    for extra, message in [
+        (["--model", "tiny-gpt2"], "was trained on model 'tiny-llama', not on --model "
+         "'tiny-gpt2'"),
+        (["--hooks", "0"], "was trained at hook 'model.layers.1', which is not among --hooks "
+         "(model.layers.0)"),
+        (["--dataset", str(other)], f"was trained on corpus {corpus!r}, not on --dataset"),
+    ]:
+        run_refused(["finetune", parent, *out, *extra], capsys, tmp_path, message)
+    assert not (tmp_path / "ft").exists()

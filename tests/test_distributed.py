@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -133,3 +134,21 @@ def test_a_sweep_split_across_ranks_trains_each_sae_once(corpus, tmp_path, monke
         split = load_file(str(tmp_path / "split" / "model.layers.1" / folder.name
                               / "sae.safetensors"))
         assert_same_weights(split, load_file(str(folder / "sae.safetensors")))
+
+
+def test_two_ranks_finetune_the_saes_of_one_process(corpus, tmp_path):
+    """Under torchrun each rank fine-tunes on its share of every batch of contexts; the ranks'
+    losses add up to the whole batch's, so the SAEs are those of one process."""
+    assert main(["train", *train_args(corpus, tmp_path / "parent", 640)]) == 0
+    args = [str(tmp_path / "parent" / SAE_DIR), "--tokens", "744", "--lm_batch_size", "4",
+            "--outlier_factor", "0", "--lr", "1e-2", "--log_every", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "gsae", "finetune", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert finish(proc).count("fine-tuned 1 SAE(s)") == 1
+    assert main(["finetune", *args, "--out", str(tmp_path / "one")]) == 0
+    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    two, one = log(tmp_path / "two"), log(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for key in ("kl", "mse", "fvu", "l0"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4), key

@@ -22,11 +22,19 @@ class Command:
     help: str
     run: Callable[[Any], int]
     recorded_defaults: bool = False  # model and data default to what the first SAE records
+    recorded_source: bool = False  # and so do the hooks (every SAE's) and the positions
     interrupted: str = "interrupted"
 
 
 def cmd_train(run: pipeline.TrainRun) -> int:
     summary = pipeline.train(run)
+    if summary.main_rank:
+        print(summary.table())
+    return 0
+
+
+def cmd_finetune(run: pipeline.FinetuneRun) -> int:
+    summary = pipeline.finetune(run)
     if summary.main_rank:
         print(summary.table())
     return 0
@@ -111,6 +119,11 @@ COMMANDS: dict[str, Command] = {
     "train": Command(lambda: pipeline.TrainRun, "train g-SAEs / TopK SAEs (a sweep when the "
                      "SAE flags list values)", cmd_train,
                      interrupted="interrupted; the last checkpoint is kept (rerun with --resume)"),
+    "finetune": Command(lambda: pipeline.FinetuneRun, "fine-tune trained SAEs on the spliced "
+                        "model's next-token distribution (KL) plus FVU", cmd_finetune,
+                        recorded_defaults=True, recorded_source=True,
+                        interrupted="interrupted; the last checkpoint is kept (rerun with "
+                        "--resume)"),
     "cache": Command(lambda: pipeline.CacheRun, "store activations and gradients for training "
                      "sweeps", cmd_cache,
                      interrupted="interrupted; finished shards are kept (rerun the same command "
@@ -205,7 +218,8 @@ def settings_of(command: Command, args: argparse.Namespace) -> Any:
     if command.recorded_defaults:
         saes = explicit.get("saes") or base.get("saes") or []
         given_model = "model.model" in explicit or "model" in base.get("model", {})
-        recorded = pipeline.recorded_settings(saes, need_model=not given_model)
+        recorded = pipeline.recorded_settings(saes, need_model=not given_model,
+                                              with_source=command.recorded_source)
         base = {**base, **{k: {**v, **base.get(k, {})} for k, v in recorded.items()}}
     return config.build(tree, base, explicit)
 

@@ -214,6 +214,12 @@ class Recording:
     def logits(self, patch: Patch, repeat: int = 1) -> Tensor:
         """Logits [repeat * B, T, V] of the model on the recorded tokens, repeated `repeat` times
         along the batch, with the hook's output h replaced by `patch(h)`."""
+        return self.logits_with_grad(patch, repeat)
+
+    def logits_with_grad(self, patch: Patch, repeat: int = 1) -> Tensor:
+        """`logits`, with autograd as the caller has it: gradients flow into what the patch
+        writes (an SAE's reconstruction, to train it on the spliced model's output). The clean
+        pass's recordings are detached, so no gradient reaches the layers below the hook."""
         suffix = self.intervention.suffix
         if suffix is None:
             return self._full_logits(patch, repeat)

@@ -29,6 +29,15 @@ from gsae import distributed
 from gsae.config import build, check, identity, section_record, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
+from gsae.finetune import (
+    FinetuneConfig,
+    FinetuneTrainer,
+    SplicingSource,
+    check_parent_data,
+    check_parent_model,
+    trainer_config,
+    weights_fingerprint,
+)
 from gsae.formats import load
 from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
@@ -68,6 +77,20 @@ class TrainRun:
     source: SourceConfig = field(default_factory=SourceConfig)
     sae: SAESweep = field(default_factory=SAESweep)  # type: ignore[valid-type]
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FinetuneRun:
+    """Everything `gsae finetune` needs; model, data and hooks default to what the SAEs record."""
+
+    saes: list[str] = field(default_factory=list, metadata={
+        "positional": True, "metavar": "SAE_DIR", "identity": False,
+        "help": "trained SAE folders to fine-tune, all of one model (they are not changed: the "
+        "fine-tuned SAEs are written under --out)"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    train: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -134,12 +157,13 @@ class TrainSummary:
     dropped_outliers: int
     rows_seen: int
     main_rank: bool = True  # under torchrun, whether this process is rank 0 (which reports)
+    verb: str = "trained"
 
     def table(self) -> str:
         """The summary `gsae train` prints: one row per SAE."""
         total = self.dropped_outliers + self.rows_seen
-        lines = [f"\ntrained {len(self.records)} SAE(s) in {self.seconds:.0f} s; outlier tokens "
-                 f"dropped: {self.dropped_outliers} of {total} "
+        lines = [f"\n{self.verb} {len(self.records)} SAE(s) in {self.seconds:.0f} s; outlier "
+                 f"tokens dropped: {self.dropped_outliers} of {total} "
                  f"({100 * self.dropped_outliers / max(1, total):.3f}%)",
                  f"{'SAE':<48} {'tokens':>9} {'FVU':>7} {'L0':>6} {'dead':>6} {'beta|d.g|':>9}"]
         for r in self.records:
@@ -358,20 +382,20 @@ def store_hooks(requested: list[str], stored: list[str]) -> list[str]:
     return chosen
 
 
-def run_record(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any]
-               ) -> dict[str, Any]:
+def run_record(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any],
+               command: str = "train") -> dict[str, Any]:
     """What run.json holds: the run's whole config tree (so `--config run.json` replays it)
     and, under "recorded", the SAEs trained, the data's identity and what must match to
     resume."""
     saes = [section_record(c) for c in configs]
     same_run = {"settings": identity(run), "saes": saes,
                 **{k: v for k, v in recorded.items() if k not in WRITTEN_FOLDERS}}
-    return {"command": "train", **to_dict(run),
+    return {"command": command, **to_dict(run),
             "recorded": {"saes": saes, **recorded, "identity": same_run}}
 
 
 def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str, Any],
-                     extend: bool = False) -> dict[str, Any]:
+                     extend: bool = False, command: str = "train") -> dict[str, Any]:
     """Refuse to mix runs in `run.train.out` (unless --overwrite): --resume continues only the
     same run, recognised by its recorded identity (not by how the path is spelled), and starts
     it when the folder holds none yet (a run killed before it wrote anything); a folder holding
@@ -380,7 +404,7 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
     for a later --overwrite). Then (re)write run.json; returns its record."""
     cfg = run.train
     out = Path(cfg.out)
-    record = run_record(run, configs, recorded)
+    record = run_record(run, configs, recorded, command)
     if cfg.overwrite:
         _remove_replaced_saes(out)
     previous = None if cfg.overwrite else _previous_identity(out)
@@ -505,6 +529,84 @@ def _previous_record(out: Path, damaged_ok: bool = False) -> dict[str, Any] | No
                     "the run again")
 
 
+# ------------------------------------------------------------------------------ fine-tuning
+
+
+def finetune(run: FinetuneRun) -> TrainSummary:
+    """Fine-tune the SAE folders of `run` on KL(clean || spliced) plus FVU (`gsae.finetune`),
+    streaming from the language model; each fine-tuned SAE is saved under `run.train.out` as
+    `<hook>/<variant>`, recording its parent. Under torchrun the ranks split every batch of
+    contexts."""
+    t0 = time.perf_counter()
+    check(run)
+    if not run.saes:
+        raise GsaeError("give at least one SAE folder to fine-tune")
+    check_positions(run.data, run.source)
+    distributed.init()
+    run = _local_devices(run)  # type: ignore[arg-type]
+    check_wandb(run.train)  # type: ignore[arg-type]
+    parents = [load(folder, device=run.train.device) for folder in run.saes]
+    model, tokenizer = load_model(run.model)
+    for folder, sae in zip(run.saes, parents):
+        check_parent_model(sae, folder, model_identity(run.model))
+    rows_per_step = run.source.lm_batch_size * (run.data.context_size - 1 - run.source.skip_first)
+    train_cfg = trainer_config(run.train, rows_per_step)
+    source = _splicing_source(run, model, parents, data_parallel(train_cfg))
+    saes = _children(run, parents, model, source.hook_names)
+    next(iter(token_contexts(run.data, tokenizer, "train")), None)  # refuse a bad corpus now
+    with run_folder_lock(run.train.out):
+        trainer = FinetuneTrainer.create(saes, train_cfg,
+                                         run_config=_claim_finetune_folder(run, saes))
+        trainer.kl_weight = run.train.kl_weight
+        if trainer.finished:
+            raise GsaeError(f"the run in {run.train.out} has finished: there is nothing to "
+                            "resume (pass --overwrite to fine-tune again)")
+        contexts = context_batches(run.data, tokenizer, run.source.lm_batch_size,
+                                   skip=trainer.chunks_done)
+        records = trainer.fit(source.stream(contexts))
+    main_rank = distributed.is_main()
+    distributed.shutdown()
+    return TrainSummary(records, time.perf_counter() - t0, run.train.out,
+                        trainer.dropped_outliers, trainer.rows_seen, main_rank, "fine-tuned")
+
+
+def _splicing_source(run: FinetuneRun, model: PreTrainedModel, parents: list[SAE],
+                     split: bool) -> SplicingSource:
+    """The clean pass of a fine-tuning run: with the backward to the hooks when some parent
+    selects with the gradient; under data-parallel torchrun, each rank on its contexts."""
+    if split and run.source.lm_batch_size < distributed.world_size():
+        raise GsaeError(f"--lm_batch_size {run.source.lm_batch_size} gives some of the "
+                        f"{distributed.world_size()} ranks no context: make it at least that")
+    return SplicingSource(model, run.source, with_grad=any(p.beta > 0 for p in parents),
+                          split_across_ranks=split)
+
+
+def _children(run: FinetuneRun, parents: list[SAE], model: PreTrainedModel, hooks: list[str]
+              ) -> list[tuple[SAE, str]]:
+    """The SAEs to fine-tune at their hooks: the parents' weights, with the provenance of this
+    run's data and of the parent; a parent of another hook or corpus is refused."""
+    model_id, corpus = model_identity(run.model), corpus_identity(run.data)
+    data = {"model": model_id, **source_identity(run.source, run.data)}
+    children = []
+    for folder, sae in zip(run.saes, parents):
+        hook = check_parent_data(sae, folder, model, hooks, corpus)
+        parent = {"folder": folder, "weights": weights_fingerprint(sae), "tokens": run.train.tokens}
+        sae.provenance = Provenance(hook=hook, **data, finetuned_from=parent)
+        children.append((sae, hook))
+    return children
+
+
+def _claim_finetune_folder(run: FinetuneRun, saes: list[tuple[SAE, str]]) -> dict[str, Any]:
+    """`claim_run_folder` for a fine-tuning run. The parents are recognised by their weights'
+    fingerprints (run.json's `saes` lists their folders as given)."""
+    folders = [sae_folder(run.train.out, hook, sae.cfg) for sae, hook in saes]
+    recorded = {"parent_weights": [sae.provenance.finetuned_from["weights"]  # type: ignore[index]
+                                   for sae, _ in saes],
+                "sae_folders": [str(f.relative_to(run.train.out)) for f in folders]}
+    return claim_run_folder(run, [sae.cfg for sae, _ in saes], recorded,  # type: ignore[arg-type]
+                            command="finetune")
+
+
 # --------------------------------------------------------------------------------- caching
 
 
@@ -562,10 +664,13 @@ class LoadedModel:
     data: DataConfig
 
 
-def recorded_settings(sae_dirs: list[str], need_model: bool = True) -> dict[str, Any]:
+def recorded_settings(sae_dirs: list[str], need_model: bool = True, with_source: bool = False
+                      ) -> dict[str, Any]:
     """The model and data sections that the first SAE's provenance records (a partial config
     tree: settings it does not record keep their defaults). With `need_model`, an SAE that
-    does not record its model is refused (the caller has no model to use)."""
+    does not record its model is refused (the caller has no model to use). With
+    `with_source`, also the source section: every SAE's hook, and the first one's positions
+    and autocast setting."""
     if not sae_dirs:
         raise GsaeError("give at least one SAE folder")
     recorded = load(sae_dirs[0]).provenance
@@ -576,7 +681,21 @@ def recorded_settings(sae_dirs: list[str], need_model: bool = True) -> dict[str,
         if trained.get("model") else {}
     corpus = recorded.corpus or {}
     data = {f: corpus[f] for f in DataConfig.__dataclass_fields__ if corpus.get(f) is not None}
-    return {"model": model, "data": data}
+    if not with_source:
+        return {"model": model, "data": data}
+    hooks = [recorded.hook] + [load(folder).provenance.hook for folder in sae_dirs[1:]]
+    source = {"skip_first": recorded.skip_first, "outlier_factor": recorded.outlier_factor,
+              "autocast": recorded.autocast}
+    if any(hooks):
+        source["hooks"] = list(dict.fromkeys(h for h in hooks if h))
+    return {"model": model, "data": data, "source": source}
+
+
+def finetune_run(sae_dirs: list[str]) -> FinetuneRun:
+    """The `gsae finetune` run of these SAE folders with its defaults: the model, corpus,
+    hooks and positions the SAEs record."""
+    return build(FinetuneRun, {"saes": list(sae_dirs),
+                               **recorded_settings(sae_dirs, with_source=True)})
 
 
 def load_for_eval(sae_dirs: list[str], model_cfg: ModelConfig | None = None,

@@ -35,7 +35,8 @@ class Provenance:
 
     `model` is the model's identity (model, kind, path, revision, fingerprint) and `corpus` the
     corpus's (see `gsae.text.corpus_identity`); `imported_from` records the format and config
-    of an SAE read from a SAELens or sparsify folder.
+    of an SAE read from a SAELens or sparsify folder; `finetuned_from` the parent of an SAE made
+    by `gsae finetune` (its folder and weights fingerprint, and the fine-tuning tokens).
     """
 
     hook: str | None = None
@@ -46,6 +47,7 @@ class Provenance:
     outlier_factor: float = 5.0
     autocast: str = "none"
     imported_from: dict[str, Any] | None = None
+    finetuned_from: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

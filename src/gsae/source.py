@@ -119,7 +119,8 @@ class ActivationSource:
     def hidden_states(self, tokens: Tensor, logits_out: dict[str, Tensor] | None = None
                       ) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Full-context activations [B, T, d] (and gradients, if enabled) at every hook.
-        With gradients on and a `logits_out` dict, the clean logits are stored in it too."""
+        With a `logits_out` dict, the clean logits are stored in it too (without gradients,
+        the forward then runs to the end instead of stopping at the last hook)."""
         tokens = tokens.to(self._device)
         captured: dict[str, Tensor] = {}
         handles = []
@@ -140,7 +141,7 @@ class ActivationSource:
                     graph_started = True
                     output = replace_hook_output(output, h)
                 captured[name] = h
-                if not self.with_grad and module is self._last_module:
+                if not self.with_grad and module is self._last_module and logits_out is None:
                     raise _StopForward
                 return output
 
@@ -158,10 +159,10 @@ class ActivationSource:
                 except _StopForward:
                     logits = None
             grads: list[Tensor | None] = [None] * len(self.hook_names)
+            if logits_out is not None and logits is not None:
+                logits_out["logits"] = logits.detach()
             if self.with_grad:
                 assert logits is not None and graph_started
-                if logits_out is not None:
-                    logits_out["logits"] = logits.detach()
                 loss = next_token_loss(logits, tokens)
                 inputs = [captured[n] for n in self.hook_names]
                 grads = list(torch.autograd.grad(loss, inputs))

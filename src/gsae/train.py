@@ -473,6 +473,9 @@ def _share_of_this_rank(jobs: list[Any], cfg: TrainConfig) -> tuple[list[Any], s
 class Trainer:
     """Trains a list of SAEs, each bound to a hook point, on shared batches."""
 
+    member_class = TrainedSAE  # what `create` wraps each SAE in
+    progress_label = "train"
+
     def __init__(self, members: list[TrainedSAE], cfg: TrainConfig,
                  checkpoint_name: str = STATE_DIR):
         if not members:
@@ -509,7 +512,7 @@ class Trainer:
             if folder in folders[:i]:
                 raise GsaeError(f"the sweep lists the same SAE twice: {folder}")
         jobs, name = _share_of_this_rank(list(zip(saes, folders)), cfg)
-        members = [TrainedSAE(sae, hook, folder, cfg) for (sae, hook), folder in jobs]
+        members = [cls.member_class(sae, hook, folder, cfg) for (sae, hook), folder in jobs]
         trainer = cls(members, cfg, name)
         if cfg.resume:
             trainer._resume()
@@ -604,7 +607,8 @@ class Trainer:
         chunks = iter(chunks)
         start_tokens = min(m.tokens for m in self.members)
         bar = tqdm(total=self.cfg.tokens, initial=start_tokens, unit="tok", unit_scale=True,
-                   desc="train", dynamic_ncols=True, disable=not distributed.is_main())
+                   desc=self.progress_label, dynamic_ncols=True,
+                   disable=not distributed.is_main())
         self._t0 = time.perf_counter()
         self._t0_tokens = start_tokens
         try:
@@ -683,48 +687,60 @@ class Trainer:
         if not m.b_dec_ready:
             sae.init_b_dec(batch.x, self.cfg.b_dec_init)
             m.b_dec_ready = True
-        for group in m.opt.param_groups:
-            group["lr"] = m.base_lr * lr_factor(m.step, self.total_steps, self.cfg.warmup_steps,
-                                                 self.cfg.decay_fraction)
+        self._set_lr(m)
         dead = m.since_fired >= self.cfg.dead_tokens
         part, variance, fisher_variance = self._rows_here(batch)
         out = sae(part.x, part.g, dead_mask=dead, k_aux=m.k_aux, variance=variance,
                   fisher_variance=fisher_variance)
         loss = training_loss(out, sae.cfg, self.cfg.auxk_coef)
+        self._refuse_non_finite(m, loss)
+        loss.backward()
+        self._finish_step(m, out, len(batch), {} if out.fvu_g is None else {"fvu_g": out.fvu_g})
+
+    def _refuse_non_finite(self, m: TrainedSAE, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise GsaeError(
                 f"the loss of {m.name} became non-finite at step {m.step}; the last checkpoint "
                 f"in {m.folder} is kept (try a lower --lr)"
             )
-        loss.backward()
+
+    def _set_lr(self, m: TrainedSAE) -> None:
+        for group in m.opt.param_groups:
+            group["lr"] = m.base_lr * lr_factor(m.step, self.total_steps, self.cfg.warmup_steps,
+                                                 self.cfg.decay_fraction)
+
+    def _finish_step(self, m: TrainedSAE, out: ForwardOutput, rows: int,
+                     extra: dict[str, torch.Tensor] | None = None) -> None:
+        """After the loss's backward on a batch of `rows` rows: the optimiser step with the
+        decoder-norm upkeep, dead-latent counts, metrics (with the scalars of `extra`, summed
+        over the ranks like the losses), logs and snapshots."""
+        sae, extra = m.sae, extra or {}
         with torch.no_grad():
             active = out.values > 0
             fired = torch.zeros(sae.n_latents, device=active.device)
             fired[out.indices[active]] = 1.0
             effect = out.fvu.new_zeros(()) if out.effect is None else out.effect.sum()
-            fvu_g = out.fvu.new_zeros(()) if out.fvu_g is None else out.fvu_g
-            totals = torch.stack([out.fvu, out.auxk_loss, active.sum().float(), effect, fvu_g])
+            totals = torch.stack([out.fvu, out.auxk_loss, active.sum().float(), effect,
+                                  *extra.values()])
         if self.data_parallel:  # before the step: the ranks' gradients add up to the batch's
             distributed.all_reduce_sum([p.grad for p in sae.parameters()] + [fired, totals])
         sae.remove_parallel_grads()
         m.opt.step()
         m.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
-        m.since_fired += len(batch)
+        m.since_fired += rows
         m.since_fired[fired > 0] = 0
-        fvu, auxk, selected, effect_sum, fvu_g = totals.tolist()
-        stats = {"fvu": fvu, "auxk": auxk, "l0": selected / len(batch),
-                 "effect": effect_sum / (len(batch) * sae.k)}
-        if out.fvu_g is not None:
-            stats["fvu_g"] = fvu_g
+        fvu, auxk, selected, effect_sum, *more = totals.tolist()
+        stats = {"fvu": fvu, "auxk": auxk, "l0": selected / rows,
+                 "effect": effect_sum / (rows * sae.k), **dict(zip(extra, more))}
         for key, value in stats.items():
             m.acc[key] = m.acc.get(key, 0.0) + value
         m.acc_steps += 1
         m.step += 1
-        m.tokens += len(batch)
+        m.tokens += rows
         if m.step % self.cfg.log_every == 0:
             self._log(m)
-        reached = [s for s in self.cfg.snapshots if m.tokens - len(batch) < s <= m.tokens]
+        reached = [s for s in self.cfg.snapshots if m.tokens - rows < s <= m.tokens]
         if reached and self.writes_files:
             save_snapshots(m, reached)
 
