@@ -4,6 +4,7 @@ the report's trend rule and verdicts on hand-made numbers."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from gsae.study.results import Variant
 from gsae.study.scaling_report import (
     SCHEMA,
     Curves,
+    Series,
     build_scaling_report,
     trend,
     trend_phrase,
@@ -63,7 +65,7 @@ def study(corpus, news, tmp_path_factory):
 
 def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus, news):
     _, results = study
-    assert results["schema"] == SCHEMA == "gsae.scaling/1"
+    assert results["schema"] == SCHEMA == "gsae.scaling/2"
     names = {s["name"] for s in results["saes"]}
     assert names == {f"k4-beta{b}-z-x2-s{s}" for b in (0, 10) for s in (0, 1)}
     for sae in results["saes"]:
@@ -71,21 +73,21 @@ def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus
         # each snapshot is taken after the step that reaches its count (batches of 256 rows)
         assert all(0 <= s["tokens"] - s["requested_tokens"] < 256 for s in sae["snapshots"])
     assert results["corpora"]["train"]["corpus"]["dataset"] == corpus
-    assert results["corpora"]["unseen"]["corpus"]["dataset"] == news
-    for key in ("train", "unseen"):
+    assert results["corpora"][news]["corpus"]["dataset"] == news
+    for key in ("train", news):
         records = results["eval"][key]["results"]
         assert {(r["variant"], r["snapshot"], r["mode"]) for r in records} == {
             (n, t, m) for n in names for t in SNAPSHOTS for m in (GRAD_AWARE, GRAD_FREE)}
-    assert results["eval"]["unseen"]["run"]["contexts"] == math.ceil(160 / 32)
+    assert results["eval"][news]["run"]["contexts"] == math.ceil(160 / 32)
     # the run info evaluate wrote: which corpus and which part of it each stage read
     assert results["eval"]["train"]["run"]["corpus"]["dataset"] == corpus
     assert results["eval"]["train"]["run"]["part"] == "eval"
-    assert results["eval"]["unseen"]["run"]["corpus"]["dataset"] == news
-    assert results["eval"]["unseen"]["run"]["part"] == "all"
+    assert results["eval"][news]["run"]["corpus"]["dataset"] == news
+    assert results["eval"][news]["run"]["part"] == "all"
     assert {r["variant"] for r in results["steer"]["results"]} == names
     assert {r["snapshot"] for r in results["steer"]["results"]} == {SNAPSHOTS[-1]}
     assert results["settings"]["train"]["snapshots"] == SNAPSHOTS
-    assert set(results["verdicts"]) == {"train", "unseen"}
+    assert list(results["verdicts"]) == ["train", news]
 
 
 def test_the_store_check_counts_repeated_rows(study):
@@ -99,7 +101,7 @@ def test_the_store_check_counts_repeated_rows(study):
     assert f"{results['store']['repeated_rows']} of" in (out / "report" / "README.md").read_text()
 
 
-def _reevaluate(out, results, key, variant, tokens, contexts):
+def _reevaluate(out, results, variant, tokens, contexts):
     """The CE increase of one snapshot, evaluated here from its folder on the given contexts."""
     model, _ = load_model(ModelConfig(model="tiny-llama"))
     folder = next(Path(s["folder"]) for sae in results["saes"] if sae["name"] == variant
@@ -122,11 +124,11 @@ def test_each_snapshot_is_evaluated_itself_on_the_unseen_corpus(study, news):
     out, results = study
     contexts = _unseen_contexts(news)
     variant = "k4-beta10-z-x2-s1"
-    by = {(r["snapshot"], r["mode"]): r["ce_increase"] for r in results["eval"]["unseen"]["results"]
+    by = {(r["snapshot"], r["mode"]): r["ce_increase"] for r in results["eval"][news]["results"]
           if r["variant"] == variant}
     for tokens in (SNAPSHOTS[0], SNAPSHOTS[-1]):
         assert by[(tokens, GRAD_AWARE)] == pytest.approx(
-            _reevaluate(out, results, "unseen", variant, tokens, contexts), rel=1e-5)
+            _reevaluate(out, results, variant, tokens, contexts), rel=1e-5)
     assert by[(SNAPSHOTS[0], GRAD_AWARE)] != pytest.approx(by[(SNAPSHOTS[-1], GRAD_AWARE)])
 
 
@@ -148,6 +150,9 @@ def test_a_rerun_reuses_every_stage(study, corpus, news, monkeypatch):
     import gsae.study.scaling as scaling
 
     out, results = study
+    # a study of one unseen corpus made before several were possible kept its results here
+    (cache,) = out.glob("eval-unseen-*.json")
+    cache.rename(out / "eval-unseen.json")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
@@ -161,6 +166,39 @@ def test_a_rerun_reuses_every_stage(study, corpus, news, monkeypatch):
     again = json.loads((out / "report" / "results.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in (out / "store").glob("shard-*")} == shards
     assert again["eval"] == results["eval"] and again["verdicts"] == results["verdicts"]
+
+
+def test_an_unseen_corpus_added_later_is_the_only_one_evaluated(study, corpus, news, tmp_path,
+                                                                 monkeypatch):
+    import gsae.study.scaling as scaling
+
+    out, results = study
+    # "code" (Python's standard library) is on every machine; the tiny tokenizer reads bytes
+    evaluated = []
+    evaluate_contexts = scaling.evaluate_contexts
+
+    def recording(saes, model, contexts, cfg, names, model_id):
+        evaluated.append((contexts.clone(), sorted(names)))
+        return evaluate_contexts(saes, model, contexts, cfg, names, model_id)
+
+    monkeypatch.setattr(scaling, "evaluate", lambda *a, **k: pytest.fail("wiki evaluated again"))
+    monkeypatch.setattr(scaling, "evaluate_contexts", recording)
+    monkeypatch.setattr(scaling.pipeline, "train_saes", lambda *a, **k: pytest.fail("retrained"))
+    report = tmp_path / "report"
+    assert main([*study_args(corpus, news, out), "--unseen", news, "code",
+                 "--report", str(report)]) == 0
+    (contexts, names), = evaluated  # one pass, over code only, of every snapshot
+    assert names == sorted(s["name"] + f"@{n}" for s in results["saes"] for n in SNAPSHOTS)
+    model, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    from gsae.registers import register_documents
+    first = tokenizer(register_documents("code")[0])["input_ids"][:32]
+    assert contexts[0].tolist() == first and contexts.shape == (5, 32)
+    both = json.loads((report / "results.json").read_text())
+    assert list(both["eval"]) == ["train", news, "code"]
+    assert both["eval"][news] == results["eval"][news]
+    assert both["corpora"]["code"]["corpus"]["kind"] == "register"
+    assert list(both["verdicts"]) == ["train", news, "code"]
+    assert "`code` (its first tokens" in (report / "README.md").read_text()
 
 
 def test_extra_k_added_later_trains_and_evaluates_only_the_new_saes(study, corpus, news,
@@ -246,6 +284,8 @@ def test_the_study_refuses_a_sweep_without_topk_and_the_training_corpus_as_unsee
     assert "--beta must list 0 and at least one value above 0" in capsys.readouterr().err
     assert main([*args, "--unseen", corpus]) == 2
     assert "is the training corpus" in capsys.readouterr().err
+    assert main([*args, "--unseen", news, news]) == 2
+    assert "name each corpus once" in capsys.readouterr().err
     assert main([*args, "--snapshots", "400", "3200"]) == 2
     assert "--snapshots 3200 is beyond --tokens 1600" in capsys.readouterr().err
 
@@ -337,8 +377,28 @@ def test_verdicts_and_report_on_synthetic_curves(gap_end, expected, tmp_path):
 def test_curves_keep_the_corpora_apart():
     data = synthetic(-0.2, -0.1)
     cv = Curves(data)
-    from gsae.study.scaling_report import Series
-
     topk = Series(Variant(0.0, "z"), 32, GRAD_FREE)
     assert cv.values("train", topk, "ce_increase", 100) == pytest.approx([1.0, 1.01])
     assert cv.values("unseen", topk, "ce_increase", 100) == pytest.approx([1.05, 1.06])
+
+
+def test_a_result_of_the_first_schema_still_loads(tmp_path):
+    old = synthetic(-0.2, -0.1)
+    old["schema"] = "gsae.scaling/1"
+    cv = Curves(old)
+    assert cv.corpora == ["train", "news"] and old["schema"] == "gsae.scaling/1"
+    topk = Series(Variant(0.0, "z"), 32, GRAD_FREE)
+    assert cv.values("news", topk, "ce_increase", 100) == pytest.approx([1.05, 1.06])
+
+
+def test_the_committed_scaling_report_rebuilds_from_its_results(tmp_path):
+    committed = Path(__file__).parents[1] / "docs" / "results" / "scaling"
+    data = json.loads((committed / "results.json").read_text())
+    build_scaling_report(data, tmp_path)
+    rebuilt, original = ((f / "README.md").read_text() for f in (tmp_path, committed))
+    # the same text; its numbers equal but for the last printed digit (the committed README was
+    # written from unrounded values, results.json holds them rounded)
+    number = re.compile(r"-?\d[\d,]*\.?\d*(?:e-?\d+)?")
+    assert number.sub("#", rebuilt) == number.sub("#", original)
+    for a, b in zip(number.findall(rebuilt), number.findall(original)):
+        assert float(a.replace(",", "")) == pytest.approx(float(b.replace(",", "")), rel=1e-3)

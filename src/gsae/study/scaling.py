@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,11 +72,12 @@ class StudyConfig:
     store_tokens: int = field(default=600_000, metadata={
         "help": "tokens in the store, fewer if the training split runs out first (training "
                 "then takes more shuffled passes over it)", "min": 1})
-    unseen: str = field(default="news", metadata={
-        "help": "a second corpus that no SAE sees in training, evaluated from its start, all "
-                "of it (not only a held-out split) up to --unseen_tokens"})
+    unseen: list[str] = field(default_factory=lambda: ["news"], metadata={
+        "help": "corpora that no SAE sees in training (e.g. news code legal verse german), each "
+                "evaluated from its start, all of it (not only a held-out split) up to "
+                "--unseen_tokens"})
     unseen_tokens: int = field(default=16_384, metadata={
-        "help": "evaluation budget on the unseen corpus in context tokens, from its start (the "
+        "help": "evaluation budget on each unseen corpus in context tokens, from its start (the "
                 "whole corpus if it is smaller; news has 75,264 tokens in contexts of 128)",
         "min": 1})
     counts_per_eval: int = field(default=0, metadata={
@@ -195,12 +197,31 @@ def unseen_contexts(data: DataConfig, tokenizer: Any, tokens: int) -> tuple[torc
     return torch.stack(chosen), len(chosen) + sum(1 for _ in stream)
 
 
-def unseen_data(run: ScalingRun) -> DataConfig:
-    """The unseen corpus, cut as the training corpus is, every document in one part."""
-    if run.study.unseen == run.data.dataset:
-        raise GsaeError(f"--unseen {run.study.unseen!r} is the training corpus: name a corpus "
-                        "that no SAE sees in training (e.g. news)")
-    return replace(run.data, dataset=run.study.unseen, eval_fraction=0.0)
+def unseen_data(run: ScalingRun) -> dict[str, DataConfig]:
+    """The unseen corpora by name, each cut as the training corpus is, every document in one
+    part."""
+    names = run.study.unseen
+    for name in names:
+        if name == run.data.dataset:
+            raise GsaeError(f"--unseen {name!r} is the training corpus: name corpora that no SAE "
+                            "sees in training (e.g. news code)")
+        if name == "train" or names.count(name) > 1:
+            raise GsaeError(f"--unseen names {name!r} {names.count(name)} times or as 'train' "
+                            "(the key of the training corpus's results): name each corpus once")
+    return {name: replace(run.data, dataset=name, eval_fraction=0.0) for name in names}
+
+
+def unseen_cache(out: Path, name: str, settings: dict[str, Any]) -> Path:
+    """The evaluation cache of one unseen corpus, `<out>/eval-unseen-<name>.json`. A study of
+    one unseen corpus kept it in `eval-unseen.json`: that file is copied to the new name when it
+    holds these settings, so its results are reused."""
+    path = out / f"eval-unseen-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.json"
+    legacy = out / "eval-unseen.json"
+    if not path.is_file() and legacy.is_file():
+        saved = read_json(legacy, "an evaluation cache")
+        if saved.get("settings") == json.loads(json.dumps(settings)):
+            write_json(path, saved)
+    return path
 
 
 def store_check(out: Path, reader: StoreReader, hook: str) -> dict[str, Any]:
@@ -309,7 +330,7 @@ class Plan:
     counts: list[int]
     curve: list[SAEConfig]
     extra: list[SAEConfig]
-    unseen: DataConfig
+    unseen: dict[str, DataConfig]
     stage: Stage
     train_run: TrainRun
 
@@ -348,33 +369,49 @@ def store_stage(p: Plan) -> tuple[StoreReader, dict[str, Any]]:
     return reader, store_check(p.out, reader, reader.hooks[0])
 
 
-def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock) -> dict[str, Any]:
-    """Both corpora's evaluation of the snapshots; per corpus the run info and records."""
+StageRecords = tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]  # run info, records
+Evaluated = dict[str, StageRecords]
+
+
+def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock
+                ) -> tuple[Evaluated, dict[str, tuple[int, int]]]:
+    """Every corpus's evaluation of the snapshots: per corpus ("train", then each unseen one by
+    name) the run info and records; and per unseen corpus its contexts evaluated and in all."""
     run, stage = p.run, p.stage
     wiki_cfg = replace(run.eval, json="")
-    unseen_cfg = replace(wiki_cfg, eval_tokens=run.study.unseen_tokens, pool_tokens=0)
-    corpora: dict[str, Any] = {}
+    corpora: Evaluated = {}
     with clock.stage("eval_train"):
         corpora["train"] = eval_stage(
             stage, p.out / "eval-train.json", evaluated, asdict(wiki_cfg),
             lambda saes, names: evaluate(saes, stage.model, stage.tokenizer, run.data, wiki_cfg,
                                          names=names, model_id=stage.model_id),
             run.study.counts_per_eval)
-    with clock.stage("eval_unseen"):
-        contexts, available = unseen_contexts(p.unseen, stage.tokenizer, run.study.unseen_tokens)
+    sizes = {}
+    for name, data in p.unseen.items():
+        with clock.stage(f"eval_{name}"):
+            corpora[name], sizes[name] = unseen_stage(p, data, evaluated)
+    return corpora, sizes
 
-        def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
-            result = evaluate_contexts(saes, stage.model, contexts, unseen_cfg, names,
-                                       stage.model_id)
-            result.run.corpus, result.run.part = corpus_identity(p.unseen), "all"
-            return result
 
-        corpora["unseen"] = eval_stage(
-            stage, p.out / "eval-unseen.json", evaluated,
-            {"corpus": corpus_identity(p.unseen), "tokens": run.study.unseen_tokens,
-             "batch_size": run.eval.batch_size}, on_unseen, run.study.counts_per_eval)
-    corpora["unseen_contexts"] = (len(contexts), available)
-    return corpora
+def unseen_stage(p: Plan, data: DataConfig, evaluated: list[Snapshot]
+                 ) -> tuple[StageRecords, tuple[int, int]]:
+    """One unseen corpus's evaluation of the snapshots (run info, records), and its contexts
+    evaluated and in all."""
+    run, stage = p.run, p.stage
+    unseen_cfg = replace(run.eval, json="", eval_tokens=run.study.unseen_tokens, pool_tokens=0)
+    contexts, available = unseen_contexts(data, stage.tokenizer, run.study.unseen_tokens)
+
+    def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
+        result = evaluate_contexts(saes, stage.model, contexts, unseen_cfg, names,
+                                   stage.model_id)
+        result.run.corpus, result.run.part = corpus_identity(data), "all"
+        return result
+
+    settings = {"corpus": corpus_identity(data), "tokens": run.study.unseen_tokens,
+                "batch_size": run.eval.batch_size}
+    found = eval_stage(stage, unseen_cache(p.out, data.dataset, settings), evaluated, settings,
+                       on_unseen, run.study.counts_per_eval)
+    return found, (len(contexts), available)
 
 
 def run_study(run: ScalingRun) -> tuple[Path, float]:
@@ -393,7 +430,7 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     snaps = snapshots_of(folders, p.counts)
     last = snapshots_of({**folders, **extra}, p.counts[-1:])
     evaluated = snaps + [s for s in last if s.variant in extra]
-    corpora = eval_stages(p, evaluated, clock)
+    corpora, sizes = eval_stages(p, evaluated, clock)
     with clock.stage("steer"):
         steered = steer_stage(p.stage, p.out / "steer.json", last, run.data, run.steer)
     result = ScalingResult(
@@ -407,7 +444,7 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
         hook=hook,
         store={"folder": str(p.store), **checked,
                "passes": round(run.train.tokens / max(1, reader.rows), 2)},
-        corpora=_corpora(p, *corpora.pop("unseen_contexts")),
+        corpora=_corpora(p, sizes),
         settings={**to_dict(run), "train": asdict(p.train_run.train)},
         saes=[{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
                "snapshots": [s.record() for s in (last if name in extra else snaps)
@@ -425,9 +462,9 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     return report, time.perf_counter() - start
 
 
-def _corpora(p: Plan, contexts: int, available: int) -> dict[str, Any]:
+def _corpora(p: Plan, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     return {"train": {"name": p.run.data.dataset, "part": "eval",
                       "corpus": corpus_identity(p.run.data)},
-            "unseen": {"name": p.run.study.unseen, "part": "all",
-                       "corpus": corpus_identity(p.unseen), "contexts": contexts,
-                       "corpus_contexts": available}}
+            **{name: {"name": name, "part": "all", "corpus": corpus_identity(data),
+                      "contexts": sizes[name][0], "corpus_contexts": sizes[name][1]}
+               for name, data in p.unseen.items()}}
