@@ -88,14 +88,16 @@ def _stdlib_modules() -> list[Path]:
 
 def _licences() -> list[Path]:
     """Debian's common licences, each text once (GPL is a link to GPL-3, and so on)."""
-    return sorted({p.resolve() for p in LICENSES.iterdir() if p.is_file()})
+    return sorted({p.resolve() for p in LICENSES.iterdir() if p.is_file()}
+                  if LICENSES.is_dir() else [])
 
 
-def _fortune_files(folder: Path, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+def _fortune_files(subfolder: str, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()
                    ) -> Callable[[], list[Path]]:
-    """The fortune files of a folder (not their .dat indexes nor .u8 links), `only` those if
-    given, without `skip`."""
+    """The fortune files of a folder under FORTUNES (not their .dat indexes nor .u8 links),
+    `only` those if given, without `skip`."""
     def files() -> list[Path]:
+        folder = FORTUNES / subfolder
         found = [p for p in folder.iterdir() if p.is_file() and not p.is_symlink()
                  and not p.suffix and p.name not in skip] if folder.is_dir() else []
         return sorted(p for p in found if not only or p.name in only)
@@ -110,11 +112,11 @@ REGISTERS = {r.name: r for r in [
              "each text's own terms (verbatim copies permitted)", "base-files", _licences,
              licence_text),
     Register("verse", "songs and poems from the fortune collection (`songs-poems`)",
-             "BSD (fortune-mod)", "fortunes", _fortune_files(FORTUNES, only=("songs-poems",)),
+             "BSD (fortune-mod)", "fortunes", _fortune_files(".", only=("songs-poems",)),
              fortune_cookies),
     Register("german", "German fortune cookies: quotations, poems, jokes, proverbs (every "
              "file of fortunes-de but its ASCII art)", "GPL-2+", "fortunes-de",
-             _fortune_files(FORTUNES / "de", skip=("asciiart",)), fortune_cookies),
+             _fortune_files("de", skip=("asciiart",)), fortune_cookies),
 ]}
 
 
@@ -136,9 +138,16 @@ def register_files(name: str) -> list[Path]:
 def register_documents(name: str) -> list[str]:
     """The cleaned documents of a register, in the order of the SHA-256 of their text."""
     register = REGISTERS[name]
-    docs = [doc for path in register_files(name)
-            for doc in register.documents(path.read_text(encoding="utf-8"))]
+    docs = [doc for path in register_files(name) for doc in register.documents(_text(path))]
     return sorted(docs, key=lambda d: hashlib.sha256(d.encode()).hexdigest())
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise GsaeError(f"{path} is not UTF-8 text (byte {err.start}): the register's files "
+                        "are expected in UTF-8") from None
 
 
 def register_fingerprint(name: str) -> str:

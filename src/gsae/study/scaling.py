@@ -1,5 +1,5 @@
 """`gsae study`: TopK SAEs against g-SAEs along training (learning curves over seeds, on the
-training corpus's held-out split and on a second corpus no SAE sees).
+training corpus's held-out split and on corpora no SAE sees).
 
 Stages, each reused when an earlier run of the same study finished it:
 
@@ -9,10 +9,11 @@ Stages, each reused when an earlier run of the same study finished it:
    `train.snapshots` (`gsae.pipeline.train_saes`, resumed from its checkpoint); the SAEs of
    `study.extra_k` are trained as a second run in `<out>/saes-extra`;
 3. evaluation of every snapshot in both inference modes, on the held-out split of the training
-   corpus and on the unseen corpus, cached per snapshot (by the fingerprint of its weights) in
-   `<out>/eval-<corpus>.json` and saved after each snapshot count;
+   corpus and on each unseen corpus, cached per snapshot (by the fingerprint of its weights) in
+   `<out>/eval-train.json` and `<out>/eval-unseen-<name>.json` and saved after each snapshot
+   count;
 4. steering with the last snapshot of every SAE, cached the same way in `<out>/steer.json`;
-5. the report (`gsae.study.scaling_report`): README.md, results.json (schema gsae.scaling/1) and
+5. the report (`gsae.study.scaling_report`): README.md, results.json (schema gsae.scaling/2) and
    the plots.
 """
 
