@@ -118,3 +118,41 @@ def test_the_fingerprint_follows_the_files(tmp_path, monkeypatch):
         ["A verse", "Another"], key=lambda d: hashlib.sha256(d.encode()).hexdigest())
     poems.write_text("A verse\n%\nChanged\n")
     assert corpus_identity(DataConfig(dataset="verse"))["fingerprint"] != first["fingerprint"]
+
+
+# `gsae eval --unseen`: the same SAEs on corpora they never saw --------------------------------
+
+
+def test_eval_with_unseen_corpora_evaluates_each_from_its_start(corpus, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from gsae.evaluate import EvalConfig, evaluate_contexts
+    from gsae.models import ModelConfig, load_model, model_identity
+    from gsae.sae import SAE, Provenance, SAEConfig
+
+    data = DataConfig(dataset=str(corpus), context_size=32)
+    provenance = Provenance(hook="model.layers.1", model=model_identity(ModelConfig("tiny-llama")),
+                            corpus=corpus_identity(data), context_size=32)
+    folder = SAE(SAEConfig(n_latents=128, k=4), 64, provenance=provenance).save(tmp_path / "sae")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(folder), "--eval_tokens", "64", "--unseen", "code", "legal",
+                 "--unseen_tokens", "96", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "code: all of it (unseen)" in printed and "its held-out split" in printed
+    saved = json.loads(out.read_text())
+    assert saved["run"]["part"] == "eval" and list(saved["unseen"]) == ["code", "legal"]
+    # an independent packing: the first documents of code, each followed by EOS, cut in 32s
+    model, tokenizer = load_model(ModelConfig("tiny-llama"))
+    ids = [t for doc in register_documents("code")[:3]
+           for t in [*tokenizer(doc)["input_ids"], tokenizer.eos_token_id]]
+    contexts = torch.tensor(ids[:96]).view(3, 32)
+    expected = evaluate_contexts([SAE.load(folder)], model, contexts, EvalConfig())
+    code = saved["unseen"]["code"]
+    assert code["run"]["part"] == "all" and code["run"]["contexts"] == 3
+    assert code["run"]["corpus"]["dataset"] == "code"
+    assert code["results"][0]["ce_increase"] == pytest.approx(
+        expected.results[0].ce_increase, rel=1e-5)
+    assert main(["eval", str(folder), "--unseen", "code", "code"]) == 2
+    assert "name each corpus no SAE trained on once" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -215,6 +215,16 @@ def eval_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, cfg:
         elif (j := rng.randrange(i + 1)) < wanted:
             chosen[j] = (i, context)
     return torch.stack([context for _, context in sorted(chosen, key=lambda c: c[0])])
+
+
+def unseen_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, tokens: int,
+                    count_all: bool = True) -> tuple[Tensor, int | None]:
+    """The first ceil(tokens / context_size) contexts of a whole corpus that no SAE trained on
+    (no document is held out: none was seen), and how many contexts the corpus has in all (if
+    `count_all`: it tokenises the whole corpus)."""
+    stream = token_contexts(replace(data_cfg, eval_fraction=0.0), tokenizer, "train")
+    chosen = list(islice(stream, math.ceil(tokens / data_cfg.context_size)))
+    return torch.stack(chosen), len(chosen) + sum(1 for _ in stream) if count_all else None
 
 
 def evaluate(

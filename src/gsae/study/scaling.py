@@ -20,23 +20,20 @@ Stages, each reused when an earlier run of the same study finished it:
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
 
 from gsae import pipeline
 from gsae.config import flag_names, identity, to_dict
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, EvalResult, evaluate, evaluate_contexts
+from gsae.evaluate import EvalConfig, EvalResult, evaluate, evaluate_contexts, unseen_contexts
 from gsae.io import claim_folder, file_fingerprint, read_json, versions, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import SAESweep, TrainRun
@@ -47,7 +44,7 @@ from gsae.store import StoreConfig, StoreReader, fill_store
 from gsae.study.compare import cached, flag_text, machine_record, sae_record
 from gsae.study.results import compact_steering
 from gsae.study.scaling_report import ScalingResult, build_scaling_report
-from gsae.text import DataConfig, corpus_identity, token_contexts
+from gsae.text import DataConfig, corpus_identity
 from gsae.train import TrainConfig, finished_training, sae_folder, snapshot_folder, variant_name
 
 IDENTITY_FILE = "study.json"
@@ -187,15 +184,6 @@ def snapshots_of(folders: dict[str, Path], counts: list[int]) -> list[Snapshot]:
 
 
 # The stages ------------------------------------------------------------------------------------
-
-
-def unseen_contexts(data: DataConfig, tokenizer: Any, tokens: int) -> tuple[torch.Tensor, int]:
-    """The first ceil(tokens / context_size) contexts of the whole unseen corpus (no document
-    is held out: no SAE saw any of it), and how many contexts the corpus has in all."""
-    stream = token_contexts(data, tokenizer, "train")
-    wanted = math.ceil(tokens / data.context_size)
-    chosen = list(islice(stream, wanted))
-    return torch.stack(chosen), len(chosen) + sum(1 for _ in stream)
 
 
 def unseen_data(run: ScalingRun) -> dict[str, DataConfig]:
