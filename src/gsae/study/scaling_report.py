@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,10 @@ class ScalingResult(StudyRecord):
     saes: list[dict[str, Any]]  # as in compare, plus extra_k and snapshots
     eval: dict[str, Any]  # corpus key -> {"run": ..., "results": [...]}
     steer: dict[str, Any]
+    # per corpus: the unigram KL of its evaluated tokens to the training split's
+    distances: dict[str, Any] = field(default_factory=dict)
+    # per corpus: the last snapshots' CE increase by quantile bins of clean CE and |g|
+    per_token: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
 
     @classmethod
@@ -82,6 +86,7 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("schema") not in SCHEMAS:
         raise GsaeError(f"not a gsae study result (schema {data.get('schema')!r}; readable: "
                         f"{', '.join(SCHEMAS)})")
+    data = {"distances": {}, "per_token": {}, **data}  # sections added within /2
     if data["schema"] == SCHEMA:
         return data
     data = copy.deepcopy(data)
@@ -165,6 +170,17 @@ class Curves:
         part = ("held-out split" if info["part"] == "eval"
                 else "its first tokens; no SAE trained on any of it")
         return f"`{info['name']}` ({part})"
+
+
+def largest_gap(data: dict[str, Any], corpora: list[str]) -> str:
+    """Of `corpora`, the one where the first g-SAE's gradient-free gap to TopK (mean over seeds)
+    at the last snapshot is lowest: where the g-SAE gains most."""
+    cv = Curves(data)
+    series = Series(cv.g_variants[0], cv.ks[0], GRAD_FREE)
+    gaps = {c: mean_of(found) for c in corpora if (found := cv.gaps(c, series, cv.last))}
+    if not gaps:
+        raise GsaeError(f"no gap to TopK was measured on {', '.join(corpora)}")
+    return min(gaps, key=lambda c: gaps[c])
 
 
 # The rule ----------------------------------------------------------------------------------------
