@@ -177,18 +177,22 @@ def test_an_unseen_corpus_added_later_is_the_only_one_evaluated(study, corpus, n
     evaluated = []
     evaluate_contexts = scaling.evaluate_contexts
 
-    def recording(saes, model, contexts, cfg, names, model_id):
+    def recording(saes, model, contexts, cfg, names, model_id, **kwargs):
         evaluated.append((contexts.clone(), sorted(names)))
-        return evaluate_contexts(saes, model, contexts, cfg, names, model_id)
+        return evaluate_contexts(saes, model, contexts, cfg, names, model_id, **kwargs)
 
     monkeypatch.setattr(scaling, "evaluate", lambda *a, **k: pytest.fail("wiki evaluated again"))
     monkeypatch.setattr(scaling, "evaluate_contexts", recording)
     monkeypatch.setattr(scaling.pipeline, "train_saes", lambda *a, **k: pytest.fail("retrained"))
-    report = tmp_path / "report"
-    assert main([*study_args(corpus, news, out), "--unseen", news, "code",
-                 "--report", str(report)]) == 0
-    (contexts, names), = evaluated  # one pass, over code only, of every snapshot
+    report, registers = tmp_path / "report", tmp_path / "registers"
+    assert main([*study_args(corpus, news, out), "--unseen", news, "code", "--report",
+                 str(report), "--registers_report", str(registers), "--per_token", "train",
+                 "largest_gap"]) == 0
+    (contexts, names), *per_token = evaluated  # one pass over code of every snapshot, then
     assert names == sorted(s["name"] + f"@{n}" for s in results["saes"] for n in SNAPSHOTS)
+    # the per-token passes of the last snapshots: the held-out split, and the largest gap
+    last = sorted(s["name"] + f"@{SNAPSHOTS[-1]}" for s in results["saes"])
+    assert [names for _, names in per_token] == [last, last]
     model, tokenizer = load_model(ModelConfig(model="tiny-llama"))
     from gsae.registers import register_documents
     first = tokenizer(register_documents("code")[0])["input_ids"][:32]
@@ -199,6 +203,70 @@ def test_an_unseen_corpus_added_later_is_the_only_one_evaluated(study, corpus, n
     assert both["corpora"]["code"]["corpus"]["kind"] == "register"
     assert list(both["verdicts"]) == ["train", news, "code"]
     assert "`code` (its first tokens" in (report / "README.md").read_text()
+    _check_registers(both, registers, news)
+
+
+def _gap_by_corpus(results, corpus):
+    """The mean over seeds of g-SAE (gradient-free) minus TopK at the last snapshot, from the
+    evaluation records."""
+    by = {(r["variant"], r["mode"]): r["ce_increase"] for r in results["eval"][corpus]["results"]
+          if r["snapshot"] == SNAPSHOTS[-1]}
+    gaps = [by[(f"k4-beta10-z-x2-s{s}", GRAD_FREE)] - by[(f"k4-beta0-z-x2-s{s}", GRAD_FREE)]
+            for s in (0, 1)]
+    return sum(gaps) / 2
+
+
+def _check_registers(results, registers, news):
+    largest = min((news, "code"), key=lambda c: _gap_by_corpus(results, c))
+    assert list(results["per_token"]) == ["train", largest]
+    for corpus in ("train", largest):
+        # each position's losses averaged again give the evaluation's CE increase
+        part = results["per_token"][corpus]
+        evaluated = {(r["variant"], r["mode"]): r["ce_increase"]
+                     for r in results["eval"][corpus]["results"]
+                     if r["snapshot"] == SNAPSHOTS[-1]}
+        assert len(part["results"]) == 4 * 2
+        for r in part["results"]:
+            assert r["ce_increase"] == pytest.approx(evaluated[(r["variant"], r["mode"])],
+                                                     rel=1e-4, abs=1e-6)
+        assert sum(part["run"]["clean_ce"]["counts"]) == part["run"]["tokens"]
+    _check_gradient_norms(results)
+    kl = results["distances"]["corpora"]
+    assert set(kl) == {"train", news, "code"} and kl["code"]["tokens"] == 160
+    text = (registers / "README.md").read_text()
+    assert "## Which tokens carry the gap" in text and "by quantile of the |g|" in text
+    assert all((registers / n).read_bytes().startswith(PNG_SIGNATURE)
+               for n in ("gap_vs_distance.png", "per_token_gap.png"))
+
+
+def _check_gradient_norms(results):
+    """|g| at the hook recomputed here by autograd on the held-out contexts: its smallest and
+    largest values are the outer edges of the per-token bins."""
+    from gsae.evaluate import EvalConfig, eval_contexts
+    from gsae.text import DataConfig
+
+    model, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    data = DataConfig(dataset=results["settings"]["data"]["dataset"], context_size=32)
+    contexts = eval_contexts(data, tokenizer, EvalConfig(eval_tokens=128))
+    captured = {}
+
+    def keep(_module, _inputs, output):  # the graph starts at the hook (the weights are frozen)
+        h = (output[0] if isinstance(output, tuple) else output).detach().requires_grad_(True)
+        captured["h"] = h
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    layer = model.model.layers[1]
+    handle = layer.register_forward_hook(keep)
+    with torch.enable_grad():
+        logits = model(contexts).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                 contexts[:, 1:].flatten(), reduction="sum")
+        loss.backward()
+    handle.remove()
+    norms = captured["h"].grad[:, 1:-1].norm(dim=-1)  # CE positions: after skip_first = 1
+    edges = results["per_token"]["train"]["run"]["grad_norm"]["edges"]
+    assert [edges[0], edges[-1]] == pytest.approx([norms.min().item(), norms.max().item()],
+                                                  rel=1e-3)
 
 
 def test_extra_k_added_later_trains_and_evaluates_only_the_new_saes(study, corpus, news,

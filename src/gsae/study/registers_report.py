@@ -21,7 +21,7 @@ from gsae.evaluate import GRAD_FREE
 from gsae.study.plots import save_png
 from gsae.study.registers import KEYS
 from gsae.study.report import duration_text, pm, write_report_files
-from gsae.study.results import COLORS, mean_of, spread
+from gsae.study.results import COLORS, mean_of, rounded, spread
 from gsae.study.scaling_report import Curves, Series, verdicts
 
 PLOTS = {"gap_vs_distance.png": "the gap at the last snapshot against each corpus's distance "
@@ -312,7 +312,7 @@ def build_registers_report(results: dict[str, Any], folder: str | Path) -> Path:
     markdown file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cv = Curves(results)
+    cv = Curves(rounded(results))  # as results.json keeps them: a rebuild shows the same digits
     if not cv.counts or not cv.g_variants:
         raise GsaeError("the study's results hold no snapshots of TopK and a g-SAE to report")
     agg, found = aggregates(cv), verdicts(cv)
