@@ -156,3 +156,13 @@ def test_eval_with_unseen_corpora_evaluates_each_from_its_start(corpus, tmp_path
         expected.results[0].ce_increase, rel=1e-5)
     assert main(["eval", str(folder), "--unseen", "code", "code"]) == 2
     assert "name each corpus no SAE trained on once" in capsys.readouterr().err
+
+
+def test_a_study_with_a_missing_register_stops_before_any_work(corpus, tmp_path, monkeypatch,
+                                                                capsys):
+    monkeypatch.setattr(registers, "FORTUNES", tmp_path / "none")
+    out = tmp_path / "study"
+    assert main(["study", "--model", "tiny-llama", "--dataset", corpus, "--hooks", "1",
+                 "--out", str(out), "--unseen", "news", "verse"]) == 2
+    assert "apt-get install fortunes" in capsys.readouterr().err
+    assert not (out / "store").exists()

@@ -56,7 +56,7 @@ from gsae.study.compare import cached, flag_text, machine_record, sae_record
 from gsae.study.registers_report import build_registers_report
 from gsae.study.results import compact_steering
 from gsae.study.scaling_report import ScalingResult, build_scaling_report, largest_gap
-from gsae.text import DataConfig, corpus_identity, token_contexts
+from gsae.text import DataConfig, corpus_identity, load_documents, token_contexts
 from gsae.train import TrainConfig, finished_training, sae_folder, snapshot_folder, variant_name
 
 IDENTITY_FILE = "study.json"
@@ -219,7 +219,10 @@ def unseen_data(run: ScalingRun) -> dict[str, DataConfig]:
         if name == "train" or names.count(name) > 1:
             raise GsaeError(f"--unseen names {name!r} {names.count(name)} times or as 'train' "
                             "(the key of the training corpus's results): name each corpus once")
-    return {name: replace(run.data, dataset=name, eval_fraction=0.0) for name in names}
+    corpora = {name: replace(run.data, dataset=name, eval_fraction=0.0) for name in names}
+    for data in corpora.values():  # a missing package or an unknown name stops the study now
+        next(iter(load_documents(data)), None)
+    return corpora
 
 
 def unseen_cache(out: Path, name: str, settings: dict[str, Any]) -> Path:
