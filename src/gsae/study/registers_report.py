@@ -177,6 +177,7 @@ def plot_per_token(cv: Curves, agg: dict[str, Any], path: Path) -> None:
             ax.fill_between(xs, [r["gap"]["min"] for r in rows],
                             [r["gap"]["max"] for r in rows], color=color, alpha=0.18,
                             linewidth=0)
+        ax.set_xticks(range(1, 1 + max((len(by_key[key]) for _, _, by_key in lines), default=0)))
         ax.set_xlabel(f"quantile bin of the {title} (1: lowest)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("CE gap in the bin (nats)")
