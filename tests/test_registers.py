@@ -162,7 +162,11 @@ def test_a_study_with_a_missing_register_stops_before_any_work(corpus, tmp_path,
                                                                 capsys):
     monkeypatch.setattr(registers, "FORTUNES", tmp_path / "none")
     out = tmp_path / "study"
+    # a small study, so that one that did not check first would soon reach the evaluation
     assert main(["study", "--model", "tiny-llama", "--dataset", corpus, "--hooks", "1",
-                 "--out", str(out), "--unseen", "news", "verse"]) == 2
+                 "--context_size", "32", "--out", str(out), "--store_tokens", "256",
+                 "--tokens", "256", "--snapshots", "256", "--batch_tokens", "128",
+                 "--n_latents", "0", "--expansion_factor", "2", "--seed", "0",
+                 "--unseen", "news", "verse"]) == 2
     assert "apt-get install fortunes" in capsys.readouterr().err
     assert not (out / "store").exists()
