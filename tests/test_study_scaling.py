@@ -4,6 +4,7 @@ the report's trend rule and verdicts on hand-made numbers."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from gsae.study.results import Variant
 from gsae.study.scaling_report import (
     SCHEMA,
     Curves,
+    Series,
     build_scaling_report,
     trend,
     trend_phrase,
@@ -63,7 +65,7 @@ def study(corpus, news, tmp_path_factory):
 
 def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus, news):
     _, results = study
-    assert results["schema"] == SCHEMA == "gsae.scaling/1"
+    assert results["schema"] == SCHEMA == "gsae.scaling/2"
     names = {s["name"] for s in results["saes"]}
     assert names == {f"k4-beta{b}-z-x2-s{s}" for b in (0, 10) for s in (0, 1)}
     for sae in results["saes"]:
@@ -71,21 +73,21 @@ def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus
         # each snapshot is taken after the step that reaches its count (batches of 256 rows)
         assert all(0 <= s["tokens"] - s["requested_tokens"] < 256 for s in sae["snapshots"])
     assert results["corpora"]["train"]["corpus"]["dataset"] == corpus
-    assert results["corpora"]["unseen"]["corpus"]["dataset"] == news
-    for key in ("train", "unseen"):
+    assert results["corpora"][news]["corpus"]["dataset"] == news
+    for key in ("train", news):
         records = results["eval"][key]["results"]
         assert {(r["variant"], r["snapshot"], r["mode"]) for r in records} == {
             (n, t, m) for n in names for t in SNAPSHOTS for m in (GRAD_AWARE, GRAD_FREE)}
-    assert results["eval"]["unseen"]["run"]["contexts"] == math.ceil(160 / 32)
+    assert results["eval"][news]["run"]["contexts"] == math.ceil(160 / 32)
     # the run info evaluate wrote: which corpus and which part of it each stage read
     assert results["eval"]["train"]["run"]["corpus"]["dataset"] == corpus
     assert results["eval"]["train"]["run"]["part"] == "eval"
-    assert results["eval"]["unseen"]["run"]["corpus"]["dataset"] == news
-    assert results["eval"]["unseen"]["run"]["part"] == "all"
+    assert results["eval"][news]["run"]["corpus"]["dataset"] == news
+    assert results["eval"][news]["run"]["part"] == "all"
     assert {r["variant"] for r in results["steer"]["results"]} == names
     assert {r["snapshot"] for r in results["steer"]["results"]} == {SNAPSHOTS[-1]}
     assert results["settings"]["train"]["snapshots"] == SNAPSHOTS
-    assert set(results["verdicts"]) == {"train", "unseen"}
+    assert list(results["verdicts"]) == ["train", news]
 
 
 def test_the_store_check_counts_repeated_rows(study):
@@ -99,7 +101,7 @@ def test_the_store_check_counts_repeated_rows(study):
     assert f"{results['store']['repeated_rows']} of" in (out / "report" / "README.md").read_text()
 
 
-def _reevaluate(out, results, key, variant, tokens, contexts):
+def _reevaluate(out, results, variant, tokens, contexts):
     """The CE increase of one snapshot, evaluated here from its folder on the given contexts."""
     model, _ = load_model(ModelConfig(model="tiny-llama"))
     folder = next(Path(s["folder"]) for sae in results["saes"] if sae["name"] == variant
@@ -122,11 +124,11 @@ def test_each_snapshot_is_evaluated_itself_on_the_unseen_corpus(study, news):
     out, results = study
     contexts = _unseen_contexts(news)
     variant = "k4-beta10-z-x2-s1"
-    by = {(r["snapshot"], r["mode"]): r["ce_increase"] for r in results["eval"]["unseen"]["results"]
+    by = {(r["snapshot"], r["mode"]): r["ce_increase"] for r in results["eval"][news]["results"]
           if r["variant"] == variant}
     for tokens in (SNAPSHOTS[0], SNAPSHOTS[-1]):
         assert by[(tokens, GRAD_AWARE)] == pytest.approx(
-            _reevaluate(out, results, "unseen", variant, tokens, contexts), rel=1e-5)
+            _reevaluate(out, results, variant, tokens, contexts), rel=1e-5)
     assert by[(SNAPSHOTS[0], GRAD_AWARE)] != pytest.approx(by[(SNAPSHOTS[-1], GRAD_AWARE)])
 
 
@@ -148,6 +150,9 @@ def test_a_rerun_reuses_every_stage(study, corpus, news, monkeypatch):
     import gsae.study.scaling as scaling
 
     out, results = study
+    # a study of one unseen corpus made before several were possible kept its results here
+    (cache,) = out.glob("eval-unseen-*.json")
+    cache.rename(out / "eval-unseen.json")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
@@ -161,6 +166,107 @@ def test_a_rerun_reuses_every_stage(study, corpus, news, monkeypatch):
     again = json.loads((out / "report" / "results.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in (out / "store").glob("shard-*")} == shards
     assert again["eval"] == results["eval"] and again["verdicts"] == results["verdicts"]
+
+
+def test_an_unseen_corpus_added_later_is_the_only_one_evaluated(study, corpus, news, tmp_path,
+                                                                 monkeypatch):
+    import gsae.study.scaling as scaling
+
+    out, results = study
+    # "code" (Python's standard library) is on every machine; the tiny tokenizer reads bytes
+    evaluated = []
+    evaluate_contexts = scaling.evaluate_contexts
+
+    def recording(saes, model, contexts, cfg, names, model_id, **kwargs):
+        evaluated.append((contexts.clone(), sorted(names)))
+        return evaluate_contexts(saes, model, contexts, cfg, names, model_id, **kwargs)
+
+    monkeypatch.setattr(scaling, "evaluate", lambda *a, **k: pytest.fail("wiki evaluated again"))
+    monkeypatch.setattr(scaling, "evaluate_contexts", recording)
+    monkeypatch.setattr(scaling.pipeline, "train_saes", lambda *a, **k: pytest.fail("retrained"))
+    report, registers = tmp_path / "report", tmp_path / "registers"
+    assert main([*study_args(corpus, news, out), "--unseen", news, "code", "--report",
+                 str(report), "--registers_report", str(registers), "--per_token", "train",
+                 "largest_gap"]) == 0
+    (contexts, names), *per_token = evaluated  # one pass over code of every snapshot, then
+    assert names == sorted(s["name"] + f"@{n}" for s in results["saes"] for n in SNAPSHOTS)
+    # the per-token passes of the last snapshots: the held-out split, and the largest gap
+    last = sorted(s["name"] + f"@{SNAPSHOTS[-1]}" for s in results["saes"])
+    assert [names for _, names in per_token] == [last, last]
+    model, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    from gsae.registers import register_documents
+    first = tokenizer(register_documents("code")[0])["input_ids"][:32]
+    assert contexts[0].tolist() == first and contexts.shape == (5, 32)
+    both = json.loads((report / "results.json").read_text())
+    assert list(both["eval"]) == ["train", news, "code"]
+    assert both["eval"][news] == results["eval"][news]
+    assert both["corpora"]["code"]["corpus"]["kind"] == "register"
+    assert list(both["verdicts"]) == ["train", news, "code"]
+    assert "`code` (its first tokens" in (report / "README.md").read_text()
+    _check_registers(both, registers, news)
+
+
+def _gap_by_corpus(results, corpus):
+    """The mean over seeds of g-SAE (gradient-free) minus TopK at the last snapshot, from the
+    evaluation records."""
+    by = {(r["variant"], r["mode"]): r["ce_increase"] for r in results["eval"][corpus]["results"]
+          if r["snapshot"] == SNAPSHOTS[-1]}
+    gaps = [by[(f"k4-beta10-z-x2-s{s}", GRAD_FREE)] - by[(f"k4-beta0-z-x2-s{s}", GRAD_FREE)]
+            for s in (0, 1)]
+    return sum(gaps) / 2
+
+
+def _check_registers(results, registers, news):
+    largest = min((news, "code"), key=lambda c: _gap_by_corpus(results, c))
+    assert list(results["per_token"]) == ["train", largest]
+    for corpus in ("train", largest):
+        # each position's losses averaged again give the evaluation's CE increase
+        part = results["per_token"][corpus]
+        evaluated = {(r["variant"], r["mode"]): r["ce_increase"]
+                     for r in results["eval"][corpus]["results"]
+                     if r["snapshot"] == SNAPSHOTS[-1]}
+        assert len(part["results"]) == 4 * 2
+        for r in part["results"]:
+            assert r["ce_increase"] == pytest.approx(evaluated[(r["variant"], r["mode"])],
+                                                     rel=1e-4, abs=1e-6)
+        assert sum(part["run"]["clean_ce"]["counts"]) == part["run"]["tokens"]
+    _check_gradient_norms(results)
+    kl = results["distances"]["corpora"]
+    assert set(kl) == {"train", news, "code"} and kl["code"]["tokens"] == 160
+    text = (registers / "README.md").read_text()
+    assert "## Which tokens carry the gap" in text and "by quantile of the |g|" in text
+    assert all((registers / n).read_bytes().startswith(PNG_SIGNATURE)
+               for n in ("gap_vs_distance.png", "per_token_gap.png"))
+
+
+def _check_gradient_norms(results):
+    """|g| at the hook recomputed here by autograd on the held-out contexts: its smallest and
+    largest values are the outer edges of the per-token bins."""
+    from gsae.evaluate import EvalConfig, eval_contexts
+    from gsae.text import DataConfig
+
+    model, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    data = DataConfig(dataset=results["settings"]["data"]["dataset"], context_size=32)
+    contexts = eval_contexts(data, tokenizer, EvalConfig(eval_tokens=128))
+    captured = {}
+
+    def keep(_module, _inputs, output):  # the graph starts at the hook (the weights are frozen)
+        h = (output[0] if isinstance(output, tuple) else output).detach().requires_grad_(True)
+        captured["h"] = h
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    layer = model.model.layers[1]
+    handle = layer.register_forward_hook(keep)
+    with torch.enable_grad():
+        logits = model(contexts).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                 contexts[:, 1:].flatten(), reduction="sum")
+        loss.backward()
+    handle.remove()
+    norms = captured["h"].grad[:, 1:-1].norm(dim=-1)  # CE positions: after skip_first = 1
+    edges = results["per_token"]["train"]["run"]["grad_norm"]["edges"]
+    assert [edges[0], edges[-1]] == pytest.approx([norms.min().item(), norms.max().item()],
+                                                  rel=1e-3)
 
 
 def test_extra_k_added_later_trains_and_evaluates_only_the_new_saes(study, corpus, news,
@@ -246,6 +352,8 @@ def test_the_study_refuses_a_sweep_without_topk_and_the_training_corpus_as_unsee
     assert "--beta must list 0 and at least one value above 0" in capsys.readouterr().err
     assert main([*args, "--unseen", corpus]) == 2
     assert "is the training corpus" in capsys.readouterr().err
+    assert main([*args, "--unseen", news, news]) == 2
+    assert "name each corpus once" in capsys.readouterr().err
     assert main([*args, "--snapshots", "400", "3200"]) == 2
     assert "--snapshots 3200 is beyond --tokens 1600" in capsys.readouterr().err
 
@@ -337,8 +445,6 @@ def test_verdicts_and_report_on_synthetic_curves(gap_end, expected, tmp_path):
 def test_curves_keep_the_corpora_apart():
     data = synthetic(-0.2, -0.1)
     cv = Curves(data)
-    from gsae.study.scaling_report import Series
-
     topk = Series(Variant(0.0, "z"), 32, GRAD_FREE)
     assert cv.values("train", topk, "ce_increase", 100) == pytest.approx([1.0, 1.01])
     assert cv.values("unseen", topk, "ce_increase", 100) == pytest.approx([1.05, 1.06])
@@ -379,3 +485,25 @@ def test_steering_aggregate_takes_the_first_strength():
     assert steering["TopK"]["32"]["mean"] == pytest.approx(1.1)
     assert steering["g-SAE β=100 (z)"]["32"]["mean"] == pytest.approx(0.6)
     assert steering["g-SAE β=100 (z)"]["32"]["n"] == 2
+
+
+def test_a_result_of_the_first_schema_still_loads(tmp_path):
+    old = synthetic(-0.2, -0.1)
+    old["schema"] = "gsae.scaling/1"
+    cv = Curves(old)
+    assert cv.corpora == ["train", "news"] and old["schema"] == "gsae.scaling/1"
+    topk = Series(Variant(0.0, "z"), 32, GRAD_FREE)
+    assert cv.values("news", topk, "ce_increase", 100) == pytest.approx([1.05, 1.06])
+
+
+def test_the_committed_scaling_report_rebuilds_from_its_results(tmp_path):
+    committed = Path(__file__).parents[1] / "docs" / "results" / "scaling"
+    data = json.loads((committed / "results.json").read_text())
+    build_scaling_report(data, tmp_path)
+    rebuilt, original = ((f / "README.md").read_text() for f in (tmp_path, committed))
+    # the same text; its numbers equal but for the last printed digit (the committed README was
+    # written from unrounded values, results.json holds them rounded)
+    number = re.compile(r"-?\d[\d,]*\.?\d*(?:e-?\d+)?")
+    assert number.sub("#", rebuilt) == number.sub("#", original)
+    for a, b in zip(number.findall(rebuilt), number.findall(original)):
+        assert float(a.replace(",", "")) == pytest.approx(float(b.replace(",", "")), rel=1e-3)

@@ -51,7 +51,10 @@ def cmd_cache(run: pipeline.CacheRun) -> int:
 def cmd_eval(run: pipeline.EvaluationRun) -> int:
     from gsae.evaluate import format_table
 
-    print(format_table(pipeline.run_eval(run)))
+    for i, (name, result) in enumerate(pipeline.run_evals(run).items()):
+        if run.unseen:  # one table per corpus, the held-out split first
+            print(f"\n{name}: {'its held-out split' if i == 0 else 'all of it (unseen)'}")
+        print(format_table(result))
     if run.eval.json:
         print(f"results written to {run.eval.json}")
     return 0

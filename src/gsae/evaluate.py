@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -217,6 +217,16 @@ def eval_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, cfg:
     return torch.stack([context for _, context in sorted(chosen, key=lambda c: c[0])])
 
 
+def unseen_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, tokens: int,
+                    count_all: bool = True) -> tuple[Tensor, int | None]:
+    """The first ceil(tokens / context_size) contexts of a whole corpus that no SAE trained on
+    (no document is held out: none was seen), and how many contexts the corpus has in all (if
+    `count_all`: it tokenises the whole corpus)."""
+    stream = token_contexts(replace(data_cfg, eval_fraction=0.0), tokenizer, "train")
+    chosen = list(islice(stream, math.ceil(tokens / data_cfg.context_size)))
+    return torch.stack(chosen), len(chosen) + sum(1 for _ in stream) if count_all else None
+
+
 def evaluate(
     saes: Sequence[SAE], model: nn.Module, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
     cfg: EvalConfig, names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
@@ -235,7 +245,7 @@ def evaluate(
 def evaluate_contexts(
     saes: Sequence[SAE], model: nn.Module, contexts: Tensor, cfg: EvalConfig,
     names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
-    above_hook: bool = True,
+    above_hook: bool = True, token_losses: TokenLosses | None = None,
 ) -> EvalResult:
     """Evaluate `saes` (any hooks of this one model) on token contexts [n, T].
 
@@ -244,6 +254,7 @@ def evaluate_contexts(
     record per SAE per inference mode (see the README). SAEs with beta = 0 get both records
     too; they are identical. Patched passes run only the blocks above each hook where the
     model allows (`gsae.hooks`); `above_hook=False` runs the whole model for each instead.
+    `token_losses`, if given, collects the per-position losses (SAEs of one hook only).
     """
     names = sae_names(saes, names)
     if cfg.batch_size < 1:
@@ -262,12 +273,14 @@ def evaluate_contexts(
         )
     start = time.perf_counter()
     hooks = _group_by_hook(saes, names, model, above_hook)
+    if token_losses is not None and len(hooks) > 1:
+        raise GsaeError(f"per-position losses are collected at one hook, got {list(hooks)}")
     source_cfg = SourceConfig(hooks=list(hooks), lm_batch_size=cfg.batch_size,
                               skip_first=skip_first, outlier_factor=outlier_factor)
     batches = contexts.split(cfg.batch_size)
     for name, mean in _mean_activations(model, source_cfg, batches).items():
         hooks[name].mean = mean
-    _evaluation_pass(model, source_cfg, batches, hooks)
+    _evaluation_pass(model, source_cfg, batches, hooks, token_losses)
     param = next(model.parameters())
     run = EvalRun(
         model=model_id if model_id is not None else _model_identity(saes),
@@ -516,6 +529,36 @@ class _Clean:
         return ce, kl
 
 
+class TokenLosses:
+    """Per-position losses of an evaluation (`evaluate_contexts(..., token_losses=...)`), for
+    analyses by token: at every CE position (batch by batch, row by row), the clean CE, the norm
+    of g at the hook at that position (the gradient of the summed next-token CE with respect to
+    the activation there), and each SAE's spliced CE per inference mode."""
+
+    def __init__(self) -> None:
+        self._clean: list[Tensor] = []
+        self._grad_norm: list[Tensor] = []
+        self._spliced: dict[tuple[str, str], list[Tensor]] = {}
+
+    def add_clean(self, ce: Tensor, grad_norm: Tensor) -> None:
+        self._clean.append(ce.detach().flatten().double().cpu())
+        self._grad_norm.append(grad_norm.detach().flatten().double().cpu())
+
+    def add_spliced(self, name: str, mode: str, ce: Tensor) -> None:
+        self._spliced.setdefault((name, mode), []).append(ce.detach().flatten().double().cpu())
+
+    @property
+    def clean(self) -> Tensor:
+        return torch.cat(self._clean)
+
+    @property
+    def grad_norm(self) -> Tensor:
+        return torch.cat(self._grad_norm)
+
+    def spliced(self, name: str, mode: str) -> Tensor:
+        return torch.cat(self._spliced[(name, mode)])
+
+
 # The two passes ---------------------------------------------------------------------------------
 
 
@@ -536,7 +579,7 @@ def _mean_activations(model: nn.Module, source_cfg: SourceConfig, batches: Seque
 
 
 def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequence[Tensor],
-                     hooks: dict[str, _Hook]) -> None:
+                     hooks: dict[str, _Hook], token_losses: TokenLosses | None = None) -> None:
     source = ActivationSource(model, source_cfg, with_grad=True)
     skip_first, outlier_factor = source_cfg.skip_first, source_cfg.outlier_factor
     device = next(model.parameters()).device
@@ -557,6 +600,8 @@ def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequen
                 mask, outliers = training_positions(x_full, skip_first, outlier_factor)
                 x, g = x_full[mask], g_full[mask]
                 sequence = mask.nonzero()[:, 0]
+                if token_losses is not None:
+                    token_losses.add_clean(clean.ce, g_full[:, skip_first:-1].norm(dim=-1))
                 hook.add_rows(x)
                 hook.outliers += outliers
                 hook.ce_tokens += clean.ce.numel()
@@ -566,13 +611,15 @@ def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequen
                     ce, _ = clean.compare(patched.logits(splice(mask, fill)))
                     hook.ce[kind] += _total(ce)
                 for member in hook.members:
-                    _evaluate_member(member, patched, hook, mask, x, g, sequence, clean)
+                    _evaluate_member(member, patched, hook, mask, x, g, sequence, clean,
+                                     token_losses)
         bar.update(tokens.numel())
     bar.close()
 
 
 def _evaluate_member(member: _EvaluatedSAE, patched: Recording, hook: _Hook, mask: Tensor,
-                     x: Tensor, g: Tensor, sequence: Tensor, clean: _Clean) -> None:
+                     x: Tensor, g: Tensor, sequence: Tensor, clean: _Clean,
+                     token_losses: TokenLosses | None = None) -> None:
     """Encode, splice and score one SAE on one batch, in both modes. When the two modes give
     the same reconstruction (always so for beta = 0) the spliced forward is done once."""
     sae = member.sae
@@ -588,6 +635,8 @@ def _evaluate_member(member: _EvaluatedSAE, patched: Recording, hook: _Hook, mas
         same = [scores for previous, scores in done if torch.equal(previous, x_hat)]
         ce, kl = same[0] if same else clean.compare(patched.logits(splice(mask, x_hat)))
         done.append((x_hat, (ce, kl)))
+        if token_losses is not None:
+            token_losses.add_spliced(member.name, mode, ce)
         member.tallies[mode].add(x_in.float(), g_in.float(), x_hat.float(), values, indices,
                                  sequence.to(param.device), ce, kl, clean.ce)
 

@@ -28,7 +28,14 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from gsae import distributed
 from gsae.config import build, check, identity, section_record, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, EvalResult, check_model, evaluate
+from gsae.evaluate import (
+    EvalConfig,
+    EvalResult,
+    check_model,
+    evaluate,
+    evaluate_contexts,
+    unseen_contexts,
+)
 from gsae.finetune import (
     FinetuneConfig,
     FinetuneTrainer,
@@ -118,6 +125,13 @@ class EvaluationRun:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     allow_changed_corpus: bool = field(default=False, metadata={"help": CHANGED_CORPUS_HELP})
+    unseen: list[str] = field(default_factory=list, metadata={
+        "help": "corpora no SAE trained on (e.g. news code legal verse german), each evaluated "
+                "too, from its start and whole (no document held out), up to --unseen_tokens",
+        "may_be_empty": True})
+    unseen_tokens: int = field(default=16_384, metadata={
+        "help": "evaluation budget on each --unseen corpus in context tokens, from its start",
+        "min": 1})
 
 
 @dataclass
@@ -753,11 +767,38 @@ def check_corpus(saes: list[SAE], names: list[str], data_cfg: DataConfig) -> Non
 
 def run_eval(run: EvaluationRun) -> EvalResult:
     """Evaluate the SAE folders of `run` spliced into their model on held-out text."""
+    return next(iter(run_evals(run).values()))
+
+
+def run_evals(run: EvaluationRun) -> dict[str, EvalResult]:
+    """Evaluate the SAE folders of `run` on held-out text (first, under the corpus's name) and
+    on each `--unseen` corpus (by name); with --json, the unseen results are in its "unseen"."""
     if run.eval.json:
         check_output_file(run.eval.json, "--json", "gsae.eval/")
+    for name in run.unseen:
+        if name == run.data.dataset or run.unseen.count(name) > 1:
+            raise GsaeError(f"--unseen names {name!r} twice or as the training corpus: name each "
+                            "corpus no SAE trained on once")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
-    return evaluate(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval,
-                    names=loaded.names, model_id=loaded.model_id)
+    results = {loaded.data.dataset: evaluate(
+        loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval, names=loaded.names,
+        model_id=loaded.model_id)}
+    for name in run.unseen:
+        results[name] = evaluate_unseen(loaded, replace(loaded.data, dataset=name), run)
+    if run.eval.json and run.unseen:
+        write_json(run.eval.json, {**results[loaded.data.dataset].to_json(), "unseen": {
+            name: results[name].to_json() for name in run.unseen}})
+    return results
+
+
+def evaluate_unseen(loaded: LoadedModel, data: DataConfig, run: EvaluationRun) -> EvalResult:
+    """The SAEs evaluated on the first `run.unseen_tokens` tokens of a corpus they never saw."""
+    cfg = replace(run.eval, json="", eval_tokens=run.unseen_tokens, pool_tokens=0)
+    contexts, _ = unseen_contexts(data, loaded.tokenizer, run.unseen_tokens, count_all=False)
+    result = evaluate_contexts(loaded.saes, loaded.model, contexts, cfg, loaded.names,
+                               loaded.model_id)
+    result.run.corpus, result.run.part = corpus_identity(data), "all"
+    return result
 
 
 def run_steer(run: SteeringRun) -> SteerResult:

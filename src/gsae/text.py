@@ -5,6 +5,8 @@
 - `wiki` (default): about 100 English Wikipedia articles from a MediaWiki dump shipped in the
   gensim wheel, stripped of markup (cached as JSONL under `$GSAE_CACHE`, else `~/.cache/gsae`);
 - `news`: about 300 news articles from the same wheel (`lee_background.cor`, one per line);
+- a register (`gsae.registers`): `code`, `legal`, `verse` or `german`, texts unlike
+  encyclopedic prose that Python or Debian packages install (docs/registers.md);
 - a `.txt` file: documents separated by blank lines (a file without blank lines is one
   document; a lone CR breaks a line as LF does); for multi-paragraph documents use `.jsonl`;
 - a `.jsonl` file: one JSON object per line, the text in `text_column`;
@@ -34,6 +36,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.errors import GsaeError
 from gsae.io import atomic_output, cache_root, file_fingerprint, files_fingerprint
+from gsae.registers import REGISTERS, register_documents, register_fingerprint
 
 EMBEDDED = {
     "wiki": "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
@@ -41,7 +44,8 @@ EMBEDDED = {
 }
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
 ACCEPTED_DATASETS = (
-    "'wiki' or 'news' (embedded), a .txt, .jsonl or .parquet file, a folder of such files, "
+    "'wiki' or 'news' (embedded), a register (" + ", ".join(map(repr, REGISTERS)) + "), "
+    "a .txt, .jsonl or .parquet file, a folder of such files, "
     "or a Hugging Face dataset name"
 )
 WIKI_CLEANING_VERSION = 1
@@ -86,10 +90,13 @@ def embedded_path(alias: str) -> Path:
 
 
 def resolve_dataset(cfg: DataConfig) -> tuple[str, str]:
-    """Where `cfg.dataset` comes from: (kind, where), kind one of embedded, file, folder, hub."""
+    """Where `cfg.dataset` comes from: (kind, where), kind one of embedded, register, file,
+    folder, hub."""
     name = cfg.dataset
     if name in EMBEDDED:
         return "embedded", name
+    if name in REGISTERS:
+        return "register", name
     path = Path(name).expanduser()
     if path.is_dir():
         return "folder", str(path)
@@ -112,6 +119,8 @@ def load_documents(cfg: DataConfig) -> Sequence[str] | Iterator[str]:
     kind, where = resolve_dataset(cfg)
     if kind == "embedded":
         return [a["text"] for a in wiki_articles()] if where == "wiki" else _news_articles()
+    if kind == "register":
+        return register_documents(where)
     if kind == "file":
         return list(_read_file(Path(where), cfg.text_column, cfg.encoding))
     if kind == "folder":
@@ -434,6 +443,8 @@ def corpus_fingerprint(cfg: DataConfig, whole: bool = True) -> str | None:
     kind, where = resolve_dataset(cfg)
     if kind == "embedded":
         return file_fingerprint(embedded_path(where), whole)
+    if kind == "register":
+        return register_fingerprint(where)
     if kind == "file":
         return file_fingerprint(where, whole)
     if kind == "folder":

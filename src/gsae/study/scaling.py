@@ -1,5 +1,5 @@
 """`gsae study`: TopK SAEs against g-SAEs along training (learning curves over seeds, on the
-training corpus's held-out split and on a second corpus no SAE sees).
+training corpus's held-out split and on corpora no SAE sees).
 
 Stages, each reused when an earlier run of the same study finished it:
 
@@ -9,23 +9,24 @@ Stages, each reused when an earlier run of the same study finished it:
    `train.snapshots` (`gsae.pipeline.train_saes`, resumed from its checkpoint); the SAEs of
    `study.extra_k` are trained as a second run in `<out>/saes-extra`;
 3. evaluation of every snapshot in both inference modes, on the held-out split of the training
-   corpus and on the unseen corpus, cached per snapshot (by the fingerprint of its weights) in
-   `<out>/eval-<corpus>.json` and saved after each snapshot count;
+   corpus and on each unseen corpus, cached per snapshot (by the fingerprint of its weights) in
+   `<out>/eval-train.json` and `<out>/eval-unseen-<name>.json` and saved after each snapshot
+   count;
 4. steering with the last snapshot of every SAE, cached the same way in `<out>/steer.json`;
-5. the report (`gsae.study.scaling_report`): README.md, results.json (schema gsae.scaling/1) and
+5. the report (`gsae.study.scaling_report`): README.md, results.json (schema gsae.scaling/2) and
    the plots.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,15 @@ import torch
 from gsae import pipeline
 from gsae.config import flag_names, identity, to_dict
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, EvalResult, evaluate, evaluate_contexts
+from gsae.evaluate import (
+    EvalConfig,
+    EvalResult,
+    TokenLosses,
+    eval_contexts,
+    evaluate,
+    evaluate_contexts,
+    unseen_contexts,
+)
 from gsae.io import claim_folder, file_fingerprint, read_json, versions, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import SAESweep, TrainRun
@@ -43,14 +52,17 @@ from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
 from gsae.store import StoreConfig, StoreReader, fill_store
+from gsae.study import registers
 from gsae.study.compare import cached, flag_text, machine_record, sae_record
+from gsae.study.registers_report import build_registers_report
 from gsae.study.results import compact_steering
-from gsae.study.scaling_report import ScalingResult, build_scaling_report
-from gsae.text import DataConfig, corpus_identity, token_contexts
+from gsae.study.scaling_report import ScalingResult, build_scaling_report, largest_gap
+from gsae.text import DataConfig, corpus_identity, load_documents, token_contexts
 from gsae.train import TrainConfig, sae_folder, snapshot_folder, variant_name
 
 IDENTITY_FILE = "study.json"
 STORE_CHECK_FILE = "store-check.json"
+DISTANCES_FILE = "distances.json"
 REPLAY_DIR = "snapshot-replay"  # scratch run folder: snapshots added after training
 SNAPSHOTS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
 
@@ -73,11 +85,12 @@ class StudyConfig:
     store_tokens: int = field(default=600_000, metadata={
         "help": "tokens in the store, fewer if the training split runs out first (training "
                 "then takes more shuffled passes over it)", "min": 1})
-    unseen: str = field(default="news", metadata={
-        "help": "a second corpus that no SAE sees in training, evaluated from its start, all "
-                "of it (not only a held-out split) up to --unseen_tokens"})
+    unseen: list[str] = field(default_factory=lambda: ["news"], metadata={
+        "help": "corpora that no SAE sees in training (e.g. news code legal verse german), each "
+                "evaluated from its start, all of it (not only a held-out split) up to "
+                "--unseen_tokens"})
     unseen_tokens: int = field(default=16_384, metadata={
-        "help": "evaluation budget on the unseen corpus in context tokens, from its start (the "
+        "help": "evaluation budget on each unseen corpus in context tokens, from its start (the "
                 "whole corpus if it is smaller; news has 75,264 tokens in contexts of 128)",
         "min": 1})
     counts_per_eval: int = field(default=0, metadata={
@@ -86,6 +99,15 @@ class StudyConfig:
                 "cost of a pass of six SAEs); results are saved after each pass, so a smaller "
                 "value loses less to an interruption; 0: all counts in one pass",
         "min": 0, "identity": False})
+    per_token: list[str] = field(default_factory=list, metadata={
+        "help": "corpora whose gap is analysed token by token at the last snapshot: 'train' (the "
+                "training corpus's held-out split), an --unseen name, or 'largest_gap' (the "
+                "unseen corpus where the first g-SAE's gradient-free mean gap is lowest); give "
+                "the flag alone for none", "may_be_empty": True})
+    registers_report: str = field(default="", metadata={
+        "help": "the registers report's folder (the committed one is docs/results/registers), "
+                "written when --unseen names two corpora or more; empty: <out>/registers-report",
+        "identity": False})
     extra_k: list[int] = field(default_factory=list, metadata={
         "help": "further values of k whose SAEs (every other sweep value) are trained as long "
                 "and evaluated and steered at the last snapshot only, e.g. 16 64; give the flag "
@@ -188,34 +210,51 @@ def snapshots_of(folders: dict[str, Path], counts: list[int]) -> list[Snapshot]:
 # The stages ------------------------------------------------------------------------------------
 
 
-def unseen_contexts(data: DataConfig, tokenizer: Any, tokens: int) -> tuple[torch.Tensor, int]:
-    """The first ceil(tokens / context_size) contexts of the whole unseen corpus (no document
-    is held out: no SAE saw any of it), and how many contexts the corpus has in all."""
-    stream = token_contexts(data, tokenizer, "train")
-    wanted = math.ceil(tokens / data.context_size)
-    chosen = list(islice(stream, wanted))
-    return torch.stack(chosen), len(chosen) + sum(1 for _ in stream)
+def unseen_data(run: ScalingRun) -> dict[str, DataConfig]:
+    """The unseen corpora by name, each cut as the training corpus is, every document in one
+    part."""
+    names = run.study.unseen
+    for name in names:
+        if name == run.data.dataset:
+            raise GsaeError(f"--unseen {name!r} is the training corpus: name corpora that no SAE "
+                            "sees in training (e.g. news code)")
+        if name == "train" or names.count(name) > 1:
+            raise GsaeError(f"--unseen names {name!r} {names.count(name)} times or as 'train' "
+                            "(the key of the training corpus's results): name each corpus once")
+    corpora = {name: replace(run.data, dataset=name, eval_fraction=0.0) for name in names}
+    for data in corpora.values():  # a missing package or an unknown name stops the study now
+        next(iter(load_documents(data)), None)
+    return corpora
 
 
-def unseen_data(run: ScalingRun) -> DataConfig:
-    """The unseen corpus, cut as the training corpus is, every document in one part."""
-    if run.study.unseen == run.data.dataset:
-        raise GsaeError(f"--unseen {run.study.unseen!r} is the training corpus: name a corpus "
-                        "that no SAE sees in training (e.g. news)")
-    return replace(run.data, dataset=run.study.unseen, eval_fraction=0.0)
+def unseen_cache(out: Path, name: str, settings: dict[str, Any]) -> Path:
+    """The evaluation cache of one unseen corpus, `<out>/eval-unseen-<name>.json`. A study of
+    one unseen corpus kept it in `eval-unseen.json`: that file is copied to the new name when it
+    holds these settings, so its results are reused."""
+    path = out / f"eval-unseen-{_slug(name)}.json"
+    legacy = out / "eval-unseen.json"
+    if not path.is_file() and legacy.is_file():
+        saved = read_json(legacy, "an evaluation cache")
+        if saved.get("settings") == json.loads(json.dumps(settings)):
+            write_json(path, saved)
+    return path
+
+
+def keyed_cache(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """The value saved at `path` for this `key`, else `compute()`'s, saved there."""
+    if path.is_file():
+        saved = read_json(path, "a study cache")
+        if saved.get("key") == json.loads(json.dumps(key)):
+            return saved["check"]
+    value = compute()
+    write_json(path, {"key": key, "check": value})
+    return value
 
 
 def store_check(out: Path, reader: StoreReader, hook: str) -> dict[str, Any]:
     """The store's count of exactly repeated rows, computed once per store identity and size."""
-    key = {"identity": reader.identity, "rows": reader.rows}
-    path = out / STORE_CHECK_FILE
-    if path.is_file():
-        saved = read_json(path, "the store check")
-        if saved.get("key") == json.loads(json.dumps(key)):
-            return saved["check"]
-    check = {"rows": reader.rows, "repeated_rows": reader.repeated_rows(hook)}
-    write_json(path, {"key": key, "check": check})
-    return check
+    return keyed_cache(out / STORE_CHECK_FILE, {"identity": reader.identity, "rows": reader.rows},
+                       lambda: {"rows": reader.rows, "repeated_rows": reader.repeated_rows(hook)})
 
 
 def train_stage(train_run: TrainRun, configs: list[SAEConfig], out: str, hook: str,
@@ -348,7 +387,7 @@ class Plan:
     counts: list[int]
     curve: list[SAEConfig]
     extra: list[SAEConfig]
-    unseen: DataConfig
+    unseen: dict[str, DataConfig]
     stage: Stage
     train_run: TrainRun
 
@@ -393,6 +432,11 @@ def as_recorded(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
             for section, values in settings.items()}
 
 
+def _slug(name: str) -> str:
+    """A corpus name (perhaps a path) as a piece of a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def store_stage(p: Plan) -> tuple[StoreReader, dict[str, Any]]:
     """Build (or finish) the store; its reader and repeated-row check."""
     source = ActivationSource(p.stage.model, p.run.source, with_grad=True)
@@ -402,33 +446,105 @@ def store_stage(p: Plan) -> tuple[StoreReader, dict[str, Any]]:
     return reader, store_check(p.out, reader, reader.hooks[0])
 
 
-def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock) -> dict[str, Any]:
-    """Both corpora's evaluation of the snapshots; per corpus the run info and records."""
+StageRecords = tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]  # run info, records
+Evaluated = dict[str, StageRecords]
+
+
+def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock
+                ) -> tuple[Evaluated, dict[str, torch.Tensor], dict[str, int]]:
+    """Every corpus's evaluation of the snapshots: per corpus ("train", then each unseen one by
+    name) the run info and records, and the token contexts evaluated; and per unseen corpus
+    how many contexts it has in all."""
     run, stage = p.run, p.stage
     wiki_cfg = replace(run.eval, json="")
-    unseen_cfg = replace(wiki_cfg, eval_tokens=run.study.unseen_tokens, pool_tokens=0)
-    corpora: dict[str, Any] = {}
+    corpora: Evaluated = {}
     with clock.stage("eval_train"):
         corpora["train"] = eval_stage(
             stage, p.out / "eval-train.json", evaluated, asdict(wiki_cfg),
             lambda saes, names: evaluate(saes, stage.model, stage.tokenizer, run.data, wiki_cfg,
                                          names=names, model_id=stage.model_id),
             run.study.counts_per_eval)
-    with clock.stage("eval_unseen"):
-        contexts, available = unseen_contexts(p.unseen, stage.tokenizer, run.study.unseen_tokens)
+    contexts, sizes = {"train": eval_contexts(run.data, stage.tokenizer, wiki_cfg)}, {}
+    for name, data in p.unseen.items():
+        with clock.stage(f"eval_{name}"):
+            corpora[name], contexts[name], sizes[name] = unseen_stage(p, data, evaluated)
+    return corpora, contexts, sizes
 
-        def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
-            result = evaluate_contexts(saes, stage.model, contexts, unseen_cfg, names,
-                                       stage.model_id)
-            result.run.corpus, result.run.part = corpus_identity(p.unseen), "all"
-            return result
 
-        corpora["unseen"] = eval_stage(
-            stage, p.out / "eval-unseen.json", evaluated,
-            {"corpus": corpus_identity(p.unseen), "tokens": run.study.unseen_tokens,
-             "batch_size": run.eval.batch_size}, on_unseen, run.study.counts_per_eval)
-    corpora["unseen_contexts"] = (len(contexts), available)
-    return corpora
+def unseen_stage(p: Plan, data: DataConfig, evaluated: list[Snapshot]
+                 ) -> tuple[StageRecords, torch.Tensor, int]:
+    """One unseen corpus's evaluation of the snapshots (run info, records), its contexts, and
+    how many contexts it has in all."""
+    run, stage = p.run, p.stage
+    unseen_cfg = replace(run.eval, json="", eval_tokens=run.study.unseen_tokens, pool_tokens=0)
+    contexts, available = unseen_contexts(data, stage.tokenizer, run.study.unseen_tokens)
+
+    def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
+        result = evaluate_contexts(saes, stage.model, contexts, unseen_cfg, names,
+                                   stage.model_id)
+        result.run.corpus, result.run.part = corpus_identity(data), "all"
+        return result
+
+    settings = {"corpus": corpus_identity(data), "tokens": run.study.unseen_tokens,
+                "batch_size": run.eval.batch_size}
+    found = eval_stage(stage, unseen_cache(p.out, data.dataset, settings), evaluated, settings,
+                       on_unseen, run.study.counts_per_eval)
+    assert available is not None
+    return found, contexts, available
+
+
+def distance_stage(p: Plan, contexts: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per corpus, the unigram KL of its evaluated tokens against the training split's tokens
+    (`gsae.study.registers.unigram_kl`), cached in `<out>/distances.json`."""
+    vocabulary = len(p.stage.tokenizer)
+    key = {"reference": corpus_identity(p.run.data), "vocabulary": vocabulary,
+           "smoothing": registers.SMOOTHING,
+           "corpora": {n: hashlib.sha256(c.numpy().tobytes()).hexdigest()
+                       for n, c in contexts.items()}}
+
+    def compute() -> dict[str, Any]:
+        reference = torch.stack(list(token_contexts(p.run.data, p.stage.tokenizer, "train")))
+        return {"reference_tokens": reference.numel(), "corpora": {
+            n: {"unigram_kl": registers.unigram_kl(c, reference, vocabulary),
+                "tokens": c.numel()} for n, c in contexts.items()}}
+
+    return keyed_cache(p.out / DISTANCES_FILE, key, compute)
+
+
+def per_token_stage(p: Plan, name: str, contexts: torch.Tensor, last: list[Snapshot]
+                    ) -> dict[str, Any]:
+    """The last snapshots' spliced CE increase by quantile bin of the clean per-token CE and of
+    |g| on one corpus (`gsae.study.registers.per_token_records`), cached per snapshot in
+    `<out>/per-token-<name>.json`."""
+    cfg = replace(p.run.eval, json="", eval_tokens=contexts.numel(), pool_tokens=0)
+    by_name = {s.name: s for s in last}
+
+    def compute(names: list[str]) -> dict[str, Any]:
+        losses = TokenLosses()
+        evaluate_contexts(p.stage.load([by_name[n] for n in names]), p.stage.model, contexts, cfg,
+                          names, p.stage.model_id, token_losses=losses)
+        return registers.per_token_records(losses, names)
+
+    settings = {"tokens": hashlib.sha256(contexts.numpy().tobytes()).hexdigest(),
+                "batch_size": cfg.batch_size, "bins": registers.BINS}
+    info, records = cached(p.out / f"per-token-{_slug(name)}.json", settings,
+                           {s.name: s.fingerprint() for s in last}, compute, [list(by_name)])
+    return {"run": info, "results": [{**r, "snapshot": s.requested, "variant": s.variant}
+                                      for s in last for r in records[s.name]]}
+
+
+def per_token_corpora(p: Plan, result: ScalingResult) -> list[str]:
+    """The corpora of --per_token, 'largest_gap' resolved from the evaluation's records."""
+    chosen = []
+    for name in p.run.study.per_token:
+        if name == "largest_gap":
+            name = largest_gap(result.to_json(), list(p.unseen))
+        if name not in ("train", *p.unseen):
+            raise GsaeError(f"--per_token {name!r} is not an evaluated corpus: name 'train', "
+                            f"one of --unseen ({', '.join(p.unseen)}) or 'largest_gap'")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
 
 
 def run_study(run: ScalingRun) -> tuple[Path, float]:
@@ -447,7 +563,7 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     snaps = snapshots_of(folders, p.counts)
     last = snapshots_of({**folders, **extra}, p.counts[-1:])
     evaluated = snaps + [s for s in last if s.variant in extra]
-    corpora = eval_stages(p, evaluated, clock)
+    corpora, contexts, sizes = eval_stages(p, evaluated, clock)
     with clock.stage("steer"):
         steered = steer_stage(p.stage, p.out / "steer.json", last, run.data, run.steer)
     result = ScalingResult(
@@ -455,13 +571,13 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
         created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         versions={**versions(), "matplotlib": matplotlib.__version__},
         machine=machine_record(run.model.device),
-        wall_seconds=round(sum(clock.seconds.values()), 1),
-        stage_seconds={k: round(v, 1) for k, v in clock.seconds.items()},
+        wall_seconds=0.0,  # set when every stage has run
+        stage_seconds={},
         model=p.stage.model_id,
         hook=hook,
         store={"folder": str(p.store), **checked,
                "passes": round(run.train.tokens / max(1, reader.rows), 2)},
-        corpora=_corpora(p, *corpora.pop("unseen_contexts")),
+        corpora=_corpora(p, contexts, sizes),
         settings={**to_dict(run), "train": asdict(p.train_run.train)},
         saes=[{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
                "snapshots": [s.record() for s in (last if name in extra else snaps)
@@ -475,13 +591,31 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
                "results": [{**compact_steering(r), "snapshot": s.requested, "variant": s.variant}
                            for s in last for r in steered[1][s.name]]},
     )
-    report = build_scaling_report(result.to_json(), run.study.report or p.out / "report")
+    analyse_registers(p, result, contexts, [s for s in last if s.variant not in extra], clock)
+    result.wall_seconds = round(sum(clock.seconds.values()), 1)
+    result.stage_seconds = {k: round(v, 1) for k, v in clock.seconds.items()}
+    data = result.to_json()
+    report = build_scaling_report(data, run.study.report or p.out / "report")
+    if len(p.unseen) > 1:
+        build_registers_report(data, run.study.registers_report or p.out / "registers-report")
     return report, time.perf_counter() - start
 
 
-def _corpora(p: Plan, contexts: int, available: int) -> dict[str, Any]:
+def analyse_registers(p: Plan, result: ScalingResult, contexts: dict[str, torch.Tensor],
+                      last: list[Snapshot], clock: StageClock) -> None:
+    """The distances of every evaluated corpus to the training text and the per-token analyses
+    of --per_token, into `result`."""
+    with clock.stage("distances"):
+        result.distances = distance_stage(p, contexts)
+    for name in per_token_corpora(p, result):
+        with clock.stage(f"per_token_{name}"):
+            result.per_token[name] = per_token_stage(p, name, contexts[name], last)
+
+
+def _corpora(p: Plan, contexts: dict[str, torch.Tensor], sizes: dict[str, int]
+             ) -> dict[str, Any]:
     return {"train": {"name": p.run.data.dataset, "part": "eval",
                       "corpus": corpus_identity(p.run.data)},
-            "unseen": {"name": p.run.study.unseen, "part": "all",
-                       "corpus": corpus_identity(p.unseen), "contexts": contexts,
-                       "corpus_contexts": available}}
+            **{name: {"name": name, "part": "all", "corpus": corpus_identity(data),
+                      "contexts": contexts[name].shape[0], "corpus_contexts": sizes[name]}
+               for name, data in p.unseen.items()}}

@@ -1,8 +1,10 @@
 """The report of `gsae study`: learning curves of TopK and g-SAEs, the verdict at the longest
 training, and whether the g-SAE-minus-TopK gap in spliced CE increase shrinks, holds or grows.
 
-`build_scaling_report(results, folder)` takes the study's results (schema "gsae.scaling/1") and
+`build_scaling_report(results, folder)` takes the study's results (schema "gsae.scaling/2") and
 writes README.md, results.json (the results plus the curves, gaps and verdicts) and the plots.
+Schema /2 keys the corpora by "train" and by each unseen corpus's name; a /1 file (one unseen
+corpus under the key "unseen") is read through `upgrade`, which renames that key.
 Across seeds a number is "mean ± half-range" ((max - min) / 2), as in `gsae compare`'s report.
 
 The trend rule (`trend`): the gap of each seed is the g-SAE's CE increase minus that of the TopK
@@ -16,8 +18,9 @@ A gap that shrinks past zero is said to reverse.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +40,10 @@ from gsae.study.results import (
     verdict,
 )
 
-SCHEMA = "gsae.scaling/1"
-CORPORA = ("train", "unseen")
+SCHEMA = "gsae.scaling/2"
+SCHEMAS = ("gsae.scaling/1", SCHEMA)
 TOLERANCE = 0.2
+PANELS_PER_ROW = 3
 METRICS = {"ce_increase": "Spliced CE increase (nats)",
            "fvu": "FVU (fraction of variance unexplained)",
            "dead_fraction": "Dead fraction (never selected in the evaluation tokens)"}
@@ -53,29 +57,44 @@ PLOTS = {
 
 @dataclass
 class ScalingResult(StudyRecord):
-    """What `gsae study` measured (schema "gsae.scaling/1"): settings, store check, SAEs with
+    """What `gsae study` measured (schema "gsae.scaling/2"): settings, store check, SAEs with
     their snapshots, evaluation records per corpus ("train": the training corpus's held-out
-    split; "unseen": the second corpus) and steering at the last snapshot. Every evaluation and
-    steering record carries "variant" (the SAE) and "snapshot" (its requested token count)."""
+    split; then each unseen corpus by its name) and steering at the last snapshot. Every
+    evaluation and steering record carries "variant" (the SAE) and "snapshot" (its requested
+    token count)."""
 
     store: dict[str, Any]  # folder, rows, repeated_rows, passes
-    corpora: dict[str, Any]  # "train" / "unseen": name, part, corpus identity
+    corpora: dict[str, Any]  # "train" / each unseen name: name, part, corpus identity
     settings: dict[str, Any]
     saes: list[dict[str, Any]]  # as in compare, plus extra_k and snapshots
     eval: dict[str, Any]  # corpus key -> {"run": ..., "results": [...]}
     steer: dict[str, Any]
+    # per corpus: the unigram KL of its evaluated tokens to the training split's
+    distances: dict[str, Any] = field(default_factory=dict)
+    # per corpus: the last snapshots' CE increase by quantile bins of clean CE and |g|
+    per_token: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScalingResult:
-        _check_schema(data)
-        return cls.of_fields(data)
+        return cls.of_fields(upgrade(data))
 
 
-def _check_schema(data: dict[str, Any]) -> None:
-    if data.get("schema") != SCHEMA:
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A study result in the current schema: a /1 file's corpus key "unseen" becomes the unseen
+    corpus's name (a copy; the input is not changed)."""
+    if data.get("schema") not in SCHEMAS:
         raise GsaeError(f"not a gsae study result (schema {data.get('schema')!r}; readable: "
-                        f"{SCHEMA})")
+                        f"{', '.join(SCHEMAS)})")
+    data = {"distances": {}, "per_token": {}, **data}  # sections added within /2
+    if data["schema"] == SCHEMA:
+        return data
+    data = copy.deepcopy(data)
+    name = data["corpora"]["unseen"]["name"]
+    for section in ("corpora", "eval", "verdicts"):
+        if "unseen" in data.get(section, {}):
+            data[section] = {name if k == "unseen" else k: v for k, v in data[section].items()}
+    return {**data, "schema": SCHEMA}
 
 
 # Indexing ----------------------------------------------------------------------------------------
@@ -100,7 +119,7 @@ class Curves:
     """The study's records indexed by corpus, SAE, mode and snapshot."""
 
     def __init__(self, data: dict[str, Any]):
-        _check_schema(data)
+        data = upgrade(data)
         self.data = data
         self.saes = {s["name"]: s for s in data["saes"]}
         curve = [s for s in data["saes"] if not s["extra_k"]]
@@ -114,7 +133,7 @@ class Curves:
         self.last = self.counts[-1] if self.counts else 0
         self.records = {(corpus, r["variant"], r["mode"], int(r["snapshot"])): r
                         for corpus, part in data["eval"].items() for r in part["results"]}
-        self.corpora = [c for c in CORPORA if c in data["eval"]]
+        self.corpora = list(data["eval"])  # "train" first, then the unseen corpora
 
     def series(self) -> list[Series]:
         """TopK once (its two modes are one computation), each g-SAE in both modes."""
@@ -151,6 +170,17 @@ class Curves:
         part = ("held-out split" if info["part"] == "eval"
                 else "its first tokens; no SAE trained on any of it")
         return f"`{info['name']}` ({part})"
+
+
+def largest_gap(data: dict[str, Any], corpora: list[str]) -> str:
+    """Of `corpora`, the one where the first g-SAE's gradient-free gap to TopK (mean over seeds)
+    at the last snapshot is lowest: where the g-SAE gains most."""
+    cv = Curves(data)
+    series = Series(cv.g_variants[0], cv.ks[0], GRAD_FREE)
+    gaps = {c: mean_of(found) for c in corpora if (found := cv.gaps(c, series, cv.last))}
+    if not gaps:
+        raise GsaeError(f"no gap to TopK was measured on {', '.join(corpora)}")
+    return min(gaps, key=lambda c: gaps[c])
 
 
 # The rule ----------------------------------------------------------------------------------------
@@ -256,8 +286,14 @@ def _band(ax: Any, xs: list[int], per_x: list[list[float]], color: str, style: s
 
 
 def _panels(cv: Curves, title: str, ylabel: str) -> tuple[Figure, list[Any]]:
-    fig = Figure(figsize=(6.2 * len(cv.corpora), 4.6), layout="constrained")
-    axes = list(fig.subplots(1, len(cv.corpora), squeeze=False)[0])
+    cols = min(len(cv.corpora), PANELS_PER_ROW)
+    rows = math.ceil(len(cv.corpora) / cols)
+    fig = Figure(figsize=(6.2 * cols, 4.6 * rows), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(cv.corpora):]:
+        ax.set_visible(False)
+    axes = axes[:len(cv.corpora)]
     for ax, corpus in zip(axes, cv.corpora):
         ax.set_xscale("log")
         ax.set_xticks(cv.counts, [f"{n:,}" for n in cv.counts], rotation=30, fontsize=8)
@@ -265,7 +301,8 @@ def _panels(cv: Curves, title: str, ylabel: str) -> tuple[Figure, list[Any]]:
         ax.set_xlabel("training tokens per SAE")
         ax.set_title(cv.corpus_title(corpus).replace("`", ""), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(ylabel)
+    for ax in axes[::cols]:
+        ax.set_ylabel(ylabel)
     fig.suptitle(title)
     return fig, axes
 
@@ -437,6 +474,7 @@ def build_scaling_report(results: dict[str, Any], folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cv = Curves(results)
+    results = cv.data
     if not cv.counts or not cv.g_variants:
         raise GsaeError("the study's results hold no snapshots of TopK and a g-SAE to report")
     agg, found = aggregates(cv), verdicts(cv)
