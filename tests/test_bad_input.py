@@ -322,3 +322,12 @@ def test_edited_selection_settings_and_integer_weights_are_refused(corpus, tmp_p
         save_file({**tensors, "W_enc": (tensors["W_enc"] * 10).to(dtype)}, weights)
         run_refused(["eval", str(folder), "--eval_tokens", "64"], capsys, tmp_path,
                     f"SAE weights must be floating point, but W_enc is {name}")
+
+
+def test_snapshot_counts_beyond_the_budget_are_refused(corpus, tmp_path, capsys):
+    run_refused(["train", *tiny(corpus, tmp_path / "r"), "--snapshots", "256", "513", "9000"],
+                capsys, tmp_path, "--snapshots 513 9000: beyond --tokens 512, where training stops")
+    assert not (tmp_path / "r").exists()
+    assert main(["train", *tiny(corpus, tmp_path / "r"), "--snapshots", "256", "512"]) == 0
+    saved = sorted(p.name for p in (tmp_path / "r").glob("*/*/snapshots/*"))
+    assert saved == ["tokens-256", "tokens-512"]
