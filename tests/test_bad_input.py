@@ -331,3 +331,23 @@ def test_snapshot_counts_beyond_the_budget_are_refused(corpus, tmp_path, capsys)
     assert main(["train", *tiny(corpus, tmp_path / "r"), "--snapshots", "256", "512"]) == 0
     saved = sorted(p.name for p in (tmp_path / "r").glob("*/*/snapshots/*"))
     assert saved == ["tokens-256", "tokens-512"]
+
+
+def test_dot_dot_in_a_hub_id_is_refused_before_any_download(corpus, tmp_path, capsys,
+                                                             monkeypatch):
+    import huggingface_hub
+
+    saved_sae(tmp_path / "cache", corpus)  # an SAE that '..' would reach from the snapshot
+    downloads = []
+
+    def snapshot_download(repo_id, **_):
+        downloads.append(repo_id)
+        (tmp_path / "cache" / "snap" / "repo").mkdir(parents=True, exist_ok=True)
+        return str(tmp_path / "cache" / "snap" / "repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)  # where no folder 'owner' exists
+    for name in ("hf://owner/repo/../../sae", "owner/repo/../../sae", "owner/..", "hf://../x"):
+        run_refused(["eval", name], capsys, tmp_path, "is not a Hugging Face repo id: '.' and "
+                    "'..' name no repo or subfolder")
+    assert downloads == []
