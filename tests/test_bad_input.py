@@ -425,3 +425,32 @@ def test_finetune_refuses_what_is_no_parent_of_this_run(corpus, tmp_path, capsys
     ]:
         run_refused(["finetune", parent, *out, *extra], capsys, tmp_path, message)
     assert not (tmp_path / "ft").exists()
+
+
+def test_snapshot_counts_beyond_the_budget_are_refused(corpus, tmp_path, capsys):
+    run_refused(["train", *tiny(corpus, tmp_path / "r"), "--snapshots", "256", "513", "9000"],
+                capsys, tmp_path, "--snapshots 513 9000: beyond --tokens 512, where training stops")
+    assert not (tmp_path / "r").exists()
+    assert main(["train", *tiny(corpus, tmp_path / "r"), "--snapshots", "256", "512"]) == 0
+    saved = sorted(p.name for p in (tmp_path / "r").glob("*/*/snapshots/*"))
+    assert saved == ["tokens-256", "tokens-512"]
+
+
+def test_dot_dot_in_a_hub_id_is_refused_before_any_download(corpus, tmp_path, capsys,
+                                                             monkeypatch):
+    import huggingface_hub
+
+    saved_sae(tmp_path / "cache", corpus)  # an SAE that '..' would reach from the snapshot
+    downloads = []
+
+    def snapshot_download(repo_id, **_):
+        downloads.append(repo_id)
+        (tmp_path / "cache" / "snap" / "repo").mkdir(parents=True, exist_ok=True)
+        return str(tmp_path / "cache" / "snap" / "repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)  # where no folder 'owner' exists
+    for name in ("hf://owner/repo/../../sae", "owner/repo/../../sae", "owner/..", "hf://../x"):
+        run_refused(["eval", name], capsys, tmp_path, "is not a Hugging Face repo id: '.' and "
+                    "'..' name no repo or subfolder")
+    assert downloads == []

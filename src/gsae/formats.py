@@ -370,6 +370,7 @@ def load_hub(repo_id: str, subfolder: str | None = None, revision: str | None = 
     and weights) and load it; any of the three formats."""
     from huggingface_hub import snapshot_download
 
+    check_hub_names(repo_id, subfolder)
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     patterns = [prefix + name for name in (CONFIG_FILE, WEIGHTS_FILE, SAELENS_WEIGHTS_FILE)]
     where = HUB_PREFIX + repo_id + (f"@{revision}" if revision else "") + f"/{prefix}".rstrip("/")
@@ -383,6 +384,16 @@ def load_hub(repo_id: str, subfolder: str | None = None, revision: str | None = 
         raise GsaeError(f"{where} holds no {CONFIG_FILE}: name the subfolder of the SAE "
                         f"({HUB_FORMS})")
     return load_folder(folder, device)
+
+
+def check_hub_names(repo_id: str, subfolder: str | None) -> None:
+    """Refuse '.' and '..' in a repo id or its subfolder: they name no repo, and a subfolder
+    with '..' would lead out of the downloaded repo into other files on this machine."""
+    parts = [*repo_id.split("/"), *(subfolder or "").strip("/").split("/")]
+    if any(part in (".", "..") for part in parts):
+        where = repo_id + (f"/{subfolder}" if subfolder else "")
+        raise GsaeError(f"{where!r} is not a Hugging Face repo id: '.' and '..' name no repo or "
+                        f"subfolder (a repo id is {HUB_FORMS}; a local folder must exist)")
 
 
 def check_relative_name(name: str, flag: str) -> None:

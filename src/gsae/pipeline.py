@@ -211,6 +211,7 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], extend: bool = False, un
         raise GsaeError(f"--batch_tokens {run.train.batch_tokens} is more than --tokens "
                         f"{run.train.tokens}: a step takes batch_tokens rows, so make it at most "
                         "the budget")
+    check_snapshots(run.train)
     distributed.init()
     run = _local_devices(run)
     check_positions(run.data, run.source)
@@ -239,6 +240,15 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], extend: bool = False, un
     distributed.shutdown()
     return TrainSummary(records, time.perf_counter() - t0, run.train.out,
                         trainer.dropped_outliers, trainer.rows_seen, main_rank)
+
+
+def check_snapshots(cfg: TrainConfig) -> None:
+    """Refuse snapshot counts that training never reaches: it stops once --tokens are seen."""
+    beyond = sorted(s for s in cfg.snapshots if s > cfg.tokens)
+    if beyond:
+        raise GsaeError(f"--snapshots {' '.join(map(str, beyond))}: beyond --tokens {cfg.tokens}, "
+                        "where training stops, so they would never be saved; give counts up to "
+                        "--tokens, or raise --tokens")
 
 
 def run_folder_lock(out: str) -> AbstractContextManager[None]:

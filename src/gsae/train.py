@@ -138,7 +138,8 @@ class TrainConfig:
         default_factory=list,
         metadata={"help": "token counts at which every SAE is also saved, as it is after the "
                   "step that reaches the count, to <sae folder>/snapshots/tokens-N (an SAE "
-                  "folder like any other), e.g. 150000 300000 600000", "may_be_empty": True,
+                  "folder like any other), e.g. 150000 300000 600000; at most --tokens",
+                  "may_be_empty": True,
                   "min": 1, "identity": False},
     )
 
