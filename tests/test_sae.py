@@ -4,12 +4,15 @@ import json
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from gsae import SAE, GsaeError, Provenance, SAEConfig, kernels
+from gsae.sae import WEIGHTS_FILE
 
 
 def make_sae(d_in=12, n_latents=48, k=5, beta=0.0, value_mode="z", seed=0):
@@ -365,3 +368,16 @@ def test_kept_values_are_never_negative_when_few_scores_are_positive():
     values, indices, _ = sae.encode(x)
     assert (values >= 0).all() and ((values > 0).sum(1) == 2).all()
     assert {0, 1} <= set(indices[0].tolist())
+
+
+def test_weights_files_are_byte_identical_across_processes(tmp_path):
+    """The same SAE saved by separate processes gives the same bytes (exact resume and study
+    reuse compare weights files byte for byte); safetensors orders a metadata map's keys
+    differently from one process to the next, so the metadata must not depend on that order."""
+    script = ("import sys, torch; from gsae.sae import SAE, SAEConfig; torch.manual_seed(0); "
+              "SAE(SAEConfig(n_latents=8, k=2, beta=3.0), 4).save(sys.argv[1])")
+    files = []
+    for i in range(6):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True)
+        files.append((tmp_path / str(i) / WEIGHTS_FILE).read_bytes())
+    assert all(f == files[0] for f in files)

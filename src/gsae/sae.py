@@ -7,6 +7,7 @@ scores are kept. `beta = 0` is a plain TopK SAE; so is any SAE encoded without a
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,7 @@ from gsae.io import read_json, save_tensors, write_json
 VALUE_MODES = ("z", "score")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
+SELECTION_KEY = "gsae.selection"  # weights-file metadata: k, beta and value_mode as saved
 FORMAT_NAME = "gsae"
 FORMAT_VERSION = 1
 
@@ -366,13 +368,17 @@ class SAE(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write `sae.safetensors` and `cfg.json` into the folder `path` (created if needed)."""
         path = Path(path)
-        save_tensors(path / WEIGHTS_FILE, dict(self.named_parameters()), self.selection_record())
+        save_tensors(path / WEIGHTS_FILE, dict(self.named_parameters()),
+                     {SELECTION_KEY: json.dumps(self.selection_record(), sort_keys=True)})
         write_json(path / CONFIG_FILE, self.config_dict())
         return path
 
     def selection_record(self) -> dict[str, str]:
         """The settings that decide which latents the weights select (k, beta, value_mode),
-        recorded in the weights file's metadata so that an edited cfg.json is noticed."""
+        recorded in the weights file's metadata so that an edited cfg.json is noticed. They are
+        stored as one JSON string under SELECTION_KEY: safetensors writes a metadata map's keys
+        in an order that changes between processes, and weights files must be byte-identical
+        for the same training."""
         return {"gsae.k": str(self.cfg.k), "gsae.beta": repr(float(self.cfg.beta)),
                 "gsae.value_mode": self.cfg.value_mode}
 
@@ -408,7 +414,14 @@ class SAE(nn.Module):
         """Refuse a cfg.json whose k, beta or value_mode differ from what its weights were saved
         with (files of an older gsae record none and are not checked)."""
         with safe_open(str(weights_file), framework="pt") as f:
-            saved = f.metadata() or {}
+            text = (f.metadata() or {}).get(SELECTION_KEY, "{}")
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError:
+            saved = None
+        if not isinstance(saved, dict):
+            raise GsaeError(f"{weights_file}: its {SELECTION_KEY} metadata is damaged (not a JSON "
+                            "object); save the SAE again from its source")
         ours = self.selection_record()
         for key in [k for k in ours if k in saved and saved[k] != ours[k]]:
             name = key.removeprefix("gsae.")
