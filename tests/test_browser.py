@@ -7,7 +7,7 @@ import math
 import re
 import shutil
 import subprocess
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from gsae import SAE, Provenance, SAEConfig
 from gsae.browser import InspectConfig, inspect_contexts
+from gsae.browser import site as browser_site
 from gsae.browser.examples import quantile_positions, top_positions
 from gsae.browser.logits import top_tokens
 from gsae.browser.steering import greedy
@@ -58,11 +59,17 @@ def saes():
     return make_sae(0, BETA), make_sae(1, 0.0)
 
 
+ROWS_PER_PAGE = 16  # 40 latents: three pages
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, model, contexts, saes):
     out = tmp_path_factory.mktemp("site") / "site"
-    inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
-                     InspectConfig(out=str(out), **CFG), other=saes[1], names=("gsae", "topk"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(browser_site, "ROWS_PER_PAGE", ROWS_PER_PAGE)
+        inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(out), **CFG), other=saes[1],
+                         names=("gsae", "topk"))
     return out
 
 
@@ -143,6 +150,9 @@ def test_latent_numbers_match_the_naive_computation(site_json, naive):
             assert r["mean_activation"] is None and r["log10_frequency"] is None
             continue
         values = [h[2] for h in hits]
+        assert r["density_percent"] == pytest.approx(100 * len(hits) / naive["rows"])
+        assert r["mean_abs_loss_effect"] == pytest.approx(np.mean([abs(h[3]) for h in hits]),
+                                                          rel=1e-3)
         assert r["log10_frequency"] == pytest.approx(math.log10(len(hits) / naive["rows"]))
         assert r["mean_activation"] == pytest.approx(np.mean(values), rel=1e-4)
         assert r["max_activation"] == pytest.approx(max(values), rel=1e-4)
@@ -152,6 +162,24 @@ def test_latent_numbers_match_the_naive_computation(site_json, naive):
     assert any(r["novel_share"] for r in records if not r["dead"])  # the gradient mattered
 
 
+def naive_top_tokens(hits, contexts, count=3):
+    """The `count` token ids with the largest summed activation, ties to the lower id."""
+    sums = {}
+    for c, t, v, *_ in hits:
+        token = int(contexts[c, t])
+        sums[token] = sums.get(token, 0.0) + v
+    return sorted(sums, key=lambda token: (-sums[token], token))[:count]
+
+
+def test_top_activating_tokens_are_those_of_the_largest_summed_activation(site_json, naive,
+                                                                          contexts):
+    spell = tiny_tokenizer().decode
+    for r in site_json["latents"]:
+        want = naive_top_tokens(naive["fired"][r["latent"]], contexts)
+        assert r["top_tokens"] == [spell([t]) for t in want]
+    assert any(len(r["top_tokens"]) == 3 for r in site_json["latents"])
+
+
 def test_pages_go_to_the_most_frequent_latents_and_a_sample(site_json, naive):
     counts = {i: len(h) for i, h in naive["fired"].items()}
     paged = [r["latent"] for r in site_json["latents"] if r["page"]]
@@ -159,6 +187,32 @@ def test_pages_go_to_the_most_frequent_latents_and_a_sample(site_json, naive):
     assert set(by_frequency[: CFG["top_latents"]]) <= set(paged)
     assert len(paged) == CFG["top_latents"] + CFG["random_latents"]
     assert all(counts[i] > 0 for i in paged)
+
+
+def test_requested_latents_get_pages_and_no_continuations_when_asked(tmp_path, model, contexts,
+                                                                      saes, naive):
+    out = tmp_path / "site"
+    cfg = InspectConfig(out=str(out), **{**CFG, "top_latents": 1, "random_latents": 0,
+                                         "continuation_tokens": 0, "latents": "5, 38,5"})
+    inspect_contexts(saes[0], model, tiny_tokenizer(), contexts, cfg)
+    result = json.loads((out / "latents.json").read_text())
+    most = max(range(LATENTS), key=lambda i: (len(naive["fired"][i]), -i))
+    assert sorted(int(i) for i in result["pages"]) == sorted({most, 5, 38})
+    assert not naive["fired"][38] and result["latents"][38]["page"]  # dead, paged on request
+    for latent, details in result["pages"].items():
+        assert details["steering"] == []
+        html = (out / result["latents"][int(latent)]["page"]).read_text()
+        assert "Not run (--continuation_tokens 0)" in html
+
+
+@pytest.mark.parametrize("latents,message", [("5,40", "do not exist"), ("5;7", "comma"),
+                                             ("-1", "whole numbers")])
+def test_unknown_requested_latents_are_refused(tmp_path, model, contexts, saes, latents,
+                                               message):
+    with pytest.raises(GsaeError, match=message):
+        inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(tmp_path / "x"), latents=latents))
+    assert not (tmp_path / "x").exists()
 
 
 def strips_of(html):
@@ -464,7 +518,7 @@ def test_the_request_detector_sees_requests(tmp_path):
 def test_clicking_a_header_sorts_the_rows(site, site_json, tmp_path, key, field, descending):
     url = (site / "index.html").as_uri() + f"#sort={key},{'desc' if descending else 'asc'}"
     dom, requests = chromium(url, tmp_path)
-    assert f'data-key="{key}" data-dir="{"desc" if descending else "asc"}"' in dom
+    assert re.search(f'data-key="{key}"[^>]* data-dir="{"desc" if descending else "asc"}"', dom)
     records = site_json["latents"]
     missing = -math.inf  # dead latents have no mean: they sort below every number
 
@@ -494,3 +548,53 @@ def test_a_latent_link_opens_its_page_with_its_strips(site, site_json, tmp_path,
         assert requests == []
     back = re.search(r'<a href="([^"]+)">&larr; all latents</a>|<a href="([^"]+)">← all', page_dom)
     assert back and (back[1] or back[2]) == "../index.html"
+
+
+def visible_rows(dom):
+    """Latent ids of the table rows the page shows (not hidden), in order."""
+    body = dom.split('<table id="latents">', 1)[1]
+    return [int(i) for attrs, i in re.findall(r'<tr([^>]*)><td class="l" data-v="(\d+)"', body)
+            if "hidden" not in attrs]
+
+
+@needs_chromium
+def test_the_index_pages_through_every_latent(site, tmp_path):
+    shown = []
+    for page in (1, 2, 3):
+        dom, requests = chromium((site / "index.html").as_uri() + f"#page={page}", tmp_path)
+        shown.append(visible_rows(dom))
+        assert f"{LATENTS} latents match; page {page} of 3" in dom
+        assert requests == []
+    assert [len(rows) for rows in shown] == [ROWS_PER_PAGE, ROWS_PER_PAGE, LATENTS - 32]
+    assert sum(shown, []) == list(range(LATENTS))
+
+
+@needs_chromium
+def test_the_filter_finds_latents_by_id_and_by_token(site, site_json, tmp_path):
+    records = site_json["latents"]
+    index = (site / "index.html").as_uri()
+    dom, _ = chromium(index + "#q=" + quote("7, 31"), tmp_path)
+    assert visible_rows(dom) == [7, 31]
+    counts = {}
+    for r in records:
+        for token in set(r["top_tokens"] + r["promoted"]):
+            counts[token] = counts.get(token, 0) + 1
+    query = next(t for t, n in sorted(counts.items(), key=lambda kv: -kv[1])
+                 if t.strip().isalnum() and 1 < n < LATENTS).strip()
+    want = [r["latent"] for r in records if any(query.lower() in t.lower()
+                                                for t in r["top_tokens"] + r["promoted"])]
+    dom, requests = chromium(index + "#q=" + quote(query), tmp_path)
+    assert visible_rows(dom) == want[:ROWS_PER_PAGE] and 0 < len(want) < LATENTS
+    assert f"{len(want)} latents match" in dom
+    assert requests == []
+
+
+@needs_chromium
+def test_every_column_header_explains_itself(site, tmp_path):
+    dom, _ = chromium((site / "index.html").as_uri(), tmp_path)
+    head = dom.split('<table id="latents">', 1)[1].split("</thead>", 1)[0]
+    titles = dict(re.findall(r'<th data-key="(\w+)" title="([^"]+)"', head))
+    assert list(titles) == [key for key, *_ in browser_site.COLUMNS]
+    assert "percent" in titles["freq"] and "encoded tokens" in titles["freq"]
+    assert "nats" in titles["abs_effect"] and "where it fires" in titles["abs_effect"]
+    assert all(len(text) > 40 for text in titles.values())

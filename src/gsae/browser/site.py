@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from gsae.browser import examples as ex
 from gsae.browser import render
-from gsae.browser.collect import Encoded, choose_pages, encode_contexts, latent_map, latent_numbers
+from gsae.browser.collect import (
+    Encoded,
+    choose_pages,
+    encode_contexts,
+    latent_map,
+    latent_numbers,
+    top_activating_tokens,
+)
 from gsae.browser.delphi import write_delphi_cache
 from gsae.browser.logits import norm_description, top_tokens
 from gsae.browser.setup import Recorded, held_out_contexts, recorded
@@ -33,7 +40,35 @@ from gsae.sae import SAE
 from gsae.text import DataConfig
 
 SCHEMA = "gsae.inspect/1"
-INDEX_PROMOTED, PAGE_TOKENS = 3, 10
+INDEX_PROMOTED, PAGE_TOKENS, ROWS_PER_PAGE = 3, 10, 100
+OVER = ("over the encoded tokens: the SAE's data positions of the held-out contexts "
+        "(skip_first <= t <= T-2, outliers left out)")
+# The index table: (sort key, header, record field, significant digits, tooltip).
+COLUMNS = (
+    ("latent", "latent", "latent", 0, "The latent's index in the SAE (0-based). Linked where "
+     "it has a page; 'dead': it never fires on the encoded tokens."),
+    ("freq", "density %", "density_percent", 3, "Firing density, in percent: the share of "
+     "encoded tokens on which the SAE selects this latent with a value > 0 (with the SAE's "
+     "training-time selection), x 100; " + OVER + "."),
+    ("max", "max act", "max_activation", 3, "Largest activation (the latent's value, in the "
+     "units of the hook's residual stream along its unit decoder direction) " + OVER + "."),
+    ("mean", "mean act", "mean_activation", 3, "Mean of the latent's non-zero activations, "
+     "over the tokens where it fires."),
+    ("abs_effect", "mean |effect|", "mean_abs_loss_effect", 3, "Mean |value * (d_i . g)| over "
+     "the tokens where it fires: the size of the latent's first-order effect on the summed "
+     "next-token loss, in nats (g = dL/dx of the clean model for the true next tokens)."),
+    ("effect", "mean &beta;|d&middot;g|", "mean_effect", 3, "Mean of beta * |d_i . g| over the "
+     "tokens where it fires: the gradient term of a g-SAE's selection score (a multiplier, no "
+     "unit); empty for a plain TopK SAE."),
+    ("novel", "not-TopK share", "novel_share", 3, "Share (0 to 1) of the latent's firings that "
+     "plain TopK selection (beta = 0, same weights) would not have made; g-SAE only."),
+    ("tokens", "top activating tokens", "top_tokens", 0, "The tokens on which the latent's "
+     "summed activation is largest (the token at the firing position), largest first; "
+     + OVER + ". The filter box searches these and the promoted tokens."),
+    ("promoted", "top promoted tokens", "promoted", 0, "The tokens whose logits the latent's "
+     "decoder direction raises most on the direct path (final norm's gain applied, later "
+     "layers skipped); a property of the weights, not of the text."),
+)
 DEFINITIONS = {
     "fires": "the latent is selected with a value > 0 on a token; the SAE's data positions "
     "only (skip_first <= t <= T-2, outliers left out)",
@@ -67,6 +102,8 @@ class InspectConfig:
         "help": "pages for this many of the most frequent latents"})
     random_latents: int = field(default=32, metadata={
         "help": "pages for a seeded random sample of this many other live latents"})
+    latents: str = field(default="", metadata={
+        "help": "pages also for these latents, by id, comma-separated (e.g. 12,977)"})
     contexts_per_latent: int = field(default=10, metadata={
         "help": "top-activating contexts shown per latent"})
     quantiles: int = field(default=4, metadata={
@@ -74,7 +111,7 @@ class InspectConfig:
     contexts_per_quantile: int = field(default=2, metadata={
         "help": "examples shown per quantile bin"})
     continuation_tokens: int = field(default=10, metadata={
-        "help": "tokens generated per steered continuation"})
+        "help": "tokens generated per steered continuation (0: no continuations)"})
     neighbours: int = field(default=3, metadata={
         "help": "nearest latents by decoder cosine listed from the --compare SAE"})
     compare: str = field(default="", metadata={
@@ -86,13 +123,26 @@ class InspectConfig:
         "help": "replace --out if it already holds a site or other files"})
 
     def validate(self) -> None:
-        for name in ("tokens", "contexts_per_latent", "quantiles", "continuation_tokens",
-                     "neighbours", "batch_size"):
+        for name in ("tokens", "contexts_per_latent", "quantiles", "neighbours", "batch_size"):
             if getattr(self, name) < 1:
                 raise GsaeError(f"{name} is {getattr(self, name)}: it must be at least 1")
-        for name in ("top_latents", "random_latents", "contexts_per_quantile", "pool_tokens"):
+        for name in ("top_latents", "random_latents", "contexts_per_quantile", "pool_tokens",
+                     "continuation_tokens"):
             if getattr(self, name) < 0:
                 raise GsaeError(f"{name} is {getattr(self, name)}: it must be 0 or more")
+        self.requested_latents()
+
+    def requested_latents(self, n_latents: int | None = None) -> list[int]:
+        """The ids of `latents`, checked against the SAE's `n_latents` when given."""
+        parts = [p.strip() for p in str(self.latents).split(",") if p.strip()]
+        if not all(p.isdigit() for p in parts):
+            raise GsaeError(f"latents is {self.latents!r}: give latent ids (whole numbers from "
+                            "0) separated by commas, e.g. 12,977")
+        ids = [int(p) for p in parts]
+        if n_latents is not None and any(i >= n_latents for i in ids):
+            raise GsaeError(f"latents {[i for i in ids if i >= n_latents]} do not exist: the SAE "
+                            f"has latents 0 to {n_latents - 1}")
+        return ids
 
 
 @dataclass
@@ -135,6 +185,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     """Write the site for `sae` (and `other`, to compare) on token contexts [n, T]."""
     cfg.validate()
     _check_out(Path(cfg.out), cfg.overwrite)
+    requested = cfg.requested_latents(sae.n_latents)
     start = time.perf_counter()
     members = [(sae, recorded(sae, names[0]))]
     if other is not None:
@@ -148,7 +199,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     sites = [Site(s, rec, enc, name, folder)
              for (s, rec), enc, name, folder in zip(members, encoded, names, ("", "compare"))]
     sites[0].pages = choose_pages(sites[0].numbers, cfg.top_latents, cfg.random_latents,
-                                  cfg.seed)
+                                  cfg.seed, requested)
     if other is not None:
         link_neighbours(sites[0], sites[1], cfg.neighbours)
     spell = Speller(tokenizer)
@@ -189,6 +240,7 @@ class Site:
         self.neighbours: dict[int, list[tuple[int, float]]] = {}
         self.partner: Site | None = None
         self.details: dict[int, dict[str, Any]] = {}
+        self.steered = True
 
     def page_path(self, latent: int) -> str:
         digits = len(str(self.sae.n_latents - 1))
@@ -207,6 +259,8 @@ class Site:
         W_dec = self.sae.W_dec.detach().float()
         up, _, _, _ = top_tokens(model, W_dec, INDEX_PROMOTED)
         self.promoted = [[spell(int(t)) for t in row] for row in up]
+        self.activating = [[spell(t) for t in row] for row in top_activating_tokens(
+            self.enc, contexts, self.sae.n_latents, INDEX_PROMOTED)]
         self.hook_name, module = resolve_hook(model, self.rec.hook)
         if not self.pages:
             return
@@ -215,7 +269,8 @@ class Site:
         units = {i: unit for i, unit in units.items() if math.isfinite(unit)}  # not dead
         steering = continuations(
             model, module, tokenizer, {i: W_dec[i] for i in units}, units,
-            self.rec.skip_first, cfg.continuation_tokens)
+            self.rec.skip_first, cfg.continuation_tokens) if cfg.continuation_tokens else {}
+        self.steered = cfg.continuation_tokens > 0
         for row, latent in enumerate(self.pages):
             self.details[latent] = {
                 "promoted": _token_list(up[row], up_v[row], spell),
@@ -271,11 +326,13 @@ class Site:
         dead = n["count"] == 0
         return {
             "latent": latent, "count": int(n["count"]), "frequency": n["frequency"],
+            "density_percent": 100 * n["frequency"],
             "log10_frequency": None if dead else math.log10(n["frequency"]),
             "mean_activation": n["mean_activation"], "max_activation": n["max_activation"],
             "typical_activation": n["typical_activation"], "mean_effect": n["mean_effect"],
+            "mean_abs_loss_effect": n["mean_abs_loss_effect"],
             "novel_share": n["novel_share"], "dead": dead,
-            "promoted": self.promoted[latent],
+            "top_tokens": self.activating[latent], "promoted": self.promoted[latent],
             "page": self.local_path(latent) if latent in self.details else None,
         }
 
@@ -312,16 +369,19 @@ class Site:
             + "<h2>Firing frequencies</h2>" + self.frequency_histogram(records)
             + f'<p class="note">{dead} dead latents (never fire) are left out of the histogram '
             "and marked <span class=badge>dead</span> in the table. Click a column header to "
-            "sort (index.html#sort=KEY,desc works too); latents with a page are linked. Values "
-            "come from " + _esc(DEFINITIONS["selection"]) + ".</p>"
+            "sort; hover it for what the column measures. Type a latent id (or ids, "
+            "comma-separated) or a piece of a token in the box to filter. The view is kept in "
+            "the address (index.html#sort=freq,desc&amp;q=the&amp;page=2); latents with a page "
+            "are linked. Values come from " + _esc(DEFINITIONS["selection"]) + ".</p>"
+            + '<div class="controls"><input id="filter" type="search" placeholder="latent id or '
+            'token, e.g. 977 or Paris"> <button id="prev">&larr; previous</button> '
+            '<button id="next">next &rarr;</button> <span id="pageinfo"></span></div>'
             + '<table id="latents"><thead><tr>'
-            + '<th data-key="latent" class="l">latent</th><th data-key="freq">log10 frequency</th>'
-            + '<th data-key="mean">mean act</th><th data-key="max">max act</th>'
-            + '<th data-key="effect">mean &beta;|d&middot;g|</th>'
-            + '<th data-key="novel">not-TopK share</th>'
-            + '<th data-key="promoted" class="l">top promoted tokens</th></tr></thead><tbody>\n'
-            + rows + "</tbody></table>"
-            + f"<script>{render.SORT_SCRIPT}</script>"
+            + "".join(f'<th data-key="{key}" title="{_esc(tip)}"'
+                      f'{" class=l" if digits == 0 else ""}>{label}</th>'
+                      for key, label, _, digits, tip in COLUMNS)
+            + "</tr></thead><tbody>\n" + rows + "</tbody></table>"
+            + f"<script>{render.table_script(ROWS_PER_PAGE)}</script>"
         )
         return render.page(f"{self.name}: latents", body, _href(here, "style.css"))
 
@@ -331,13 +391,14 @@ class Site:
             label = f'<a href="{r["page"]}">{label}</a>'
         if r["dead"]:
             label += ' <span class="badge">dead</span>'
-        cells = [(r["log10_frequency"], 3), (r["mean_activation"], 3), (r["max_activation"], 3),
-                 (r["mean_effect"], 3), (r["novel_share"], 3)]
-        tds = "".join(f'<td data-v="{render.sort_value(v)}">{render.fmt(v, d)}</td>'
-                      for v, d in cells)
-        promoted = _esc(" ".join(repr(t) for t in r["promoted"]))
-        return (f'<tr{" class=dead" if r["dead"] else ""}><td class="l" data-v="{r["latent"]}">'
-                f'{label}</td>{tds}<td class="l">{promoted}</td></tr>')
+        tds = "".join(f'<td data-v="{render.sort_value(r[name])}">{render.fmt(r[name], d)}</td>'
+                      for _, _, name, d, _ in COLUMNS if d)
+        token_cells = "".join(f'<td class="l">{_esc(" ".join(repr(t) for t in r[name]))}</td>'
+                              for name in ("top_tokens", "promoted"))
+        searched = "\n".join(t.replace("\n", "\u23ce") for t in r["top_tokens"] + r["promoted"])
+        return (f'<tr{" class=dead" if r["dead"] else ""} data-latent="{r["latent"]}" '
+                f'data-tokens="{_esc(searched)}"><td class="l" data-v="{r["latent"]}">'
+                f'{label}</td>{tds}{token_cells}</tr>')
 
     def frequency_histogram(self, records: list[dict[str, Any]]) -> str:
         logs = [r["log10_frequency"] for r in records if not r["dead"]]
@@ -356,7 +417,10 @@ class Site:
             f"<h1>Latent {latent} of {_esc(self.name)}</h1>",
             render.key_values({
                 "firings": f'{r["count"]} of {self.enc.rows} tokens',
+                "density": f'{render.fmt(r["density_percent"])} %',
                 "log10 frequency": render.fmt(r["log10_frequency"]),
+                "mean |value * (d.g)| (nats)": render.fmt(r["mean_abs_loss_effect"]),
+                "top activating tokens": " ".join(repr(t) for t in r["top_tokens"]),
                 "mean / max activation": f'{render.fmt(r["mean_activation"])} / '
                 f'{render.fmt(r["max_activation"])}',
                 "typical activation (gradient-free)": render.fmt(r["typical_activation"]),
@@ -375,7 +439,8 @@ class Site:
             + render.token_table("suppressed", [t["token"] for t in d["suppressed"]],
                                  [t["logit"] for t in d["suppressed"]]) + "</div>",
             self._neighbours_html(latent),
-            self._steering_html(d["steering"], self.steering_unit(latent)),
+            self._steering_html(d["steering"], self.steering_unit(latent)) if self.steered
+            else "<h2>Steering</h2><p>Not run (--continuation_tokens 0).</p>",
             "<h2>Top-activating contexts</h2>",
             '<p class="note">Hover a token for its activation and its first-order loss effect '
             "value * (d_i . g) (negative: the latent lowers the next-token loss). Grey tokens "
