@@ -50,7 +50,11 @@ def cmd_eval(run: pipeline.EvaluationRun) -> int:
 
 
 def cmd_steer(run: pipeline.SteeringRun) -> int:
-    from gsae.steer import format_table
+    from gsae.steer import format_prompt_steering, format_table
+
+    if run.prompt or run.latent >= 0:
+        print("\n".join(map(format_prompt_steering, pipeline.run_steer_prompt(run))))
+        return 0
 
     print(format_table(pipeline.run_steer(run)))
     if run.json:

@@ -8,64 +8,14 @@ token. m = 0 is the clean model.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gsae.browser.setup import add_to_hook_output
+from gsae.steer import greedy
 
 PROMPTS = ("The weather today is", "In the city of", "My favourite thing about")
 MULTIPLES = (0.0, 1.0, 4.0)
-
-
-@torch.no_grad()
-def greedy(model: nn.Module, module: nn.Module, prompt: Tensor, vectors: Tensor,
-           skip_first: int, new_tokens: int) -> Tensor:
-    """Greedy continuations [R, new_tokens] of the prompt ids [P], one row per vector [R, d]
-    added to `module`'s output from position `skip_first` on. Uses the KV cache."""
-    device = next(model.parameters()).device
-    rows = vectors.shape[0]
-    vectors = vectors.to(device)
-    offset = [0]
-
-    def add(_module, _inputs, output):
-        def delta(h: Tensor) -> Tensor:
-            positions = torch.arange(offset[0], offset[0] + h.shape[1], device=h.device)
-            return vectors[:, None, :] * (positions >= skip_first)[None, :, None]
-
-        return add_to_hook_output(output, delta)
-
-    handle = module.register_forward_hook(add)
-    try:
-        tokens = prompt.to(device)[None].repeat(rows, 1)
-        out = model(input_ids=tokens, use_cache=True, **_last_logits_only(model))
-        generated = [out.logits[:, -1].argmax(-1)]
-        for step in range(new_tokens - 1):
-            offset[0] = tokens.shape[1] + step
-            out = model(input_ids=generated[-1][:, None], use_cache=True,
-                        **_cache_argument(model, out))
-            generated.append(out.logits[:, -1].argmax(-1))
-    finally:
-        handle.remove()
-    return torch.stack(generated, dim=1).cpu()
-
-
-def _last_logits_only(model: nn.Module) -> dict:
-    """Ask for the last position's logits only, where the model's forward can."""
-    return {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
-def _cache_argument(model: nn.Module, out) -> dict:
-    """The KV cache of `out` as the forward argument this transformers version names."""
-    if _accepts(model, "cache"):
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
 
 
 def continuations(model: nn.Module, module: nn.Module, tokenizer, directions: dict[int, Tensor],
