@@ -368,6 +368,68 @@ def test_dead_latents_with_pages_are_not_steered(site):
 # Compare: nearest latents by decoder cosine -------------------------------------------------
 
 
+def naive_fired(model, contexts, sae, beta):
+    """Per latent: [(context, t, value, value * d.g)] where it fires."""
+    x, g = states(model, contexts)
+    W_dec = sae.W_dec.detach().double()
+    fired = {i: [] for i in range(sae.n_latents)}
+    for c in range(contexts.shape[0]):
+        for t in range(1, contexts.shape[1] - 1):
+            for i, v in zip(*select(sae, x[c, t], g[c, t], beta)):
+                if v > 0:
+                    fired[i].append((c, t, v, v * (W_dec[i] @ g[c, t]).item()))
+    return fired
+
+
+def test_latents_are_paired_by_decoder_cosine_with_their_differences(
+        site, site_json, saes, naive, model, contexts):
+    a, b = saes[0].W_dec.detach().double(), saes[1].W_dec.detach().double()
+    cos = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    other = naive_fired(model, contexts, saes[1], 0.0)
+    spell = tiny_tokenizer().decode
+    pairing = site_json["pairing"]
+    assert not pairing["near_identical"] and len(pairing["pairs"]) == LATENTS
+    for p in pairing["pairs"]:
+        i, j = p["latent"], p["partner"]
+        assert j == cos[i].argmax().item() and p["cosine"] == pytest.approx(cos[i, j].item())
+        assert p["mutual"] == (cos[:, j].argmax().item() == i)
+        dens = [100 * len(hits) / naive["rows"] for hits in (naive["fired"][i], other[j])]
+        assert p["density_percent_difference"] == pytest.approx(dens[0] - dens[1])
+        effects = [np.mean([abs(h[3]) for h in hits]) if hits else None
+                   for hits in (naive["fired"][i], other[j])]
+        if None in effects:
+            assert p["mean_abs_loss_effect_difference"] is None
+        else:
+            assert p["mean_abs_loss_effect_difference"] == pytest.approx(
+                effects[0] - effects[1], rel=1e-3, abs=1e-6)
+        tokens = [{spell([t]) for t in naive_top_tokens(hits, contexts)}
+                  for hits in (naive["fired"][i], other[j])]
+        if tokens[0] | tokens[1]:
+            assert p["token_overlap"] == pytest.approx(
+                len(tokens[0] & tokens[1]) / len(tokens[0] | tokens[1]))
+    assert 0 < sum(p["mutual"] for p in pairing["pairs"]) < LATENTS
+    html = (site / "compare.html").read_text()
+    assert html.count("<tr data-latent=") == LATENTS and "near-identical" not in html
+
+
+def test_near_identical_saes_are_called_so_at_the_top(tmp_path, model, contexts, saes):
+    twin = make_sae(0, 0.0)
+    with torch.no_grad():  # the g-SAE's decoder, shuffled and nudged: cosine > 0.999
+        order = torch.randperm(LATENTS, generator=torch.Generator().manual_seed(5))
+        twin.W_dec.copy_(saes[0].W_dec[order] + 1e-3 * torch.randn(LATENTS, D))
+    out = tmp_path / "twins"
+    inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                     InspectConfig(out=str(out), **{**CFG, "continuation_tokens": 0}),
+                     other=twin)
+    pairing = json.loads((out / "latents.json").read_text())["pairing"]
+    assert pairing["near_identical"] and pairing["near_share"] == 1.0
+    assert [p["partner"] for p in pairing["pairs"]] == order.argsort().tolist()
+    assert all(p["mutual"] for p in pairing["pairs"])
+    for page in ("compare.html", "index.html", "compare/index.html"):
+        body = (out / page).read_text().split("<body>", 1)[1]
+        assert body.index("near-identical") < body.index("<table"), page
+
+
 def test_neighbours_are_the_nearest_by_decoder_cosine(site, site_json, saes):
     a = saes[0].W_dec.detach().double()
     b = saes[1].W_dec.detach().double()

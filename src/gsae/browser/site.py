@@ -28,6 +28,7 @@ from gsae.browser.collect import (
 )
 from gsae.browser.delphi import write_delphi_cache
 from gsae.browser.logits import norm_description, top_tokens
+from gsae.browser.pairs import NEAR_COSINE, pair_latents, pair_records
 from gsae.browser.setup import Recorded, held_out_contexts, recorded
 from gsae.browser.steering import continuations
 from gsae.errors import GsaeError
@@ -209,6 +210,8 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     with _site_folder(out) as folder:
         for site in sites:
             site.prepare(model, tokenizer, contexts, cfg, spell)
+        if other is not None:
+            compare_sites(sites[0], sites[1], folder)
         run["seconds_encoding"] = round(encode_seconds, 1)
         run["seconds_pages"] = round(time.perf_counter() - start - encode_seconds, 1)
         for site in sites:
@@ -241,6 +244,7 @@ class Site:
         self.partner: Site | None = None
         self.details: dict[int, dict[str, Any]] = {}
         self.steered = True
+        self.pairing: dict[str, Any] | None = None  # with --compare: pairs.pair_records
 
     def page_path(self, latent: int) -> str:
         digits = len(str(self.sae.n_latents - 1))
@@ -309,6 +313,7 @@ class Site:
             (folder / self.page_path(latent)).write_text(self.latent_html(latent, run))
         write_json(target / "latents.json", _json_safe({
             "schema": SCHEMA, "sae": self.summary(), "run": run, "definitions": DEFINITIONS,
+            **({"pairing": self.pairing} if self.pairing else {}),
             "latents": records,
             "pages": {str(i): self.details_json(i) for i in self.pages},
         }))
@@ -362,7 +367,7 @@ class Site:
         rows = "\n".join(self._index_row(r, here) for r in records)
         body = (
             f"<h1>Latents of {_esc(self.name)}</h1>"
-            f"<p>{others}</p>"
+            + self.pairing_note(here) + f"<p>{others}</p>"
             + render.key_values({**_flat(self.summary()), **_flat(run),
                                  "dead latents": f"{dead} of {len(records)}",
                                  "pages": len(self.pages)})
@@ -384,6 +389,13 @@ class Site:
             + f"<script>{render.table_script(ROWS_PER_PAGE)}</script>"
         )
         return render.page(f"{self.name}: latents", body, _href(here, "style.css"))
+
+    def pairing_note(self, here: str) -> str:
+        """The near-identical warning and the link to the paired comparison, if compared."""
+        if not self.pairing:
+            return ""
+        link = f'<a href="{_href(here, "compare.html")}">latents paired across the two SAEs</a>'
+        return f"{_near_identical_banner(self.pairing)}<p>{link}</p>"
 
     def _index_row(self, r: dict[str, Any], here: str) -> str:
         label = str(r["latent"])
@@ -479,6 +491,100 @@ class Site:
                 f"{unit[1]}.</p>"
                 '<table><tr><th class="l">prompt</th><th>multiple</th><th>alpha</th>'
                 f'<th class="l">continuation</th></tr>{rows}</table>')
+
+
+# Pairs across the two SAEs --------------------------------------------------------------------
+
+PAIR_COLUMNS = (
+    ("latent", "latent", "A latent of the inspected SAE (linked where it has a page)."),
+    ("partner", "partner", "Its partner: the compared SAE's latent with the largest decoder "
+     "cosine (linked where it has a page)."),
+    ("cosine", "decoder cosine", "Cosine of the two unit decoder directions (-1 to 1)."),
+    ("mutual", "mutual", "1 when each is the other's best match by decoder cosine, else 0."),
+    ("density", "density % A / B", "Firing density in percent of the encoded tokens, "
+     "inspected / compared SAE, each with its own training-time selection."),
+    ("ddensity", "\u0394 density (pp)", "Density of the inspected latent minus its partner's, "
+     "in percentage points of the encoded tokens."),
+    ("effect", "mean |effect| A / B", "Mean |value * (d_i . g)| over the tokens where each "
+     "fires: the first-order effect on the summed next-token loss, in nats."),
+    ("deffect", "\u0394 mean |effect|", "Mean |effect| of the inspected latent minus its "
+     "partner's, in nats."),
+    ("overlap", "token overlap", "Jaccard overlap (0 to 1) of the two latents' top "
+     "activating tokens."),
+    ("tokens", "top activating tokens A | B", "Each latent's tokens of largest summed "
+     "activation over the encoded tokens."),
+)
+
+
+def compare_sites(main: Site, other: Site, folder: Path) -> None:
+    """Pair every latent of `main` with one of `other` (`pairs.pair_latents`), keep the pairs
+    for latents.json and the index pages, and write compare.html."""
+    found = pair_latents(main.sae.W_dec.detach().cpu(), other.sae.W_dec.detach().cpu())
+    records = pair_records(found, [main.record(i) for i in range(main.sae.n_latents)],
+                           [other.record(j) for j in range(other.sae.n_latents)])
+    summary = {"rule": PAIRING_RULE, "compared": other.name,
+               "median_cosine": found.cosine.median().item(),
+               "mutual_share": found.mutual.double().mean().item(),
+               "near_cosine": NEAR_COSINE, "near_share": found.near_share(),
+               "near_identical": found.near_identical()}
+    main.pairing, other.pairing = {**summary, "pairs": records}, summary
+    (folder / "compare.html").write_text(_compare_html(main, other, records, summary))
+
+
+PAIRING_RULE = ("each latent of the inspected SAE is paired with the compared SAE's latent of "
+                "largest decoder cosine; mutual: each is the other's best match")
+
+
+def _near_identical_banner(summary: dict[str, Any]) -> str:
+    share = f'{100 * summary["near_share"]:.1f}%'
+    if summary["near_identical"]:
+        return (f'<p class="banner"><b>The two SAEs are near-identical:</b> {share} of the '
+                f'latents have a partner at decoder cosine &ge; {summary["near_cosine"]} '
+                f'(median {summary["median_cosine"]:.4f}). Differences between paired latents '
+                "come from how they select tokens, not from different directions.</p>")
+    return (f'<p class="note">{share} of the latents have a partner at decoder cosine &ge; '
+            f'{summary["near_cosine"]} (median {summary["median_cosine"]:.3f}).</p>')
+
+
+def _compare_html(main: Site, other: Site, records: list[dict[str, Any]],
+                  summary: dict[str, Any]) -> str:
+    rows = "\n".join(_pair_row(main, other, r) for r in records)
+    body = (
+        f"<h1>{_esc(main.name)} against {_esc(other.name)}</h1>"
+        + _near_identical_banner(summary)
+        + f'<p><a href="index.html">inspected SAE</a> | <a href="{other.index_path()}">'
+        f'compared SAE</a></p><p class="note">Pairing: {_esc(PAIRING_RULE)}. '
+        f'{100 * summary["mutual_share"]:.1f}% of the pairs are mutual. A is the inspected '
+        "SAE, B the compared one. Sort by a header; filter by latent id or token.</p>"
+        + '<div class="controls"><input id="filter" type="search" placeholder="latent id or '
+        'token"> <button id="prev">&larr; previous</button> <button id="next">next &rarr;'
+        '</button> <span id="pageinfo"></span></div><table id="latents"><thead><tr>'
+        + "".join(f'<th data-key="{key}" title="{_esc(tip)}"'
+                  f'{" class=l" if key in ("latent", "tokens") else ""}>{label}</th>'
+                  for key, label, tip in PAIR_COLUMNS)
+        + "</tr></thead><tbody>\n" + rows + "</tbody></table>"
+        + f"<script>{render.table_script(ROWS_PER_PAGE)}</script>")
+    return render.page(f"{main.name} against {other.name}", body, "style.css")
+
+
+def _pair_row(main: Site, other: Site, r: dict[str, Any]) -> str:
+    i, j = r["latent"], r["partner"]
+    a = f'<a href="{main.page_path(i)}">{i}</a>' if i in main.details else str(i)
+    b = f'<a href="{other.page_path(j)}">{j}</a>' if j in other.details else str(j)
+    density, effect = r["density_percent"], r["mean_abs_loss_effect"]
+    cells = [(r["cosine"], f'{r["cosine"]:.4f}'), (int(r["mutual"]), "yes" if r["mutual"] else ""),
+             (density[0], f"{render.fmt(density[0])} / {render.fmt(density[1])}"),
+             (r["density_percent_difference"], render.fmt(r["density_percent_difference"])),
+             (effect[0], f"{render.fmt(effect[0])} / {render.fmt(effect[1])}"),
+             (r["mean_abs_loss_effect_difference"],
+              render.fmt(r["mean_abs_loss_effect_difference"])),
+             (r["token_overlap"], render.fmt(r["token_overlap"]))]
+    tds = "".join(f'<td data-v="{render.sort_value(v)}">{shown}</td>' for v, shown in cells)
+    tokens = [" ".join(repr(t) for t in side) for side in r["top_tokens"]]
+    searched = "\n".join(t.replace("\n", "\u23ce") for t in sum(r["top_tokens"], []))
+    return (f'<tr data-latent="{i}" data-tokens="{_esc(searched)}"><td class="l" '
+            f'data-v="{i}">{a}</td><td data-v="{j}">{b}</td>{tds}<td class="l">'
+            f"{_esc(tokens[0])} | {_esc(tokens[1])}</td></tr>")
 
 
 def _check_same_model(a: Recorded, b: Recorded, names: tuple[str, str]) -> None:
