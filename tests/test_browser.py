@@ -660,3 +660,14 @@ def test_every_column_header_explains_itself(site, tmp_path):
     assert "percent" in titles["freq"] and "encoded tokens" in titles["freq"]
     assert "nats" in titles["abs_effect"] and "where it fires" in titles["abs_effect"]
     assert all(len(text) > 40 for text in titles.values())
+
+
+def test_the_compared_sae_steers_the_partners_of_the_inspected_pages(site, site_json):
+    other = json.loads((site / "compare" / "latents.json").read_text())
+    partners = {d["neighbours"][0]["latent"] for d in site_json["pages"].values()}
+    assert set(map(int, other["pages"])) > partners  # further neighbours have pages too
+    for latent, details in other["pages"].items():
+        live = not other["latents"][int(latent)]["dead"]
+        assert (len(details["steering"]) == 3) == (int(latent) in partners and live)
+        html = (site / "compare" / other["latents"][int(latent)]["page"]).read_text()
+        assert ("a further neighbour" in html) == (int(latent) not in partners)

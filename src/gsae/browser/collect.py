@@ -39,6 +39,23 @@ class Encoded:
     def rows(self) -> int:
         return self.where.shape[0]
 
+    def firings_of(self, latent: int) -> tuple[Tensor, Tensor]:
+        """(row, slot) of every firing of `latent`, rows ascending. The firings are sorted by
+        latent once, so each page costs a slice, not a scan of every row."""
+        if not hasattr(self, "_by_latent"):
+            fired = (self.values > 0).flatten().nonzero()[:, 0]
+            order = fired[torch.argsort(self.indices.flatten()[fired], stable=True)]
+            counts = torch.bincount(self.indices.flatten()[order].long())
+            self._by_latent = (order, torch.cat([torch.zeros(1, dtype=torch.long),
+                                                 counts.cumsum(0)]))
+        order, starts = self._by_latent
+        if latent + 1 >= starts.numel():
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty
+        flat = order[starts[latent] : starts[latent + 1]]
+        k = self.indices.shape[1]
+        return flat // k, flat % k
+
 
 def encode_contexts(model: nn.Module, contexts: Tensor, saes: list[tuple[SAE, Recorded]],
                     batch_size: int) -> list[Encoded]:
@@ -124,7 +141,7 @@ def latent_numbers(enc: Encoded, n_latents: int) -> dict[str, Tensor]:
 def latent_map(enc: Encoded, latent: int) -> tuple[Tensor, Tensor]:
     """The latent's activation and first-order loss effect `value * (d_i . g)` at every position
     of every context [n, T]: 0 where it does not fire, NaN where nothing was encoded."""
-    rows, slot = ((enc.indices == latent) & (enc.values > 0)).nonzero(as_tuple=True)
+    rows, slot = enc.firings_of(latent)
     act = torch.zeros(enc.data_mask.shape, dtype=torch.float64)
     act[~enc.data_mask] = float("nan")
     loss = act.clone()

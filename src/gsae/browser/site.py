@@ -210,6 +210,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     with _site_folder(out) as folder:
         for site in sites:
             site.prepare(model, tokenizer, contexts, cfg, spell)
+        steer_pages(sites, model, tokenizer, cfg.continuation_tokens)
         if other is not None:
             compare_sites(sites[0], sites[1], folder)
         run["seconds_encoding"] = round(encode_seconds, 1)
@@ -244,6 +245,7 @@ class Site:
         self.partner: Site | None = None
         self.details: dict[int, dict[str, Any]] = {}
         self.steered = True
+        self.steer_only: set[int] | None = None  # None: every page
         self.pairing: dict[str, Any] | None = None  # with --compare: pairs.pair_records
 
     def page_path(self, latent: int) -> str:
@@ -265,23 +267,26 @@ class Site:
         self.promoted = [[spell(int(t)) for t in row] for row in up]
         self.activating = [[spell(t) for t in row] for row in top_activating_tokens(
             self.enc, contexts, self.sae.n_latents, INDEX_PROMOTED)]
-        self.hook_name, module = resolve_hook(model, self.rec.hook)
+        self.hook_name, self.module = resolve_hook(model, self.rec.hook)
+        self.steered = cfg.continuation_tokens > 0
         if not self.pages:
             return
         up, up_v, down, down_v = top_tokens(model, W_dec[self.pages], PAGE_TOKENS)
-        units = {i: self.steering_unit(i)[0] for i in self.pages}
-        units = {i: unit for i, unit in units.items() if math.isfinite(unit)}  # not dead
-        steering = continuations(
-            model, module, tokenizer, {i: W_dec[i] for i in units}, units,
-            self.rec.skip_first, cfg.continuation_tokens) if cfg.continuation_tokens else {}
-        self.steered = cfg.continuation_tokens > 0
         for row, latent in enumerate(self.pages):
             self.details[latent] = {
                 "promoted": _token_list(up[row], up_v[row], spell),
                 "suppressed": _token_list(down[row], down_v[row], spell),
-                "steering": steering.get(latent, []),
+                "steering": [],  # filled by steer_pages
                 **self._examples(latent, contexts, cfg, spell),
             }
+
+    def to_steer(self) -> dict[int, float]:
+        """The paged latents to steer (with --compare, the compared SAE's partners of the
+        inspected pages only), with their steering units; dead latents have none."""
+        chosen = self.pages if self.steer_only is None else \
+            [i for i in self.pages if i in self.steer_only]
+        units = {i: self.steering_unit(i)[0] for i in chosen}
+        return {i: unit for i, unit in units.items() if math.isfinite(unit)}
 
     def _examples(self, latent: int, contexts: Tensor, cfg: InspectConfig, spell: Speller
                   ) -> dict[str, Any]:
@@ -305,7 +310,7 @@ class Site:
 
     def write(self, folder: Path, contexts: Tensor, cfg: InspectConfig, run: dict[str, Any],
               sites: list[Site], spell: Speller) -> None:
-        records = [self.record(i) for i in range(self.sae.n_latents)]
+        records = self.records()
         target = folder / self.folder
         (target / "latents").mkdir(parents=True, exist_ok=True)
         (target / "index.html").write_text(self.index_html(records, run, sites))
@@ -326,8 +331,17 @@ class Site:
                 "value_mode": sae.cfg.value_mode, "n_latents": sae.n_latents, "d_in": sae.d_in,
                 "encoded_tokens": self.enc.rows}
 
-    def record(self, latent: int) -> dict[str, Any]:
-        n = {name: values[latent].item() for name, values in self.numbers.items()}
+    def records(self) -> list[dict[str, Any]]:
+        """The index record of every latent (made once, after `prepare`)."""
+        if not hasattr(self, "_records"):
+            columns = {name: values.tolist() for name, values in self.numbers.items()}
+            self._records = [self.record(i, {name: v[i] for name, v in columns.items()})
+                             for i in range(self.sae.n_latents)]
+        return self._records
+
+    def record(self, latent: int, n: dict[str, float] | None = None) -> dict[str, Any]:
+        if n is None:
+            n = {name: values[latent].item() for name, values in self.numbers.items()}
         dead = n["count"] == 0
         return {
             "latent": latent, "count": int(n["count"]), "frequency": n["frequency"],
@@ -451,7 +465,8 @@ class Site:
             + render.token_table("suppressed", [t["token"] for t in d["suppressed"]],
                                  [t["logit"] for t in d["suppressed"]]) + "</div>",
             self._neighbours_html(latent),
-            self._steering_html(d["steering"], self.steering_unit(latent)) if self.steered
+            self._steering_html(latent, d["steering"], self.steering_unit(latent))
+            if self.steered
             else "<h2>Steering</h2><p>Not run (--continuation_tokens 0).</p>",
             "<h2>Top-activating contexts</h2>",
             '<p class="note">Hover a token for its activation and its first-order loss effect '
@@ -477,8 +492,12 @@ class Site:
         return (f"<h2>Nearest latents in {_esc(self.partner.name)}</h2><table><tr><th "
                 f'class="l">latent</th><th>decoder cosine</th></tr>{"".join(rows)}</table>')
 
-    @staticmethod
-    def _steering_html(steering: list[dict[str, Any]], unit: tuple[float, str]) -> str:
+    def _steering_html(self, latent: int, steering: list[dict[str, Any]],
+                       unit: tuple[float, str]) -> str:
+        if not steering and self.steer_only is not None and latent not in self.steer_only:
+            return ("<h2>Steering</h2><p>Not run: with --compare, continuations are made for "
+                    "the inspected SAE's pages and their partners (best match by decoder "
+                    "cosine) here; this latent is a further neighbour.</p>")
         if not steering:
             return ("<h2>Steering</h2><p>None: the latent never fired, so it has no typical "
                     "activation to steer with.</p>")
@@ -520,8 +539,7 @@ def compare_sites(main: Site, other: Site, folder: Path) -> None:
     """Pair every latent of `main` with one of `other` (`pairs.pair_latents`), keep the pairs
     for latents.json and the index pages, and write compare.html."""
     found = pair_latents(main.sae.W_dec.detach().cpu(), other.sae.W_dec.detach().cpu())
-    records = pair_records(found, [main.record(i) for i in range(main.sae.n_latents)],
-                           [other.record(j) for j in range(other.sae.n_latents)])
+    records = pair_records(found, main.records(), other.records())
     summary = {"rule": PAIRING_RULE, "compared": other.name,
                "median_cosine": found.cosine.median().item(),
                "mutual_share": found.mutual.double().mean().item(),
@@ -587,6 +605,24 @@ def _pair_row(main: Site, other: Site, r: dict[str, Any]) -> str:
             f"{_esc(tokens[0])} | {_esc(tokens[1])}</td></tr>")
 
 
+def steer_pages(sites: list[Site], model: nn.Module, tokenizer: Any, new_tokens: int) -> None:
+    """Greedy continuations for the latents `Site.to_steer` picks, in one batch per prompt for
+    all sites that share a hook (a decoding step's cost is mostly fixed, not per row)."""
+    if not new_tokens:
+        return
+    groups: dict[tuple[str, int], list[Site]] = {}
+    for site in sites:
+        groups.setdefault((site.hook_name, site.rec.skip_first), []).append(site)
+    for (_, skip_first), members in groups.items():
+        units = {(s, i): unit for s, site in enumerate(members)
+                 for i, unit in site.to_steer().items()}
+        directions = {(s, i): members[s].sae.W_dec.detach().float()[i] for s, i in units}
+        steering = continuations(model, members[0].module, tokenizer, directions, units,
+                                 skip_first, new_tokens)
+        for (s, i), rows in steering.items():
+            members[s].details[i]["steering"] = rows
+
+
 def _check_same_model(a: Recorded, b: Recorded, names: tuple[str, str]) -> None:
     """Refuse two SAEs whose recorded model fingerprints differ."""
     prints = [rec.model.get("fingerprint") for rec in (a, b)]
@@ -603,6 +639,7 @@ def link_neighbours(main: Site, other: Site, count: int) -> None:
     b = torch.nn.functional.normalize(other.sae.W_dec.detach().float().cpu(), dim=1)
     main.neighbours = _nearest(a[main.pages], b, count, main.pages)
     other.pages = sorted({j for near in main.neighbours.values() for j, _ in near})
+    other.steer_only = {near[0][0] for near in main.neighbours.values() if near}
     other.neighbours = _nearest(b[other.pages], a, count, other.pages)
 
 
@@ -636,7 +673,9 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n")
+    """Compact JSON: without `indent`, json uses its C encoder (several times faster on the
+    index of a large SAE)."""
+    path.write_text(json.dumps(_json_safe(obj), allow_nan=False, separators=(",", ":")) + "\n")
 
 
 def _json_safe(value: Any) -> Any:

@@ -8,6 +8,8 @@ token. m = 0 is the clean model.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -18,33 +20,35 @@ PROMPTS = ("The weather today is", "In the city of", "My favourite thing about")
 MULTIPLES = (0.0, 1.0, 4.0)
 
 
-def continuations(model: nn.Module, module: nn.Module, tokenizer, directions: dict[int, Tensor],
-                  typical: dict[int, float], skip_first: int, new_tokens: int,
-                  batch_rows: int = 256) -> dict[int, list[dict]]:
-    """For each latent (unit direction [d], typical activation): per prompt the continuation
-    text at every multiple of `MULTIPLES`. The clean continuation (m = 0) is run once. Rows go
-    in large batches: on a CPU a decoding step costs about the same for 1 row as for 100 (it
-    reads every weight once), so the number of steps is what counts."""
+def continuations(model: nn.Module, module: nn.Module, tokenizer,
+                  directions: dict[Hashable, Tensor], typical: dict[Hashable, float],
+                  skip_first: int, new_tokens: int, batch_rows: int = 1024
+                  ) -> dict[Hashable, list[dict]]:
+    """For each latent (any key: unit direction [d], typical activation): per prompt the
+    continuation text at every multiple of `MULTIPLES`. One greedy run per prompt holds every
+    row, the clean one (m = 0) first: on a CPU a decoding step has a large fixed cost (reading
+    every weight, the framework's per-step work), so fewer, larger runs are faster."""
+    if not directions:
+        return {}
     prompts = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in PROMPTS]
-    width = next(iter(directions.values())).shape[0] if directions else 0
-    clean = [_spell(tokenizer, greedy(model, module, p, torch.zeros(1, width), skip_first,
-                                      new_tokens))[0] for p in prompts] if directions else []
-    jobs = [(i, m) for i in directions for m in MULTIPLES if m > 0]
-    texts: dict[tuple[int, float, int], str] = {}
-    bar = tqdm(total=len(jobs) * len(prompts), desc="inspect: steer", unit="continuation",
+    jobs = [(key, m) for key in directions for m in MULTIPLES if m > 0]
+    vectors = torch.stack([torch.zeros_like(next(iter(directions.values())).float()),
+                           *[m * typical[key] * directions[key].float() for key, m in jobs]])
+    texts: dict[tuple[Hashable, float, int], str] = {}
+    bar = tqdm(total=len(vectors) * len(prompts), desc="inspect: steer", unit="continuation",
                dynamic_ncols=True)
-    for first in range(0, len(jobs), batch_rows):
-        group = jobs[first : first + batch_rows]
-        vectors = torch.stack([m * typical[i] * directions[i].float() for i, m in group])
-        for p, prompt in enumerate(prompts):
-            for (i, m), text in zip(group, _spell(tokenizer, greedy(
-                    model, module, prompt, vectors, skip_first, new_tokens))):
-                texts[(i, m, p)] = text
-            bar.update(len(group))
+    for p, prompt in enumerate(prompts):
+        spelled = []
+        for block in vectors.split(batch_rows):
+            spelled += _spell(tokenizer, greedy(model, module, prompt, block, skip_first,
+                                                new_tokens))
+            bar.update(len(block))
+        texts.update({(key, m, p): text for (key, m), text in zip(jobs, spelled[1:])})
+        texts.update({(key, 0.0, p): spelled[0] for key in directions})
     bar.close()
-    return {i: [{"prompt": PROMPTS[p], "continuations": [
-        {"multiple": m, "alpha": m * typical[i], "text": clean[p] if m == 0 else texts[(i, m, p)]}
-        for m in MULTIPLES]} for p in range(len(prompts))] for i in directions}
+    return {key: [{"prompt": PROMPTS[p], "continuations": [
+        {"multiple": m, "alpha": m * typical[key], "text": texts[(key, m, p)]}
+        for m in MULTIPLES]} for p in range(len(prompts))] for key in directions}
 
 
 def _spell(tokenizer, ids: Tensor) -> list[str]:
