@@ -526,14 +526,16 @@ def test_bad_settings_are_refused(model, contexts, saes, tmp_path):
 # In a real browser ----------------------------------------------------------------------------
 
 
-def chromium(url, tmp_path, *extra):
+def chromium(url, tmp_path, *extra, local=False):
     """The DOM of `url` after its scripts ran, and the URLs of the network requests the page
     made (from Chromium's net log; the browser's own background requests are left out), with
-    every request bound to fail: a closed proxy port and no host resolution."""
+    every request bound to fail: a closed proxy port and no host resolution (`local`: except
+    127.0.0.1, which Chromium never proxies)."""
+    rules = "MAP * ~NOTFOUND" + (", EXCLUDE 127.0.0.1" if local else "")
     log = tmp_path / f"net-{len(list(tmp_path.glob('net-*')))}.json"
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                f"--user-data-dir={tmp_path / 'profile'}", "--proxy-server=http://127.0.0.1:9",
-               "--host-resolver-rules=MAP * ~NOTFOUND", f"--log-net-log={log}",
+               f"--host-resolver-rules={rules}", f"--log-net-log={log}",
                "--virtual-time-budget=5000", "--dump-dom", *extra, url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

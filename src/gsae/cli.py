@@ -87,6 +87,19 @@ def cmd_inspect(run: Any) -> int:
     return 0
 
 
+def cmd_serve(run: Any) -> int:
+    from gsae.browser.serve import serve
+
+    serve(run)
+    return 0
+
+
+def _serve_tree() -> type:
+    from gsae.browser.serve import ServeRun
+
+    return ServeRun
+
+
 def _inspect_tree() -> type:
     from gsae.browser import InspectRun
 
@@ -135,6 +148,9 @@ COMMANDS: dict[str, Command] = {
     "inspect": Command(_inspect_tree, "write a static feature browser of an SAE's latents "
                        "(HTML pages, latents.json, a delphi latent cache)", cmd_inspect,
                        recorded_defaults=True),
+    "serve": Command(_serve_tree, "a local page to read your own text through SAEs: per-token "
+                     "activations and loss effects, a token's top latents, steering",
+                     cmd_serve, recorded_defaults=True, interrupted="stopped"),
 }
 
 
