@@ -37,6 +37,10 @@ def cmd_cache(run: pipeline.CacheRun) -> int:
     if summary.corpus_ran_out:
         print(f"gsae: the corpus ran out after {summary.rows} tokens", file=sys.stderr)
     print(summary.line())
+    if summary.rows > run.store.tokens:
+        print(f"gsae: {summary.rows - run.store.tokens} tokens more than "
+              f"--tokens {run.store.tokens}: the store holds whole batches of --lm_batch_size "
+              f"{run.source.lm_batch_size} contexts", file=sys.stderr)
     return 0
 
 
