@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from gsae import SAE, Provenance, SAEConfig
 from gsae.browser import InspectConfig, inspect_contexts
 from gsae.browser import site as browser_site
+from gsae.browser import steering as browser_steering
 from gsae.browser.examples import quantile_positions, top_positions
 from gsae.browser.logits import top_tokens
 from gsae.browser.steering import greedy
@@ -673,3 +674,26 @@ def test_the_compared_sae_steers_the_partners_of_the_inspected_pages(site, site_
         assert (len(details["steering"]) == 3) == (int(latent) in partners and live)
         html = (site / "compare" / other["latents"][int(latent)]["page"]).read_text()
         assert ("a further neighbour" in html) == (int(latent) not in partners)
+
+
+def test_prompts_of_one_length_share_a_run_and_keep_their_texts(model, monkeypatch):
+    monkeypatch.setattr(browser_steering, "PROMPTS", ("abcdef", "ghijkl", "xyz"))
+    runs = []
+    real = browser_steering.greedy
+    monkeypatch.setattr(browser_steering, "greedy",
+                        lambda *a, **k: runs.append(a[2].shape) or real(*a, **k))
+    gen = torch.Generator().manual_seed(7)
+    directions = {("a", 3): F.normalize(torch.randn(D, generator=gen), dim=0),
+                  ("b", 3): F.normalize(torch.randn(D, generator=gen), dim=0)}
+    typical = {("a", 3): 4.0, ("b", 3): 9.0}
+    tokenizer = tiny_tokenizer()
+    got = browser_steering.continuations(model, model.model.layers[0], tokenizer, directions,
+                                         typical, skip_first=1, new_tokens=4)
+    assert runs == [(2 * 5, 6), (5, 3)]  # two 6-byte prompts in one run, 5 rows each
+    for key, prompts in got.items():
+        for entry in prompts:
+            ids = torch.tensor(tokenizer(entry["prompt"])["input_ids"])
+            for c in entry["continuations"]:
+                want = naive_greedy(model, ids, c["multiple"] * typical[key] * directions[key],
+                                    1, 4)
+                assert c["text"] == tokenizer.decode(want)

@@ -367,8 +367,9 @@ def format_prompt_steering(result: PromptSteering) -> str:
 @torch.no_grad()
 def greedy(model: nn.Module, module: nn.Module, prompt: Tensor, vectors: Tensor,
            skip_first: int, new_tokens: int) -> Tensor:
-    """Greedy continuations [R, new_tokens] of the prompt ids [P], one row per vector [R, d]
-    added to `module`'s output from position `skip_first` on. Uses the KV cache."""
+    """Greedy continuations [R, new_tokens] of the prompt ids [P] (or one prompt per row,
+    [R, P], all of one length), one row per vector [R, d] added to `module`'s output from
+    position `skip_first` on. Uses the KV cache."""
     device = next(model.parameters()).device
     rows = vectors.shape[0]
     vectors = vectors.to(device)
@@ -384,7 +385,7 @@ def greedy(model: nn.Module, module: nn.Module, prompt: Tensor, vectors: Tensor,
 
     handle = module.register_forward_hook(add)
     try:
-        tokens = prompt.to(device)[None].repeat(rows, 1)
+        tokens = (prompt if prompt.ndim == 2 else prompt[None].repeat(rows, 1)).to(device)
         out = model(input_ids=tokens, use_cache=True, **_last_logits_only(model))
         generated = [out.logits[:, -1].argmax(-1)]
         for step in range(new_tokens - 1):

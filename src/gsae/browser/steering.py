@@ -25,9 +25,10 @@ def continuations(model: nn.Module, module: nn.Module, tokenizer,
                   skip_first: int, new_tokens: int, batch_rows: int = 1024
                   ) -> dict[Hashable, list[dict]]:
     """For each latent (any key: unit direction [d], typical activation): per prompt the
-    continuation text at every multiple of `MULTIPLES`. One greedy run per prompt holds every
-    row, the clean one (m = 0) first: on a CPU a decoding step has a large fixed cost (reading
-    every weight, the framework's per-step work), so fewer, larger runs are faster."""
+    continuation text at every multiple of `MULTIPLES`. One greedy run holds every row of all
+    prompts of one token length (the default model's three prompts are all 4 tokens), the
+    clean one (m = 0) included: on a CPU a decoding step has a large fixed cost (reading every
+    weight, the framework's per-step work), so fewer, larger runs are faster."""
     if not directions:
         return {}
     prompts = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in PROMPTS]
@@ -37,18 +38,30 @@ def continuations(model: nn.Module, module: nn.Module, tokenizer,
     texts: dict[tuple[Hashable, float, int], str] = {}
     bar = tqdm(total=len(vectors) * len(prompts), desc="inspect: steer", unit="continuation",
                dynamic_ncols=True)
-    for p, prompt in enumerate(prompts):
+    for group in _by_length(prompts):  # prompts of one length share a run
+        ids = torch.cat([prompts[p][None].expand(len(vectors), -1) for p in group])
         spelled = []
-        for block in vectors.split(batch_rows):
-            spelled += _spell(tokenizer, greedy(model, module, prompt, block, skip_first,
+        for block_ids, block in zip(ids.split(batch_rows),
+                                    vectors.repeat(len(group), 1).split(batch_rows)):
+            spelled += _spell(tokenizer, greedy(model, module, block_ids, block, skip_first,
                                                 new_tokens))
             bar.update(len(block))
-        texts.update({(key, m, p): text for (key, m), text in zip(jobs, spelled[1:])})
-        texts.update({(key, 0.0, p): spelled[0] for key in directions})
+        for g, p in enumerate(group):
+            mine = spelled[g * len(vectors) : (g + 1) * len(vectors)]
+            texts.update({(key, m, p): text for (key, m), text in zip(jobs, mine[1:])})
+            texts.update({(key, 0.0, p): mine[0] for key in directions})
     bar.close()
     return {key: [{"prompt": PROMPTS[p], "continuations": [
         {"multiple": m, "alpha": m * typical[key], "text": texts[(key, m, p)]}
         for m in MULTIPLES]} for p in range(len(prompts))] for key in directions}
+
+
+def _by_length(prompts: list[Tensor]) -> list[list[int]]:
+    """Indices of the prompts grouped by token count, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for p, ids in enumerate(prompts):
+        groups.setdefault(len(ids), []).append(p)
+    return list(groups.values())
 
 
 def _spell(tokenizer, ids: Tensor) -> list[str]:
