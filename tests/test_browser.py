@@ -7,7 +7,7 @@ import math
 import re
 import shutil
 import subprocess
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import numpy as np
 import pytest
@@ -17,6 +17,8 @@ from safetensors.numpy import load_file
 
 from gsae import SAE, Provenance, SAEConfig
 from gsae.browser import InspectConfig, inspect_contexts
+from gsae.browser import site as browser_site
+from gsae.browser import steering as browser_steering
 from gsae.browser.examples import quantile_positions, top_positions
 from gsae.browser.logits import top_tokens
 from gsae.browser.steering import greedy
@@ -58,11 +60,17 @@ def saes():
     return make_sae(0, BETA), make_sae(1, 0.0)
 
 
+ROWS_PER_PAGE = 16  # 40 latents: three pages
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, model, contexts, saes):
     out = tmp_path_factory.mktemp("site") / "site"
-    inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
-                     InspectConfig(out=str(out), **CFG), other=saes[1], names=("gsae", "topk"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(browser_site, "ROWS_PER_PAGE", ROWS_PER_PAGE)
+        inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(out), **CFG), other=saes[1],
+                         names=("gsae", "topk"))
     return out
 
 
@@ -143,6 +151,9 @@ def test_latent_numbers_match_the_naive_computation(site_json, naive):
             assert r["mean_activation"] is None and r["log10_frequency"] is None
             continue
         values = [h[2] for h in hits]
+        assert r["density_percent"] == pytest.approx(100 * len(hits) / naive["rows"])
+        assert r["mean_abs_loss_effect"] == pytest.approx(np.mean([abs(h[3]) for h in hits]),
+                                                          rel=1e-3)
         assert r["log10_frequency"] == pytest.approx(math.log10(len(hits) / naive["rows"]))
         assert r["mean_activation"] == pytest.approx(np.mean(values), rel=1e-4)
         assert r["max_activation"] == pytest.approx(max(values), rel=1e-4)
@@ -152,6 +163,24 @@ def test_latent_numbers_match_the_naive_computation(site_json, naive):
     assert any(r["novel_share"] for r in records if not r["dead"])  # the gradient mattered
 
 
+def naive_top_tokens(hits, contexts, count=3):
+    """The `count` token ids with the largest summed activation, ties to the lower id."""
+    sums = {}
+    for c, t, v, *_ in hits:
+        token = int(contexts[c, t])
+        sums[token] = sums.get(token, 0.0) + v
+    return sorted(sums, key=lambda token: (-sums[token], token))[:count]
+
+
+def test_top_activating_tokens_are_those_of_the_largest_summed_activation(site_json, naive,
+                                                                          contexts):
+    spell = tiny_tokenizer().decode
+    for r in site_json["latents"]:
+        want = naive_top_tokens(naive["fired"][r["latent"]], contexts)
+        assert r["top_tokens"] == [spell([t]) for t in want]
+    assert any(len(r["top_tokens"]) == 3 for r in site_json["latents"])
+
+
 def test_pages_go_to_the_most_frequent_latents_and_a_sample(site_json, naive):
     counts = {i: len(h) for i, h in naive["fired"].items()}
     paged = [r["latent"] for r in site_json["latents"] if r["page"]]
@@ -159,6 +188,32 @@ def test_pages_go_to_the_most_frequent_latents_and_a_sample(site_json, naive):
     assert set(by_frequency[: CFG["top_latents"]]) <= set(paged)
     assert len(paged) == CFG["top_latents"] + CFG["random_latents"]
     assert all(counts[i] > 0 for i in paged)
+
+
+def test_requested_latents_get_pages_and_no_continuations_when_asked(tmp_path, model, contexts,
+                                                                      saes, naive):
+    out = tmp_path / "site"
+    cfg = InspectConfig(out=str(out), **{**CFG, "top_latents": 1, "random_latents": 0,
+                                         "continuation_tokens": 0, "latents": "5, 38,5"})
+    inspect_contexts(saes[0], model, tiny_tokenizer(), contexts, cfg)
+    result = json.loads((out / "latents.json").read_text())
+    most = max(range(LATENTS), key=lambda i: (len(naive["fired"][i]), -i))
+    assert sorted(int(i) for i in result["pages"]) == sorted({most, 5, 38})
+    assert not naive["fired"][38] and result["latents"][38]["page"]  # dead, paged on request
+    for latent, details in result["pages"].items():
+        assert details["steering"] == []
+        html = (out / result["latents"][int(latent)]["page"]).read_text()
+        assert "Not run (--continuation_tokens 0)" in html
+
+
+@pytest.mark.parametrize("latents,message", [("5,40", "do not exist"), ("5;7", "comma"),
+                                             ("-1", "whole numbers")])
+def test_unknown_requested_latents_are_refused(tmp_path, model, contexts, saes, latents,
+                                               message):
+    with pytest.raises(GsaeError, match=message):
+        inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                         InspectConfig(out=str(tmp_path / "x"), latents=latents))
+    assert not (tmp_path / "x").exists()
 
 
 def strips_of(html):
@@ -314,6 +369,68 @@ def test_dead_latents_with_pages_are_not_steered(site):
 # Compare: nearest latents by decoder cosine -------------------------------------------------
 
 
+def naive_fired(model, contexts, sae, beta):
+    """Per latent: [(context, t, value, value * d.g)] where it fires."""
+    x, g = states(model, contexts)
+    W_dec = sae.W_dec.detach().double()
+    fired = {i: [] for i in range(sae.n_latents)}
+    for c in range(contexts.shape[0]):
+        for t in range(1, contexts.shape[1] - 1):
+            for i, v in zip(*select(sae, x[c, t], g[c, t], beta)):
+                if v > 0:
+                    fired[i].append((c, t, v, v * (W_dec[i] @ g[c, t]).item()))
+    return fired
+
+
+def test_latents_are_paired_by_decoder_cosine_with_their_differences(
+        site, site_json, saes, naive, model, contexts):
+    a, b = saes[0].W_dec.detach().double(), saes[1].W_dec.detach().double()
+    cos = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    other = naive_fired(model, contexts, saes[1], 0.0)
+    spell = tiny_tokenizer().decode
+    pairing = site_json["pairing"]
+    assert not pairing["near_identical"] and len(pairing["pairs"]) == LATENTS
+    for p in pairing["pairs"]:
+        i, j = p["latent"], p["partner"]
+        assert j == cos[i].argmax().item() and p["cosine"] == pytest.approx(cos[i, j].item())
+        assert p["mutual"] == (cos[:, j].argmax().item() == i)
+        dens = [100 * len(hits) / naive["rows"] for hits in (naive["fired"][i], other[j])]
+        assert p["density_percent_difference"] == pytest.approx(dens[0] - dens[1])
+        effects = [np.mean([abs(h[3]) for h in hits]) if hits else None
+                   for hits in (naive["fired"][i], other[j])]
+        if None in effects:
+            assert p["mean_abs_loss_effect_difference"] is None
+        else:
+            assert p["mean_abs_loss_effect_difference"] == pytest.approx(
+                effects[0] - effects[1], rel=1e-3, abs=1e-6)
+        tokens = [{spell([t]) for t in naive_top_tokens(hits, contexts)}
+                  for hits in (naive["fired"][i], other[j])]
+        if tokens[0] | tokens[1]:
+            assert p["token_overlap"] == pytest.approx(
+                len(tokens[0] & tokens[1]) / len(tokens[0] | tokens[1]))
+    assert 0 < sum(p["mutual"] for p in pairing["pairs"]) < LATENTS
+    html = (site / "compare.html").read_text()
+    assert html.count("<tr data-latent=") == LATENTS and "near-identical" not in html
+
+
+def test_near_identical_saes_are_called_so_at_the_top(tmp_path, model, contexts, saes):
+    twin = make_sae(0, 0.0)
+    with torch.no_grad():  # the g-SAE's decoder, shuffled and nudged: cosine > 0.999
+        order = torch.randperm(LATENTS, generator=torch.Generator().manual_seed(5))
+        twin.W_dec.copy_(saes[0].W_dec[order] + 1e-3 * torch.randn(LATENTS, D))
+    out = tmp_path / "twins"
+    inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
+                     InspectConfig(out=str(out), **{**CFG, "continuation_tokens": 0}),
+                     other=twin)
+    pairing = json.loads((out / "latents.json").read_text())["pairing"]
+    assert pairing["near_identical"] and pairing["near_share"] == 1.0
+    assert [p["partner"] for p in pairing["pairs"]] == order.argsort().tolist()
+    assert all(p["mutual"] for p in pairing["pairs"])
+    for page in ("compare.html", "index.html", "compare/index.html"):
+        body = (out / page).read_text().split("<body>", 1)[1]
+        assert body.index("near-identical") < body.index("<table"), page
+
+
 def test_neighbours_are_the_nearest_by_decoder_cosine(site, site_json, saes):
     a = saes[0].W_dec.detach().double()
     b = saes[1].W_dec.detach().double()
@@ -410,14 +527,16 @@ def test_bad_settings_are_refused(model, contexts, saes, tmp_path):
 # In a real browser ----------------------------------------------------------------------------
 
 
-def chromium(url, tmp_path, *extra):
+def chromium(url, tmp_path, *extra, local=False):
     """The DOM of `url` after its scripts ran, and the URLs of the network requests the page
     made (from Chromium's net log; the browser's own background requests are left out), with
-    every request bound to fail: a closed proxy port and no host resolution."""
+    every request bound to fail: a closed proxy port and no host resolution (`local`: except
+    127.0.0.1, which Chromium never proxies)."""
+    rules = "MAP * ~NOTFOUND" + (", EXCLUDE 127.0.0.1" if local else "")
     log = tmp_path / f"net-{len(list(tmp_path.glob('net-*')))}.json"
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                f"--user-data-dir={tmp_path / 'profile'}", "--proxy-server=http://127.0.0.1:9",
-               "--host-resolver-rules=MAP * ~NOTFOUND", f"--log-net-log={log}",
+               f"--host-resolver-rules={rules}", f"--log-net-log={log}",
                "--virtual-time-budget=5000", "--dump-dom", *extra, url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -464,7 +583,7 @@ def test_the_request_detector_sees_requests(tmp_path):
 def test_clicking_a_header_sorts_the_rows(site, site_json, tmp_path, key, field, descending):
     url = (site / "index.html").as_uri() + f"#sort={key},{'desc' if descending else 'asc'}"
     dom, requests = chromium(url, tmp_path)
-    assert f'data-key="{key}" data-dir="{"desc" if descending else "asc"}"' in dom
+    assert re.search(f'data-key="{key}"[^>]* data-dir="{"desc" if descending else "asc"}"', dom)
     records = site_json["latents"]
     missing = -math.inf  # dead latents have no mean: they sort below every number
 
@@ -531,3 +650,87 @@ def test_only_contexts_where_the_latent_fires_are_top_examples():
                         [-1.0, -3.0, 0.0], [0.5, 0.0, 0.0]])
     assert top_positions(act, 5) == [(1, 1), (4, 0)]
     assert top_positions(act, 1) == [(1, 1)]
+
+
+def visible_rows(dom):
+    """Latent ids of the table rows the page shows (not hidden), in order."""
+    body = dom.split('<table id="latents">', 1)[1]
+    return [int(i) for attrs, i in re.findall(r'<tr([^>]*)><td class="l" data-v="(\d+)"', body)
+            if "hidden" not in attrs]
+
+
+@needs_chromium
+def test_the_index_pages_through_every_latent(site, tmp_path):
+    shown = []
+    for page in (1, 2, 3):
+        dom, requests = chromium((site / "index.html").as_uri() + f"#page={page}", tmp_path)
+        shown.append(visible_rows(dom))
+        assert f"{LATENTS} latents match; page {page} of 3" in dom
+        assert requests == []
+    assert [len(rows) for rows in shown] == [ROWS_PER_PAGE, ROWS_PER_PAGE, LATENTS - 32]
+    assert sum(shown, []) == list(range(LATENTS))
+
+
+@needs_chromium
+def test_the_filter_finds_latents_by_id_and_by_token(site, site_json, tmp_path):
+    records = site_json["latents"]
+    index = (site / "index.html").as_uri()
+    dom, _ = chromium(index + "#q=" + quote("7, 31"), tmp_path)
+    assert visible_rows(dom) == [7, 31]
+    counts = {}
+    for r in records:
+        for token in set(r["top_tokens"] + r["promoted"]):
+            counts[token] = counts.get(token, 0) + 1
+    query = next(t for t, n in sorted(counts.items(), key=lambda kv: -kv[1])
+                 if t.strip().isalpha() and 1 < n < LATENTS).strip().swapcase()  # any case
+    want = [r["latent"] for r in records if any(query.lower() in t.lower()
+                                                for t in r["top_tokens"] + r["promoted"])]
+    dom, requests = chromium(index + "#q=" + quote(query), tmp_path)
+    assert visible_rows(dom) == want[:ROWS_PER_PAGE] and 0 < len(want) < LATENTS
+    assert f"{len(want)} latents match" in dom
+    assert requests == []
+
+
+@needs_chromium
+def test_every_column_header_explains_itself(site, tmp_path):
+    dom, _ = chromium((site / "index.html").as_uri(), tmp_path)
+    head = dom.split('<table id="latents">', 1)[1].split("</thead>", 1)[0]
+    titles = dict(re.findall(r'<th data-key="(\w+)" title="([^"]+)"', head))
+    assert list(titles) == [key for key, *_ in browser_site.COLUMNS]
+    assert "percent" in titles["freq"] and "encoded tokens" in titles["freq"]
+    assert "nats" in titles["abs_effect"] and "where it fires" in titles["abs_effect"]
+    assert all(len(text) > 40 for text in titles.values())
+
+
+def test_the_compared_sae_steers_the_partners_of_the_inspected_pages(site, site_json):
+    other = json.loads((site / "compare" / "latents.json").read_text())
+    partners = {d["neighbours"][0]["latent"] for d in site_json["pages"].values()}
+    assert set(map(int, other["pages"])) > partners  # further neighbours have pages too
+    for latent, details in other["pages"].items():
+        live = not other["latents"][int(latent)]["dead"]
+        assert (len(details["steering"]) == 3) == (int(latent) in partners and live)
+        html = (site / "compare" / other["latents"][int(latent)]["page"]).read_text()
+        assert ("a further neighbour" in html) == (int(latent) not in partners)
+
+
+def test_prompts_of_one_length_share_a_run_and_keep_their_texts(model, monkeypatch):
+    monkeypatch.setattr(browser_steering, "PROMPTS", ("abcdef", "ghijkl", "xyz"))
+    runs = []
+    real = browser_steering.greedy
+    monkeypatch.setattr(browser_steering, "greedy",
+                        lambda *a, **k: runs.append(a[2].shape) or real(*a, **k))
+    gen = torch.Generator().manual_seed(7)
+    directions = {("a", 3): F.normalize(torch.randn(D, generator=gen), dim=0),
+                  ("b", 3): F.normalize(torch.randn(D, generator=gen), dim=0)}
+    typical = {("a", 3): 4.0, ("b", 3): 9.0}
+    tokenizer = tiny_tokenizer()
+    got = browser_steering.continuations(model, model.model.layers[0], tokenizer, directions,
+                                         typical, skip_first=1, new_tokens=4)
+    assert runs == [(2 * 5, 6), (5, 3)]  # two 6-byte prompts in one run, 5 rows each
+    for key, prompts in got.items():
+        for entry in prompts:
+            ids = torch.tensor(tokenizer(entry["prompt"])["input_ids"])
+            for c in entry["continuations"]:
+                want = naive_greedy(model, ids, c["multiple"] * typical[key] * directions[key],
+                                    1, 4)
+                assert c["text"] == tokenizer.decode(want)

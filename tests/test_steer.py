@@ -185,7 +185,7 @@ def test_bad_settings_are_refused(model, pool):
 
 
 def test_cli_steer_table_and_json(tmp_path, corpus, capsys):
-    folder = tmp_path / "sae"
+    folder = tmp_path / "a-folder-name-long-enough-that-cutting-it-to-48-characters-shows" / "sae"
     sae = make_sae(outlier_factor=5.0)
     sae.provenance.corpus = {"dataset": corpus, "context_size": 32}
     sae.save(folder)
@@ -204,6 +204,7 @@ def test_cli_steer_table_and_json(tmp_path, corpus, capsys):
     assert [row["alpha_multiple"] for row in record["summary"]] == [1.0, 2.0]
     assert all(isinstance(t, str) for t in record["latents"][0]["promoted"])
     assert "KL(steered||clean)" in captured.out
+    assert f"{folder} " in captured.out  # the whole name, not its last 48 characters
 
 
 # The above-hook path, typed results ------------------------------------------------------------

@@ -45,6 +45,10 @@ def cmd_cache(run: pipeline.CacheRun) -> int:
     if summary.corpus_ran_out:
         print(f"gsae: the corpus ran out after {summary.rows} tokens", file=sys.stderr)
     print(summary.line())
+    if summary.rows > run.store.tokens:
+        print(f"gsae: {summary.rows - run.store.tokens} tokens more than "
+              f"--tokens {run.store.tokens}: the store holds whole batches of --lm_batch_size "
+              f"{run.source.lm_batch_size} contexts", file=sys.stderr)
     return 0
 
 
@@ -61,7 +65,11 @@ def cmd_eval(run: pipeline.EvaluationRun) -> int:
 
 
 def cmd_steer(run: pipeline.SteeringRun) -> int:
-    from gsae.steer import format_table
+    from gsae.steer import format_prompt_steering, format_table
+
+    if run.prompt or run.latent >= 0:
+        print("\n".join(map(format_prompt_steering, pipeline.run_steer_prompt(run))))
+        return 0
 
     print(format_table(pipeline.run_steer(run)))
     if run.json:
@@ -92,6 +100,19 @@ def cmd_inspect(run: Any) -> int:
     out = run_inspect(run)
     print(f"wrote {out / 'index.html'} ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def cmd_serve(run: Any) -> int:
+    from gsae.browser.serve import serve
+
+    serve(run)
+    return 0
+
+
+def _serve_tree() -> type:
+    from gsae.browser.serve import ServeRun
+
+    return ServeRun
 
 
 def _inspect_tree() -> type:
@@ -147,6 +168,9 @@ COMMANDS: dict[str, Command] = {
     "inspect": Command(_inspect_tree, "write a static feature browser of an SAE's latents "
                        "(HTML pages, latents.json, a delphi latent cache)", cmd_inspect,
                        recorded_defaults=True),
+    "serve": Command(_serve_tree, "a local page to read your own text through SAEs: per-token "
+                     "activations and loss effects, a token's top latents, steering",
+                     cmd_serve, recorded_defaults=True, interrupted="stopped"),
 }
 
 

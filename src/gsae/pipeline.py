@@ -32,6 +32,7 @@ from gsae.evaluate import (
     EvalConfig,
     EvalResult,
     check_model,
+    eval_contexts,
     evaluate,
     evaluate_contexts,
     unseen_contexts,
@@ -50,7 +51,15 @@ from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, w
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
-from gsae.steer import SteerConfig, SteerResult, steer
+from gsae.steer import (
+    PromptSteering,
+    SteerConfig,
+    SteerResult,
+    check_latent,
+    steer,
+    steer_prompt,
+    typical_activations,
+)
 from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
 from gsae.text import (
     DataConfig,
@@ -145,6 +154,12 @@ class SteeringRun:
     steer: SteerConfig = field(default_factory=SteerConfig)
     allow_changed_corpus: bool = field(default=False, metadata={"help": CHANGED_CORPUS_HELP})
     json: str = field(default="", metadata={"help": "also write the result as JSON to this file"})
+    latent: int = field(default=-1, metadata={
+        "help": "with --prompt: steer this latent of each SAE at 0 and every --alphas multiple "
+        "and print the greedy continuations (-1: the sampled evaluation)", "min": -1})
+    prompt: str = field(default="", metadata={"help": "text to continue, with --latent"})
+    new_tokens: int = field(default=20, metadata={
+        "help": "tokens generated per continuation, with --prompt", "min": 1})
 
 
 # -------------------------------------------------------------------------------- training
@@ -809,6 +824,31 @@ def evaluate_unseen(loaded: LoadedModel, data: DataConfig, run: EvaluationRun) -
                                loaded.model_id)
     result.run.corpus, result.run.part = corpus_identity(data), "all"
     return result
+
+
+def run_steer_prompt(run: SteeringRun) -> list[PromptSteering]:
+    """`gsae steer --latent N --prompt TEXT`: the latent of every SAE folder steered on the
+    prompt, its strengths multiples of its typical activation over the steering pool."""
+    if (run.latent >= 0) != bool(run.prompt):
+        raise GsaeError("--latent and --prompt go together: give both to steer one latent on "
+                        "your text, or neither for the steering evaluation")
+    loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
+    cfg = run.steer
+    data = replace(loaded.data, context_size=cfg.context_size or loaded.data.context_size)
+    pool = eval_contexts(data, loaded.tokenizer,
+                         EvalConfig(eval_tokens=cfg.pool * data.context_size, seed=cfg.seed))
+    results = []
+    for sae, name in zip(loaded.saes, loaded.names):
+        check_latent(sae, run.latent, name)
+        typical, rows = typical_activations(sae, loaded.model, pool, cfg.batch_size, name)
+        if typical[run.latent].isnan():
+            raise GsaeError(f"latent {run.latent} of {name} never fired on the {rows} pool "
+                            "tokens, so it has no typical activation to scale --alphas by: "
+                            "choose another latent or a larger --pool")
+        results.append(steer_prompt(sae, loaded.model, loaded.tokenizer, run.latent, run.prompt,
+                                    cfg.alphas, run.new_tokens, typical[run.latent].item(),
+                                    name, rows))
+    return results
 
 
 def run_steer(run: SteeringRun) -> SteerResult:

@@ -17,6 +17,7 @@ Protocol (the README's steering section defines every number):
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -37,7 +38,16 @@ from gsae.evaluate import (
     recorded_hook,
     sae_names,
 )
-from gsae.hooks import FULL, Intervention, Recording, add, log_probs, resolve_hook
+from gsae.hooks import (
+    FULL,
+    Intervention,
+    Recording,
+    add,
+    hook_output_tensor,
+    log_probs,
+    replace_hook_output,
+    resolve_hook,
+)
 from gsae.io import versions
 from gsae.sae import SAE
 from gsae.source import ActivationSource, SourceConfig, training_positions
@@ -266,13 +276,14 @@ def steer_on(
 
 def format_table(result: SteerResult) -> str:
     """One line per SAE and strength: latents measured, median [q25, q75] of KL and gain."""
-    lines = [f"{'SAE':<48} {'alpha x':>7} {'latents':>7} {'KL(steered||clean)':>26} "
+    width = max([3, *(len(record.sae) for record in result.results)])
+    lines = [f"{'SAE':<{width}} {'alpha x':>7} {'latents':>7} {'KL(steered||clean)':>26} "
              f"{'log-prob gain of promoted':>26}"]
     for record in result.results:
         for row in record.summary:
             cells = [f"{s['median']:.4g} [{s['q25']:.3g}, {s['q75']:.3g}]" if s else "-"
                      for s in (row["kl"], row["logprob_gain"])]
-            lines.append(f"{record.sae[-48:]:<48} {row['alpha_multiple']:>7g} "
+            lines.append(f"{record.sae:<{width}} {row['alpha_multiple']:>7g} "
                          f"{row['latents']:>7} {cells[0]:>26} {cells[1]:>26}")
     run = result.run
     lines.insert(0, f"{run.pool_contexts} pool contexts x {run.context_size} tokens, sets A "
@@ -289,6 +300,119 @@ def summarize(values: Sequence[float | None]) -> dict[str, float] | None:
     stats = {"mean": kept.mean().item(), "min": kept.min().item(), "max": kept.max().item()}
     stats.update({name: torch.quantile(kept, q).item() for name, q in QUANTILES.items()})
     return stats
+
+
+# Steering one latent on a prompt ---------------------------------------------------------------
+
+
+@dataclass
+class PromptSteering:
+    """Greedy continuations of one prompt with one latent steered at several strengths."""
+
+    sae: str
+    latent: int
+    typical_activation: float  # mean of its non-zero values over the pool, gradient-free
+    pool_tokens: int
+    prompt: str
+    continuations: list[dict[str, Any]]  # {"multiple", "alpha", "text"}; multiple 0 is clean
+
+
+def typical_activations(sae: SAE, model: nn.Module, pool: Tensor, batch_size: int = 8,
+                        name: str = "the SAE") -> tuple[Tensor, int]:
+    """Per latent, the mean of its non-zero values under gradient-free selection over the data
+    positions of the pool contexts [n, T] (NaN where it never fires), and the tokens encoded."""
+    member = _SteeredSAE(sae, name, model)
+    _pool_pass(model, pool, [member], batch_size)
+    typical = member.value_sum / member.fired
+    return typical.where(member.fired > 0, torch.full_like(typical, float("nan"))), member.rows
+
+
+def check_latent(sae: SAE, latent: int, name: str = "the SAE") -> None:
+    """Refuse a latent index the SAE does not have."""
+    if not 0 <= latent < sae.n_latents:
+        raise GsaeError(f"latent {latent} does not exist: {name} has latents 0 to "
+                        f"{sae.n_latents - 1}")
+
+
+def steer_prompt(sae: SAE, model: nn.Module, tokenizer: PreTrainedTokenizerBase, latent: int,
+                 prompt: str, multiples: Sequence[float], new_tokens: int,
+                 typical: float, name: str = "the SAE", pool_tokens: int = 0) -> PromptSteering:
+    """Greedy continuations of `prompt` with `m * typical * d_latent` added at the SAE's hook
+    from position skip_first on, for m = 0 (clean) and every multiple."""
+    check_latent(sae, latent, name)
+    ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    if ids.numel() == 0:
+        raise GsaeError("the prompt is empty: give some text to continue")
+    _, module = resolve_hook(model, recorded_hook(sae, name))
+    chosen = [0.0, *[m for m in multiples if m != 0]]
+    direction = sae.W_dec.detach().float().cpu()[latent]
+    vectors = torch.stack([m * typical * direction for m in chosen])
+    rows = greedy(model, module, ids, vectors, sae.provenance.skip_first, new_tokens)
+    texts = [tokenizer.decode(row.tolist()) for row in rows]
+    return PromptSteering(name, latent, typical, pool_tokens, prompt, [
+        {"multiple": m, "alpha": m * typical, "text": text} for m, text in zip(chosen, texts)])
+
+
+def format_prompt_steering(result: PromptSteering) -> str:
+    """The continuations, one line per strength."""
+    lines = [f"{result.sae}: latent {result.latent}, typical activation "
+             f"{result.typical_activation:.4g} (gradient-free, over {result.pool_tokens} "
+             f"held-out tokens); greedy continuations of {result.prompt!r}"]
+    for c in result.continuations:
+        label = "clean" if c["multiple"] == 0 else f"{c['multiple']:g}x = {c['alpha']:.4g}"
+        lines.append(f"  {label:>16}: {c['text']!r}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, module: nn.Module, prompt: Tensor, vectors: Tensor,
+           skip_first: int, new_tokens: int) -> Tensor:
+    """Greedy continuations [R, new_tokens] of the prompt ids [P] (or one prompt per row,
+    [R, P], all of one length), one row per vector [R, d] added to `module`'s output from
+    position `skip_first` on. Uses the KV cache."""
+    device = next(model.parameters()).device
+    rows = vectors.shape[0]
+    vectors = vectors.to(device)
+    offset = [0]
+
+    def add(_module, _inputs, output):
+        def delta(h: Tensor) -> Tensor:
+            positions = torch.arange(offset[0], offset[0] + h.shape[1], device=h.device)
+            return vectors[:, None, :] * (positions >= skip_first)[None, :, None]
+
+        h = hook_output_tensor(output)
+        return replace_hook_output(output, h + delta(h).to(h.dtype))
+
+    handle = module.register_forward_hook(add)
+    try:
+        tokens = (prompt if prompt.ndim == 2 else prompt[None].repeat(rows, 1)).to(device)
+        out = model(input_ids=tokens, use_cache=True, **_last_logits_only(model))
+        generated = [out.logits[:, -1].argmax(-1)]
+        for step in range(new_tokens - 1):
+            offset[0] = tokens.shape[1] + step
+            out = model(input_ids=generated[-1][:, None], use_cache=True,
+                        **_cache_argument(model, out))
+            generated.append(out.logits[:, -1].argmax(-1))
+    finally:
+        handle.remove()
+    return torch.stack(generated, dim=1).cpu()
+
+
+def _last_logits_only(model: nn.Module) -> dict:
+    """Ask for the last position's logits only, where the model's forward can."""
+    return {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _cache_argument(model: nn.Module, out) -> dict:
+    """The KV cache of `out` as the forward argument this transformers version names."""
+    if _accepts(model, "cache"):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
 
 
 # The SAE under test ------------------------------------------------------------------------------

@@ -190,14 +190,16 @@ def fill_store(cfg: StoreConfig, source: ActivationSource, data_cfg: DataConfig,
     bar = tqdm(total=cfg.tokens, initial=writer.rows_done, unit="tok", unit_scale=True,
                desc="cache", dynamic_ncols=True)
     pending: list[dict[str, Batch]] = []
+    pending_rows = 0  # rows of the shard being gathered: they count towards cfg.tokens too
     for tokens in contexts:
-        if writer.rows_done >= cfg.tokens:
+        if writer.rows_done + pending_rows >= cfg.tokens:
             break
         pending.append(source.batches(tokens))
+        pending_rows += len(next(iter(pending[-1].values())))
         bar.update(len(next(iter(pending[-1].values()))))
         if len(pending) == cfg.batches_per_shard:
             writer.write_shard(pending)
-            pending = []
+            pending, pending_rows = [], 0
     if pending:
         writer.write_shard(pending)
     writer.finish()

@@ -471,6 +471,15 @@ def _share_of_this_rank(jobs: list[Any], cfg: TrainConfig) -> tuple[list[Any], s
 
 
 
+def fill_status(rows: int, capacity: int, seconds: float) -> str:
+    """The progress line while the shuffle buffer fills (no step is taken before it is full),
+    with the time left at the rate so far."""
+    line = f"filling the shuffle buffer: {rows}/{capacity}"
+    if rows > 0 and seconds > 0:
+        line += f", about {(capacity - rows) * seconds / rows:.0f} s left"
+    return line
+
+
 class Trainer:
     """Trains a list of SAEs, each bound to a hook point, on shared batches."""
 
@@ -607,9 +616,11 @@ class Trainer:
         already skip the `chunks_done` chunks of a resumed run. Returns the final metrics."""
         chunks = iter(chunks)
         start_tokens = min(m.tokens for m in self.members)
+        # smoothing 0.05: the rate (and so the ETA) averages over about 20 updates; steps come
+        # in bursts, one chunk at a time, which made tqdm's default of 0.3 jump
         bar = tqdm(total=self.cfg.tokens, initial=start_tokens, unit="tok", unit_scale=True,
                    desc=self.progress_label, dynamic_ncols=True,
-                   disable=not distributed.is_main())
+                   disable=not distributed.is_main(), smoothing=0.05)
         self._t0 = time.perf_counter()
         self._t0_tokens = start_tokens
         try:
@@ -620,7 +631,8 @@ class Trainer:
                     self._save_checkpoints(finished=False)
                 if bar.n == start_tokens:  # nothing trained yet: show the buffer filling up
                     buf = next(iter(self.buffers.values()))
-                    bar.set_postfix_str(f"filling the shuffle buffer: {buf.rows}/{buf.capacity}")
+                    bar.set_postfix_str(fill_status(buf.rows, buf.capacity,
+                                                    time.perf_counter() - self._t0))
             if not self.done:  # the data ended: train on what the buffers still hold
                 for hook, buf in self.buffers.items():
                     for ready in buf.flush():

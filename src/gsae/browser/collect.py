@@ -39,6 +39,23 @@ class Encoded:
     def rows(self) -> int:
         return self.where.shape[0]
 
+    def firings_of(self, latent: int) -> tuple[Tensor, Tensor]:
+        """(row, slot) of every firing of `latent`, rows ascending. The firings are sorted by
+        latent once, so each page costs a slice, not a scan of every row."""
+        if not hasattr(self, "_by_latent"):
+            fired = (self.values > 0).flatten().nonzero()[:, 0]
+            order = fired[torch.argsort(self.indices.flatten()[fired], stable=True)]
+            counts = torch.bincount(self.indices.flatten()[order].long())
+            self._by_latent = (order, torch.cat([torch.zeros(1, dtype=torch.long),
+                                                 counts.cumsum(0)]))
+        order, starts = self._by_latent
+        if latent + 1 >= starts.numel():
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty
+        flat = order[starts[latent] : starts[latent + 1]]
+        k = self.indices.shape[1]
+        return flat // k, flat % k
+
 
 def encode_contexts(model: nn.Module, contexts: Tensor, saes: list[tuple[SAE, Recorded]],
                     batch_size: int) -> list[Encoded]:
@@ -109,6 +126,8 @@ def latent_numbers(enc: Encoded, n_latents: int) -> dict[str, Tensor]:
             plain_idx, enc.plain_values[plain_fired].double(), minlength=n_latents)
         / plain_count.where(plain_count > 0, torch.full_like(plain_count, float("nan"))),
     }
+    numbers["mean_abs_loss_effect"] = torch.bincount(
+        idx, (val * enc.slope[fired].double()).abs(), minlength=n_latents) / per_fire
     nan = torch.full((n_latents,), float("nan"), dtype=torch.float64)
     numbers["mean_effect"], numbers["novel_share"] = nan, nan.clone()
     if enc.effect is not None:
@@ -122,7 +141,7 @@ def latent_numbers(enc: Encoded, n_latents: int) -> dict[str, Tensor]:
 def latent_map(enc: Encoded, latent: int) -> tuple[Tensor, Tensor]:
     """The latent's activation and first-order loss effect `value * (d_i . g)` at every position
     of every context [n, T]: 0 where it does not fire, NaN where nothing was encoded."""
-    rows, slot = ((enc.indices == latent) & (enc.values > 0)).nonzero(as_tuple=True)
+    rows, slot = enc.firings_of(latent)
     act = torch.zeros(enc.data_mask.shape, dtype=torch.float64)
     act[~enc.data_mask] = float("nan")
     loss = act.clone()
@@ -132,12 +151,36 @@ def latent_map(enc: Encoded, latent: int) -> tuple[Tensor, Tensor]:
     return act, loss
 
 
-def choose_pages(numbers: dict[str, Tensor], top: int, random: int, seed: int) -> list[int]:
+def top_activating_tokens(enc: Encoded, contexts: Tensor, n_latents: int, count: int
+                          ) -> list[list[int]]:
+    """Per latent, the ids of the `count` tokens with the largest summed activation of the
+    latent on them (the token at the firing position), largest first; ties to the lower id."""
+    fired = enc.values > 0
+    rows, _ = fired.nonzero(as_tuple=True)
+    latent = enc.indices[fired].long()
+    token = contexts[enc.where[rows, 0], enc.where[rows, 1]].long()
+    vocab = int(contexts.max().item()) + 1 if contexts.numel() else 1
+    keys, inverse = torch.unique(latent * vocab + token, return_inverse=True)
+    sums = torch.zeros(keys.numel(), dtype=torch.float64).index_add_(
+        0, inverse, enc.values[fired].double())
+    order = torch.argsort(sums, descending=True, stable=True)  # keys ascend: ties to lower ids
+    order = order[torch.argsort(keys[order] // vocab, stable=True)]
+    tops: list[list[int]] = [[] for _ in range(n_latents)]
+    for key in keys[order].tolist():
+        owner = tops[key // vocab]
+        if len(owner) < count:
+            owner.append(key % vocab)
+    return tops
+
+
+def choose_pages(numbers: dict[str, Tensor], top: int, random: int, seed: int,
+                 requested: list[int] | tuple[int, ...] = ()) -> list[int]:
     """The latents that get a page: the `top` most frequent live latents, then a seeded random
-    sample of `random` of the other live ones."""
+    sample of `random` of the other live ones, then the `requested` ones not yet chosen."""
     live = (numbers["count"] > 0).nonzero()[:, 0]
     order = live[numbers["frequency"][live].argsort(descending=True, stable=True)]
     chosen, rest = order[:top], order[top:]
     gen = torch.Generator().manual_seed(seed)
     sample = rest[torch.randperm(rest.numel(), generator=gen)[:random]]
-    return chosen.tolist() + sorted(sample.tolist())
+    picked = chosen.tolist() + sorted(sample.tolist())
+    return picked + [i for i in dict.fromkeys(requested) if i not in picked]

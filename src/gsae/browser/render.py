@@ -15,6 +15,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}
 th{cursor:pointer;background:#f3f3f3;position:sticky;top:0;user-select:none}
+th[title]{text-decoration:underline dotted}
 th[data-dir=desc]::after{content:" \\25BC"}th[data-dir=asc]::after{content:" \\25B2"}
 td.l,th.l{text-align:left}tr.dead{color:#999}.badge{background:#c33;color:#fff;border-radius:3px;
 padding:0 4px;font-size:11px}.note{color:#555;font-size:12px;max-width:900px}
@@ -22,21 +23,46 @@ padding:0 4px;font-size:11px}.note{color:#555;font-size:12px;max-width:900px}
 border-left:3px solid #ddd}.tok{border-radius:2px;padding:1px 0}.tok.off{color:#aaa}
 .tok.centre{outline:1px solid #333}.act{color:#555;font-size:11px;margin-right:6px}
 .cols{display:flex;gap:2em;flex-wrap:wrap}.tokens td{font-family:ui-monospace,monospace}
-svg text{font-size:10px;fill:#444}.bar{fill:#4a7fb5}
+svg text{font-size:10px;fill:#444}.bar{fill:#4a7fb5}.banner{background:#fff3c4;padding:6px 10px;
+border-left:4px solid #d9a400}.controls{margin:8px 0}.controls input{width:22em}
 """
 
-SORT_SCRIPT = """
-function sortBy(th){const table=th.closest('table'),body=table.tBodies[0],col=th.cellIndex;
-const dir=th.dataset.dir==='desc'?'asc':'desc';
+TABLE_SCRIPT = """
+const table=document.getElementById('latents'),body=table.tBodies[0],PER_PAGE=ROWS_PER_PAGE;
+const box=document.getElementById('filter'),info=document.getElementById('pageinfo');
+let page=1;
+function sortBy(th,dir){const col=th.cellIndex;
+dir=dir||(th.dataset.dir==='desc'?'asc':'desc');
 for(const h of table.tHead.rows[0].cells)delete h.dataset.dir;th.dataset.dir=dir;
 const key=r=>{const c=r.cells[col];return c.dataset.v===undefined?c.textContent:+c.dataset.v};
 const rows=[...body.rows];const sign=dir==='asc'?1:-1;
 rows.sort((a,b)=>{const x=key(a),y=key(b);return x<y?-sign:x>y?sign:0});body.append(...rows);}
-document.querySelectorAll('th[data-key]').forEach(th=>th.addEventListener('click',()=>sortBy(th)));
-const wanted=location.hash.match(/sort=(\\w+)(?:,(asc|desc))?/);
-if(wanted){const th=document.querySelector('th[data-key="'+wanted[1]+'"]');
-if(th){th.click();if(wanted[2]&&th.dataset.dir!==wanted[2])th.click();}}
+function matches(r,q){if(!q)return true;
+if(/^\\d+(\\s*,\\s*\\d+)*$/.test(q))return q.split(',').map(s=>+s).includes(+r.dataset.latent);
+return r.dataset.tokens.toLowerCase().split('\\n').some(t=>t.includes(q.toLowerCase()));}
+function show(){const q=box.value.trim(),kept=[...body.rows].filter(r=>matches(r,q));
+const pages=Math.max(1,Math.ceil(kept.length/PER_PAGE));page=Math.min(Math.max(1,page),pages);
+const first=(page-1)*PER_PAGE,shown=new Set(kept.slice(first,first+PER_PAGE));
+for(const r of body.rows)r.hidden=!shown.has(r);
+info.textContent=kept.length+' latents match; page '+page+' of '+pages;
+const th=table.querySelector('th[data-dir]'),state=new URLSearchParams();
+if(th)state.set('sort',th.dataset.key+','+th.dataset.dir);if(q)state.set('q',q);
+if(page>1)state.set('page',page);history.replaceState(null,'','#'+state.toString());}
+table.querySelectorAll('th[data-key]').forEach(th=>th.addEventListener('click',()=>{sortBy(th);page=1;show();}));
+box.addEventListener('input',()=>{page=1;show();});
+document.getElementById('prev').addEventListener('click',()=>{page--;show();});
+document.getElementById('next').addEventListener('click',()=>{page++;show();});
+const wanted=new URLSearchParams(location.hash.slice(1));
+const [key,dir]=(wanted.get('sort')||'').split(',');
+const th=key&&table.querySelector('th[data-key="'+key+'"]');if(th)sortBy(th,dir);
+box.value=wanted.get('q')||'';page=+(wanted.get('page')||1);show();
 """
+
+
+def table_script(rows_per_page: int) -> str:
+    """The index table's script: sort by a header, filter, page; the state lives in the URL's
+    fragment (#sort=KEY,desc&q=TEXT&page=N) so a view can be linked."""
+    return TABLE_SCRIPT.replace("ROWS_PER_PAGE", str(int(rows_per_page)))
 
 
 def page(title: str, body: str, css: str = "style.css") -> str:

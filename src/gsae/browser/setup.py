@@ -1,5 +1,5 @@
 """What the browser takes from the rest of gsae: an SAE's recorded setup (as `gsae eval` reads
-it), the held-out contexts and the hook output's hidden state."""
+it) and the held-out contexts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from torch import Tensor
 
 from gsae.config import build
 from gsae.evaluate import EvalConfig, eval_contexts, recorded_hook
-from gsae.hooks import hook_output_tensor, replace_hook_output
 from gsae.models import ModelConfig
 from gsae.pipeline import EvaluationRun, recorded_settings
 from gsae.sae import SAE
@@ -53,8 +52,3 @@ def held_out_contexts(data_cfg: DataConfig, tokenizer: Any, tokens: int, pool_to
     return eval_contexts(data_cfg, tokenizer,
                          EvalConfig(eval_tokens=tokens, pool_tokens=pool_tokens, seed=seed))
 
-
-def add_to_hook_output(output: Any, delta_of: Any) -> Any:
-    """`output` with `delta_of(hidden)` added to its hidden-state tensor."""
-    h = hook_output_tensor(output)
-    return replace_hook_output(output, h + delta_of(h).to(h.dtype))

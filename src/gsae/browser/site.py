@@ -18,9 +18,17 @@ from torch import Tensor, nn
 
 from gsae.browser import examples as ex
 from gsae.browser import render
-from gsae.browser.collect import Encoded, choose_pages, encode_contexts, latent_map, latent_numbers
+from gsae.browser.collect import (
+    Encoded,
+    choose_pages,
+    encode_contexts,
+    latent_map,
+    latent_numbers,
+    top_activating_tokens,
+)
 from gsae.browser.delphi import write_delphi_cache
 from gsae.browser.logits import norm_description, top_tokens
+from gsae.browser.pairs import NEAR_COSINE, pair_latents, pair_records
 from gsae.browser.setup import Recorded, held_out_contexts, recorded
 from gsae.browser.steering import continuations
 from gsae.errors import GsaeError
@@ -33,7 +41,35 @@ from gsae.sae import SAE
 from gsae.text import DataConfig
 
 SCHEMA = "gsae.inspect/1"
-INDEX_PROMOTED, PAGE_TOKENS = 3, 10
+INDEX_PROMOTED, PAGE_TOKENS, ROWS_PER_PAGE = 3, 10, 100
+OVER = ("over the encoded tokens: the SAE's data positions of the held-out contexts "
+        "(skip_first <= t <= T-2, outliers left out)")
+# The index table: (sort key, header, record field, significant digits, tooltip).
+COLUMNS = (
+    ("latent", "latent", "latent", 0, "The latent's index in the SAE (0-based). Linked where "
+     "it has a page; 'dead': it never fires on the encoded tokens."),
+    ("freq", "density %", "density_percent", 3, "Firing density, in percent: the share of "
+     "encoded tokens on which the SAE selects this latent with a value > 0 (with the SAE's "
+     "training-time selection), x 100; " + OVER + "."),
+    ("max", "max act", "max_activation", 3, "Largest activation (the latent's value, in the "
+     "units of the hook's residual stream along its unit decoder direction) " + OVER + "."),
+    ("mean", "mean act", "mean_activation", 3, "Mean of the latent's non-zero activations, "
+     "over the tokens where it fires."),
+    ("abs_effect", "mean |effect|", "mean_abs_loss_effect", 3, "Mean |value * (d_i . g)| over "
+     "the tokens where it fires: the size of the latent's first-order effect on the summed "
+     "next-token loss, in nats (g = dL/dx of the clean model for the true next tokens)."),
+    ("effect", "mean &beta;|d&middot;g|", "mean_effect", 3, "Mean of beta * |d_i . g| over the "
+     "tokens where it fires: the gradient term of a g-SAE's selection score (a multiplier, no "
+     "unit); empty for a plain TopK SAE."),
+    ("novel", "not-TopK share", "novel_share", 3, "Share (0 to 1) of the latent's firings that "
+     "plain TopK selection (beta = 0, same weights) would not have made; g-SAE only."),
+    ("tokens", "top activating tokens", "top_tokens", 0, "The tokens on which the latent's "
+     "summed activation is largest (the token at the firing position), largest first; "
+     + OVER + ". The filter box searches these and the promoted tokens."),
+    ("promoted", "top promoted tokens", "promoted", 0, "The tokens whose logits the latent's "
+     "decoder direction raises most on the direct path (final norm's gain applied, later "
+     "layers skipped); a property of the weights, not of the text."),
+)
 DEFINITIONS = {
     "fires": "the latent is selected with a value > 0 on a token; the SAE's data positions "
     "only (skip_first <= t <= T-2, outliers left out)",
@@ -67,6 +103,8 @@ class InspectConfig:
         "help": "pages for this many of the most frequent latents"})
     random_latents: int = field(default=32, metadata={
         "help": "pages for a seeded random sample of this many other live latents"})
+    latents: str = field(default="", metadata={
+        "help": "pages also for these latents, by id, comma-separated (e.g. 12,977)"})
     contexts_per_latent: int = field(default=10, metadata={
         "help": "top-activating contexts shown per latent"})
     quantiles: int = field(default=4, metadata={
@@ -74,7 +112,7 @@ class InspectConfig:
     contexts_per_quantile: int = field(default=2, metadata={
         "help": "examples shown per quantile bin"})
     continuation_tokens: int = field(default=10, metadata={
-        "help": "tokens generated per steered continuation"})
+        "help": "tokens generated per steered continuation (0: no continuations)"})
     neighbours: int = field(default=3, metadata={
         "help": "nearest latents by decoder cosine listed from the --compare SAE"})
     compare: str = field(default="", metadata={
@@ -86,13 +124,26 @@ class InspectConfig:
         "help": "replace --out if it already holds a site or other files"})
 
     def validate(self) -> None:
-        for name in ("tokens", "contexts_per_latent", "quantiles", "continuation_tokens",
-                     "neighbours", "batch_size"):
+        for name in ("tokens", "contexts_per_latent", "quantiles", "neighbours", "batch_size"):
             if getattr(self, name) < 1:
                 raise GsaeError(f"{name} is {getattr(self, name)}: it must be at least 1")
-        for name in ("top_latents", "random_latents", "contexts_per_quantile", "pool_tokens"):
+        for name in ("top_latents", "random_latents", "contexts_per_quantile", "pool_tokens",
+                     "continuation_tokens"):
             if getattr(self, name) < 0:
                 raise GsaeError(f"{name} is {getattr(self, name)}: it must be 0 or more")
+        self.requested_latents()
+
+    def requested_latents(self, n_latents: int | None = None) -> list[int]:
+        """The ids of `latents`, checked against the SAE's `n_latents` when given."""
+        parts = [p.strip() for p in str(self.latents).split(",") if p.strip()]
+        if not all(p.isdigit() for p in parts):
+            raise GsaeError(f"latents is {self.latents!r}: give latent ids (whole numbers from "
+                            "0) separated by commas, e.g. 12,977")
+        ids = [int(p) for p in parts]
+        if n_latents is not None and any(i >= n_latents for i in ids):
+            raise GsaeError(f"latents {[i for i in ids if i >= n_latents]} do not exist: the SAE "
+                            f"has latents 0 to {n_latents - 1}")
+        return ids
 
 
 @dataclass
@@ -135,6 +186,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     """Write the site for `sae` (and `other`, to compare) on token contexts [n, T]."""
     cfg.validate()
     _check_out(Path(cfg.out), cfg.overwrite)
+    requested = cfg.requested_latents(sae.n_latents)
     start = time.perf_counter()
     members = [(sae, recorded(sae, names[0]))]
     if other is not None:
@@ -148,7 +200,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     sites = [Site(s, rec, enc, name, folder)
              for (s, rec), enc, name, folder in zip(members, encoded, names, ("", "compare"))]
     sites[0].pages = choose_pages(sites[0].numbers, cfg.top_latents, cfg.random_latents,
-                                  cfg.seed)
+                                  cfg.seed, requested)
     if other is not None:
         link_neighbours(sites[0], sites[1], cfg.neighbours)
     spell = Speller(tokenizer)
@@ -158,6 +210,9 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
     with _site_folder(out) as folder:
         for site in sites:
             site.prepare(model, tokenizer, contexts, cfg, spell)
+        steer_pages(sites, model, tokenizer, cfg.continuation_tokens)
+        if other is not None:
+            compare_sites(sites[0], sites[1], folder)
         run["seconds_encoding"] = round(encode_seconds, 1)
         run["seconds_pages"] = round(time.perf_counter() - start - encode_seconds, 1)
         for site in sites:
@@ -189,6 +244,9 @@ class Site:
         self.neighbours: dict[int, list[tuple[int, float]]] = {}
         self.partner: Site | None = None
         self.details: dict[int, dict[str, Any]] = {}
+        self.steered = True
+        self.steer_only: set[int] | None = None  # None: every page
+        self.pairing: dict[str, Any] | None = None  # with --compare: pairs.pair_records
 
     def page_path(self, latent: int) -> str:
         digits = len(str(self.sae.n_latents - 1))
@@ -207,22 +265,28 @@ class Site:
         W_dec = self.sae.W_dec.detach().float()
         up, _, _, _ = top_tokens(model, W_dec, INDEX_PROMOTED)
         self.promoted = [[spell(int(t)) for t in row] for row in up]
-        self.hook_name, module = resolve_hook(model, self.rec.hook)
+        self.activating = [[spell(t) for t in row] for row in top_activating_tokens(
+            self.enc, contexts, self.sae.n_latents, INDEX_PROMOTED)]
+        self.hook_name, self.module = resolve_hook(model, self.rec.hook)
+        self.steered = cfg.continuation_tokens > 0
         if not self.pages:
             return
         up, up_v, down, down_v = top_tokens(model, W_dec[self.pages], PAGE_TOKENS)
-        units = {i: self.steering_unit(i)[0] for i in self.pages}
-        units = {i: unit for i, unit in units.items() if math.isfinite(unit)}  # not dead
-        steering = continuations(
-            model, module, tokenizer, {i: W_dec[i] for i in units}, units,
-            self.rec.skip_first, cfg.continuation_tokens)
         for row, latent in enumerate(self.pages):
             self.details[latent] = {
                 "promoted": _token_list(up[row], up_v[row], spell),
                 "suppressed": _token_list(down[row], down_v[row], spell),
-                "steering": steering.get(latent, []),
+                "steering": [],  # filled by steer_pages
                 **self._examples(latent, contexts, cfg, spell),
             }
+
+    def to_steer(self) -> dict[int, float]:
+        """The paged latents to steer (with --compare, the compared SAE's partners of the
+        inspected pages only), with their steering units; dead latents have none."""
+        chosen = self.pages if self.steer_only is None else \
+            [i for i in self.pages if i in self.steer_only]
+        units = {i: self.steering_unit(i)[0] for i in chosen}
+        return {i: unit for i, unit in units.items() if math.isfinite(unit)}
 
     def _examples(self, latent: int, contexts: Tensor, cfg: InspectConfig, spell: Speller
                   ) -> dict[str, Any]:
@@ -246,7 +310,7 @@ class Site:
 
     def write(self, folder: Path, contexts: Tensor, cfg: InspectConfig, run: dict[str, Any],
               sites: list[Site], spell: Speller) -> None:
-        records = [self.record(i) for i in range(self.sae.n_latents)]
+        records = self.records()
         target = folder / self.folder
         (target / "latents").mkdir(parents=True, exist_ok=True)
         (target / "index.html").write_text(self.index_html(records, run, sites))
@@ -254,6 +318,7 @@ class Site:
             (folder / self.page_path(latent)).write_text(self.latent_html(latent, run))
         write_json(target / "latents.json", _json_safe({
             "schema": SCHEMA, "sae": self.summary(), "run": run, "definitions": DEFINITIONS,
+            **({"pairing": self.pairing} if self.pairing else {}),
             "latents": records,
             "pages": {str(i): self.details_json(i) for i in self.pages},
         }))
@@ -266,16 +331,27 @@ class Site:
                 "value_mode": sae.cfg.value_mode, "n_latents": sae.n_latents, "d_in": sae.d_in,
                 "encoded_tokens": self.enc.rows}
 
-    def record(self, latent: int) -> dict[str, Any]:
-        n = {name: values[latent].item() for name, values in self.numbers.items()}
+    def records(self) -> list[dict[str, Any]]:
+        """The index record of every latent (made once, after `prepare`)."""
+        if not hasattr(self, "_records"):
+            columns = {name: values.tolist() for name, values in self.numbers.items()}
+            self._records = [self.record(i, {name: v[i] for name, v in columns.items()})
+                             for i in range(self.sae.n_latents)]
+        return self._records
+
+    def record(self, latent: int, n: dict[str, float] | None = None) -> dict[str, Any]:
+        if n is None:
+            n = {name: values[latent].item() for name, values in self.numbers.items()}
         dead = n["count"] == 0
         return {
             "latent": latent, "count": int(n["count"]), "frequency": n["frequency"],
+            "density_percent": 100 * n["frequency"],
             "log10_frequency": None if dead else math.log10(n["frequency"]),
             "mean_activation": n["mean_activation"], "max_activation": n["max_activation"],
             "typical_activation": n["typical_activation"], "mean_effect": n["mean_effect"],
+            "mean_abs_loss_effect": n["mean_abs_loss_effect"],
             "novel_share": n["novel_share"], "dead": dead,
-            "promoted": self.promoted[latent],
+            "top_tokens": self.activating[latent], "promoted": self.promoted[latent],
             "page": self.local_path(latent) if latent in self.details else None,
         }
 
@@ -305,25 +381,35 @@ class Site:
         rows = "\n".join(self._index_row(r, here) for r in records)
         body = (
             f"<h1>Latents of {_esc(self.name)}</h1>"
-            f"<p>{others}</p>"
+            + self.pairing_note(here) + f"<p>{others}</p>"
             + render.key_values({**_flat(self.summary()), **_flat(run),
                                  "dead latents": f"{dead} of {len(records)}",
                                  "pages": len(self.pages)})
             + "<h2>Firing frequencies</h2>" + self.frequency_histogram(records)
             + f'<p class="note">{dead} dead latents (never fire) are left out of the histogram '
             "and marked <span class=badge>dead</span> in the table. Click a column header to "
-            "sort (index.html#sort=KEY,desc works too); latents with a page are linked. Values "
-            "come from " + _esc(DEFINITIONS["selection"]) + ".</p>"
+            "sort; hover it for what the column measures. Type a latent id (or ids, "
+            "comma-separated) or a piece of a token in the box to filter. The view is kept in "
+            "the address (index.html#sort=freq,desc&amp;q=the&amp;page=2); latents with a page "
+            "are linked. Values come from " + _esc(DEFINITIONS["selection"]) + ".</p>"
+            + '<div class="controls"><input id="filter" type="search" placeholder="latent id or '
+            'token, e.g. 977 or Paris"> <button id="prev">&larr; previous</button> '
+            '<button id="next">next &rarr;</button> <span id="pageinfo"></span></div>'
             + '<table id="latents"><thead><tr>'
-            + '<th data-key="latent" class="l">latent</th><th data-key="freq">log10 frequency</th>'
-            + '<th data-key="mean">mean act</th><th data-key="max">max act</th>'
-            + '<th data-key="effect">mean &beta;|d&middot;g|</th>'
-            + '<th data-key="novel">not-TopK share</th>'
-            + '<th data-key="promoted" class="l">top promoted tokens</th></tr></thead><tbody>\n'
-            + rows + "</tbody></table>"
-            + f"<script>{render.SORT_SCRIPT}</script>"
+            + "".join(f'<th data-key="{key}" title="{_esc(tip)}"'
+                      f'{" class=l" if digits == 0 else ""}>{label}</th>'
+                      for key, label, _, digits, tip in COLUMNS)
+            + "</tr></thead><tbody>\n" + rows + "</tbody></table>"
+            + f"<script>{render.table_script(ROWS_PER_PAGE)}</script>"
         )
         return render.page(f"{self.name}: latents", body, _href(here, "style.css"))
+
+    def pairing_note(self, here: str) -> str:
+        """The near-identical warning and the link to the paired comparison, if compared."""
+        if not self.pairing:
+            return ""
+        link = f'<a href="{_href(here, "compare.html")}">latents paired across the two SAEs</a>'
+        return f"{_near_identical_banner(self.pairing)}<p>{link}</p>"
 
     def _index_row(self, r: dict[str, Any], here: str) -> str:
         label = str(r["latent"])
@@ -331,13 +417,14 @@ class Site:
             label = f'<a href="{r["page"]}">{label}</a>'
         if r["dead"]:
             label += ' <span class="badge">dead</span>'
-        cells = [(r["log10_frequency"], 3), (r["mean_activation"], 3), (r["max_activation"], 3),
-                 (r["mean_effect"], 3), (r["novel_share"], 3)]
-        tds = "".join(f'<td data-v="{render.sort_value(v)}">{render.fmt(v, d)}</td>'
-                      for v, d in cells)
-        promoted = _esc(" ".join(repr(t) for t in r["promoted"]))
-        return (f'<tr{" class=dead" if r["dead"] else ""}><td class="l" data-v="{r["latent"]}">'
-                f'{label}</td>{tds}<td class="l">{promoted}</td></tr>')
+        tds = "".join(f'<td data-v="{render.sort_value(r[name])}">{render.fmt(r[name], d)}</td>'
+                      for _, _, name, d, _ in COLUMNS if d)
+        token_cells = "".join(f'<td class="l">{_esc(" ".join(repr(t) for t in r[name]))}</td>'
+                              for name in ("top_tokens", "promoted"))
+        searched = "\n".join(t.replace("\n", "\u23ce") for t in r["top_tokens"] + r["promoted"])
+        return (f'<tr{" class=dead" if r["dead"] else ""} data-latent="{r["latent"]}" '
+                f'data-tokens="{_esc(searched)}"><td class="l" data-v="{r["latent"]}">'
+                f'{label}</td>{tds}{token_cells}</tr>')
 
     def frequency_histogram(self, records: list[dict[str, Any]]) -> str:
         logs = [r["log10_frequency"] for r in records if not r["dead"]]
@@ -356,7 +443,10 @@ class Site:
             f"<h1>Latent {latent} of {_esc(self.name)}</h1>",
             render.key_values({
                 "firings": f'{r["count"]} of {self.enc.rows} tokens',
+                "density": f'{render.fmt(r["density_percent"])} %',
                 "log10 frequency": render.fmt(r["log10_frequency"]),
+                "mean |value * (d.g)| (nats)": render.fmt(r["mean_abs_loss_effect"]),
+                "top activating tokens": " ".join(repr(t) for t in r["top_tokens"]),
                 "mean / max activation": f'{render.fmt(r["mean_activation"])} / '
                 f'{render.fmt(r["max_activation"])}',
                 "typical activation (gradient-free)": render.fmt(r["typical_activation"]),
@@ -375,7 +465,9 @@ class Site:
             + render.token_table("suppressed", [t["token"] for t in d["suppressed"]],
                                  [t["logit"] for t in d["suppressed"]]) + "</div>",
             self._neighbours_html(latent),
-            self._steering_html(d["steering"], self.steering_unit(latent)),
+            self._steering_html(latent, d["steering"], self.steering_unit(latent))
+            if self.steered
+            else "<h2>Steering</h2><p>Not run (--continuation_tokens 0).</p>",
             "<h2>Top-activating contexts</h2>",
             '<p class="note">Hover a token for its activation and its first-order loss effect '
             "value * (d_i . g) (negative: the latent lowers the next-token loss). Grey tokens "
@@ -400,8 +492,12 @@ class Site:
         return (f"<h2>Nearest latents in {_esc(self.partner.name)}</h2><table><tr><th "
                 f'class="l">latent</th><th>decoder cosine</th></tr>{"".join(rows)}</table>')
 
-    @staticmethod
-    def _steering_html(steering: list[dict[str, Any]], unit: tuple[float, str]) -> str:
+    def _steering_html(self, latent: int, steering: list[dict[str, Any]],
+                       unit: tuple[float, str]) -> str:
+        if not steering and self.steer_only is not None and latent not in self.steer_only:
+            return ("<h2>Steering</h2><p>Not run: with --compare, continuations are made for "
+                    "the inspected SAE's pages and their partners (best match by decoder "
+                    "cosine) here; this latent is a further neighbour.</p>")
         if not steering:
             return ("<h2>Steering</h2><p>None: the latent never fired, so it has no typical "
                     "activation to steer with.</p>")
@@ -414,6 +510,117 @@ class Site:
                 f"{unit[1]}.</p>"
                 '<table><tr><th class="l">prompt</th><th>multiple</th><th>alpha</th>'
                 f'<th class="l">continuation</th></tr>{rows}</table>')
+
+
+# Pairs across the two SAEs --------------------------------------------------------------------
+
+PAIR_COLUMNS = (
+    ("latent", "latent", "A latent of the inspected SAE (linked where it has a page)."),
+    ("partner", "partner", "Its partner: the compared SAE's latent with the largest decoder "
+     "cosine (linked where it has a page)."),
+    ("cosine", "decoder cosine", "Cosine of the two unit decoder directions (-1 to 1)."),
+    ("mutual", "mutual", "1 when each is the other's best match by decoder cosine, else 0."),
+    ("density", "density % A / B", "Firing density in percent of the encoded tokens, "
+     "inspected / compared SAE, each with its own training-time selection."),
+    ("ddensity", "\u0394 density (pp)", "Density of the inspected latent minus its partner's, "
+     "in percentage points of the encoded tokens."),
+    ("effect", "mean |effect| A / B", "Mean |value * (d_i . g)| over the tokens where each "
+     "fires: the first-order effect on the summed next-token loss, in nats."),
+    ("deffect", "\u0394 mean |effect|", "Mean |effect| of the inspected latent minus its "
+     "partner's, in nats."),
+    ("overlap", "token overlap", "Jaccard overlap (0 to 1) of the two latents' top "
+     "activating tokens."),
+    ("tokens", "top activating tokens A | B", "Each latent's tokens of largest summed "
+     "activation over the encoded tokens."),
+)
+
+
+def compare_sites(main: Site, other: Site, folder: Path) -> None:
+    """Pair every latent of `main` with one of `other` (`pairs.pair_latents`), keep the pairs
+    for latents.json and the index pages, and write compare.html."""
+    found = pair_latents(main.sae.W_dec.detach().cpu(), other.sae.W_dec.detach().cpu())
+    records = pair_records(found, main.records(), other.records())
+    summary = {"rule": PAIRING_RULE, "compared": other.name,
+               "median_cosine": found.cosine.median().item(),
+               "mutual_share": found.mutual.double().mean().item(),
+               "near_cosine": NEAR_COSINE, "near_share": found.near_share(),
+               "near_identical": found.near_identical()}
+    main.pairing, other.pairing = {**summary, "pairs": records}, summary
+    (folder / "compare.html").write_text(_compare_html(main, other, records, summary))
+
+
+PAIRING_RULE = ("each latent of the inspected SAE is paired with the compared SAE's latent of "
+                "largest decoder cosine; mutual: each is the other's best match")
+
+
+def _near_identical_banner(summary: dict[str, Any]) -> str:
+    share = f'{100 * summary["near_share"]:.1f}%'
+    if summary["near_identical"]:
+        return (f'<p class="banner"><b>The two SAEs are near-identical:</b> {share} of the '
+                f'latents have a partner at decoder cosine &ge; {summary["near_cosine"]} '
+                f'(median {summary["median_cosine"]:.4f}). Differences between paired latents '
+                "come from how they select tokens, not from different directions.</p>")
+    return (f'<p class="note">{share} of the latents have a partner at decoder cosine &ge; '
+            f'{summary["near_cosine"]} (median {summary["median_cosine"]:.3f}).</p>')
+
+
+def _compare_html(main: Site, other: Site, records: list[dict[str, Any]],
+                  summary: dict[str, Any]) -> str:
+    rows = "\n".join(_pair_row(main, other, r) for r in records)
+    body = (
+        f"<h1>{_esc(main.name)} against {_esc(other.name)}</h1>"
+        + _near_identical_banner(summary)
+        + f'<p><a href="index.html">inspected SAE</a> | <a href="{other.index_path()}">'
+        f'compared SAE</a></p><p class="note">Pairing: {_esc(PAIRING_RULE)}. '
+        f'{100 * summary["mutual_share"]:.1f}% of the pairs are mutual. A is the inspected '
+        "SAE, B the compared one. Sort by a header; filter by latent id or token.</p>"
+        + '<div class="controls"><input id="filter" type="search" placeholder="latent id or '
+        'token"> <button id="prev">&larr; previous</button> <button id="next">next &rarr;'
+        '</button> <span id="pageinfo"></span></div><table id="latents"><thead><tr>'
+        + "".join(f'<th data-key="{key}" title="{_esc(tip)}"'
+                  f'{" class=l" if key in ("latent", "tokens") else ""}>{label}</th>'
+                  for key, label, tip in PAIR_COLUMNS)
+        + "</tr></thead><tbody>\n" + rows + "</tbody></table>"
+        + f"<script>{render.table_script(ROWS_PER_PAGE)}</script>")
+    return render.page(f"{main.name} against {other.name}", body, "style.css")
+
+
+def _pair_row(main: Site, other: Site, r: dict[str, Any]) -> str:
+    i, j = r["latent"], r["partner"]
+    a = f'<a href="{main.page_path(i)}">{i}</a>' if i in main.details else str(i)
+    b = f'<a href="{other.page_path(j)}">{j}</a>' if j in other.details else str(j)
+    density, effect = r["density_percent"], r["mean_abs_loss_effect"]
+    cells = [(r["cosine"], f'{r["cosine"]:.4f}'), (int(r["mutual"]), "yes" if r["mutual"] else ""),
+             (density[0], f"{render.fmt(density[0])} / {render.fmt(density[1])}"),
+             (r["density_percent_difference"], render.fmt(r["density_percent_difference"])),
+             (effect[0], f"{render.fmt(effect[0])} / {render.fmt(effect[1])}"),
+             (r["mean_abs_loss_effect_difference"],
+              render.fmt(r["mean_abs_loss_effect_difference"])),
+             (r["token_overlap"], render.fmt(r["token_overlap"]))]
+    tds = "".join(f'<td data-v="{render.sort_value(v)}">{shown}</td>' for v, shown in cells)
+    tokens = [" ".join(repr(t) for t in side) for side in r["top_tokens"]]
+    searched = "\n".join(t.replace("\n", "\u23ce") for t in sum(r["top_tokens"], []))
+    return (f'<tr data-latent="{i}" data-tokens="{_esc(searched)}"><td class="l" '
+            f'data-v="{i}">{a}</td><td data-v="{j}">{b}</td>{tds}<td class="l">'
+            f"{_esc(tokens[0])} | {_esc(tokens[1])}</td></tr>")
+
+
+def steer_pages(sites: list[Site], model: nn.Module, tokenizer: Any, new_tokens: int) -> None:
+    """Greedy continuations for the latents `Site.to_steer` picks, in one batch per prompt for
+    all sites that share a hook (a decoding step's cost is mostly fixed, not per row)."""
+    if not new_tokens:
+        return
+    groups: dict[tuple[str, int], list[Site]] = {}
+    for site in sites:
+        groups.setdefault((site.hook_name, site.rec.skip_first), []).append(site)
+    for (_, skip_first), members in groups.items():
+        units = {(s, i): unit for s, site in enumerate(members)
+                 for i, unit in site.to_steer().items()}
+        directions = {(s, i): members[s].sae.W_dec.detach().float()[i] for s, i in units}
+        steering = continuations(model, members[0].module, tokenizer, directions, units,
+                                 skip_first, new_tokens)
+        for (s, i), rows in steering.items():
+            members[s].details[i]["steering"] = rows
 
 
 def _check_same_model(a: Recorded, b: Recorded, names: tuple[str, str]) -> None:
@@ -432,6 +639,7 @@ def link_neighbours(main: Site, other: Site, count: int) -> None:
     b = torch.nn.functional.normalize(other.sae.W_dec.detach().float().cpu(), dim=1)
     main.neighbours = _nearest(a[main.pages], b, count, main.pages)
     other.pages = sorted({j for near in main.neighbours.values() for j, _ in near})
+    other.steer_only = {near[0][0] for near in main.neighbours.values() if near}
     other.neighbours = _nearest(b[other.pages], a, count, other.pages)
 
 
@@ -465,7 +673,9 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n")
+    """Compact JSON: without `indent`, json uses its C encoder (several times faster on the
+    index of a large SAE)."""
+    path.write_text(json.dumps(_json_safe(obj), allow_nan=False, separators=(",", ":")) + "\n")
 
 
 def _json_safe(value: Any) -> Any:

@@ -8,93 +8,60 @@ token. m = 0 is the clean model.
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Hashable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gsae.browser.setup import add_to_hook_output
+from gsae.steer import greedy
 
 PROMPTS = ("The weather today is", "In the city of", "My favourite thing about")
 MULTIPLES = (0.0, 1.0, 4.0)
 
 
-@torch.no_grad()
-def greedy(model: nn.Module, module: nn.Module, prompt: Tensor, vectors: Tensor,
-           skip_first: int, new_tokens: int) -> Tensor:
-    """Greedy continuations [R, new_tokens] of the prompt ids [P], one row per vector [R, d]
-    added to `module`'s output from position `skip_first` on. Uses the KV cache."""
-    device = next(model.parameters()).device
-    rows = vectors.shape[0]
-    vectors = vectors.to(device)
-    offset = [0]
-
-    def add(_module, _inputs, output):
-        def delta(h: Tensor) -> Tensor:
-            positions = torch.arange(offset[0], offset[0] + h.shape[1], device=h.device)
-            return vectors[:, None, :] * (positions >= skip_first)[None, :, None]
-
-        return add_to_hook_output(output, delta)
-
-    handle = module.register_forward_hook(add)
-    try:
-        tokens = prompt.to(device)[None].repeat(rows, 1)
-        out = model(input_ids=tokens, use_cache=True, **_last_logits_only(model))
-        generated = [out.logits[:, -1].argmax(-1)]
-        for step in range(new_tokens - 1):
-            offset[0] = tokens.shape[1] + step
-            out = model(input_ids=generated[-1][:, None], use_cache=True,
-                        **_cache_argument(model, out))
-            generated.append(out.logits[:, -1].argmax(-1))
-    finally:
-        handle.remove()
-    return torch.stack(generated, dim=1).cpu()
-
-
-def _last_logits_only(model: nn.Module) -> dict:
-    """Ask for the last position's logits only, where the model's forward can."""
-    return {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
-def _cache_argument(model: nn.Module, out) -> dict:
-    """The KV cache of `out` as the forward argument this transformers version names."""
-    if _accepts(model, "cache"):
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
-
-
-def continuations(model: nn.Module, module: nn.Module, tokenizer, directions: dict[int, Tensor],
-                  typical: dict[int, float], skip_first: int, new_tokens: int,
-                  batch_rows: int = 256) -> dict[int, list[dict]]:
-    """For each latent (unit direction [d], typical activation): per prompt the continuation
-    text at every multiple of `MULTIPLES`. The clean continuation (m = 0) is run once. Rows go
-    in large batches: on a CPU a decoding step costs about the same for 1 row as for 100 (it
-    reads every weight once), so the number of steps is what counts."""
+def continuations(model: nn.Module, module: nn.Module, tokenizer,
+                  directions: dict[Hashable, Tensor], typical: dict[Hashable, float],
+                  skip_first: int, new_tokens: int, batch_rows: int = 1024
+                  ) -> dict[Hashable, list[dict]]:
+    """For each latent (any key: unit direction [d], typical activation): per prompt the
+    continuation text at every multiple of `MULTIPLES`. One greedy run holds every row of all
+    prompts of one token length (the default model's three prompts are all 4 tokens), the
+    clean one (m = 0) included: on a CPU a decoding step has a large fixed cost (reading every
+    weight, the framework's per-step work), so fewer, larger runs are faster."""
+    if not directions:
+        return {}
     prompts = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in PROMPTS]
-    width = next(iter(directions.values())).shape[0] if directions else 0
-    clean = [_spell(tokenizer, greedy(model, module, p, torch.zeros(1, width), skip_first,
-                                      new_tokens))[0] for p in prompts] if directions else []
-    jobs = [(i, m) for i in directions for m in MULTIPLES if m > 0]
-    texts: dict[tuple[int, float, int], str] = {}
-    bar = tqdm(total=len(jobs) * len(prompts), desc="inspect: steer", unit="continuation",
+    jobs = [(key, m) for key in directions for m in MULTIPLES if m > 0]
+    vectors = torch.stack([torch.zeros_like(next(iter(directions.values())).float()),
+                           *[m * typical[key] * directions[key].float() for key, m in jobs]])
+    texts: dict[tuple[Hashable, float, int], str] = {}
+    bar = tqdm(total=len(vectors) * len(prompts), desc="inspect: steer", unit="continuation",
                dynamic_ncols=True)
-    for first in range(0, len(jobs), batch_rows):
-        group = jobs[first : first + batch_rows]
-        vectors = torch.stack([m * typical[i] * directions[i].float() for i, m in group])
-        for p, prompt in enumerate(prompts):
-            for (i, m), text in zip(group, _spell(tokenizer, greedy(
-                    model, module, prompt, vectors, skip_first, new_tokens))):
-                texts[(i, m, p)] = text
-            bar.update(len(group))
+    for group in _by_length(prompts):  # prompts of one length share a run
+        ids = torch.cat([prompts[p][None].expand(len(vectors), -1) for p in group])
+        spelled = []
+        for block_ids, block in zip(ids.split(batch_rows),
+                                    vectors.repeat(len(group), 1).split(batch_rows)):
+            spelled += _spell(tokenizer, greedy(model, module, block_ids, block, skip_first,
+                                                new_tokens))
+            bar.update(len(block))
+        for g, p in enumerate(group):
+            mine = spelled[g * len(vectors) : (g + 1) * len(vectors)]
+            texts.update({(key, m, p): text for (key, m), text in zip(jobs, mine[1:])})
+            texts.update({(key, 0.0, p): mine[0] for key in directions})
     bar.close()
-    return {i: [{"prompt": PROMPTS[p], "continuations": [
-        {"multiple": m, "alpha": m * typical[i], "text": clean[p] if m == 0 else texts[(i, m, p)]}
-        for m in MULTIPLES]} for p in range(len(prompts))] for i in directions}
+    return {key: [{"prompt": PROMPTS[p], "continuations": [
+        {"multiple": m, "alpha": m * typical[key], "text": texts[(key, m, p)]}
+        for m in MULTIPLES]} for p in range(len(prompts))] for key in directions}
+
+
+def _by_length(prompts: list[Tensor]) -> list[list[int]]:
+    """Indices of the prompts grouped by token count, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for p, ids in enumerate(prompts):
+        groups.setdefault(len(ids), []).append(p)
+    return list(groups.values())
 
 
 def _spell(tokenizer, ids: Tensor) -> list[str]:
