@@ -32,6 +32,7 @@ from gsae.errors import GsaeError
 SWEEP_MARK = "__sweep_of__"
 # Top-level keys of a config file that are records, not settings (run.json keeps them).
 RECORD_KEYS = ("command", "recorded", "schema")
+INT64 = (-(2**63), 2**63 - 1)  # whole numbers end up in torch generators and tensors
 
 
 # ---------------------------------------------------------------------------- field kinds
@@ -293,7 +294,7 @@ def _coerce_scalar(value: Any, s: Setting, where: str) -> Any:
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
         kind is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        raise GsaeError(f"--{s.key} in {where} must be {kind.__name__}, got {value!r}")
+        raise GsaeError(f"--{s.key} in {where} must be {kind.__name__}, got {_brief(value)}")
     return float(value) if kind is float else value
 
 
@@ -306,17 +307,25 @@ def check(tree: Any) -> None:
         listed = s.swept or typing.get_origin(s.kind) is list
         if listed != isinstance(value, list):
             raise GsaeError(f"--{s.key} must be {'a list' if listed else 'one value'}, "
-                            f"got {value!r}")
+                            f"got {_brief(value)}")
         for item in value if isinstance(value, list) else [value]:
             _coerce_scalar(item, s, "the settings")
             problem = _out_of_bounds(item, s.field.metadata)
             if problem:
-                raise GsaeError(f"--{s.key} {problem}, got {item!r}")
+                raise GsaeError(f"--{s.key} {problem}, got {_brief(item)}")
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters: a message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        return "must fit in 64 bits (from -2^63 to 2^63-1)"
     if "choices" in meta and value not in meta["choices"]:
         return f"must be one of {', '.join(map(str, meta['choices']))}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -340,23 +349,48 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise GsaeError(f"config file {path} is a folder: give a JSON or YAML file")
     if not path.is_file():
         raise GsaeError(f"config file {path} does not exist")
-    text = path.read_text()
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise GsaeError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                        "save it as UTF-8") from None
+    try:
+        data = _read_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except ImportError:
         raise GsaeError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use "
                         "JSON") from None
+    except _AliasUsed as err:
+        raise GsaeError(f"config file {path} uses the YAML alias *{err}: gsae config files may "
+                        "not use aliases (they can expand without bound); write the values "
+                        "out") from None
     except Exception as err:  # json and yaml raise several types for malformed text
         raise GsaeError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: "
                         f"{str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise GsaeError(f"config file {path} must hold an object of sections")
     return data
+
+
+class _AliasUsed(Exception):
+    """A YAML alias was met (its anchor's name is the message)."""
+
+
+def _read_yaml(text: str) -> Any:
+    """YAML read with the safe loader, refusing aliases: a few lines of nested aliases
+    expand to gigabytes (the "billion laughs")."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise _AliasUsed(self.peek_event().anchor)
+            return super().compose_node(parent, index)
+
+    loader = NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def to_dict(tree: Any) -> dict[str, Any]:

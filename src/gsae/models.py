@@ -133,7 +133,7 @@ def convert_gguf(gguf: Path) -> Path:
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model (eval mode, frozen, on `cfg.device` in `cfg.dtype`) and its tokenizer."""
-    dtype, device = _dtype(cfg.dtype), _device(cfg.device)
+    dtype, device = _dtype(cfg.dtype), available_device(cfg.device)
     source = resolve_source(cfg)
     if source.kind == "tiny":
         model, tokenizer = TINY_MODELS[source.where](), tiny_tokenizer()
@@ -203,14 +203,20 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _device(name: str) -> torch.device:
+def available_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device `name`, refused with a GsaeError naming `flag` if this machine lacks
+    it."""
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise GsaeError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from error
+        raise GsaeError(f"{flag}: unknown device {name!r}: use cpu, cuda, cuda:N or mps"
+                        ) from error
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if device.type in available and not available[device.type]():
-        raise GsaeError(f"device {name!r} is not available on this machine: use cpu")
+        raise GsaeError(f"{flag}: device {name!r} is not available on this machine: use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GsaeError(f"{flag}: device {name!r} is not available on this machine, which has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

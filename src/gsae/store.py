@@ -39,7 +39,7 @@ from gsae.errors import GsaeError
 from gsae.io import atomic_output, claim_folder, read_json, write_json
 from gsae.models import hidden_size
 from gsae.sae import Provenance
-from gsae.source import GRADIENT_DEFINITION, ActivationSource, Batch, source_identity
+from gsae.source import GRADIENT_DEFINITION, ActivationSource, Batch, no_rows_error, source_identity
 from gsae.text import DataConfig, batched_contexts, token_contexts
 
 MANIFEST = "manifest.json"
@@ -153,6 +153,22 @@ class StoreWriter:
         write_json(self.folder / MANIFEST, self.manifest)
 
 
+def rows_per_hook(manifest: dict[str, Any]) -> dict[str, int]:
+    """The rows a store's finished shards hold at each hook."""
+    hooks = manifest["identity"]["hooks"]
+    return {hook: sum(s.get("rows_per_hook", {}).get(hook, s["rows"]) for s in manifest["shards"])
+            for hook in hooks}
+
+
+def refuse_empty_hooks(manifest: dict[str, Any], hooks: list[str], where: str, then: str
+                       ) -> None:
+    """Refuse a store that holds no row at one of `hooks` (training on it would wait forever)."""
+    rows = rows_per_hook(manifest)
+    empty = [hook for hook in hooks if rows.get(hook) == 0]
+    if empty:
+        raise no_rows_error(empty, manifest["identity"].get("outlier_factor", 0.0), where, then)
+
+
 def remove_store_files(folder: Path) -> None:
     """Delete what a store consists of (manifest, identity, shards) from `folder`."""
     for name in (MANIFEST, IDENTITY):
@@ -195,8 +211,11 @@ def fill_store(cfg: StoreConfig, source: ActivationSource, data_cfg: DataConfig,
             pending = []
     if pending:
         writer.write_shard(pending)
-    writer.finish()
     bar.close()
+    refuse_empty_hooks(writer.manifest, writer.manifest["identity"]["hooks"],
+                       "the corpus's training split gave", " (with --overwrite, to replace the "
+                       f"store of no tokens in {cfg.store})")
+    writer.finish()
     return writer
 
 
@@ -228,6 +247,8 @@ class StoreReader:
         self.shards = [s["file"] for s in self.manifest["shards"]]
         if not self.shards:
             raise GsaeError(f"the store {self.folder} holds no finished shard yet")
+        refuse_empty_hooks(self.manifest, self.hooks, f"the store {self.folder} holds",
+                           " (rebuild the store with gsae cache --overwrite)")
         self._entries = {s["file"]: s for s in self.manifest["shards"]}
         if self.manifest["version"] < 2:
             warnings.warn(f"the store {self.folder} was written by an older gsae and records no "

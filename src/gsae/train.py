@@ -541,8 +541,9 @@ class Trainer:
                 m.cut_log()
 
     def _start_afresh(self) -> None:
-        """Remove any checkpoint of this process's parts (a previous run's) and empty the
-        logs."""
+        """Remove any checkpoint of this process's parts (a previous run's) and the logs. The
+        SAE folders are made by the first log record or checkpoint, so a run that stops before
+        it trains leaves only its run.json (see `gsae.pipeline.claim_run_folder`)."""
         distributed.barrier()  # every rank has looked for checkpoints before they go
         if not self.writes_files:
             return
@@ -550,8 +551,7 @@ class Trainer:
             for folder in (part, _sibling(part, OLD), _sibling(part, TMP)):
                 _remove_part(folder)
         for m in self.members:
-            m.folder.mkdir(parents=True, exist_ok=True)
-            m.log_file.write_text("")
+            m.log_file.unlink(missing_ok=True)
 
     def _refuse_other_split(self) -> None:
         """A run split differently across ranks (--distribute_sweep) keeps its run-level state
@@ -735,6 +735,7 @@ class Trainer:
                                                             + self.rows_seen),
         }
         if self.writes_files:
+            m.folder.mkdir(parents=True, exist_ok=True)
             with open(m.log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.wandb is not None:
