@@ -101,6 +101,7 @@ class StoreWriter:
         claim_folder(self.folder, IDENTITY, identity, WHAT, overwrite)
         if (self.folder / MANIFEST).is_file():
             self.manifest = read_manifest(self.folder)
+            check_shard_sizes(self.folder, self.manifest)
         else:
             self.manifest = {"version": STORE_VERSION, "identity": read_json(
                 self.folder / IDENTITY, f"the identity of {WHAT}"), "shards": [],
@@ -151,6 +152,17 @@ class StoreWriter:
 
     def _write_manifest(self) -> None:
         write_json(self.folder / MANIFEST, self.manifest)
+
+
+def check_shard_sizes(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a store whose listed shards are missing or of another size than recorded (a
+    cheap check of every shard; their checksums are checked when they are read)."""
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise GsaeError(f"the store {folder} has a missing or damaged {shard['file']} (size "
+                            "differs from its manifest); rebuild the store with gsae cache "
+                            "--overwrite")
 
 
 def rows_per_hook(manifest: dict[str, Any]) -> dict[str, int]:
@@ -253,12 +265,7 @@ class StoreReader:
         if self.manifest["version"] < 2:
             warnings.warn(f"the store {self.folder} was written by an older gsae and records no "
                           "checksums: its shards are checked by size only", stacklevel=2)
-        for shard in self.manifest["shards"]:
-            path = self.folder / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise GsaeError(f"the store {self.folder} has a missing or damaged "
-                                f"{shard['file']} (size differs from its manifest); delete "
-                                "the store and rebuild it with gsae cache")
+        check_shard_sizes(self.folder, self.manifest)
 
     @property
     def d_in(self) -> int:
@@ -278,6 +285,12 @@ class StoreReader:
         path = self.folder / name
         entry = self._entries[name]
         tensors = self._load_checked(path, entry)
+        other = {t.shape[-1] for key, t in tensors.items()
+                 if key.rsplit(".", 1)[0] in self.hooks} - {self.d_in}
+        if other:
+            raise GsaeError(f"the store shard {path} holds rows of width {min(other)}, but the "
+                            f"store's manifest records d_in {self.d_in}; rebuild the store with "
+                            "gsae cache --overwrite")
         try:
             return {h: Batch(tensors[f"{h}.x"].float(), tensors[f"{h}.g"].float(), h,
                              dropped_outliers=entry["dropped_outliers"][h]) for h in self.hooks}

@@ -46,13 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from gsae import distributed
 from gsae.errors import GsaeError
 from gsae.io import save_tensors, write_json
-from gsae.sae import SAE, SAEConfig, total_variance_of
+from gsae.sae import SAE, SAEConfig, read_weights, total_variance_of
 from gsae.source import Batch
 
 STATE_DIR = "checkpoint"
@@ -262,9 +261,10 @@ def _write_part(final: Path, write: Callable[[Path], None]) -> None:
 
 def _read_state(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return state if isinstance(state, dict) else None
 
 
 def _refuse_damaged(parts: list[Path]) -> None:
@@ -364,9 +364,10 @@ class TrainedSAE:
     def load_checkpoint(self, folder: Path) -> None:
         """Restore the SAE, its optimiser and its counters from one of its checkpoints."""
         self.sae.load_state_dict(SAE.load(folder).state_dict())
-        tensors = load_file(str(folder / OPTIMIZER_FILE))
-        self.since_fired = tensors.pop("since_fired").to(self.since_fired.device)
+        tensors = read_weights(folder / OPTIMIZER_FILE)
         params = list(self.sae.parameters())
+        _check_optimizer_state(tensors, params, self.sae.n_latents, folder / OPTIMIZER_FILE)
+        self.since_fired = tensors.pop("since_fired").to(self.since_fired.device)
         for name, value in tensors.items():
             i, key = name.split(".", 1)
             p = params[int(i)]
@@ -383,6 +384,20 @@ class TrainedSAE:
         if self.log_file.exists():
             with open(self.log_file, "r+b") as f:
                 f.truncate(min(self.log_bytes, self.log_file.stat().st_size))
+
+
+def _check_optimizer_state(tensors: dict[str, torch.Tensor], params: list[torch.Tensor],
+                           n_latents: int, where: Path) -> None:
+    """Refuse an optimizer file whose tensors do not fit the SAE: Adam would otherwise go on
+    with moments of the wrong shape without a word."""
+    expected = {"since_fired": (n_latents,)}
+    for i, p in enumerate(params):
+        expected.update({f"{i}.exp_avg": tuple(p.shape), f"{i}.exp_avg_sq": tuple(p.shape),
+                         f"{i}.step": (1,)})
+    wrong = sorted(name for name, t in tensors.items() if expected.get(name) != tuple(t.shape))
+    if wrong or "since_fired" not in tensors:
+        raise GsaeError(f"{where} does not fit the SAE (wrong or unknown tensors: "
+                        f"{', '.join(wrong) or 'since_fired is missing'})")
 
 
 SNAPSHOT_DIR = "snapshots"
@@ -530,9 +545,10 @@ class Trainer:
                 m.load_checkpoint(by_moment[self.moment])
         except (OSError, KeyError, ValueError, RuntimeError) as err:
             reason = (str(err).splitlines() or [""])[0]
+            if not isinstance(err, GsaeError):
+                reason = f"{type(err).__name__}: {reason}"
             raise GsaeError(f"a checkpoint of the run in {self.cfg.out} is damaged or incomplete "
-                            f"({type(err).__name__}: {reason}); pass --overwrite to train the "
-                            "run again") from None
+                            f"({reason}); pass --overwrite to train the run again") from None
         distributed.barrier()  # every rank has read the checkpoint before it is tidied
         if self.writes_files:
             for part, by_moment in zip(parts, found):
@@ -567,8 +583,10 @@ class Trainer:
         state = json.loads((folder / STATE_FILE).read_text())
         self.chunks_done, self.rows_seen = state["chunks_done"], state["rows_seen"]
         self.dropped_outliers, self.finished = state["dropped_outliers"], state["finished"]
-        tensors = load_file(str(folder / BUFFERS_FILE))
+        tensors = read_weights(folder / BUFFERS_FILE)
+        widths = {m.hook: m.sae.d_in for m in self.members}
         for hook, buf in self.buffers.items():
+            _check_buffer_rows(tensors, f"{hook}/", widths[hook], folder / BUFFERS_FILE)
             buf.load_state(tensors, f"{hook}/", self.device)
 
     def _write_run_state(self, folder: Path, state: dict[str, Any]) -> None:
@@ -741,6 +759,16 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.log(m.name, record)
         m.acc, m.acc_steps, m.last_record = {}, 0, record
+
+
+def _check_buffer_rows(tensors: dict[str, torch.Tensor], prefix: str, width: int,
+                       where: Path) -> None:
+    """Refuse shuffle-buffer rows that do not fit the SAEs of their hook."""
+    x, g = tensors.get(prefix + "x"), tensors.get(prefix + "g")
+    if x is not None and (x.ndim != 2 or x.shape[1] != width
+                          or (g is not None and g.shape != x.shape)):
+        raise GsaeError(f"{where}: the rows of {prefix}x do not fit the SAEs' width {width} "
+                        f"(x is {list(x.shape)}, g {None if g is None else list(g.shape)})")
 
 
 def _check_finite(batch: Batch, step: int) -> None:
