@@ -169,11 +169,34 @@ def settings(tree_cls: type) -> Iterator[Setting]:
 # --------------------------------------------------------------------------- the command line
 
 
+# Flags of earlier versions and what replaced them (docs/cli.md lists them too).
+RENAMED_FLAGS = {
+    "sae_device": "--train.device", "data_seed": "--shuffle_seed", "store_dtype": "--store.dtype",
+    **{f"steer_{name}": f"--{name}" for name in ("latents", "alphas", "contexts", "pool",
+                                                 "top_tokens")},
+    **{f"steer_{name}": f"--{name} (gsae steer) or --steer.{name} (gsae compare)"
+       for name in ("seed", "batch_size")},
+    "steer_context_size": "--steer.context_size",
+}
+
+
+def renamed_hint(words: typing.Iterable[str]) -> str:
+    """"; --old is now --new" for each renamed flag among `words` (flags or setting names)."""
+    hints = []
+    for word in words:
+        name = word.lstrip("-").split("=", 1)[0].rsplit(".", 1)[-1]
+        if name in RENAMED_FLAGS:
+            hints.append(f"--{name} is now {RENAMED_FLAGS[name]}")
+    return "".join(f"; {hint}" for hint in dict.fromkeys(hints))
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """Bad flags give one line (what was wrong, where help is), not the usage block."""
+    """Bad flags give one line (what was wrong, where help is, the new name of a renamed
+    flag), not the usage block."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        hint = renamed_hint(message.split()) if "unrecognized arguments" in message else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser, tree_cls: type) -> None:
@@ -259,7 +282,8 @@ def assign(tree: Any, key: str, value: Any, where: str = "") -> None:
     by_key = {s.key: s for s in settings(type(tree))}
     if key not in by_key:
         known = ", ".join(sorted(by_key))
-        raise GsaeError(f"unknown setting {key!r} in {where}; known settings: {known}")
+        raise GsaeError(f"unknown setting {key!r} in {where}{renamed_hint([key])}; known "
+                        f"settings: {known}")
     s = by_key[key]
     target = getattr(tree, s.section) if s.section else tree
     setattr(target, s.name, _coerce(value, s, where))

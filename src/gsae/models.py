@@ -98,7 +98,18 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
             f"model path {name!r} {problem if path.exists() else 'does not exist'}; "
             f"a model is {ACCEPTED_MODELS}"
         )
+    if not _hub_name(name):
+        raise GsaeError(f"model path {name!r} does not exist (a hub name is 'name' or "
+                        f"'owner/name'); a model is {ACCEPTED_MODELS}")
     return ModelSource("hub", name)
+
+
+def _hub_name(name: str) -> bool:
+    """Whether `name`, found on no local path, can be a hub name: one or two parts (not a
+    mistyped local path such as models/mine/final, or one under a folder that exists)."""
+    parts = name.split("/")
+    under_folder = len(parts) == 2 and Path(parts[0]).is_dir()
+    return "\\" not in name and len(parts) <= 2 and not under_folder
 
 
 def dense_cache_folder(gguf: Path) -> Path:
@@ -146,7 +157,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options)
             tokenizer = AutoTokenizer.from_pretrained(folder, **options)
         except (OSError, ValueError, KeyError) as error:
-            where = "locally or on the Hugging Face hub" if source.kind == "hub" else "as a model"
+            where = ("locally or on the Hugging Face hub, and no local folder has that path"
+                     if source.kind == "hub" else "as a model")
             raise GsaeError(
                 f"model {cfg.model!r} could not be loaded {where} ({_first_line(error)}); "
                 f"a model is {ACCEPTED_MODELS}"

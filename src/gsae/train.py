@@ -533,6 +533,7 @@ class Trainer:
         common = set(found[0]).intersection(*found[1:])
         if not common:
             self._refuse_other_split()
+            self._refuse_unmatched(found)
             if distributed.is_main():
                 print(f"gsae: --resume: {self.cfg.out} holds no checkpoint of this run yet; "
                       "starting it from the beginning", file=sys.stderr)
@@ -578,6 +579,17 @@ class Trainer:
             raise GsaeError(f"{self.cfg.out} holds checkpoints of the run split otherwise "
                             f"across ranks ({', '.join(others)}); resume it with the ranks and "
                             "--distribute_sweep setting that wrote them, or pass --overwrite")
+
+    def _refuse_unmatched(self, found: list[dict[int, Path]]) -> None:
+        """Parts that share no moment are normal only while the first checkpoint is written;
+        once some part holds a later one, every part holds it or the one before, so a part
+        without either was damaged: refuse rather than start again over the run's progress."""
+        later = [moment for by_moment in found for moment in by_moment if moment > 1]
+        if later:
+            raise GsaeError(f"the checkpoint parts of the run in {self.cfg.out} share no moment "
+                            f"(one holds moment {max(later)}, another neither it nor the one "
+                            "before): a checkpoint folder or its state.json was damaged or "
+                            "removed; restore it, or pass --overwrite to train the run again")
 
     def _load_run_state(self, folder: Path) -> None:
         state = json.loads((folder / STATE_FILE).read_text())
