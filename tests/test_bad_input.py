@@ -4,12 +4,17 @@ changed that the command did not create."""
 import errno
 import hashlib
 import json
+import signal
+from contextlib import contextmanager
 
 import pytest
+import torch
 
 from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
+from gsae.errors import GsaeError
 from gsae.models import ModelConfig, model_identity
+from gsae.source import Batch, PassRows
 from gsae.text import DataConfig, corpus_identity
 
 
@@ -157,3 +162,78 @@ def test_a_config_folder_is_named_as_one(corpus, tmp_path, capsys):
     (tmp_path / "cfgdir").mkdir()
     run_refused(["train", "--config", str(tmp_path / "cfgdir")], capsys, tmp_path,
                 "is a folder: give a JSON or YAML file")
+
+
+# Hangs: a loop that waits for data fails once a whole pass yields none ---------------------------
+
+
+@contextmanager
+def no_hang(seconds=300):
+    """Fail the test, instead of hanging the suite, if the block runs longer than `seconds`."""
+    def stop(*_args):
+        raise AssertionError(f"still running after {seconds} s: the command waits forever")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def short_corpus(tmp_path):
+    """Three short documents: one pass over them takes a few language-model batches."""
+    path = tmp_path / "short.txt"
+    path.write_text("\n\n".join(" ".join(["the cat sat on a mat near an old river"] * 4)
+                                for _ in range(3)))
+    return path
+
+
+NO_TOKEN_KEPT = "--outlier_factor 1e-06 dropped every one"
+
+
+def test_an_outlier_factor_that_keeps_no_token_stops_after_one_pass(short_corpus, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "run"
+    args = ["train", *tiny(short_corpus, out), "--lm_batch_size", "8"]
+    with no_hang():
+        run_refused([*args, "--outlier_factor", "1e-6"], capsys, tmp_path,
+                    "a whole pass over the corpus gave no token at model.layers.1: "
+                    + NO_TOKEN_KEPT)
+    # It trained nothing, so the corrected command may use the same folder.
+    assert [p.name for p in out.iterdir()] == ["run.json"]
+    assert main(args) == 0
+    assert json.loads((out / "run.json").read_text())["source"]["outlier_factor"] == 5.0
+
+
+def test_a_store_of_no_tokens_is_refused_by_cache_and_by_training(short_corpus, tmp_path,
+                                                                  capsys):
+    store = tmp_path / "store"
+    cache = ["cache", "--model", "tiny-llama", "--dataset", str(short_corpus), "--context_size",
+             "32", "--hooks", "1", "--lm_batch_size", "8", "--store", str(store),
+             "--outlier_factor", "1e-6"]
+    with no_hang():
+        run_refused(cache, capsys, tmp_path, f"training split gave no token at model.layers.1: "
+                    f"{NO_TOKEN_KEPT}")
+        assert not json.loads((store / "manifest.json").read_text())["complete"]
+        run_refused(["train", "--store", str(store), "--hooks", "1", "--out",
+                     str(tmp_path / "run")], capsys, tmp_path,
+                    f"the store {store} holds no token at model.layers.1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pass_is_judged_only_when_none_of_it_was_skipped():
+    def chunk(rows_a, rows_b):
+        return {"a": Batch(torch.zeros(rows_a, 2), None), "b": Batch(torch.zeros(rows_b, 2), None)}
+
+    watch = PassRows(["a", "b"], 0.5)
+    assert len(list(watch.counted(iter([chunk(3, 0), chunk(2, 0)])))) == 2
+    watch.pass_ended(whole=False)  # a resumed run skipped part of it: no verdict
+    list(watch.counted(iter([chunk(1, 1)])))
+    watch.pass_ended(whole=True)  # both hooks got a row
+    list(watch.counted(iter([chunk(4, 0)])))
+    with pytest.raises(GsaeError, match="whole pass over the corpus gave no token at b: "
+                       "--outlier_factor 0.5"):
+        watch.pass_ended(whole=True)
