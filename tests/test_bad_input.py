@@ -4,6 +4,7 @@ changed that the command did not create."""
 import errno
 import hashlib
 import json
+import shutil
 import signal
 from contextlib import contextmanager
 
@@ -410,3 +411,70 @@ def test_a_device_the_machine_lacks_is_refused_before_the_run_folder(corpus, tmp
     run_refused(["train", *tiny(corpus, tmp_path / "run"), "--train.device", "cuda"], capsys,
                 tmp_path, "--train.device: device 'cuda' is not available on this machine")
     assert not (tmp_path / "run").exists()
+
+
+# Messages that say what to do ---------------------------------------------------------------------
+
+
+def test_a_finished_run_is_not_told_to_resume(corpus, tmp_path, capsys):
+    args = ["train", *tiny(corpus, tmp_path / "run")]
+    assert main(args) == 0
+    err = run_refused(args, capsys, tmp_path, "already holds this run, finished: pass "
+                      "--overwrite to train it again, or choose another --out")
+    assert "--resume" not in err
+
+
+def test_a_record_of_a_run_that_never_trained_is_replaced(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *tiny(corpus, out)]
+    assert main([*args, "--k", "8"]) == 0
+    trained = json.loads((out / "run.json").read_text())
+    run_refused([*args, "--k", "2"], capsys, tmp_path, "holds a different run")  # it trained
+    for path in sorted(out.iterdir()):
+        if path.name != "run.json":
+            shutil.rmtree(path)  # as left by a run that failed before it trained
+    assert main(args) == 0
+    assert json.loads((out / "run.json").read_text())["sae"]["k"] == [4] != trained["sae"]["k"]
+
+
+@pytest.mark.parametrize("flag, hint", [
+    (["--sae_device", "cpu"], "--sae_device is now --train.device"),
+    (["--data_seed", "1"], "--data_seed is now --shuffle_seed"),
+    (["--store_dtype=float16"], "--store_dtype is now --store.dtype"),
+    (["--steer_latents", "3"], "--steer_latents is now --latents"),
+    (["--steer_seed", "3"], "--steer_seed is now --seed (gsae steer) or --steer.seed (gsae "
+     "compare)"),
+])
+def test_renamed_flags_name_their_new_flag(corpus, tmp_path, capsys, flag, hint):
+    run_refused(["train", *tiny(corpus, tmp_path / "run"), *flag], capsys, tmp_path,
+                f"unrecognized arguments: {' '.join(flag)}; {hint}")
+
+
+def test_a_renamed_setting_in_a_config_file_names_its_new_flag(corpus, tmp_path, capsys):
+    config = tmp_path / "old.json"
+    config.write_text('{"sae_device": "cpu"}')
+    run_refused(["train", *tiny(corpus, tmp_path / "run"), "--config", str(config)], capsys,
+                tmp_path, "unknown setting 'sae_device' in the config file; --sae_device is now "
+                "--train.device")
+
+
+@pytest.mark.parametrize("model", ["models/mine", "checkpoints/final/model"])
+def test_a_mistyped_local_model_path_is_said_not_to_exist(corpus, tmp_path, capsys, monkeypatch,
+                                                          hub_offline, model):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    run_refused(["train", *tiny(corpus, tmp_path / "run"), "--model", model], capsys, tmp_path,
+                f"model path {model!r} does not exist")
+
+
+def test_continuing_a_store_with_a_truncated_shard_is_refused(tmp_path, capsys):
+    from gsae.store import StoreWriter
+
+    identity = {"model": {"model": "tiny-llama"}, "hooks": ["h"], "d_in": 4}
+    writer = StoreWriter(tmp_path / "store", identity, "float32", 1)
+    for _ in range(2):
+        writer.write_shard([{"h": Batch(torch.ones(5, 4), torch.ones(5, 4), "h")}])
+    shard = tmp_path / "store" / "shard-000001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(GsaeError, match="has a missing or damaged shard-000001.safetensors"):
+        StoreWriter(tmp_path / "store", identity, "float32", 1)
