@@ -58,7 +58,7 @@ def test_python_train_equals_the_command_and_config_replays_it(corpus, tmp_path,
 def test_run_folder_rules(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_run(corpus, out))
-    with pytest.raises(GsaeError, match="already holds this run; pass --resume"):
+    with pytest.raises(GsaeError, match="already holds this run, finished: pass --overwrite"):
         train(tiny_run(corpus, out))
     with pytest.raises(GsaeError, match="holds a different run"):
         train(tiny_run(corpus, out, tokens=1024))

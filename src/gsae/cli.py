@@ -4,10 +4,12 @@ the command only parses them and calls the library (`gsae.pipeline`, `gsae.study
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gsae import config, pipeline
@@ -251,11 +253,35 @@ def settings_of(command: Command, args: argparse.Namespace) -> Any:
     return config.build(tree, base, explicit)
 
 
+def os_error_line(err: OSError, tree: Any) -> str:
+    """An OSError as one line that names the flag whose path it concerns, if any (a full
+    disk under --out, say)."""
+    where = f": {err.filename}" if err.filename else ""
+    flag = flag_of_path(tree, err.filename) if tree is not None and err.filename else None
+    return f"{flag + ': ' if flag else ''}{err.strerror or err}{where}"
+
+
+def flag_of_path(tree: Any, path: str | os.PathLike) -> str | None:
+    """The flag (with its value) of the setting of `tree` whose path holds `path`: the most
+    specific one, or None."""
+    target = Path(path).absolute()
+    found: list[tuple[int, str]] = []
+    names = config.flag_names(type(tree))
+    for s in config.settings(type(tree)):
+        value = getattr(getattr(tree, s.section), s.name) if s.section else getattr(tree, s.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item and target.is_relative_to(Path(item).absolute()):
+                flag = s.field.metadata.get("metavar", s.key) if s.positional else names[s.key]
+                found.append((len(Path(item).absolute().parts), f"{flag} {item}"))
+    return max(found)[1] if found else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gsae` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     command = COMMANDS.get(chosen or "")
+    tree = None
     try:
         try:
             args = build_parser(only=chosen if command else None).parse_args(argv)
@@ -263,13 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(done.code or 0)
         if command is None:
             return args.func(args)
-        return command.run(settings_of(command, args))
+        tree = settings_of(command, args)
+        return command.run(tree)
     except GsaeError as err:
         print(f"gsae: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a path that cannot be written: nothing half-written
-        where = f": {err.filename}" if err.filename else ""
-        print(f"gsae: error: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"gsae: error: {os_error_line(err, tree)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         message = command.interrupted if command else "interrupted"

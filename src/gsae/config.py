@@ -35,6 +35,7 @@ from gsae.errors import GsaeError
 SWEEP_MARK = "__sweep_of__"
 # Top-level keys of a config file that are records, not settings (run.json keeps them).
 RECORD_KEYS = ("command", "recorded", "schema")
+INT64 = (-(2**63), 2**63 - 1)  # whole numbers end up in torch generators and tensors
 
 
 # ---------------------------------------------------------------------------- field kinds
@@ -171,11 +172,34 @@ def settings(tree_cls: type) -> Iterator[Setting]:
 # --------------------------------------------------------------------------- the command line
 
 
+# Flags of earlier versions and what replaced them (docs/cli.md lists them too).
+RENAMED_FLAGS = {
+    "sae_device": "--train.device", "data_seed": "--shuffle_seed", "store_dtype": "--store.dtype",
+    **{f"steer_{name}": f"--{name}" for name in ("latents", "alphas", "contexts", "pool",
+                                                 "top_tokens")},
+    **{f"steer_{name}": f"--{name} (gsae steer) or --steer.{name} (gsae compare)"
+       for name in ("seed", "batch_size")},
+    "steer_context_size": "--steer.context_size",
+}
+
+
+def renamed_hint(words: typing.Iterable[str]) -> str:
+    """"; --old is now --new" for each renamed flag among `words` (flags or setting names)."""
+    hints = []
+    for word in words:
+        name = word.lstrip("-").split("=", 1)[0].rsplit(".", 1)[-1]
+        if name in RENAMED_FLAGS:
+            hints.append(f"--{name} is now {RENAMED_FLAGS[name]}")
+    return "".join(f"; {hint}" for hint in dict.fromkeys(hints))
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """Bad flags give one line (what was wrong, where help is), not the usage block."""
+    """Bad flags give one line (what was wrong, where help is, the new name of a renamed
+    flag), not the usage block."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        hint = renamed_hint(message.split()) if "unrecognized arguments" in message else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser, tree_cls: type) -> None:
@@ -261,7 +285,8 @@ def assign(tree: Any, key: str, value: Any, where: str = "") -> None:
     by_key = {s.key: s for s in settings(type(tree))}
     if key not in by_key:
         known = ", ".join(sorted(by_key))
-        raise GsaeError(f"unknown setting {key!r} in {where}; known settings: {known}")
+        raise GsaeError(f"unknown setting {key!r} in {where}{renamed_hint([key])}; known "
+                        f"settings: {known}")
     s = by_key[key]
     target = getattr(tree, s.section) if s.section else tree
     setattr(target, s.name, _coerce(value, s, where))
@@ -296,7 +321,7 @@ def _coerce_scalar(value: Any, s: Setting, where: str) -> Any:
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
         kind is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        raise GsaeError(f"--{s.key} in {where} must be {kind.__name__}, got {value!r}")
+        raise GsaeError(f"--{s.key} in {where} must be {kind.__name__}, got {_brief(value)}")
     return float(value) if kind is float else value
 
 
@@ -309,17 +334,25 @@ def check(tree: Any) -> None:
         listed = s.swept or typing.get_origin(s.kind) is list
         if listed != isinstance(value, list):
             raise GsaeError(f"--{s.key} must be {'a list' if listed else 'one value'}, "
-                            f"got {value!r}")
+                            f"got {_brief(value)}")
         for item in value if isinstance(value, list) else [value]:
             _coerce_scalar(item, s, "the settings")
             problem = _out_of_bounds(item, s.field.metadata)
             if problem:
-                raise GsaeError(f"--{s.key} {problem}, got {item!r}")
+                raise GsaeError(f"--{s.key} {problem}, got {_brief(item)}")
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters: a message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        return "must fit in 64 bits (from -2^63 to 2^63-1)"
     if "choices" in meta and value not in meta["choices"]:
         return f"must be one of {', '.join(map(str, meta['choices']))}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -343,23 +376,48 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise GsaeError(f"config file {path} is a folder: give a JSON or YAML file")
     if not path.is_file():
         raise GsaeError(f"config file {path} does not exist")
-    text = path.read_text()
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise GsaeError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                        "save it as UTF-8") from None
+    try:
+        data = _read_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except ImportError:
         raise GsaeError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use "
                         "JSON") from None
+    except _AliasUsed as err:
+        raise GsaeError(f"config file {path} uses the YAML alias *{err}: gsae config files may "
+                        "not use aliases (they can expand without bound); write the values "
+                        "out") from None
     except Exception as err:  # json and yaml raise several types for malformed text
         raise GsaeError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: "
                         f"{str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise GsaeError(f"config file {path} must hold an object of sections")
     return data
+
+
+class _AliasUsed(Exception):
+    """A YAML alias was met (its anchor's name is the message)."""
+
+
+def _read_yaml(text: str) -> Any:
+    """YAML read with the safe loader, refusing aliases: a few lines of nested aliases
+    expand to gigabytes (the "billion laughs")."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise _AliasUsed(self.peek_event().anchor)
+            return super().compose_node(parent, index)
+
+    loader = NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def to_dict(tree: Any) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from gsae.sae import (
     WEIGHTS_FILE,
     Provenance,
     SAEConfig,
+    check_weight_shapes,
     config_from_record,
     read_weights,
 )
@@ -338,7 +339,8 @@ def _build(weights: dict[str, Tensor], dtype: torch.dtype, n_latents: Any, k: An
             raise GsaeError(f"{where}: its gsae record (d_in, latents, k) = {found} disagrees "
                             f"with the folder's own config {(d_in, n_latents, k)}: the folder "
                             "was changed after export; delete the 'gsae' entry to load it as TopK")
-        provenance = Provenance.from_json(record.get("provenance", record.get("metadata")))
+        provenance = Provenance.from_json(record.get("provenance", record.get("metadata")), where)
+    check_weight_shapes(weights, cfg.latents_for(d_in), d_in, where)
     sae = SAE(cfg, d_in, device=device, dtype=dtype, provenance=provenance, initialize=False)
     sae.load_weights({name: t.to(dtype) for name, t in weights.items()}, where)
     return sae

@@ -7,11 +7,13 @@ file (safetensors alone would leave weights readable by their owner only).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import stat
@@ -189,13 +191,24 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any],
                  metadata: dict[str, str] | None = None) -> Path:
     """Write torch tensors as one safetensors file, atomically and with the umask's mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_output(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # it reports a failed write (a full disk) as its own type
+            raise os_error_of(err, path) from None
     return path
+
+
+def os_error_of(err: Exception, path: Path) -> OSError:
+    """The OSError that a library's error message reports as "os error N" (else EIO)."""
+    found = re.search(r"os error (\d+)", str(err))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 # ------------------------------------------------------------------------ folder identity

@@ -98,7 +98,18 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
             f"model path {name!r} {problem if path.exists() else 'does not exist'}; "
             f"a model is {ACCEPTED_MODELS}"
         )
+    if not _hub_name(name):
+        raise GsaeError(f"model path {name!r} does not exist (a hub name is 'name' or "
+                        f"'owner/name'); a model is {ACCEPTED_MODELS}")
     return ModelSource("hub", name)
+
+
+def _hub_name(name: str) -> bool:
+    """Whether `name`, found on no local path, can be a hub name: one or two parts (not a
+    mistyped local path such as models/mine/final, or one under a folder that exists)."""
+    parts = name.split("/")
+    under_folder = len(parts) == 2 and Path(parts[0]).is_dir()
+    return "\\" not in name and len(parts) <= 2 and not under_folder
 
 
 def dense_cache_folder(gguf: Path) -> Path:
@@ -133,7 +144,7 @@ def convert_gguf(gguf: Path) -> Path:
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model (eval mode, frozen, on `cfg.device` in `cfg.dtype`) and its tokenizer."""
-    dtype, device = _dtype(cfg.dtype), _device(cfg.device)
+    dtype, device = _dtype(cfg.dtype), available_device(cfg.device)
     source = resolve_source(cfg)
     if source.kind == "tiny":
         model, tokenizer = TINY_MODELS[source.where](), tiny_tokenizer()
@@ -146,7 +157,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options)
             tokenizer = AutoTokenizer.from_pretrained(folder, **options)
         except (OSError, ValueError, KeyError) as error:
-            where = "locally or on the Hugging Face hub" if source.kind == "hub" else "as a model"
+            where = ("locally or on the Hugging Face hub, and no local folder has that path"
+                     if source.kind == "hub" else "as a model")
             raise GsaeError(
                 f"model {cfg.model!r} could not be loaded {where} ({_first_line(error)}); "
                 f"a model is {ACCEPTED_MODELS}"
@@ -203,14 +215,20 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _device(name: str) -> torch.device:
+def available_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device `name`, refused with a GsaeError naming `flag` if this machine lacks
+    it."""
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise GsaeError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from error
+        raise GsaeError(f"{flag}: unknown device {name!r}: use cpu, cuda, cuda:N or mps"
+                        ) from error
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if device.type in available and not available[device.type]():
-        raise GsaeError(f"device {name!r} is not available on this machine: use cpu")
+        raise GsaeError(f"{flag}: device {name!r} is not available on this machine: use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GsaeError(f"{flag}: device {name!r} is not available on this machine, which has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

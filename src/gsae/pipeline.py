@@ -48,9 +48,9 @@ from gsae.finetune import (
 )
 from gsae.formats import load
 from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, write_json
-from gsae.models import ModelConfig, hidden_size, load_model, model_identity
+from gsae.models import ModelConfig, available_device, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
-from gsae.source import ActivationSource, Batch, SourceConfig, source_identity
+from gsae.source import ActivationSource, Batch, PassRows, SourceConfig, source_identity
 from gsae.steer import (
     PromptSteering,
     SteerConfig,
@@ -229,6 +229,7 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], extend: bool = False, un
     check_snapshots(run.train)
     distributed.init()
     run = _local_devices(run)
+    available_device(run.train.device, "--train.device")
     check_positions(run.data, run.source)
     check_wandb(run.train)
     data = training_data(run, with_grad=any(c.needs_grad for c in configs))
@@ -374,8 +375,10 @@ def training_data(run: TrainRun, with_grad: bool) -> TrainingData:
     next(iter(token_contexts(run.data, tokenizer, "train")), None)
 
     def chunks(skip: int) -> Iterator[dict[str, Batch]]:
-        contexts = context_batches(run.data, tokenizer, run.source.lm_batch_size, skip=skip)
-        return source.stream(contexts)
+        watch = PassRows(source.hook_names, run.source.outlier_factor)
+        contexts = context_batches(run.data, tokenizer, run.source.lm_batch_size, skip=skip,
+                                   pass_ended=watch.pass_ended)
+        return watch.counted(source.stream(contexts))
 
     recorded = {"model": model_identity(run.model), **source_identity(run.source, run.data)}
 
@@ -397,17 +400,22 @@ def _store_data(run: TrainRun) -> TrainingData:
 
 
 def context_batches(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                    part: str = "train", skip: int = 0) -> Iterator[Any]:
+                    part: str = "train", skip: int = 0,
+                    pass_ended: Callable[[bool], None] | None = None) -> Iterator[Any]:
     """Batches of token contexts, starting again at the corpus start whenever it runs out;
-    the first `skip` batches are passed over (to resume a run)."""
+    the first `skip` batches are passed over (to resume a run). `pass_ended(whole)` is called
+    at the end of every pass, `whole` when none of its batches was skipped."""
     for epoch in itertools.count():
         if epoch > 0 and distributed.is_main():
             tqdm.write(f"gsae: the {part} corpus is exhausted; starting pass {epoch + 1}")
+        whole = skip == 0
         for tokens in batched_contexts(token_contexts(data_cfg, tokenizer, part), batch_size):
             if skip > 0:
                 skip -= 1
                 continue
             yield tokens
+        if pass_ended is not None:
+            pass_ended(whole)
 
 
 def store_hooks(requested: list[str], stored: list[str]) -> list[str]:
@@ -447,6 +455,8 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
     if cfg.overwrite:
         _remove_replaced_saes(out)
     previous = None if cfg.overwrite else _previous_identity(out)
+    if previous and not _files_besides_record(out):
+        previous = None  # a run that stopped before it trained: nothing of it to keep
     if not cfg.overwrite:
         same = previous == record["recorded"]["identity"]
         if previous is not None and not same:
@@ -455,9 +465,8 @@ def claim_run_folder(run: TrainRun, configs: list[SAEConfig], recorded: dict[str
         if earlier:
             record["recorded"]["earlier_sae_folders"] = earlier
         if same and not cfg.resume:
-            raise GsaeError(f"{out} already holds this run; pass --resume to continue it or "
-                            "--overwrite to start again")
-        if previous is None and _holds_files(out):
+            _refuse_rerun(out, record["recorded"]["sae_folders"])
+        if previous is None and _files_besides_record(out):
             raise GsaeError(f"{out} is not empty and holds no {RUN_FILE}: choose another --out, "
                             "or pass --overwrite to write into it")
     if cfg.resume and previous is None and distributed.is_main():
@@ -538,11 +547,21 @@ def _remove_replaced_saes(out: Path) -> None:
             shutil.rmtree(folder)
 
 
-def _holds_files(out: Path) -> bool:
-    """Whether `out` holds anything besides what a killed write of run.json leaves behind
-    (a hidden temporary sibling) and the run's lock file."""
-    return out.is_dir() and any(not p.name.startswith(f".{RUN_FILE}") and p.name != LOCK_FILE
-                                for p in out.iterdir())
+def _files_besides_record(out: Path) -> bool:
+    """Whether `out` holds anything besides run.json, what a killed write of it leaves behind
+    (a hidden temporary sibling) and the run's lock file. A run writes nothing else until it
+    has trained."""
+    return out.is_dir() and any(p.name not in (RUN_FILE, LOCK_FILE)
+                                and not p.name.startswith(f".{RUN_FILE}") for p in out.iterdir())
+
+
+def _refuse_rerun(out: Path, sae_folders: list[str]) -> None:
+    """Refuse to start again, without --overwrite, the run that `out` holds."""
+    if all(finished_training(out / folder) for folder in sae_folders):
+        raise GsaeError(f"{out} already holds this run, finished: pass --overwrite to train it "
+                        "again, or choose another --out (a larger --tokens is a new run)")
+    raise GsaeError(f"{out} already holds this run; pass --resume to continue it or "
+                    "--overwrite to start again")
 
 
 def _previous_identity(out: Path) -> dict[str, Any] | None:

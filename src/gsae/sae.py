@@ -55,11 +55,26 @@ class Provenance:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, record: dict[str, Any] | None) -> Provenance:
+    def from_json(cls, record: dict[str, Any] | None, where: str = "the provenance") -> Provenance:
         """Read a cfg.json "provenance" (or older "metadata") record; unknown keys are ignored
-        and missing ones take their defaults."""
+        and missing ones take their defaults; a field of the wrong type is refused with a
+        one-line GsaeError naming `where`."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (record or {}).items() if k in known and v is not None})
+        given = {k: v for k, v in (record or {}).items() if k in known and v is not None}
+        for key, value in given.items():
+            kind, name = PROVENANCE_KINDS[key]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise GsaeError(f"{where}: the provenance's {key!r} must be {name} (or null), "
+                                f"got {repr(value)[:60]}")
+        return cls(**given)
+
+
+# What a provenance record may hold, field by field: the JSON type and its name.
+PROVENANCE_KINDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "hook": (str, "a string"), "model": (dict, "an object"), "corpus": (dict, "an object"),
+    "context_size": (int, "a whole number"), "skip_first": (int, "a whole number"),
+    "outlier_factor": ((int, float), "a number"), "autocast": (str, "a string"),
+    "imported_from": (dict, "an object")}
 
 
 @dataclass
@@ -403,7 +418,8 @@ class SAE(nn.Module):
             raise GsaeError(f"{cfg_file}: \"provenance\" must be an object, got {record!r}")
         cfg, d_in = config_from_record(raw, str(cfg_file))
         tensors = read_weights(weights_file)
-        provenance = Provenance.from_json(record)
+        check_weight_shapes(tensors, cfg.latents_for(d_in), d_in, str(weights_file))
+        provenance = Provenance.from_json(record, str(cfg_file))
         sae = cls(cfg, d_in, device=device, dtype=tensors["W_dec"].dtype,
                   provenance=provenance, initialize=False)
         sae.load_weights(tensors, str(weights_file))
@@ -432,15 +448,7 @@ class SAE(nn.Module):
     def load_weights(self, tensors: dict[str, Tensor], where: str) -> None:
         """Copy `tensors` (W_enc, b_enc, W_dec, b_dec) into the SAE; refuse missing, extra,
         wrongly shaped and non-finite ones with a one-line GsaeError naming `where`."""
-        expected = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        found = {name: tuple(t.shape) for name, t in tensors.items()}
-        if found != expected:
-            wrong = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-            raise GsaeError(f"{where}: the weights do not fit the config (d_in {self.d_in}, "
-                            f"{self.n_latents} latents): " + ", ".join(
-                                f"{k} is {list(found[k]) if k in found else 'missing'}, "
-                                f"expected {list(expected[k]) if k in expected else 'none'}"
-                                for k in wrong))
+        check_weight_shapes(tensors, self.n_latents, self.d_in, where)
         bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
         if bad:
             raise GsaeError(f"{where}: the weights {', '.join(sorted(bad))} hold NaN or "
@@ -448,6 +456,23 @@ class SAE(nn.Module):
         with torch.no_grad():
             for name, p in self.named_parameters():
                 p.copy_(tensors[name])
+
+
+def check_weight_shapes(tensors: dict[str, Tensor], n_latents: int, d_in: int, where: str
+                        ) -> None:
+    """Refuse weights (W_enc, b_enc, W_dec, b_dec) missing, extra or of other shapes than an
+    SAE of `n_latents` x `d_in` has, with a one-line GsaeError naming `where`; checked before
+    an SAE of that size is made, so a damaged config allocates nothing."""
+    expected = {"W_enc": (n_latents, d_in), "b_enc": (n_latents,), "W_dec": (n_latents, d_in),
+                "b_dec": (d_in,)}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != expected:
+        wrong = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise GsaeError(f"{where}: the weights do not fit the config (d_in {d_in}, "
+                        f"{n_latents} latents): " + ", ".join(
+                            f"{k} is {list(found[k]) if k in found else 'missing'}, "
+                            f"expected {list(expected[k]) if k in expected else 'none'}"
+                            for k in wrong))
 
 
 def config_from_record(raw: dict[str, Any], where: str) -> tuple[SAEConfig, int]:

@@ -199,6 +199,43 @@ class ActivationSource:
             yield self.batches(tokens)
 
 
+def no_rows_error(hooks: list[str], outlier_factor: float, where: str, then: str = ""
+                  ) -> GsaeError:
+    """The error for data that holds no row at `hooks` (`where` says whose, with its verb):
+    with at least one position per context (`check_positions`), only the outlier filter can
+    have dropped every token."""
+    return GsaeError(
+        f"{where} no token at {', '.join(hooks)}: --outlier_factor {outlier_factor:g} dropped "
+        "every one (it drops tokens whose activation norm exceeds that multiple of the batch's "
+        "median norm); use 0 to keep all, or a value of at least 1, which keeps at least half"
+        + then)
+
+
+class PassRows:
+    """Counts the rows each hook receives during one pass over the corpus, so that a loop that
+    repeats the corpus fails once a whole pass leaves a hook without data, instead of waiting
+    for data forever."""
+
+    def __init__(self, hooks: list[str], outlier_factor: float):
+        self.rows = dict.fromkeys(hooks, 0)
+        self.outlier_factor = outlier_factor
+
+    def counted(self, chunks: Iterator[dict[str, Batch]]) -> Iterator[dict[str, Batch]]:
+        """`chunks`, counting their rows."""
+        for chunk in chunks:
+            for hook, batch in chunk.items():
+                self.rows[hook] = self.rows.get(hook, 0) + len(batch)
+            yield chunk
+
+    def pass_ended(self, whole: bool) -> None:
+        """Called at the end of each pass; `whole` when none of it was skipped (a resumed run
+        skips what it has already trained on)."""
+        empty = [hook for hook, rows in self.rows.items() if rows == 0]
+        if whole and empty:
+            raise no_rows_error(empty, self.outlier_factor, "a whole pass over the corpus gave")
+        self.rows = dict.fromkeys(self.rows, 0)
+
+
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Sum over sequences and predicted positions of the next-token cross-entropy."""
     vocab = logits.shape[-1]

@@ -44,7 +44,7 @@ from gsae.errors import GsaeError
 from gsae.io import atomic_output, claim_folder, read_json, write_json
 from gsae.models import hidden_size
 from gsae.sae import Provenance
-from gsae.source import GRADIENT_DEFINITION, ActivationSource, Batch, source_identity
+from gsae.source import GRADIENT_DEFINITION, ActivationSource, Batch, no_rows_error, source_identity
 from gsae.text import DataConfig, batched_contexts, token_contexts
 
 MANIFEST = "manifest.json"
@@ -106,6 +106,7 @@ class StoreWriter:
         claim_folder(self.folder, IDENTITY, identity, WHAT, overwrite)
         if (self.folder / MANIFEST).is_file():
             self.manifest = read_manifest(self.folder)
+            check_shard_sizes(self.folder, self.manifest)
         else:
             self.manifest = {"version": STORE_VERSION, "identity": read_json(
                 self.folder / IDENTITY, f"the identity of {WHAT}"), "shards": [],
@@ -158,6 +159,33 @@ class StoreWriter:
         write_json(self.folder / MANIFEST, self.manifest)
 
 
+def check_shard_sizes(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a store whose listed shards are missing or of another size than recorded (a
+    cheap check of every shard; their checksums are checked when they are read)."""
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise GsaeError(f"the store {folder} has a missing or damaged {shard['file']} (size "
+                            "differs from its manifest); rebuild the store with gsae cache "
+                            "--overwrite")
+
+
+def rows_per_hook(manifest: dict[str, Any]) -> dict[str, int]:
+    """The rows a store's finished shards hold at each hook."""
+    hooks = manifest["identity"]["hooks"]
+    return {hook: sum(s.get("rows_per_hook", {}).get(hook, s["rows"]) for s in manifest["shards"])
+            for hook in hooks}
+
+
+def refuse_empty_hooks(manifest: dict[str, Any], hooks: list[str], where: str, then: str
+                       ) -> None:
+    """Refuse a store that holds no row at one of `hooks` (training on it would wait forever)."""
+    rows = rows_per_hook(manifest)
+    empty = [hook for hook in hooks if rows.get(hook) == 0]
+    if empty:
+        raise no_rows_error(empty, manifest["identity"].get("outlier_factor", 0.0), where, then)
+
+
 def remove_store_files(folder: Path) -> None:
     """Delete what a store consists of (manifest, identity, shards) from `folder`."""
     for name in (MANIFEST, IDENTITY):
@@ -202,8 +230,11 @@ def fill_store(cfg: StoreConfig, source: ActivationSource, data_cfg: DataConfig,
             pending, pending_rows = [], 0
     if pending:
         writer.write_shard(pending)
-    writer.finish()
     bar.close()
+    refuse_empty_hooks(writer.manifest, writer.manifest["identity"]["hooks"],
+                       "the corpus's training split gave", " (with --overwrite, to replace the "
+                       f"store of no tokens in {cfg.store})")
+    writer.finish()
     return writer
 
 
@@ -239,16 +270,13 @@ class StoreReader:
         self.shards = [s["file"] for s in self.manifest["shards"]]
         if not self.shards:
             raise GsaeError(f"the store {self.folder} holds no finished shard yet")
+        refuse_empty_hooks(self.manifest, self.hooks, f"the store {self.folder} holds",
+                           " (rebuild the store with gsae cache --overwrite)")
         self._entries = {s["file"]: s for s in self.manifest["shards"]}
         if self.manifest["version"] < 2:
             warnings.warn(f"the store {self.folder} was written by an older gsae and records no "
                           "checksums: its shards are checked by size only", stacklevel=2)
-        for shard in self.manifest["shards"]:
-            path = self.folder / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise GsaeError(f"the store {self.folder} has a missing or damaged "
-                                f"{shard['file']} (size differs from its manifest); delete "
-                                "the store and rebuild it with gsae cache")
+        check_shard_sizes(self.folder, self.manifest)
 
     @property
     def d_in(self) -> int:
@@ -268,6 +296,12 @@ class StoreReader:
         path = self.folder / name
         entry = self._entries[name]
         tensors = self._load_checked(path, entry)
+        other = {t.shape[-1] for key, t in tensors.items()
+                 if key.rsplit(".", 1)[0] in self.hooks} - {self.d_in}
+        if other:
+            raise GsaeError(f"the store shard {path} holds rows of width {min(other)}, but the "
+                            f"store's manifest records d_in {self.d_in}; rebuild the store with "
+                            "gsae cache --overwrite")
         try:
             return {h: Batch(tensors[f"{h}.x"].float(), tensors[f"{h}.g"].float(), h,
                              dropped_outliers=entry["dropped_outliers"][h]) for h in self.hooks}

@@ -46,13 +46,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from gsae import distributed
 from gsae.errors import GsaeError
 from gsae.io import save_tensors, write_json
-from gsae.sae import SAE, ForwardOutput, SAEConfig, fisher_variance_of, total_variance_of
+from gsae.sae import (
+    SAE,
+    ForwardOutput,
+    SAEConfig,
+    fisher_variance_of,
+    read_weights,
+    total_variance_of,
+)
 from gsae.source import Batch
 
 STATE_DIR = "checkpoint"
@@ -278,9 +284,10 @@ def _write_part(final: Path, write: Callable[[Path], None]) -> None:
 
 def _read_state(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return state if isinstance(state, dict) else None
 
 
 def _refuse_damaged(parts: list[Path]) -> None:
@@ -380,9 +387,10 @@ class TrainedSAE:
     def load_checkpoint(self, folder: Path) -> None:
         """Restore the SAE, its optimiser and its counters from one of its checkpoints."""
         self.sae.load_state_dict(SAE.load(folder).state_dict())
-        tensors = load_file(str(folder / OPTIMIZER_FILE))
-        self.since_fired = tensors.pop("since_fired").to(self.since_fired.device)
+        tensors = read_weights(folder / OPTIMIZER_FILE)
         params = list(self.sae.parameters())
+        _check_optimizer_state(tensors, params, self.sae.n_latents, folder / OPTIMIZER_FILE)
+        self.since_fired = tensors.pop("since_fired").to(self.since_fired.device)
         for name, value in tensors.items():
             i, key = name.split(".", 1)
             p = params[int(i)]
@@ -399,6 +407,20 @@ class TrainedSAE:
         if self.log_file.exists():
             with open(self.log_file, "r+b") as f:
                 f.truncate(min(self.log_bytes, self.log_file.stat().st_size))
+
+
+def _check_optimizer_state(tensors: dict[str, torch.Tensor], params: list[torch.Tensor],
+                           n_latents: int, where: Path) -> None:
+    """Refuse an optimizer file whose tensors do not fit the SAE: Adam would otherwise go on
+    with moments of the wrong shape without a word."""
+    expected = {"since_fired": (n_latents,)}
+    for i, p in enumerate(params):
+        expected.update({f"{i}.exp_avg": tuple(p.shape), f"{i}.exp_avg_sq": tuple(p.shape),
+                         f"{i}.step": (1,)})
+    wrong = sorted(name for name, t in tensors.items() if expected.get(name) != tuple(t.shape))
+    if wrong or "since_fired" not in tensors:
+        raise GsaeError(f"{where} does not fit the SAE (wrong or unknown tensors: "
+                        f"{', '.join(wrong) or 'since_fired is missing'})")
 
 
 SNAPSHOT_DIR = "snapshots"
@@ -547,6 +569,7 @@ class Trainer:
         common = set(found[0]).intersection(*found[1:])
         if not common:
             self._refuse_other_split()
+            self._refuse_unmatched(found)
             if distributed.is_main():
                 print(f"gsae: --resume: {self.cfg.out} holds no checkpoint of this run yet; "
                       "starting it from the beginning", file=sys.stderr)
@@ -559,9 +582,10 @@ class Trainer:
                 m.load_checkpoint(by_moment[self.moment])
         except (OSError, KeyError, ValueError, RuntimeError) as err:
             reason = (str(err).splitlines() or [""])[0]
+            if not isinstance(err, GsaeError):
+                reason = f"{type(err).__name__}: {reason}"
             raise GsaeError(f"a checkpoint of the run in {self.cfg.out} is damaged or incomplete "
-                            f"({type(err).__name__}: {reason}); pass --overwrite to train the "
-                            "run again") from None
+                            f"({reason}); pass --overwrite to train the run again") from None
         distributed.barrier()  # every rank has read the checkpoint before it is tidied
         if self.writes_files:
             for part, by_moment in zip(parts, found):
@@ -570,8 +594,9 @@ class Trainer:
                 m.cut_log()
 
     def _start_afresh(self) -> None:
-        """Remove any checkpoint of this process's parts (a previous run's) and empty the
-        logs."""
+        """Remove any checkpoint of this process's parts (a previous run's) and the logs. The
+        SAE folders are made by the first log record or checkpoint, so a run that stops before
+        it trains leaves only its run.json (see `gsae.pipeline.claim_run_folder`)."""
         distributed.barrier()  # every rank has looked for checkpoints before they go
         if not self.writes_files:
             return
@@ -579,8 +604,7 @@ class Trainer:
             for folder in (part, _sibling(part, OLD), _sibling(part, TMP)):
                 _remove_part(folder)
         for m in self.members:
-            m.folder.mkdir(parents=True, exist_ok=True)
-            m.log_file.write_text("")
+            m.log_file.unlink(missing_ok=True)
 
     def _refuse_other_split(self) -> None:
         """A run split differently across ranks (--distribute_sweep) keeps its run-level state
@@ -592,12 +616,25 @@ class Trainer:
                             f"across ranks ({', '.join(others)}); resume it with the ranks and "
                             "--distribute_sweep setting that wrote them, or pass --overwrite")
 
+    def _refuse_unmatched(self, found: list[dict[int, Path]]) -> None:
+        """Parts that share no moment are normal only while the first checkpoint is written;
+        once some part holds a later one, every part holds it or the one before, so a part
+        without either was damaged: refuse rather than start again over the run's progress."""
+        later = [moment for by_moment in found for moment in by_moment if moment > 1]
+        if later:
+            raise GsaeError(f"the checkpoint parts of the run in {self.cfg.out} share no moment "
+                            f"(one holds moment {max(later)}, another neither it nor the one "
+                            "before): a checkpoint folder or its state.json was damaged or "
+                            "removed; restore it, or pass --overwrite to train the run again")
+
     def _load_run_state(self, folder: Path) -> None:
         state = json.loads((folder / STATE_FILE).read_text())
         self.chunks_done, self.rows_seen = state["chunks_done"], state["rows_seen"]
         self.dropped_outliers, self.finished = state["dropped_outliers"], state["finished"]
-        tensors = load_file(str(folder / BUFFERS_FILE))
+        tensors = read_weights(folder / BUFFERS_FILE)
+        widths = {m.hook: m.sae.d_in for m in self.members}
         for hook, buf in self.buffers.items():
+            _check_buffer_rows(tensors, f"{hook}/", widths[hook], folder / BUFFERS_FILE)
             buf.load_state(tensors, f"{hook}/", self.device)
 
     def _write_run_state(self, folder: Path, state: dict[str, Any]) -> None:
@@ -787,11 +824,22 @@ class Trainer:
                                                             + self.rows_seen),
         }
         if self.writes_files:
+            m.folder.mkdir(parents=True, exist_ok=True)
             with open(m.log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.wandb is not None:
                 self.wandb.log(m.name, record)
         m.acc, m.acc_steps, m.last_record = {}, 0, record
+
+
+def _check_buffer_rows(tensors: dict[str, torch.Tensor], prefix: str, width: int,
+                       where: Path) -> None:
+    """Refuse shuffle-buffer rows that do not fit the SAEs of their hook."""
+    x, g = tensors.get(prefix + "x"), tensors.get(prefix + "g")
+    if x is not None and (x.ndim != 2 or x.shape[1] != width
+                          or (g is not None and g.shape != x.shape)):
+        raise GsaeError(f"{where}: the rows of {prefix}x do not fit the SAEs' width {width} "
+                        f"(x is {list(x.shape)}, g {None if g is None else list(g.shape)})")
 
 
 def _check_finite(batch: Batch, step: int) -> None:
