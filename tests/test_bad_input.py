@@ -14,6 +14,7 @@ import torch
 
 from gsae import SAE, GsaeError, Provenance, SAEConfig
 from gsae.cli import main
+from gsae.io import LOCK_FILE
 from gsae.models import ModelConfig, model_identity
 from gsae.source import Batch, PassRows
 from gsae.text import DataConfig, corpus_identity
@@ -21,7 +22,8 @@ from gsae.text import DataConfig, corpus_identity
 
 def snapshot(root):
     """Every file under `root` with the hash of its bytes."""
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
+            if p.is_file() and p.name != LOCK_FILE}  # the lock records its latest holder
 
 
 def run_refused(argv, capsys, root, message):
@@ -726,7 +728,7 @@ def test_a_record_of_a_run_that_never_trained_is_replaced(corpus, tmp_path, caps
     trained = json.loads((out / "run.json").read_text())
     run_refused([*args, "--k", "2"], capsys, tmp_path, "holds a different run")  # it trained
     for path in sorted(out.iterdir()):
-        if path.name != "run.json":
+        if path.name not in ("run.json", LOCK_FILE):
             shutil.rmtree(path)  # as left by a run that failed before it trained
     assert main(args) == 0
     assert json.loads((out / "run.json").read_text())["sae"]["k"] == [4] != trained["sae"]["k"]

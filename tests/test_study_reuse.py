@@ -66,7 +66,7 @@ def test_another_seed_trains_only_that_seed_and_keeps_the_first(corpus, news, st
             (sae_dir(reference, variant) / WEIGHTS_FILE).read_bytes(), variant
     results = json.loads((out / "report" / "results.json").read_text())
     assert sorted(s["name"] for s in results["saes"]) == sorted(VARIANTS)
-    for corpus_key in ("train", "unseen"):
+    for corpus_key in ("train", str(news)):
         assert {r["variant"] for r in results["eval"][corpus_key]["results"]} == set(VARIANTS)
     # run.json lists the first run's SAE folders too, for a later --overwrite
     recorded = json.loads((out / "saes" / "run.json").read_text())["recorded"]
@@ -91,10 +91,10 @@ def test_another_unseen_corpus_is_evaluated_without_training(corpus, news, study
     assert {v: files_of(sae_dir(out, v)) for v in VARIANTS} == before
     assert (out / "eval-train.json").read_bytes() == train_cache
     results = json.loads((out / "report" / "results.json").read_text())
-    assert results["corpora"]["unseen"]["corpus"]["dataset"] == str(other)
-    assert {(r["variant"], r["snapshot"]) for r in results["eval"]["unseen"]["results"]} == {
+    assert results["corpora"][str(other)]["corpus"]["dataset"] == str(other)
+    assert {(r["variant"], r["snapshot"]) for r in results["eval"][str(other)]["results"]} == {
         (v, n) for v in VARIANTS for n in (400, 800, 1600)}
-    assert main(args) == 0  # and back: the news results are computed again, nothing trained
+    assert main(args) == 0  # and back: the news results are reused, nothing trained
     assert recorded_training == []
 
 

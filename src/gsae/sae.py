@@ -74,7 +74,7 @@ PROVENANCE_KINDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "hook": (str, "a string"), "model": (dict, "an object"), "corpus": (dict, "an object"),
     "context_size": (int, "a whole number"), "skip_first": (int, "a whole number"),
     "outlier_factor": ((int, float), "a number"), "autocast": (str, "a string"),
-    "imported_from": (dict, "an object")}
+    "imported_from": (dict, "an object"), "finetuned_from": (dict, "an object")}
 
 
 @dataclass
@@ -495,13 +495,20 @@ def config_from_record(raw: dict[str, Any], where: str) -> tuple[SAEConfig, int]
     return cfg, d_in
 
 
-def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """The tensors of a safetensors file; a damaged file raises a one-line GsaeError."""
+def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file of any dtype (checkpoint parts hold integer random
+    states); a damaged file raises a one-line GsaeError."""
     try:
-        tensors = load_file(str(path), device=str(device))
+        return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise GsaeError(f"{path} is damaged or not a safetensors file ({reason})") from None
+
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of an SAE weights file, which must all be floating point; a damaged file
+    raises a one-line GsaeError."""
+    tensors = read_tensors(path, device)
     wrong = [f"{name} is {str(t.dtype).removeprefix('torch.')}" for name, t in
              sorted(tensors.items()) if not t.is_floating_point()]
     if wrong:

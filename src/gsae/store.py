@@ -263,6 +263,9 @@ class StoreReader:
         missing = [h for h in self.hooks if h not in stored]
         if missing:
             raise GsaeError(f"the store {self.folder} has no hook {missing}; it holds {stored}")
+        if self.manifest["shards"]:  # before the completeness check: caching on won't help
+            refuse_empty_hooks(self.manifest, self.hooks, f"the store {self.folder} holds",
+                               " (rebuild the store with gsae cache --overwrite)")
         if self.manifest.get("complete") is not True:
             raise GsaeError(f"the store {self.folder} is incomplete: gsae cache is still writing "
                             "it or was stopped before it finished; finish it by running the same "
@@ -270,8 +273,6 @@ class StoreReader:
         self.shards = [s["file"] for s in self.manifest["shards"]]
         if not self.shards:
             raise GsaeError(f"the store {self.folder} holds no finished shard yet")
-        refuse_empty_hooks(self.manifest, self.hooks, f"the store {self.folder} holds",
-                           " (rebuild the store with gsae cache --overwrite)")
         self._entries = {s["file"]: s for s in self.manifest["shards"]}
         if self.manifest["version"] < 2:
             warnings.warn(f"the store {self.folder} was written by an older gsae and records no "

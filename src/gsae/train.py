@@ -56,7 +56,7 @@ from gsae.sae import (
     ForwardOutput,
     SAEConfig,
     fisher_variance_of,
-    read_weights,
+    read_tensors,
     total_variance_of,
 )
 from gsae.source import Batch
@@ -387,7 +387,7 @@ class TrainedSAE:
     def load_checkpoint(self, folder: Path) -> None:
         """Restore the SAE, its optimiser and its counters from one of its checkpoints."""
         self.sae.load_state_dict(SAE.load(folder).state_dict())
-        tensors = read_weights(folder / OPTIMIZER_FILE)
+        tensors = read_tensors(folder / OPTIMIZER_FILE)
         params = list(self.sae.parameters())
         _check_optimizer_state(tensors, params, self.sae.n_latents, folder / OPTIMIZER_FILE)
         self.since_fired = tensors.pop("since_fired").to(self.since_fired.device)
@@ -631,7 +631,7 @@ class Trainer:
         state = json.loads((folder / STATE_FILE).read_text())
         self.chunks_done, self.rows_seen = state["chunks_done"], state["rows_seen"]
         self.dropped_outliers, self.finished = state["dropped_outliers"], state["finished"]
-        tensors = read_weights(folder / BUFFERS_FILE)
+        tensors = read_tensors(folder / BUFFERS_FILE)
         widths = {m.hook: m.sae.d_in for m in self.members}
         for hook, buf in self.buffers.items():
             _check_buffer_rows(tensors, f"{hook}/", widths[hook], folder / BUFFERS_FILE)
