@@ -84,3 +84,18 @@ def seeded_global_generator():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         yield
+
+
+def interrupt_fit(monkeypatch, trainer_class, at_chunk: int) -> None:
+    """Make `trainer_class.fit` stop with KeyboardInterrupt (as Ctrl-C would) when it asks for
+    its chunk number `at_chunk` (0-based), after training on the chunks before it."""
+    real_fit = trainer_class.fit
+
+    def some(chunks):
+        for i, chunk in enumerate(chunks):
+            if i == at_chunk:
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(trainer_class, "fit",
+                        lambda trainer, chunks: real_fit(trainer, some(chunks)))

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import interrupt_fit
 
 import gsae
 from gsae import SAE, GsaeError, SAEConfig
@@ -230,17 +231,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(parents, tmp_path, 
     finetune(run_in(tmp_path / "ref"))
     import gsae.pipeline
 
-    real_fit = gsae.pipeline.FinetuneTrainer.fit
-
-    def fit_then_stop(trainer, chunks):
-        def some(chunks):
-            for i, chunk in enumerate(chunks):
-                if i == 3:
-                    raise KeyboardInterrupt
-                yield chunk
-        return real_fit(trainer, some(chunks))
-
-    monkeypatch.setattr(gsae.pipeline.FinetuneTrainer, "fit", fit_then_stop)
+    interrupt_fit(monkeypatch, gsae.pipeline.FinetuneTrainer, 3)
     with pytest.raises(KeyboardInterrupt):
         finetune(run_in(tmp_path / "cut"))
     monkeypatch.undo()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_fit
 
 from gsae import SAE, GsaeError
 from gsae.cli import main
@@ -125,17 +126,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(corpus, tmp_path, monkeypat
     train(run_in(tmp_path / "ref"))
     import gsae.pipeline
 
-    real_fit = gsae.pipeline.Trainer.fit
-
-    def fit_then_stop(trainer, chunks):
-        def some(chunks):
-            for i, chunk in enumerate(chunks):
-                if i == 9:
-                    raise KeyboardInterrupt
-                yield chunk
-        return real_fit(trainer, some(chunks))
-
-    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", fit_then_stop)
+    interrupt_fit(monkeypatch, gsae.pipeline.Trainer, 9)
     with pytest.raises(KeyboardInterrupt):
         train(run_in(tmp_path / "cut"))
     monkeypatch.undo()
@@ -314,20 +305,12 @@ def test_train_saes_continues_an_interrupted_run_from_its_checkpoint(corpus, tmp
     real_fit = gsae.pipeline.Trainer.fit
     starts = []
 
-    def fit_then_stop(trainer, chunks):
-        def some(chunks):
-            for i, chunk in enumerate(chunks):
-                if i == 9:
-                    raise KeyboardInterrupt
-                yield chunk
-        return real_fit(trainer, some(chunks))
-
     def fit_noting_the_start(trainer, chunks):
         starts.append(trainer.chunks_done)
         return real_fit(trainer, chunks)
 
     out = tmp_path / "r"
-    monkeypatch.setattr(gsae.pipeline.Trainer, "fit", fit_then_stop)
+    interrupt_fit(monkeypatch, gsae.pipeline.Trainer, 9)
     with pytest.raises(KeyboardInterrupt):
         train(run_in(out))
     done = json.loads((out / "checkpoint" / "state.json").read_text())["chunks_done"]
@@ -347,15 +330,8 @@ def test_train_missing_finishes_an_interrupted_run_then_trains_the_rest_beside_i
     a, b = (SAEConfig(expansion_factor=2, k=4, beta=10.0, seed=s) for s in (0, 1))
     pipeline.train_saes(tiny_run(corpus, tmp_path / "ref"), [a, b])  # one uninterrupted run
     run = tiny_run(corpus, tmp_path / "run", checkpoint_every=1)
-    real_fit = Trainer.fit
-
-    def cut(chunks):  # after the first step: a run stopped before it trained leaves nothing
-        for i, chunk in enumerate(chunks):
-            if i == 7:
-                raise KeyboardInterrupt
-            yield chunk
-
-    monkeypatch.setattr(Trainer, "fit", lambda trainer, chunks: real_fit(trainer, cut(chunks)))
+    # after the first step: a run stopped before it trained leaves nothing
+    interrupt_fit(monkeypatch, Trainer, 7)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train_missing(run, [a], hook)
     monkeypatch.undo()
