@@ -312,7 +312,7 @@ def test_comparison_results_are_typed_and_old_files_still_load():
 
 
 def test_a_cached_stage_recomputes_only_saes_whose_weights_or_settings_changed(tmp_path):
-    from gsae.study.compare import cached
+    from gsae.study.engine import cached
 
     calls = []
 

@@ -137,13 +137,13 @@ def test_an_added_snapshot_is_replayed_exactly_and_only_it_is_evaluated(
     assert main([*study_args(corpus, news, out), "--snapshots", "400", "1600"]) == 0
     before = {v: files_of(sae_dir(out, v)) for v in VARIANTS}
     recorded_training.clear()
-    evaluated, evaluate = [], scaling.evaluate
+    evaluated, evaluate = [], scaling.pipeline.evaluate
 
     def recording_evaluate(saes, *args, names, **kwargs):
         evaluated.extend(names)
         return evaluate(saes, *args, names=names, **kwargs)
 
-    monkeypatch.setattr(scaling, "evaluate", recording_evaluate)
+    monkeypatch.setattr(scaling.pipeline, "evaluate", recording_evaluate)
     assert main(study_args(corpus, news, out)) == 0  # snapshots 400 800 1600
     assert sorted(evaluated) == sorted(f"{v}@800" for v in VARIANTS)
     assert sorted(recorded_training) == sorted((4, b, s) for b in (0.0, 10.0) for s in (0, 1))

@@ -158,7 +158,7 @@ def test_a_rerun_reuses_every_stage(study, corpus, news, monkeypatch):
         raise AssertionError("a finished stage ran again")
 
     for name in ("evaluate", "evaluate_contexts", "steer"):
-        monkeypatch.setattr(scaling, name, refuse)
+        monkeypatch.setattr(scaling.pipeline, name, refuse)
     monkeypatch.setattr(scaling.pipeline, "train_saes", refuse)
     monkeypatch.setattr(StoreReader, "repeated_rows", refuse)
     shards = {p: p.stat().st_mtime_ns for p in (out / "store").glob("shard-*")}
@@ -175,14 +175,15 @@ def test_an_unseen_corpus_added_later_is_the_only_one_evaluated(study, corpus, n
     out, results = study
     # "code" (Python's standard library) is on every machine; the tiny tokenizer reads bytes
     evaluated = []
-    evaluate_contexts = scaling.evaluate_contexts
+    evaluate_contexts = scaling.pipeline.evaluate_contexts
 
     def recording(saes, model, contexts, cfg, names, model_id, **kwargs):
         evaluated.append((contexts.clone(), sorted(names)))
         return evaluate_contexts(saes, model, contexts, cfg, names, model_id, **kwargs)
 
-    monkeypatch.setattr(scaling, "evaluate", lambda *a, **k: pytest.fail("wiki evaluated again"))
-    monkeypatch.setattr(scaling, "evaluate_contexts", recording)
+    monkeypatch.setattr(scaling.pipeline, "evaluate",
+                        lambda *a, **k: pytest.fail("wiki evaluated again"))
+    monkeypatch.setattr(scaling.pipeline, "evaluate_contexts", recording)
     monkeypatch.setattr(scaling.pipeline, "train_saes", lambda *a, **k: pytest.fail("retrained"))
     report, registers = tmp_path / "report", tmp_path / "registers"
     assert main([*study_args(corpus, news, out), "--unseen", news, "code", "--report",
@@ -275,7 +276,7 @@ def test_extra_k_added_later_trains_and_evaluates_only_the_new_saes(study, corpu
 
     out, _ = study
     trained, evaluated = [], []
-    train_saes, evaluate = scaling.pipeline.train_saes, scaling.evaluate
+    train_saes, evaluate = scaling.pipeline.train_saes, scaling.pipeline.evaluate
 
     def recording_train(run, configs, **kwargs):
         trained.extend((c.k, c.beta, c.seed) for c in configs)
@@ -286,7 +287,7 @@ def test_extra_k_added_later_trains_and_evaluates_only_the_new_saes(study, corpu
         return evaluate(saes, *args, names=names, **kwargs)
 
     monkeypatch.setattr(scaling.pipeline, "train_saes", recording_train)
-    monkeypatch.setattr(scaling, "evaluate", recording_evaluate)
+    monkeypatch.setattr(scaling.pipeline, "evaluate", recording_evaluate)
     assert main([*study_args(corpus, news, out), "--extra_k", "8"]) == 0
     assert sorted(trained) == [(8, b, s) for b in (0.0, 10.0) for s in (0, 1)]
     assert sorted(evaluated) == sorted(f"k8-beta{b}-z-x2-s{s}@1600" for b in (0, 10)
@@ -305,7 +306,7 @@ def test_an_interrupted_evaluation_resumes_after_its_last_snapshot_count(corpus,
     import gsae.study.scaling as scaling
 
     calls, interrupt = [], [True]
-    evaluate = scaling.evaluate
+    evaluate = scaling.pipeline.evaluate
 
     def interrupted(saes, *args, names, **kwargs):
         calls.append(names)
@@ -315,7 +316,7 @@ def test_an_interrupted_evaluation_resumes_after_its_last_snapshot_count(corpus,
 
     out = tmp_path / "run"
     args = [*study_args(corpus, news, out), "--counts_per_eval", "1"]
-    monkeypatch.setattr(scaling, "evaluate", interrupted)
+    monkeypatch.setattr(scaling.pipeline, "evaluate", interrupted)
     assert main(args) == 130
     cached = json.loads((out / "eval-train.json").read_text())["saes"]
     assert sorted(cached) == sorted(f"k4-beta{b}-z-x2-s{s}@400" for b in (0, 10)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -31,6 +32,7 @@ from gsae.errors import GsaeError
 from gsae.evaluate import (
     EvalConfig,
     EvalResult,
+    TokenLosses,
     check_model,
     eval_contexts,
     evaluate,
@@ -824,25 +826,50 @@ def run_evals(run: EvaluationRun) -> dict[str, EvalResult]:
             raise GsaeError(f"--unseen names {name!r} twice or as the training corpus: name each "
                             "corpus no SAE trained on once")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
-    results = {loaded.data.dataset: evaluate(
-        loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval, names=loaded.names,
-        model_id=loaded.model_id)}
+    results = {loaded.data.dataset: evaluate_held_out(loaded, run.eval)}
     for name in run.unseen:
-        results[name] = evaluate_unseen(loaded, replace(loaded.data, dataset=name), run)
+        data = replace(loaded.data, dataset=name)
+        contexts, _ = unseen_contexts(data, loaded.tokenizer, run.unseen_tokens, count_all=False)
+        results[name] = evaluate_unseen(loaded, data, contexts, unseen_eval(run.eval,
+                                                                            run.unseen_tokens))
     if run.eval.json and run.unseen:
         write_json(run.eval.json, {**results[loaded.data.dataset].to_json(), "unseen": {
             name: results[name].to_json() for name in run.unseen}})
     return results
 
 
-def evaluate_unseen(loaded: LoadedModel, data: DataConfig, run: EvaluationRun) -> EvalResult:
-    """The SAEs evaluated on the first `run.unseen_tokens` tokens of a corpus they never saw."""
-    cfg = replace(run.eval, json="", eval_tokens=run.unseen_tokens, pool_tokens=0)
-    contexts, _ = unseen_contexts(data, loaded.tokenizer, run.unseen_tokens, count_all=False)
-    result = evaluate_contexts(loaded.saes, loaded.model, contexts, cfg, loaded.names,
-                               loaded.model_id)
+def evaluate_held_out(loaded: LoadedModel, cfg: EvalConfig) -> EvalResult:
+    """The loaded SAEs evaluated on the held-out split of their corpus (`gsae eval`)."""
+    return evaluate(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, cfg,
+                    names=loaded.names, model_id=loaded.model_id)
+
+
+def unseen_eval(cfg: EvalConfig, tokens: int) -> EvalConfig:
+    """The evaluation settings on an unseen corpus: its first `tokens` tokens, no pool."""
+    return replace(cfg, json="", eval_tokens=tokens, pool_tokens=0)
+
+
+def evaluate_on(loaded: LoadedModel, contexts: Tensor, cfg: EvalConfig,
+                token_losses: TokenLosses | None = None) -> EvalResult:
+    """The loaded SAEs evaluated on token contexts [n, T], collecting the per-token losses into
+    `token_losses` if given."""
+    return evaluate_contexts(loaded.saes, loaded.model, contexts, cfg, loaded.names,
+                             loaded.model_id, token_losses=token_losses)
+
+
+def evaluate_unseen(loaded: LoadedModel, data: DataConfig, contexts: Tensor, cfg: EvalConfig
+                    ) -> EvalResult:
+    """The loaded SAEs evaluated on `contexts` of a corpus they never saw (`data`, recorded as
+    evaluated whole)."""
+    result = evaluate_on(loaded, contexts, cfg)
     result.run.corpus, result.run.part = corpus_identity(data), "all"
     return result
+
+
+def steer_loaded(loaded: LoadedModel, cfg: SteerConfig) -> SteerResult:
+    """The steering evaluation of the loaded SAEs in held-out contexts (`gsae steer`)."""
+    return steer(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, cfg,
+                 names=loaded.names, model_id=loaded.model_id)
 
 
 def run_steer_prompt(run: SteeringRun) -> list[PromptSteering]:
@@ -875,8 +902,7 @@ def run_steer(run: SteeringRun) -> SteerResult:
     if run.json:
         check_output_file(run.json, "--json", "gsae.steer/")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
-    result = steer(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.steer,
-                   names=loaded.names, model_id=loaded.model_id)
+    result = steer_loaded(loaded, run.steer)
     if run.json:
         write_json(run.json, result.to_json())
     return result

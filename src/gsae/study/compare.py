@@ -1,46 +1,50 @@
 """`gsae compare`: TopK SAEs against g-SAEs on one model, hook point and corpus.
 
-Four stages, each reused when an earlier run of the same comparison finished it:
-
-1. the activation store (as `gsae cache`; continued after its last shard when interrupted);
-2. training every SAE of the grid (k x beta x value mode x seed) from the store with one
-   multi-SAE trainer, so all of them see the same batches; finished SAE folders are kept;
-3. evaluation (`gsae.evaluate`) and steering (`gsae.steer`) of every SAE, cached per SAE (by the
-   fingerprint of its weights and the stage's settings) in `<out>/eval.json` and
-   `<out>/steer.json`;
-4. the report (`gsae.study.report`): plots, markdown and a JSON of all numbers.
+A plan on the study engine (`gsae.study.engine`): the store (as `gsae cache`), every SAE of
+the grid (k x beta x value mode x seed) trained from it as one run, so all of them see the same
+batches, then evaluated (`gsae eval`, cached in `<out>/eval.json`) and steered (`gsae steer`,
+cached in `<out>/steer.json`) per SAE; the report (`gsae.study.report`) holds plots, markdown and
+a JSON of all numbers.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import platform
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
 
 from gsae import pipeline
-from gsae.config import flag_names, identity, to_dict
+from gsae.config import identity, to_dict
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalConfig, evaluate
-from gsae.io import claim_folder, file_fingerprint, versions, write_json
-from gsae.models import ModelConfig, hidden_size, load_model, model_identity
+from gsae.evaluate import EvalConfig
+from gsae.io import versions
+from gsae.models import ModelConfig, model_identity
 from gsae.pipeline import SAESweep, TrainRun
-from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
-from gsae.source import ActivationSource, SourceConfig
-from gsae.steer import SteerConfig, steer
-from gsae.store import StoreConfig, StoreReader, fill_store
+from gsae.sae import SAE, SAEConfig
+from gsae.source import SourceConfig
+from gsae.steer import SteerConfig
+from gsae.study.engine import (
+    Evaluation,
+    Outcome,
+    Steering,
+    Study,
+    StudyPlan,
+    Variant,
+    flag_text,
+    machine_record,
+    sae_record,
+)
+from gsae.study.engine import (
+    command_line as flags_command,
+)
 from gsae.study.report import build_report
 from gsae.study.results import ComparisonResult, compact_steering
 from gsae.text import DataConfig
-from gsae.train import TrainConfig, sae_folder, variant_name
+from gsae.train import TrainConfig, variant_name
 
 IDENTITY_FILE = "compare.json"
 
@@ -58,15 +62,6 @@ QUICK: dict[str, Any] = {
     "steer.latents": 12,
     "steer.pool": 32,
 }
-
-
-def _flag_value(value: Any) -> str:
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return text if text and " " not in text else repr(text)
-
-
-def flag_text(value: Any, joined: Callable[[Any], str] = " ".join) -> str:
-    return joined(map(_flag_value, value)) if isinstance(value, list) else _flag_value(value)
 
 
 def _quick_help() -> str:
@@ -137,15 +132,8 @@ def command_line(run: CompareRun) -> str:
     default = CompareRun()
     if run.compare.quick:
         apply_quick(default)
-    parts = ["gsae", "compare", *(["--quick"] if run.compare.quick else [])]
-    names = flag_names(CompareRun)
-    for f in fields(CompareRun):
-        for g in fields(getattr(run, f.name)):
-            value = getattr(getattr(run, f.name), g.name)
-            if g.name != "quick" and value != getattr(getattr(default, f.name), g.name):
-                joined = ",".join if f.name == "sae" else " ".join
-                parts.append(f"{names[f'{f.name}.{g.name}']} {flag_text(value, joined)}")
-    return " ".join(parts)
+    words = ["gsae", "compare", *(["--quick"] if run.compare.quick else [])]
+    return flags_command(words, run, default, skip=("quick",))
 
 
 def grid(run: CompareRun) -> list[SAEConfig]:
@@ -166,10 +154,8 @@ def grid(run: CompareRun) -> list[SAEConfig]:
     return list(configs.values())
 
 
-def run_compare(run: CompareRun) -> tuple[Path, float]:
-    """Run (or finish) the comparison and write its report; returns the report's markdown
-    and the wall time in seconds."""
-    start = time.perf_counter()
+def compare_plan(run: CompareRun) -> StudyPlan:
+    """The comparison as a plan on the study engine (settings checked; --quick applied)."""
     if run.compare.quick:
         apply_quick(run)
     if len(run.source.hooks) != 1:
@@ -177,119 +163,53 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
     run.steer.validate()
     out = Path(run.compare.out)
     store = Path(run.compare.store or out / "store")
-    stages: dict[str, float] = {}
-    model, tokenizer = load_model(run.model)
-    model_id = model_identity(run.model)
-    configs = grid(run)
-    for sae_cfg in configs:
-        sae_cfg.validate(hidden_size(model))
     train_run = TrainRun(model=run.model, data=run.data, source=run.source,
                          train=replace(run.train, out=str(out / "saes"), store=str(store),
                                        device=run.train.device or run.model.device))
     settings = identity(run)
     # The grid, evaluation and steering settings may change: finished pieces are reused.
-    claim_folder(out, IDENTITY_FILE, {"model": model_id, "store": str(store),
-                                      "store_tokens": run.compare.store_tokens,
-                                      **{k: settings[k] for k in ("model", "data", "source",
-                                                                  "train")}},
-                 "a comparison", run.train.overwrite)
+    claimed = {"model": model_identity(run.model), "store": str(store),
+               "store_tokens": run.compare.store_tokens,
+               **{k: settings[k] for k in ("model", "data", "source", "train")}}
+    eval_cfg = replace(run.eval, json="")
+    held_out = Evaluation("eval", "eval", "eval.json", asdict(run.eval),
+                          lambda loaded: pipeline.evaluate_held_out(loaded, eval_cfg))
+    return StudyPlan(what="a comparison", out=out, identity_file=IDENTITY_FILE,
+                     identity=claimed, overwrite=run.train.overwrite, model=run.model,
+                     data=run.data, train_run=train_run, store=store,
+                     store_tokens=run.compare.store_tokens,
+                     variants=[Variant(c) for c in grid(run)],
+                     evaluations=lambda study: [held_out], steering=Steering(run.steer))
 
-    t = time.perf_counter()
-    source = ActivationSource(model, run.source, with_grad=True)
-    fill_store(StoreConfig(store=str(store), tokens=run.compare.store_tokens), source, run.data,
-               tokenizer, model_id)
-    reader = StoreReader(store)
-    stages["store"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    (hook,) = reader.hooks
-    folders = {variant_name(c): sae_folder(train_run.train.out, hook, c) for c in configs}
-    pipeline.train_missing(train_run, configs, hook)
-    stages["train"] = time.perf_counter() - t
+def run_compare(run: CompareRun) -> tuple[Path, float]:
+    """Run (or finish) the comparison and write its report; returns the report's markdown
+    and the wall time of this invocation in seconds."""
+    start = time.perf_counter()
+    study = Study(compare_plan(run))
+    outcome = study.run()
+    results = comparison_result(run, study, outcome)
+    report = build_report(results.to_json(), run.compare.report or study.plan.out / "report")
+    return report, time.perf_counter() - start
 
-    saes = {name: SAE.load(folder, device=run.model.device) for name, folder in folders.items()}
-    prints = {name: file_fingerprint(folder / WEIGHTS_FILE) for name, folder in folders.items()}
 
-    def run_eval(names: list[str]) -> dict[str, Any]:
-        return evaluate([saes[n] for n in names], model, tokenizer, run.data,
-                        replace(run.eval, json=""), names=names, model_id=model_id).to_json()
-
-    def run_steer(names: list[str]) -> dict[str, Any]:
-        return steer([saes[n] for n in names], model, tokenizer, run.data, run.steer,
-                     names=names, model_id=model_id).to_json()
-
-    t = time.perf_counter()
-    eval_run, evals = cached(out / "eval.json", asdict(run.eval), prints, run_eval,
-                              [list(prints)])
-    stages["eval"] = time.perf_counter() - t
-    t = time.perf_counter()
-    by_k = [[n for n in prints if saes[n].k == k] for k in sorted({s.k for s in saes.values()})]
-    steer_run, steers = cached(out / "steer.json", asdict(run.steer), prints, run_steer, by_k)
-    stages["steer"] = time.perf_counter() - t
-
-    results = ComparisonResult(
+def comparison_result(run: CompareRun, study: Study, outcome: Outcome) -> ComparisonResult:
+    """The comparison's typed record, from what the engine found."""
+    (eval_run, evals), names = outcome.evaluated["eval"], list(outcome.folders)
+    steer_run, steers = outcome.steered or ({}, {})
+    return ComparisonResult(
         command=command_line(run),
         created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         versions={**versions(), "matplotlib": matplotlib.__version__},
         machine=machine_record(run.model.device),
-        wall_seconds=round(time.perf_counter() - start, 1),
-        stage_seconds={k: round(v, 1) for k, v in stages.items()},
-        model=model_id,
-        hook=hook,
-        store_tokens=reader.rows,
-        settings={**to_dict(run), "train": asdict(train_run.train)},
-        saes=[sae_record(name, saes[name], folders[name]) for name in folders],
-        eval={"run": eval_run, "results": [r for n in prints for r in evals[n]]},
+        wall_seconds=round(sum(study.clock.seconds.values()), 1),
+        stage_seconds=study.clock.rounded(),
+        model=study.model_id,
+        hook=outcome.hook,
+        store_tokens=outcome.reader.rows,
+        settings={**to_dict(run), "train": asdict(study.plan.train_run.train)},
+        saes=[sae_record(n, SAE.load(outcome.folders[n]), outcome.folders[n]) for n in names],
+        eval={"run": eval_run, "results": [r for n in names for r in evals[n]]},
         steer={"run": steer_run,
-               "results": [compact_steering(r) for n in prints for r in steers[n]]},
+               "results": [compact_steering(r) for n in names for r in steers[n]]},
     )
-    report = build_report(results.to_json(), run.compare.report or out / "report")
-    return report, time.perf_counter() - start
-
-
-# Stages -----------------------------------------------------------------------------------------
-
-
-def cached(
-    path: Path, settings: dict[str, Any], fingerprints: dict[str, str],
-    compute: Callable[[list[str]], dict[str, Any]], groups: list[list[str]],
-) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Per-SAE results of one stage, computed only for the SAEs (named in `fingerprints`) that
-    `path` does not hold for these settings and weights; `compute` runs on each group's missing
-    SAEs in turn, and `path` is rewritten after each. Returns the stage's run info and the
-    records of every SAE."""
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    if cache.get("settings") != json.loads(json.dumps(settings)):
-        cache = {"settings": settings, "run": None, "saes": {}}
-    entries = cache["saes"]
-    for group in groups:
-        todo = [n for n in group
-                if entries.get(n, {}).get("fingerprint") != fingerprints[n]]
-        if not todo:
-            continue
-        result = compute(todo)
-        for name in todo:
-            entries[name] = {"fingerprint": fingerprints[name],
-                             "records": [r for r in result["results"] if r["sae"] == name]}
-        cache["run"] = result["run"]
-        write_json(path, cache)
-    return cache["run"], {n: entries[n]["records"] for n in fingerprints}
-
-
-# Records ----------------------------------------------------------------------------------------
-
-
-def sae_record(name: str, sae: SAE, folder: Path) -> dict[str, Any]:
-    log = (folder / "log.jsonl").read_text().splitlines()
-    return {"name": name, "folder": str(folder), "k": sae.k, "beta": sae.beta,
-            "value_mode": sae.cfg.value_mode, "seed": sae.cfg.seed,
-            "n_latents": sae.n_latents, "train": json.loads(log[-1]) if log else {}}
-
-
-def machine_record(device: str) -> dict[str, Any]:
-    accelerator = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
-    threads = torch.get_num_threads()
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": threads, "device": device, "accelerator": accelerator,
-            "description": accelerator or f"{os.cpu_count()} CPU cores ({threads} torch threads, "
-                                          f"{platform.machine()})"}

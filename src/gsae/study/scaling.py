@@ -22,11 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,36 +31,44 @@ import matplotlib
 import torch
 
 from gsae import pipeline
-from gsae.config import flag_names, identity, to_dict
+from gsae.config import identity, to_dict
 from gsae.errors import GsaeError
-from gsae.evaluate import (
-    EvalConfig,
-    EvalResult,
-    TokenLosses,
-    eval_contexts,
-    evaluate,
-    evaluate_contexts,
-    unseen_contexts,
-)
-from gsae.io import claim_folder, file_fingerprint, read_json, versions, write_json
-from gsae.models import ModelConfig, hidden_size, load_model, model_identity
+from gsae.evaluate import EvalConfig, TokenLosses, eval_contexts, unseen_contexts
+from gsae.io import read_json, versions, write_json
+from gsae.models import ModelConfig, model_identity
 from gsae.pipeline import SAESweep, TrainRun
-from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
-from gsae.source import ActivationSource, SourceConfig
-from gsae.steer import SteerConfig, steer
-from gsae.store import StoreConfig, StoreReader, fill_store
+from gsae.sae import SAE, SAEConfig
+from gsae.source import SourceConfig
+from gsae.steer import SteerConfig
 from gsae.study import registers
-from gsae.study.compare import cached, flag_text, machine_record, sae_record
+from gsae.study.engine import (
+    REPLAY_DIR,
+    Evaluation,
+    Outcome,
+    Snapshot,
+    Steering,
+    Step,
+    Study,
+    StudyPlan,
+    Variant,
+    cached,
+    fingerprints,
+    keyed_cache,
+    machine_record,
+    sae_record,
+)
+from gsae.study.engine import (
+    command_line as flags_command,
+)
 from gsae.study.registers_report import build_registers_report
 from gsae.study.results import compact_steering
 from gsae.study.scaling_report import ScalingResult, build_scaling_report, largest_gap
 from gsae.text import DataConfig, corpus_identity, load_documents, token_contexts
-from gsae.train import TrainConfig, sae_folder, snapshot_folder, variant_name
+from gsae.train import TrainConfig, variant_name
 
 IDENTITY_FILE = "study.json"
-STORE_CHECK_FILE = "store-check.json"
 DISTANCES_FILE = "distances.json"
-REPLAY_DIR = "snapshot-replay"  # scratch run folder: snapshots added after training
+__all__ = ["REPLAY_DIR"]  # the engine's scratch folder, named here for the study's users
 SNAPSHOTS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
 
 
@@ -136,16 +141,7 @@ class ScalingRun:
 def command_line(run: ScalingRun) -> str:
     """The `gsae study` command that reproduces these settings: every flag whose value differs
     from its default."""
-    default = ScalingRun()
-    parts = ["gsae", "study"]
-    names = flag_names(ScalingRun)
-    for f in fields(ScalingRun):
-        for g in fields(getattr(run, f.name)):
-            value = getattr(getattr(run, f.name), g.name)
-            if value != getattr(getattr(default, f.name), g.name):
-                joined = ",".join if f.name == "sae" else " ".join
-                parts.append(f"{names[f'{f.name}.{g.name}']} {flag_text(value, joined)}")
-    return " ".join(parts)
+    return flags_command(["gsae", "study"], run, ScalingRun())
 
 
 # The SAEs --------------------------------------------------------------------------------------
@@ -184,29 +180,6 @@ def check_schedule(train: TrainConfig) -> list[int]:
     return counts
 
 
-@dataclass
-class Snapshot:
-    """One saved state of one SAE: its name in the caches and results, where it is, when."""
-
-    name: str
-    variant: str
-    requested: int
-    folder: Path
-
-    def fingerprint(self) -> str:
-        return file_fingerprint(self.folder / WEIGHTS_FILE)
-
-    def record(self) -> dict[str, Any]:
-        saved = read_json(self.folder / "snapshot.json", "a snapshot record")
-        return {"name": self.name, "folder": str(self.folder), **saved}
-
-
-def snapshots_of(folders: dict[str, Path], counts: list[int]) -> list[Snapshot]:
-    """Every snapshot of every SAE, by count then SAE."""
-    return [Snapshot(f"{name}@{n}", name, n, snapshot_folder(folder, n))
-            for n in counts for name, folder in folders.items()]
-
-
 # The stages ------------------------------------------------------------------------------------
 
 
@@ -240,84 +213,6 @@ def unseen_cache(out: Path, name: str, settings: dict[str, Any]) -> Path:
     return path
 
 
-def keyed_cache(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
-    """The value saved at `path` for this `key`, else `compute()`'s, saved there."""
-    if path.is_file():
-        saved = read_json(path, "a study cache")
-        if saved.get("key") == json.loads(json.dumps(key)):
-            return saved["check"]
-    value = compute()
-    write_json(path, {"key": key, "check": value})
-    return value
-
-
-def store_check(out: Path, reader: StoreReader, hook: str) -> dict[str, Any]:
-    """The store's count of exactly repeated rows, computed once per store identity and size."""
-    return keyed_cache(out / STORE_CHECK_FILE, {"identity": reader.identity, "rows": reader.rows},
-                       lambda: {"rows": reader.rows, "repeated_rows": reader.repeated_rows(hook)})
-
-
-def train_stage(train_run: TrainRun, configs: list[SAEConfig], out: str, hook: str,
-                counts: list[int]) -> dict[str, Path]:
-    """Train (or finish) the SAEs of `configs` in the run folder `out`, keeping the finished
-    SAEs there (`pipeline.train_missing`), and give each a snapshot at every one of `counts`;
-    their folders by name."""
-    pipeline.train_missing(replace(train_run, train=replace(train_run.train, out=out)), configs,
-                           hook)
-    folders = {variant_name(c): sae_folder(out, hook, c) for c in configs}
-    replay_snapshots(train_run, configs, folders, counts, Path(out).parent / REPLAY_DIR)
-    return folders
-
-
-def missing_snapshots(folders: dict[str, Path], counts: list[int]) -> dict[str, list[int]]:
-    """The snapshot counts that each SAE folder lacks (only SAEs that lack any)."""
-    missing = {name: [n for n in counts if not (snapshot_folder(f, n) / WEIGHTS_FILE).is_file()]
-               for name, f in folders.items()}
-    return {name: counts for name, counts in missing.items() if counts}
-
-
-def replay_snapshots(train_run: TrainRun, configs: list[SAEConfig], folders: dict[str, Path],
-                     counts: list[int], scratch: Path) -> None:
-    """Save the snapshots that trained SAEs lack (counts added after they passed them): their
-    training runs again, step for step, as a run in the folder `scratch` up to the last missing
-    count, and each missing snapshot is moved into its SAE's folder (no snapshot there is
-    replaced). `scratch` is the study's own: it is emptied before and removed after."""
-    missing = missing_snapshots(folders, counts)
-    if not missing:
-        return
-    wanted = sorted({n for lacking in missing.values() for n in lacking})
-    replayed = [c for c in configs if variant_name(c) in missing]
-    _remove_scratch(scratch)
-    run = replace(train_run, train=replace(train_run.train, out=str(scratch), snapshots=wanted,
-                                           resume=False, overwrite=False))
-    summary = pipeline.train_saes(run, replayed, until=wanted[-1])
-    for record in summary.records:
-        name = Path(record["folder"]).name
-        for n in missing[name]:
-            target = snapshot_folder(folders[name], n)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            snapshot_folder(Path(record["folder"]), n).rename(target)
-    _remove_scratch(scratch)
-
-
-def _remove_scratch(scratch: Path) -> None:
-    if scratch.is_dir() and not scratch.is_symlink():
-        shutil.rmtree(scratch)
-
-
-@dataclass
-class Stage:
-    """What an evaluating stage needs: the model and a way to load a snapshot."""
-
-    model: Any
-    tokenizer: Any
-    model_id: dict[str, Any]
-    device: str
-
-    def load(self, snaps: list[Snapshot]) -> list[SAE]:
-        return [SAE.load(s.folder, device=self.device) for s in snaps]
-
-
 def eval_groups(snaps: list[Snapshot], counts_per_eval: int) -> list[list[str]]:
     """The snapshots' names in groups of `counts_per_eval` consecutive snapshot counts (0: one
     group)."""
@@ -327,94 +222,164 @@ def eval_groups(snaps: list[Snapshot], counts_per_eval: int) -> list[list[str]]:
             for i in range(0, len(counts), size)]
 
 
-def eval_stage(stage: Stage, path: Path, snaps: list[Snapshot], settings: dict[str, Any],
-               evaluate_on: Callable[[list[SAE], list[str]], EvalResult], counts_per_eval: int
-               ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Evaluate every snapshot not yet in the cache at `path`, `counts_per_eval` snapshot counts
-    per pass over the text (the cache is saved after each)."""
-    by_name = {s.name: s for s in snaps}
-    groups = eval_groups(snaps, counts_per_eval)
-
-    def compute(names: list[str]) -> dict[str, Any]:
-        return evaluate_on(stage.load([by_name[n] for n in names]), names).to_json()
-
-    return cached(path, settings, {s.name: s.fingerprint() for s in snaps}, compute, groups)
-
-
-def steer_stage(stage: Stage, path: Path, snaps: list[Snapshot], data: DataConfig,
-                cfg: SteerConfig) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Steer with every snapshot not yet in the cache at `path`, one k at a time."""
-    by_name = {s.name: s for s in snaps}
-    saes = dict(zip(by_name, stage.load(snaps)))
-    groups = [[n for n in by_name if saes[n].k == k] for k in sorted({s.k for s in saes.values()})]
-
-    def compute(names: list[str]) -> dict[str, Any]:
-        return steer([saes[n] for n in names], stage.model, stage.tokenizer, data, cfg,
-                     names=names, model_id=stage.model_id).to_json()
-
-    return cached(path, asdict(cfg), {s.name: s.fingerprint() for s in snaps}, compute, groups)
-
-
-# The study -------------------------------------------------------------------------------------
-
-
-class StageClock:
-    """Seconds spent in each stage, summed over every invocation of the study (a resumed stage
-    adds its time to what the interrupted ones spent), kept in `<out>/stage-seconds.json`."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.seconds: dict[str, float] = (read_json(path, "the stage times")
-                                          if path.is_file() else {})
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:  # an interrupted stage's time counts too
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-            write_json(self.path, self.seconds)
+# The plan --------------------------------------------------------------------------------------
 
 
 @dataclass
-class Plan:
-    """The study's settings checked and resolved: folders, SAEs, the loaded model."""
+class Corpora:
+    """The evaluated token contexts per corpus ("train": the held-out split), and each unseen
+    corpus's size in contexts; known once the evaluations are declared."""
 
-    run: ScalingRun
-    out: Path
-    store: Path
-    counts: list[int]
-    curve: list[SAEConfig]
-    extra: list[SAEConfig]
-    unseen: dict[str, DataConfig]
-    stage: Stage
-    train_run: TrainRun
+    contexts: dict[str, torch.Tensor] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
 
 
-def plan(run: ScalingRun) -> Plan:
-    """Check the settings, load the model and claim the work folder."""
-    if len(run.source.hooks) != 1:
-        raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
-    run.steer.validate()
-    counts, unseen = check_schedule(run.train), unseen_data(run)
-    curve, extra = curve_configs(run), extra_configs(run)
-    out = Path(run.study.out)
-    store = Path(run.study.store or out / "store")
-    model, tokenizer = load_model(run.model)
-    for sae_cfg in curve + extra:
-        sae_cfg.validate(hidden_size(model))
-    stage = Stage(model, tokenizer, model_identity(run.model), run.model.device)
-    train_run = TrainRun(model=run.model, data=run.data, source=run.source,
-                         train=replace(run.train, store=str(store),
-                                       device=run.train.device or run.model.device))
-    settings = identity(run)
-    claim_folder(out, IDENTITY_FILE, {"model": stage.model_id, "store": str(store),
-                                      "store_tokens": run.study.store_tokens,
-                                      **as_recorded(out / IDENTITY_FILE, {
-                                          k: settings[k] for k in SETTINGS_RECORDED})},
-                 "a study", run.train.overwrite)
-    return Plan(run, out, store, counts, curve, extra, unseen, stage, train_run)
+class ScalingPlan:
+    """The learning-curve study as a plan on the study engine: the curve's SAEs with a snapshot
+    at every count, the --extra_k SAEs (their last snapshot) in a run folder of their own, an
+    evaluation per corpus, steering at the last snapshots, then the distances and per-token
+    analyses."""
+
+    def __init__(self, run: ScalingRun):
+        if len(run.source.hooks) != 1:
+            raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
+        run.steer.validate()
+        self.run = run
+        self.counts, self.unseen = check_schedule(run.train), unseen_data(run)
+        self.curve, self.extra = curve_configs(run), extra_configs(run)
+        self.out = Path(run.study.out)
+        self.store = Path(run.study.store or self.out / "store")
+        self.corpora = Corpora()
+
+    def plan(self) -> StudyPlan:
+        run = self.run
+        train_run = TrainRun(model=run.model, data=run.data, source=run.source,
+                             train=replace(run.train, store=str(self.store),
+                                           device=run.train.device or run.model.device))
+        settings = identity(run)
+        claimed = {"model": model_identity(run.model), "store": str(self.store),
+                   "store_tokens": run.study.store_tokens,
+                   **as_recorded(self.out / IDENTITY_FILE,
+                                 {k: settings[k] for k in SETTINGS_RECORDED})}
+        variants = ([Variant(c, "saes", self.counts) for c in self.curve]
+                    + [Variant(c, "saes-extra", self.counts[-1:]) for c in self.extra])
+        return StudyPlan("a study", self.out, IDENTITY_FILE, claimed, run.train.overwrite,
+                         run.model, run.data, train_run, self.store, run.study.store_tokens,
+                         variants, self.evaluations, Steering(run.steer), self.steps,
+                         check_store=True)
+
+    def grouped(self, snaps: list[Snapshot]) -> list[list[str]]:
+        return eval_groups(snaps, self.run.study.counts_per_eval)
+
+    def evaluations(self, study: Study) -> list[Evaluation]:
+        """The held-out split of the training corpus ("train"), then each unseen corpus."""
+        wiki_cfg = replace(self.run.eval, json="")
+        self.corpora.contexts["train"] = eval_contexts(self.run.data, study.tokenizer, wiki_cfg)
+        held_out = Evaluation("train", "eval_train", "eval-train.json", asdict(wiki_cfg),
+                              lambda loaded: pipeline.evaluate_held_out(loaded, wiki_cfg),
+                              self.grouped)
+        return [held_out, *(self.unseen_evaluation(study, name, data)
+                            for name, data in self.unseen.items())]
+
+    def unseen_evaluation(self, study: Study, name: str, data: DataConfig) -> Evaluation:
+        """One unseen corpus's evaluation, from its start, up to --unseen_tokens."""
+        run = self.run
+        cfg = pipeline.unseen_eval(run.eval, run.study.unseen_tokens)
+        contexts, available = unseen_contexts(data, study.tokenizer, run.study.unseen_tokens)
+        assert available is not None
+        self.corpora.contexts[name], self.corpora.sizes[name] = contexts, available
+        settings = {"corpus": corpus_identity(data), "tokens": run.study.unseen_tokens,
+                    "batch_size": run.eval.batch_size}
+        return Evaluation(name, f"eval_{name}",
+                          unseen_cache(self.out, data.dataset, settings).name, settings,
+                          lambda loaded: pipeline.evaluate_unseen(loaded, data, contexts, cfg),
+                          self.grouped)
+
+    def steps(self, study: Study, outcome: Outcome) -> list[Step]:
+        """The distances, then the per-token analysis of each corpus of --per_token."""
+        chosen = per_token_corpora(self, self.result(study, outcome))
+        return [Step("distances", lambda s, o: self.distances(s)),
+                *(Step(f"per_token_{name}", lambda s, o, name=name: self.per_token(s, o, name))
+                  for name in chosen)]
+
+    def distances(self, study: Study) -> dict[str, Any]:
+        """Per corpus, the unigram KL of its evaluated tokens against the training split's
+        tokens (`gsae.study.registers.unigram_kl`), cached in `<out>/distances.json`."""
+        vocabulary, contexts = len(study.tokenizer), self.corpora.contexts
+        key = {"reference": corpus_identity(self.run.data), "vocabulary": vocabulary,
+               "smoothing": registers.SMOOTHING,
+               "corpora": {n: hashlib.sha256(c.numpy().tobytes()).hexdigest()
+                           for n, c in contexts.items()}}
+
+        def compute() -> dict[str, Any]:
+            reference = torch.stack(list(token_contexts(self.run.data, study.tokenizer, "train")))
+            return {"reference_tokens": reference.numel(), "corpora": {
+                n: {"unigram_kl": registers.unigram_kl(c, reference, vocabulary),
+                    "tokens": c.numel()} for n, c in contexts.items()}}
+
+        return keyed_cache(self.out / DISTANCES_FILE, key, compute)
+
+    def per_token(self, study: Study, outcome: Outcome, name: str) -> dict[str, Any]:
+        """The last curve snapshots' spliced CE increase by quantile bin of the clean per-token
+        CE and of |g| on one corpus (`gsae.study.registers.per_token_records`), cached per
+        snapshot in `<out>/per-token-<name>.json`."""
+        contexts = self.corpora.contexts[name]
+        extra = {variant_name(c) for c in self.extra}
+        last = [s for s in study.last(outcome) if s.variant not in extra]
+        cfg = replace(self.run.eval, json="", eval_tokens=contexts.numel(), pool_tokens=0)
+        by_name = {s.name: s for s in last}
+
+        def compute(names: list[str]) -> dict[str, Any]:
+            losses = TokenLosses()
+            pipeline.evaluate_on(study.loaded([by_name[n] for n in names]), contexts, cfg,
+                                 token_losses=losses)
+            return registers.per_token_records(losses, names)
+
+        settings = {"tokens": hashlib.sha256(contexts.numpy().tobytes()).hexdigest(),
+                    "batch_size": cfg.batch_size, "bins": registers.BINS}
+        info, records = cached(self.out / f"per-token-{_slug(name)}.json", settings,
+                               fingerprints(last), compute, [list(by_name)])
+        return {"run": info, "results": [{**r, "snapshot": s.requested, "variant": s.variant}
+                                          for s in last for r in records[s.name]]}
+
+    def result(self, study: Study, outcome: Outcome) -> ScalingResult:
+        """The study's typed record, from what the engine found so far."""
+        run, extra = self.run, {variant_name(c) for c in self.extra}
+        steer_run, steered = outcome.steered or ({}, {})
+        return ScalingResult(
+            command=command_line(run),
+            created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            versions={**versions(), "matplotlib": matplotlib.__version__},
+            machine=machine_record(run.model.device),
+            wall_seconds=round(sum(study.clock.seconds.values()), 1),
+            stage_seconds=study.clock.rounded(),
+            model=study.model_id,
+            hook=outcome.hook,
+            store={"folder": str(self.store), **(outcome.store_check or {}),
+                   "passes": round(run.train.tokens / max(1, outcome.reader.rows), 2)},
+            corpora=self.corpora_record(),
+            settings={**to_dict(run), "train": asdict(study.plan.train_run.train)},
+            saes=[{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
+                   "snapshots": [s.record() for s in outcome.snapshots if s.variant == name]}
+                  for name, folder in outcome.folders.items()],
+            eval={key: {"run": info, "results": outcome.records(key)}
+                  for key, (info, _) in outcome.evaluated.items()},
+            steer={"run": steer_run,
+                   "results": [{**compact_steering(r), "snapshot": s.requested,
+                                "variant": s.variant}
+                               for s in study.last(outcome) for r in steered[s.name]]},
+            distances=outcome.extra.get("distances", {}),
+            per_token={key.removeprefix("per_token_"): value
+                       for key, value in outcome.extra.items() if key.startswith("per_token_")},
+        )
+
+    def corpora_record(self) -> dict[str, Any]:
+        contexts, sizes = self.corpora.contexts, self.corpora.sizes
+        return {"train": {"name": self.run.data.dataset, "part": "eval",
+                          "corpus": corpus_identity(self.run.data)},
+                **{name: {"name": name, "part": "all", "corpus": corpus_identity(data),
+                          "contexts": contexts[name].shape[0], "corpus_contexts": sizes[name]}
+                   for name, data in self.unseen.items()}}
 
 
 SETTINGS_RECORDED = ("model", "data", "source", "train")  # the sections study.json records
@@ -437,103 +402,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def store_stage(p: Plan) -> tuple[StoreReader, dict[str, Any]]:
-    """Build (or finish) the store; its reader and repeated-row check."""
-    source = ActivationSource(p.stage.model, p.run.source, with_grad=True)
-    fill_store(StoreConfig(store=str(p.store), tokens=p.run.study.store_tokens), source,
-               p.run.data, p.stage.tokenizer, p.stage.model_id)
-    reader = StoreReader(p.store)
-    return reader, store_check(p.out, reader, reader.hooks[0])
-
-
-StageRecords = tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]  # run info, records
-Evaluated = dict[str, StageRecords]
-
-
-def eval_stages(p: Plan, evaluated: list[Snapshot], clock: StageClock
-                ) -> tuple[Evaluated, dict[str, torch.Tensor], dict[str, int]]:
-    """Every corpus's evaluation of the snapshots: per corpus ("train", then each unseen one by
-    name) the run info and records, and the token contexts evaluated; and per unseen corpus
-    how many contexts it has in all."""
-    run, stage = p.run, p.stage
-    wiki_cfg = replace(run.eval, json="")
-    corpora: Evaluated = {}
-    with clock.stage("eval_train"):
-        corpora["train"] = eval_stage(
-            stage, p.out / "eval-train.json", evaluated, asdict(wiki_cfg),
-            lambda saes, names: evaluate(saes, stage.model, stage.tokenizer, run.data, wiki_cfg,
-                                         names=names, model_id=stage.model_id),
-            run.study.counts_per_eval)
-    contexts, sizes = {"train": eval_contexts(run.data, stage.tokenizer, wiki_cfg)}, {}
-    for name, data in p.unseen.items():
-        with clock.stage(f"eval_{name}"):
-            corpora[name], contexts[name], sizes[name] = unseen_stage(p, data, evaluated)
-    return corpora, contexts, sizes
-
-
-def unseen_stage(p: Plan, data: DataConfig, evaluated: list[Snapshot]
-                 ) -> tuple[StageRecords, torch.Tensor, int]:
-    """One unseen corpus's evaluation of the snapshots (run info, records), its contexts, and
-    how many contexts it has in all."""
-    run, stage = p.run, p.stage
-    unseen_cfg = replace(run.eval, json="", eval_tokens=run.study.unseen_tokens, pool_tokens=0)
-    contexts, available = unseen_contexts(data, stage.tokenizer, run.study.unseen_tokens)
-
-    def on_unseen(saes: list[SAE], names: list[str]) -> EvalResult:
-        result = evaluate_contexts(saes, stage.model, contexts, unseen_cfg, names,
-                                   stage.model_id)
-        result.run.corpus, result.run.part = corpus_identity(data), "all"
-        return result
-
-    settings = {"corpus": corpus_identity(data), "tokens": run.study.unseen_tokens,
-                "batch_size": run.eval.batch_size}
-    found = eval_stage(stage, unseen_cache(p.out, data.dataset, settings), evaluated, settings,
-                       on_unseen, run.study.counts_per_eval)
-    assert available is not None
-    return found, contexts, available
-
-
-def distance_stage(p: Plan, contexts: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Per corpus, the unigram KL of its evaluated tokens against the training split's tokens
-    (`gsae.study.registers.unigram_kl`), cached in `<out>/distances.json`."""
-    vocabulary = len(p.stage.tokenizer)
-    key = {"reference": corpus_identity(p.run.data), "vocabulary": vocabulary,
-           "smoothing": registers.SMOOTHING,
-           "corpora": {n: hashlib.sha256(c.numpy().tobytes()).hexdigest()
-                       for n, c in contexts.items()}}
-
-    def compute() -> dict[str, Any]:
-        reference = torch.stack(list(token_contexts(p.run.data, p.stage.tokenizer, "train")))
-        return {"reference_tokens": reference.numel(), "corpora": {
-            n: {"unigram_kl": registers.unigram_kl(c, reference, vocabulary),
-                "tokens": c.numel()} for n, c in contexts.items()}}
-
-    return keyed_cache(p.out / DISTANCES_FILE, key, compute)
-
-
-def per_token_stage(p: Plan, name: str, contexts: torch.Tensor, last: list[Snapshot]
-                    ) -> dict[str, Any]:
-    """The last snapshots' spliced CE increase by quantile bin of the clean per-token CE and of
-    |g| on one corpus (`gsae.study.registers.per_token_records`), cached per snapshot in
-    `<out>/per-token-<name>.json`."""
-    cfg = replace(p.run.eval, json="", eval_tokens=contexts.numel(), pool_tokens=0)
-    by_name = {s.name: s for s in last}
-
-    def compute(names: list[str]) -> dict[str, Any]:
-        losses = TokenLosses()
-        evaluate_contexts(p.stage.load([by_name[n] for n in names]), p.stage.model, contexts, cfg,
-                          names, p.stage.model_id, token_losses=losses)
-        return registers.per_token_records(losses, names)
-
-    settings = {"tokens": hashlib.sha256(contexts.numpy().tobytes()).hexdigest(),
-                "batch_size": cfg.batch_size, "bins": registers.BINS}
-    info, records = cached(p.out / f"per-token-{_slug(name)}.json", settings,
-                           {s.name: s.fingerprint() for s in last}, compute, [list(by_name)])
-    return {"run": info, "results": [{**r, "snapshot": s.requested, "variant": s.variant}
-                                      for s in last for r in records[s.name]]}
-
-
-def per_token_corpora(p: Plan, result: ScalingResult) -> list[str]:
+def per_token_corpora(p: ScalingPlan, result: ScalingResult) -> list[str]:
     """The corpora of --per_token, 'largest_gap' resolved from the evaluation's records."""
     chosen = []
     for name in p.run.study.per_token:
@@ -551,71 +420,11 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     """Run (or finish) the study and write its report; returns the report's markdown and the
     wall time of this invocation in seconds."""
     start = time.perf_counter()
-    p = plan(run)
-    clock = StageClock(p.out / "stage-seconds.json")
-    with clock.stage("store"):
-        reader, checked = store_stage(p)
-    hook = reader.hooks[0]
-    with clock.stage("train"):
-        folders = train_stage(p.train_run, p.curve, str(p.out / "saes"), hook, p.counts)
-        extra = train_stage(p.train_run, p.extra, str(p.out / "saes-extra"), hook,
-                            p.counts[-1:]) if p.extra else {}
-    snaps = snapshots_of(folders, p.counts)
-    last = snapshots_of({**folders, **extra}, p.counts[-1:])
-    evaluated = snaps + [s for s in last if s.variant in extra]
-    corpora, contexts, sizes = eval_stages(p, evaluated, clock)
-    with clock.stage("steer"):
-        steered = steer_stage(p.stage, p.out / "steer.json", last, run.data, run.steer)
-    result = ScalingResult(
-        command=command_line(run),
-        created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        versions={**versions(), "matplotlib": matplotlib.__version__},
-        machine=machine_record(run.model.device),
-        wall_seconds=0.0,  # set when every stage has run
-        stage_seconds={},
-        model=p.stage.model_id,
-        hook=hook,
-        store={"folder": str(p.store), **checked,
-               "passes": round(run.train.tokens / max(1, reader.rows), 2)},
-        corpora=_corpora(p, contexts, sizes),
-        settings={**to_dict(run), "train": asdict(p.train_run.train)},
-        saes=[{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
-               "snapshots": [s.record() for s in (last if name in extra else snaps)
-                             if s.variant == name]}
-              for name, folder in {**folders, **extra}.items()],
-        eval={key: {"run": info,
-                    "results": [{**r, "snapshot": s.requested, "variant": s.variant}
-                                for s in evaluated for r in records[s.name]]}
-              for key, (info, records) in corpora.items()},
-        steer={"run": steered[0],
-               "results": [{**compact_steering(r), "snapshot": s.requested, "variant": s.variant}
-                           for s in last for r in steered[1][s.name]]},
-    )
-    analyse_registers(p, result, contexts, [s for s in last if s.variant not in extra], clock)
-    result.wall_seconds = round(sum(clock.seconds.values()), 1)
-    result.stage_seconds = {k: round(v, 1) for k, v in clock.seconds.items()}
-    data = result.to_json()
-    report = build_scaling_report(data, run.study.report or p.out / "report")
-    if len(p.unseen) > 1:
-        build_registers_report(data, run.study.registers_report or p.out / "registers-report")
+    scaling = ScalingPlan(run)
+    study = Study(scaling.plan())
+    data = scaling.result(study, study.run()).to_json()
+    report = build_scaling_report(data, run.study.report or scaling.out / "report")
+    if len(scaling.unseen) > 1:
+        build_registers_report(data, run.study.registers_report
+                               or scaling.out / "registers-report")
     return report, time.perf_counter() - start
-
-
-def analyse_registers(p: Plan, result: ScalingResult, contexts: dict[str, torch.Tensor],
-                      last: list[Snapshot], clock: StageClock) -> None:
-    """The distances of every evaluated corpus to the training text and the per-token analyses
-    of --per_token, into `result`."""
-    with clock.stage("distances"):
-        result.distances = distance_stage(p, contexts)
-    for name in per_token_corpora(p, result):
-        with clock.stage(f"per_token_{name}"):
-            result.per_token[name] = per_token_stage(p, name, contexts[name], last)
-
-
-def _corpora(p: Plan, contexts: dict[str, torch.Tensor], sizes: dict[str, int]
-             ) -> dict[str, Any]:
-    return {"train": {"name": p.run.data.dataset, "part": "eval",
-                      "corpus": corpus_identity(p.run.data)},
-            **{name: {"name": name, "part": "all", "corpus": corpus_identity(data),
-                      "contexts": contexts[name].shape[0], "corpus_contexts": sizes[name]}
-               for name, data in p.unseen.items()}}
