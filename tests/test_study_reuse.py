@@ -10,6 +10,7 @@ import test_study_scaling as scaling_tests
 
 from gsae.cli import main
 from gsae.sae import WEIGHTS_FILE
+from gsae.study.engine import REPLAY_DIR
 
 news, study = scaling_tests.news, scaling_tests.study  # fixtures: the news corpus, a study
 study_args = scaling_tests.study_args
@@ -157,7 +158,7 @@ def test_an_added_snapshot_is_replayed_exactly_and_only_it_is_evaluated(
         for name in added:
             assert (sae_dir(out, variant) / name).read_bytes() == \
                 (sae_dir(reference, variant) / name).read_bytes(), (variant, name)
-    assert not (out / scaling.REPLAY_DIR).exists()
+    assert not (out / REPLAY_DIR).exists()
     results = json.loads((out / "report" / "results.json").read_text())
     for sae in results["saes"]:
         assert [s["requested_tokens"] for s in sae["snapshots"]] == [400, 800, 1600]

@@ -42,7 +42,6 @@ from gsae.source import SourceConfig
 from gsae.steer import SteerConfig
 from gsae.study import registers
 from gsae.study.engine import (
-    REPLAY_DIR,
     Evaluation,
     Outcome,
     Snapshot,
@@ -68,7 +67,6 @@ from gsae.train import TrainConfig, variant_name
 
 IDENTITY_FILE = "study.json"
 DISTANCES_FILE = "distances.json"
-__all__ = ["REPLAY_DIR"]  # the engine's scratch folder, named here for the study's users
 SNAPSHOTS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
 
 
