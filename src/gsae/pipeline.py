@@ -50,6 +50,7 @@ from gsae.formats import load
 from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, write_json
 from gsae.models import ModelConfig, available_device, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
+from gsae.saebench import check_folder, write_core
 from gsae.source import ActivationSource, Batch, PassRows, SourceConfig, source_identity
 from gsae.steer import (
     PromptSteering,
@@ -141,6 +142,11 @@ class EvaluationRun:
     unseen_tokens: int = field(default=16_384, metadata={
         "help": "evaluation budget on each --unseen corpus in context tokens, from its start",
         "min": 1})
+    saebench: str = field(default="", metadata={
+        "help": "also write one SAEBench core result file per SAE (sae-bench 0.6.0's "
+                "CoreEvalOutput, grad-free mode) into this folder"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "let --saebench replace files that gsae did not write"})
 
 
 @dataclass
@@ -816,9 +822,12 @@ def run_eval(run: EvaluationRun) -> EvalResult:
 
 def run_evals(run: EvaluationRun) -> dict[str, EvalResult]:
     """Evaluate the SAE folders of `run` on held-out text (first, under the corpus's name) and
-    on each `--unseen` corpus (by name); with --json, the unseen results are in its "unseen"."""
+    on each `--unseen` corpus (by name); with --json, the unseen results are in its "unseen";
+    with --saebench, the held-out results also as SAEBench core files."""
     if run.eval.json:
         check_output_file(run.eval.json, "--json", "gsae.eval/")
+    if run.saebench:
+        check_folder(run.saebench, run.saes, run.overwrite)
     for name in run.unseen:
         if name == run.data.dataset or run.unseen.count(name) > 1:
             raise GsaeError(f"--unseen names {name!r} twice or as the training corpus: name each "
@@ -826,7 +835,9 @@ def run_evals(run: EvaluationRun) -> dict[str, EvalResult]:
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
     results = {loaded.data.dataset: evaluate(
         loaded.saes, loaded.model, loaded.tokenizer, loaded.data, run.eval, names=loaded.names,
-        model_id=loaded.model_id)}
+        model_id=loaded.model_id, core=bool(run.saebench))}
+    if run.saebench:
+        write_core(run.saebench, results[loaded.data.dataset], loaded.saes, run.overwrite)
     for name in run.unseen:
         results[name] = evaluate_unseen(loaded, replace(loaded.data, dataset=name), run)
     if run.eval.json and run.unseen:
