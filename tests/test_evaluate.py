@@ -365,11 +365,13 @@ def test_above_hook_path_gives_the_numbers_of_the_full_forward(family_model):
                                                    beta=0.0, seed=1)]
     tokens = torch.randint(0, 512, (6, 14), generator=torch.Generator().manual_seed(5))
     cfg = EvalConfig(batch_size=4)
-    fast = evaluate_contexts(saes, model, tokens, cfg, names=["a", "b"])
-    full = evaluate_contexts(saes, model, tokens, cfg, names=["a", "b"], above_hook=False)
+    fast = evaluate_contexts(saes, model, tokens, cfg, names=["a", "b"], core=True)
+    full = evaluate_contexts(saes, model, tokens, cfg, names=["a", "b"], above_hook=False,
+                             core=True)
     assert fast.run.forward == {name: "above-hook", f"{resolve_hook(model, 1)[0]}.{mlp}": "full"}
     assert set(full.run.forward.values()) == {"full"}
-    for got, expected in zip(fast.results, full.results):
+    assert len(fast.core) == len(full.core) == 4
+    for got, expected in zip(fast.results + fast.core, full.results + full.core):
         for key, value in asdict(expected).items():
             if isinstance(value, float):
                 assert getattr(got, key) == pytest.approx(value, rel=1e-4, abs=1e-6), key

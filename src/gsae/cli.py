@@ -63,6 +63,8 @@ def cmd_eval(run: pipeline.EvaluationRun) -> int:
         print(format_table(result))
     if run.eval.json:
         print(f"results written to {run.eval.json}")
+    if run.saebench:
+        print(f"SAEBench core results written to {run.saebench}")
     return 0
 
 

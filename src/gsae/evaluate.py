@@ -9,11 +9,13 @@ in training) and "grad-free" (beta = 0 on the same weights). The README's Evalua
 defines every number and the JSON schema.
 
 One clean forward and backward per batch serves all SAEs and hooks; then one spliced forward per
-SAE and mode, and one zero- and one mean-ablated forward per hook. A spliced forward runs only the
-decoder blocks above the hook, from what they received in the clean forward, where the model
-allows it (`gsae.hooks`; the run info's "forward" says per hook). Everything is accumulated as
-sums, so the result does not depend on the batch size (except through the per-batch outlier
-threshold, which is the one used in training) and memory stays bounded.
+SAE and mode, and one zero- and one mean-ablated forward per hook (with `core=True`, also one
+with the hook zeroed at every position, SAEBench's baseline, for `gsae.saebench`). A spliced
+forward runs only the decoder blocks above the hook, from what they received in the clean
+forward, where the model allows it (`gsae.hooks`; the run info's "forward" says per hook).
+Everything is accumulated as sums, so the result does not depend on the batch size (except
+through the per-batch outlier threshold, which is the one used in training) and memory stays
+bounded.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.errors import GsaeError
-from gsae.hooks import FULL, Intervention, Recording, log_probs, resolve_hook, splice
+from gsae.hooks import FULL, Intervention, Recording, log_probs, resolve_hook, splice, zero_all
 from gsae.io import versions, write_json
 from gsae.sae import SAE, first_order_change
 from gsae.source import GRADIENT_DEFINITION, ActivationSource, SourceConfig, training_positions
@@ -149,11 +151,33 @@ class EvalRecord:
 
 
 @dataclass
+class CoreRecord:
+    """What SAEBench's core evaluation reports beyond an `EvalRecord`, for one SAE in one
+    inference mode, on the same rows and CE positions (`gsae.saebench` writes it;
+    docs/evaluation.md defines it; None: undefined). Not part of the gsae.eval JSON."""
+
+    sae: str
+    mode: str
+    ce_zero_all: float | None  # mean CE over the CE positions, the hook zeroed at every position
+    kl_zero_all: float | None  # mean KL(clean || that model) over the CE positions
+    l1: float | None  # mean over rows of the sum of the selected values (all >= 0)
+    l2_norm_in: float | None  # mean over rows of ||x_i||
+    l2_norm_out: float | None  # mean over rows of ||x_hat_i||
+    relative_reconstruction_bias: float | None  # sum_i ||x_hat_i||^2 / sum_i x_i . x_hat_i
+    # mean over rows of 1 - ||x_i - x_hat_i||^2 / ||x_i - m||^2, m the mean of the batch's rows
+    explained_variance_legacy: float | None
+    fired: list[int]  # per latent: rows where it was selected with a value > 0
+    contexts_fired: list[int]  # per latent: contexts with at least one such row
+
+
+@dataclass
 class EvalResult:
-    """An evaluation: the run info and one record per SAE per inference mode."""
+    """An evaluation: the run info and one record per SAE per inference mode; `core`, when
+    asked for, one `CoreRecord` per SAE per mode (not part of the JSON)."""
 
     run: EvalRun
     results: list[EvalRecord]
+    core: list[CoreRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON layout of schema gsae.eval/2 (the README defines it)."""
@@ -230,12 +254,12 @@ def unseen_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, to
 def evaluate(
     saes: Sequence[SAE], model: nn.Module, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
     cfg: EvalConfig, names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
-    above_hook: bool = True,
+    above_hook: bool = True, core: bool = False,
 ) -> EvalResult:
     """Evaluate `saes` on the evaluation split of `data_cfg`'s corpus (see `evaluate_contexts`);
     the run info also records the corpus. Writes the JSON file if `cfg.json` is set."""
     contexts = eval_contexts(data_cfg, tokenizer, cfg)
-    result = evaluate_contexts(saes, model, contexts, cfg, names, model_id, above_hook)
+    result = evaluate_contexts(saes, model, contexts, cfg, names, model_id, above_hook, core=core)
     result.run.corpus = corpus_identity(data_cfg)
     if cfg.json:
         write_json(cfg.json, result.to_json())
@@ -245,7 +269,7 @@ def evaluate(
 def evaluate_contexts(
     saes: Sequence[SAE], model: nn.Module, contexts: Tensor, cfg: EvalConfig,
     names: Sequence[str] | None = None, model_id: dict[str, Any] | None = None,
-    above_hook: bool = True, token_losses: TokenLosses | None = None,
+    above_hook: bool = True, token_losses: TokenLosses | None = None, core: bool = False,
 ) -> EvalResult:
     """Evaluate `saes` (any hooks of this one model) on token contexts [n, T].
 
@@ -255,6 +279,8 @@ def evaluate_contexts(
     too; they are identical. Patched passes run only the blocks above each hook where the
     model allows (`gsae.hooks`); `above_hook=False` runs the whole model for each instead.
     `token_losses`, if given, collects the per-position losses (SAEs of one hook only).
+    `core` also runs each hook zeroed at every position (SAEBench's ablation baseline, one more
+    forward per hook and batch) and fills `result.core` (`CoreRecord`, for `gsae.saebench`).
     """
     names = sae_names(saes, names)
     if cfg.batch_size < 1:
@@ -273,6 +299,8 @@ def evaluate_contexts(
         )
     start = time.perf_counter()
     hooks = _group_by_hook(saes, names, model, above_hook)
+    for hook in hooks.values():
+        hook.zero_all = {"ce": 0.0, "kl": 0.0} if core else None
     if token_losses is not None and len(hooks) > 1:
         raise GsaeError(f"per-position losses are collected at one hook, got {list(hooks)}")
     source_cfg = SourceConfig(hooks=list(hooks), lm_batch_size=cfg.batch_size,
@@ -307,7 +335,10 @@ def evaluate_contexts(
                for mode in MODES]
     order = {name: i for i, name in enumerate(names)}
     results.sort(key=lambda r: (order[r.sae], MODES.index(r.mode)))
-    return EvalResult(run, results)
+    core_records = [member.core_record(mode, hook) for hook in hooks.values() if core
+                    for member in hook.members for mode in MODES]
+    core_records.sort(key=lambda r: (order[r.sae], MODES.index(r.mode)))
+    return EvalResult(run, results, core_records)
 
 
 def check_model(saes: Sequence[SAE], identity: dict[str, Any]) -> None:
@@ -367,7 +398,7 @@ def format_table(result: EvalResult) -> str:
             columns[-1] = {**previous, "mode": "grad-aware = grad-free"}
         else:
             columns.append(record)
-    labels = _short_labels([c["sae"] for c in columns])
+    labels = short_labels([c["sae"] for c in columns])
     rows = [("SAE", labels), ("mode", [c["mode"] for c in columns])]
     rows += [(title, [_show(cell(c)) for c in columns]) for title, cell in TABLE_ROWS]
     title_width = max(len(title) for title, _ in rows)
@@ -443,6 +474,23 @@ class _EvaluatedSAE:
             },
         }))
 
+    def core_record(self, mode: str, hook: _Hook) -> CoreRecord:
+        tally, rows = self.tallies[mode], self.tallies[mode].rows
+        assert hook.zero_all is not None
+        return CoreRecord(**_finite({
+            "sae": self.name,
+            "mode": mode,
+            "ce_zero_all": hook.zero_all["ce"] / hook.ce_tokens,
+            "kl_zero_all": hook.zero_all["kl"] / hook.ce_tokens,
+            "l1": tally.l1 / rows,
+            "l2_norm_in": tally.norm_in / rows,
+            "l2_norm_out": tally.norm_out / rows,
+            "relative_reconstruction_bias": _ratio(tally.norm_out_sq, tally.dot),
+            "explained_variance_legacy": tally.ev_legacy / rows,
+            "fired": tally.fired.tolist(),
+            "contexts_fired": tally.contexts_fired.tolist(),
+        }))
+
 
 class _Tally:
     """Sums over the evaluation of one SAE in one mode (float64 Python numbers)."""
@@ -454,6 +502,10 @@ class _Tally:
         self.fired = torch.zeros(n_latents, dtype=torch.long)
         self.predicted: list[float] = []  # per sequence: sum_t g_t . (x_hat_t - x_t)
         self.measured: list[float] = []  # per sequence: summed CE change over the CE positions
+        # what SAEBench's core evaluation reports besides (CoreRecord)
+        self.l1 = self.norm_in = self.norm_out = self.norm_out_sq = self.dot = 0.0
+        self.ev_legacy = 0.0
+        self.contexts_fired = torch.zeros(n_latents, dtype=torch.long)
 
     def add(self, x: Tensor, g: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor,
             sequence: Tensor, ce: Tensor, kl: Tensor, ce_clean: Tensor) -> None:
@@ -461,10 +513,12 @@ class _Tally:
         self.rows += x.shape[0]
         self.sq_err += _total(error.pow(2))
         self.cosine += _total(F.cosine_similarity(x_hat, x, dim=1, eps=1e-12))
-        self.l2_ratio += _total(x_hat.norm(dim=1) / x.norm(dim=1))
+        self._add_shrinkage(x, x_hat, error)
         active = values > 0
         self.l0 += _total(active)
+        self.l1 += _total(values[active])
         self.fired += torch.bincount(indices[active].cpu(), minlength=self.fired.numel())
+        self._add_contexts_fired(indices, active, sequence)
         dots = first_order_change(error, g)
         self.first_order_abs += _total(dots.abs())
         per_sequence = dots.new_zeros(ce.shape[0], dtype=torch.float64)
@@ -472,6 +526,22 @@ class _Tally:
         self.measured += (ce.double() - ce_clean.double()).sum(1).tolist()
         self.ce += _total(ce)
         self.kl += _total(kl)
+
+    def _add_shrinkage(self, x: Tensor, x_hat: Tensor, error: Tensor) -> None:
+        norm_in, norm_out = x.norm(dim=1), x_hat.norm(dim=1)
+        self.l2_ratio += _total(norm_out / norm_in)
+        self.norm_in += _total(norm_in)
+        self.norm_out += _total(norm_out)
+        self.norm_out_sq += _total(norm_out.pow(2))
+        self.dot += _total((x * x_hat).sum(1))
+        spread = (x - x.mean(0)).pow(2).sum(1)  # around the mean of this batch's rows
+        self.ev_legacy += _total(1 - error.pow(2).sum(1) / spread)
+
+    def _add_contexts_fired(self, indices: Tensor, active: Tensor, sequence: Tensor) -> None:
+        """Count, per latent, the contexts of this batch in which it fired at least once."""
+        n = self.contexts_fired.numel()
+        pairs = (sequence.unsqueeze(1) * n + indices)[active].unique()
+        self.contexts_fired += torch.bincount((pairs % n).cpu(), minlength=n)
 
 
 class _Hook:
@@ -483,6 +553,8 @@ class _Hook:
         self.mean: Tensor | None = None
         self.rows = self.outliers = self.ce_tokens = 0
         self.ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
+        # CE and KL sums with the hook zeroed at every position, when asked for (CoreRecord)
+        self.zero_all: dict[str, float] | None = None
         self.sum_x: Tensor | None = None
         self.sum_x2: Tensor | None = None
 
@@ -606,15 +678,25 @@ def _evaluation_pass(model: nn.Module, source_cfg: SourceConfig, batches: Sequen
                 hook.outliers += outliers
                 hook.ce_tokens += clean.ce.numel()
                 hook.ce["clean"] += _total(clean.ce)
-                assert hook.mean is not None
-                for kind, fill in (("zero", torch.zeros_like(x)), ("mean", hook.mean.expand_as(x))):
-                    ce, _ = clean.compare(patched.logits(splice(mask, fill)))
-                    hook.ce[kind] += _total(ce)
+                _ablations(hook, patched, clean, mask, x)
                 for member in hook.members:
                     _evaluate_member(member, patched, hook, mask, x, g, sequence, clean,
                                      token_losses)
         bar.update(tokens.numel())
     bar.close()
+
+
+def _ablations(hook: _Hook, patched: Recording, clean: _Clean, mask: Tensor, x: Tensor) -> None:
+    """The baselines of one hook on one batch: zero- and mean-ablation at the spliced positions
+    and, when asked for, zero-ablation at every position (SAEBench's)."""
+    assert hook.mean is not None
+    for kind, fill in (("zero", torch.zeros_like(x)), ("mean", hook.mean.expand_as(x))):
+        ce, _ = clean.compare(patched.logits(splice(mask, fill)))
+        hook.ce[kind] += _total(ce)
+    if hook.zero_all is not None:
+        ce, kl = clean.compare(patched.logits(zero_all))
+        hook.zero_all["ce"] += _total(ce)
+        hook.zero_all["kl"] += _total(kl)
 
 
 def _evaluate_member(member: _EvaluatedSAE, patched: Recording, hook: _Hook, mask: Tensor,
@@ -691,6 +773,10 @@ def _total(t: Tensor) -> float:
     return t.double().sum().item()
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b != 0 else math.nan
+
+
 def _recovered(ablated: float, spliced: float, clean: float) -> float:
     return (ablated - spliced) / (ablated - clean) if ablated != clean else math.nan
 
@@ -719,7 +805,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _short_labels(names: list[str]) -> list[str]:
+def short_labels(names: list[str]) -> list[str]:
     """The shortest path suffixes (by folder) that tell the names apart."""
     parts = [Path(name).parts or (name,) for name in names]
     for depth in range(1, max(len(p) for p in parts) + 1):

@@ -104,6 +104,12 @@ def plan_saelens(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> Expor
         "W_dec": sae.W_dec.detach(),
         "b_dec": sae.b_dec.detach(),
     }
+    return ExportPlan(out_dir, SAELENS_WEIGHTS_FILE, tensors, saelens_config(sae))
+
+
+def saelens_config(sae: SAE) -> dict[str, Any]:
+    """The SAELens 6 `cfg.json` of a TopK SAE with these weights, gsae's config in its
+    metadata."""
     metadata = {
         "sae_lens_version": SAELENS_CONFIG_VERSION,
         "model_name": (sae.provenance.model or {}).get("model"),
@@ -111,7 +117,7 @@ def plan_saelens(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> Expor
         "context_size": sae.provenance.context_size,
         "gsae": sae.config_dict(),
     }
-    cfg = {
+    return {
         "architecture": "topk",
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
@@ -124,7 +130,6 @@ def plan_saelens(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> Expor
         "rescale_acts_by_decoder_norm": False,
         "metadata": metadata,
     }
-    return ExportPlan(out_dir, SAELENS_WEIGHTS_FILE, tensors, cfg)
 
 
 def plan_sparsify(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> ExportPlan:

@@ -2,8 +2,8 @@
 
 A hook point is the output of one module: by default the residual stream after a decoder block.
 `Intervention` is the one way gsae runs a model with that output transformed by a patch
-(`splice` rows in, or `add` a vector): evaluation splices reconstructions and ablations, steering
-adds decoder directions.
+(`splice` rows in, `zero_all` positions, or `add` a vector): evaluation splices reconstructions
+and ablations, steering adds decoder directions.
 
 When the hook is a decoder block's output in a model family whose blocks are a plain sequence
 (Llama, GPT-2, GPT-NeoX), a patched pass runs only the blocks above the hook, then the final norm
@@ -137,6 +137,11 @@ def splice(mask: Tensor, rows: Tensor) -> Patch:
         return h
 
     return patch
+
+
+def zero_all(h: Tensor) -> Tensor:
+    """The patch writing zeros at every position (SAEBench's ablation baseline)."""
+    return torch.zeros_like(h)
 
 
 def add(delta: Tensor) -> Patch:

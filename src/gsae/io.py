@@ -144,17 +144,21 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
     return path
 
 
-def check_output_file(path: str | os.PathLike, flag: str, schema: str = "gsae.") -> None:
+def check_output_file(path: str | os.PathLike, flag: str, schema: str = "gsae.",
+                      overwrite: bool | None = None, schema_key: tuple[str, ...] = ("schema",)
+                      ) -> None:
     """Refuse, before any work is done, an output file path that cannot be written (a folder,
     a path under a file, a folder without write permission) or that holds a file gsae did not
-    write: an existing file is replaced only if it is a JSON result whose "schema" starts with
-    `schema`."""
+    write: an existing file is replaced only if it is a JSON result whose "schema" (the string
+    at the keys `schema_key`) starts with `schema`, or if `overwrite` (the command's
+    --overwrite; None where it has none)."""
     path = Path(path)
     if path.is_dir():
         raise GsaeError(f"{flag} {path} is a folder: give a file name")
-    if path.is_file() and not _holds_schema(path, schema):
+    if path.is_file() and not overwrite and not _holds_schema(path, schema, schema_key):
+        way = "pass --overwrite to replace it" if overwrite is False else "remove it"
         raise GsaeError(f"{flag} {path} exists and is not a {schema}* result that gsae wrote: "
-                        "choose another file name or remove it")
+                        f"choose another {flag} or {way}")
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise GsaeError(f"{flag} {path} lies under {parent}, which is a file, not a folder")
@@ -162,12 +166,14 @@ def check_output_file(path: str | os.PathLike, flag: str, schema: str = "gsae.")
         raise GsaeError(f"{flag} {path}: the folder {parent} is not writable")
 
 
-def _holds_schema(path: Path, schema: str) -> bool:
+def _holds_schema(path: Path, schema: str, key: tuple[str, ...] = ("schema",)) -> bool:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and str(data.get("schema", "")).startswith(schema)
+    for name in key:
+        data = data.get(name) if isinstance(data, dict) else None
+    return isinstance(data, str) and data.startswith(schema)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

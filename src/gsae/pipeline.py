@@ -52,6 +52,7 @@ from gsae.formats import load
 from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, write_json
 from gsae.models import ModelConfig, available_device, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
+from gsae.saebench import check_folder, write_core
 from gsae.source import ActivationSource, Batch, PassRows, SourceConfig, source_identity
 from gsae.steer import (
     PromptSteering,
@@ -143,6 +144,11 @@ class EvaluationRun:
     unseen_tokens: int = field(default=16_384, metadata={
         "help": "evaluation budget on each --unseen corpus in context tokens, from its start",
         "min": 1})
+    saebench: str = field(default="", metadata={
+        "help": "also write one SAEBench core result file per SAE (sae-bench 0.6.0's "
+                "CoreEvalOutput, grad-free mode) into this folder"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "let --saebench replace files that gsae did not write"})
 
 
 @dataclass
@@ -818,15 +824,20 @@ def run_eval(run: EvaluationRun) -> EvalResult:
 
 def run_evals(run: EvaluationRun) -> dict[str, EvalResult]:
     """Evaluate the SAE folders of `run` on held-out text (first, under the corpus's name) and
-    on each `--unseen` corpus (by name); with --json, the unseen results are in its "unseen"."""
+    on each `--unseen` corpus (by name); with --json, the unseen results are in its "unseen";
+    with --saebench, the held-out results also as SAEBench core files."""
     if run.eval.json:
         check_output_file(run.eval.json, "--json", "gsae.eval/")
+    if run.saebench:
+        check_folder(run.saebench, run.saes, run.overwrite)
     for name in run.unseen:
         if name == run.data.dataset or run.unseen.count(name) > 1:
             raise GsaeError(f"--unseen names {name!r} twice or as the training corpus: name each "
                             "corpus no SAE trained on once")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
-    results = {loaded.data.dataset: evaluate_held_out(loaded, run.eval)}
+    results = {loaded.data.dataset: evaluate_held_out(loaded, run.eval, core=bool(run.saebench))}
+    if run.saebench:
+        write_core(run.saebench, results[loaded.data.dataset], loaded.saes, run.overwrite)
     for name in run.unseen:
         data = replace(loaded.data, dataset=name)
         contexts, _ = unseen_contexts(data, loaded.tokenizer, run.unseen_tokens, count_all=False)
@@ -838,10 +849,11 @@ def run_evals(run: EvaluationRun) -> dict[str, EvalResult]:
     return results
 
 
-def evaluate_held_out(loaded: LoadedModel, cfg: EvalConfig) -> EvalResult:
-    """The loaded SAEs evaluated on the held-out split of their corpus (`gsae eval`)."""
+def evaluate_held_out(loaded: LoadedModel, cfg: EvalConfig, core: bool = False) -> EvalResult:
+    """The loaded SAEs evaluated on the held-out split of their corpus (`gsae eval`); with
+    `core`, also the numbers of SAEBench's core evaluation (`gsae.saebench`)."""
     return evaluate(loaded.saes, loaded.model, loaded.tokenizer, loaded.data, cfg,
-                    names=loaded.names, model_id=loaded.model_id)
+                    names=loaded.names, model_id=loaded.model_id, core=core)
 
 
 def unseen_eval(cfg: EvalConfig, tokens: int) -> EvalConfig:
