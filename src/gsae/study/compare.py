@@ -27,6 +27,7 @@ import matplotlib
 import torch
 
 from gsae import pipeline
+from gsae.caching import fill_store
 from gsae.config import flag_names, identity, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, evaluate
@@ -36,7 +37,7 @@ from gsae.pipeline import SAESweep, TrainRun
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
-from gsae.store import StoreConfig, StoreReader, fill_store
+from gsae.store import StoreConfig, StoreReader
 from gsae.study.report import build_report
 from gsae.study.results import ComparisonResult, compact_steering
 from gsae.text import DataConfig

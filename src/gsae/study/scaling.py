@@ -34,6 +34,7 @@ import matplotlib
 import torch
 
 from gsae import pipeline
+from gsae.caching import fill_store
 from gsae.config import flag_names, identity, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import (
@@ -51,7 +52,7 @@ from gsae.pipeline import SAESweep, TrainRun
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
-from gsae.store import StoreConfig, StoreReader, fill_store
+from gsae.store import StoreConfig, StoreReader
 from gsae.study import registers
 from gsae.study.compare import cached, flag_text, machine_record, sae_record
 from gsae.study.registers_report import build_registers_report
