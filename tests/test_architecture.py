@@ -15,7 +15,8 @@ ON_TOP = ("gsae.cli", "gsae.__main__", "gsae.study", "gsae.browser", "gsae.pipel
 LAYERS = {
     "base": ("gsae.errors", "gsae.version", "gsae.io", "gsae.config", "gsae.distributed",
              "gsae.batch"),
-    "sae": ("gsae.kernels", "gsae.sae", "gsae.formats", "gsae.store", "gsae.train"),
+    "sae": ("gsae.private_ops", "gsae.topk", "gsae.screen", "gsae.kernels", "gsae.sae",
+            "gsae.formats", "gsae.store", "gsae.train"),
     "language model": ("gsae.tiny", "gsae.models", "gsae.hooks", "gsae.registers", "gsae.text",
                        "gsae.source", "gsae.states"),
     "both": ("gsae.caching", "gsae.evaluate", "gsae.steer", "gsae.finetune"),
