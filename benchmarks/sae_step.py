@@ -139,7 +139,7 @@ def switch_screen(step: Callable[[], None]) -> Callable[[], None]:
 
 def encoder_gemm(d_in: int, n_latents: int, x: torch.Tensor) -> Callable[[], None]:
     """One encoder GEMM over the batch: float32, oneDNN, in the selection's blocks of rows."""
-    from gsae import kernels
+    from gsae import kernels, private_ops
 
     gen = torch.Generator().manual_seed(2)
     W = torch.randn(n_latents, d_in, generator=gen) / d_in**0.5
@@ -147,7 +147,7 @@ def encoder_gemm(d_in: int, n_latents: int, x: torch.Tensor) -> Callable[[], Non
     rows = kernels.block_rows(len(x), n_latents, 4)
 
     def gemm() -> None:
-        linear = kernels.DenseLinear(W, b, rows)
+        linear = private_ops.DenseLinear(W, b, rows)
         for start in range(0, len(x), rows):
             linear(x[start:start + rows])
 
@@ -284,7 +284,7 @@ SELECT_OPS = {  # the selection's operators by the part of the work they do
     "GEMM": ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm"),
     "top-k": ("aten::topk",),
     "order of ties": ("aten::sort", "aten::argsort"),
-    "exact rescoring": ("aten::_embedding_bag_per_sample_weights_backward",),
+    "exact rescoring": ("aten::_embedding_bag_per_sample_weights_backward", "aten::linalg_vecdot"),
 }
 
 
@@ -411,6 +411,7 @@ def main() -> None:
     if args.rounds * args.steps < 10:
         parser.error("time at least 10 steps per variant (--rounds x --steps)")
     from gsae import kernels
+    from gsae.private_ops import bf16_products_fast
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -430,7 +431,7 @@ def main() -> None:
             names[key] = f"gsae {label} + Fisher (lambda {args.fisher_coef:g})"
             variants[names[key]] = timed(gsae_step(d_in, n_latents, args.k, beta, x, g, dead,
                                                    args.fisher_coef))
-    if kernels.bf16_products_fast() and not args.one_path:  # both again, the other path
+    if bf16_products_fast() and not args.one_path:  # both again, the other path
         other = "dense fp32" if kernels.screens(x) else "bf16 screen"
         names["topk other"] = f"gsae TopK, {other}"
         names["gsae other"] = f"gsae g-SAE, {other}"
@@ -458,7 +459,7 @@ def main() -> None:
     if args.profile:
         steps = {"TopK": (topk, kernels.SCREEN), f"g-SAE (beta {args.beta:g})":
                  (gsae, kernels.SCREEN)}
-        if kernels.bf16_products_fast():
+        if bf16_products_fast():
             other = "never" if kernels.screens(x) else "always"
             steps[f"TopK, SCREEN={other}"] = (topk, other)
             steps[f"g-SAE, SCREEN={other}"] = (gsae, other)

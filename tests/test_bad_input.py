@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from gsae import SAE, GsaeError, Provenance, SAEConfig
+from gsae.batch import Batch
 from gsae.cli import main
 from gsae.io import LOCK_FILE
 from gsae.models import ModelConfig, model_identity
-from gsae.source import Batch, PassRows
+from gsae.source import PassRows
 from gsae.text import DataConfig, corpus_identity
 
 

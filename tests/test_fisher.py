@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from gsae import SAE, GsaeError, SAEConfig
+from gsae.batch import Batch
 from gsae.cli import main
-from gsae.source import Batch
 from gsae.train import TrainConfig, Trainer, training_loss, variant_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")

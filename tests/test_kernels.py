@@ -6,11 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsae import SAE, SAEConfig, kernels
+from gsae import SAE, SAEConfig, kernels, private_ops
+from gsae.private_ops import DenseLinear, bf16_products_fast
+from gsae.screen import BF16_UNIT, ScreenedScorer, SplitProduct, split_products_as_modelled, upper
+from gsae.topk import Exact, certified_top, top_m
 
-needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="no oneDNN in this torch")
+needs_onednn = pytest.mark.skipif(not private_ops.works("onednn_linear"),
+                                  reason="no working oneDNN linear in this torch")
 needs_split_model = pytest.mark.skipif(
-    not kernels.split_products_as_modelled(),
+    not split_products_as_modelled(),
     reason="this machine's bfloat16 products do not follow the screen's error model, so the "
     "screen is never used here")
 
@@ -51,7 +55,7 @@ def reference_top(scores, k):
 @pytest.fixture(params=["always", "never"], ids=["bf16 screen", "dense"])
 def screen(request, monkeypatch):
     """Run a selection test with the bfloat16 screen forced on, and with it off."""
-    if request.param == "always" and not kernels.split_products_as_modelled():
+    if request.param == "always" and not split_products_as_modelled():
         pytest.skip("this machine's bfloat16 products do not follow the screen's error model")
     monkeypatch.setattr(kernels, "SCREEN", request.param)
     assert kernels.screens(torch.zeros(1, 1)) == (request.param == "always")
@@ -64,6 +68,25 @@ def block_bytes(request, monkeypatch):
     the dense pass (8-byte scores) and the screen (2-byte scores) alike."""
     monkeypatch.setattr(kernels, "BLOCK_BYTES", request.param)
     monkeypatch.setattr(kernels, "SCREEN_BLOCK_BYTES", request.param // 4)
+    return request.param
+
+
+def public_torch_only(monkeypatch):
+    """Report every private torch op unavailable, as on a torch or CPU without them, and make
+    each fail if it is called anyway."""
+    def called(*args):
+        raise AssertionError("a private torch op ran although the guard said no")
+
+    monkeypatch.setattr(private_ops, "works", lambda op: False)
+    for name in ("_onednn_pack", "_onednn_linear", "_embedding_bag_row_dots"):
+        monkeypatch.setattr(private_ops, name, called)
+
+
+@pytest.fixture(params=["private", "public"], ids=["private torch ops", "public torch only"])
+def torch_ops(request, monkeypatch):
+    """Run a test with torch's private ops where they work here, and with public torch only."""
+    if request.param == "public":
+        public_torch_only(monkeypatch)
     return request.param
 
 
@@ -117,7 +140,7 @@ def test_aux_selection_is_the_top_dead_latents(block_bytes, screen):
 def test_onednn_products_match_f_linear():
     W_enc, b_enc, _ = weights(n_latents=300, d_in=64, dtype=torch.float32)
     x, _ = inputs(n=70, d_in=64, dtype=torch.float32)
-    linear = kernels.DenseLinear(W_enc, b_enc, rows=32)
+    linear = DenseLinear(W_enc, b_enc, rows=32)
     assert linear.packed is not None
     reference = F.linear(x.double(), W_enc.double(), b_enc.double())
     for block in (slice(0, 32), slice(32, 64), slice(64, 70)):
@@ -125,7 +148,7 @@ def test_onednn_products_match_f_linear():
         assert out.dtype == torch.float32
         err = (out.double() - reference[block]).abs().max() / reference[block].abs().max()
         assert err < 1e-5
-    no_bias = kernels.DenseLinear(W_enc, None, rows=x.shape[0])(x)
+    no_bias = DenseLinear(W_enc, None, rows=x.shape[0])(x)
     reference = x.double() @ W_enc.double().T
     assert (no_bias.double() - reference).abs().max() / reference.abs().max() < 1e-5
 
@@ -185,7 +208,7 @@ def pattern_case(n=11, k=4, n_latents=9, d=5, seed=0):
     return kernels.SparsePattern(indices, n_latents), weights_, table, dense, code
 
 
-def test_sparse_pattern_products_equal_dense_ones():
+def test_sparse_pattern_products_equal_dense_ones(torch_ops):
     pattern, weights_, table, dense, code = pattern_case()
     assert torch.allclose(pattern.gather(weights_, table), code @ table, atol=1e-12)
     assert torch.allclose(pattern.scatter(weights_, dense), code.T @ dense, atol=1e-12)
@@ -194,7 +217,7 @@ def test_sparse_pattern_products_equal_dense_ones():
     assert pattern.scatter(weights_, dense)[-2:].eq(0).all()
 
 
-def test_sparse_backward_equals_dense_autograd():
+def test_sparse_backward_equals_dense_autograd(torch_ops):
     pattern, weights_, table, dense, _ = pattern_case()
     W_enc = table.clone().requires_grad_()
     x = dense.clone().requires_grad_()
@@ -217,7 +240,7 @@ def test_sparse_backward_equals_dense_autograd():
         assert torch.allclose(ours_grad, t.grad, atol=1e-10)
 
 
-def test_sparse_products_never_read_uninitialised_memory(monkeypatch):
+def test_sparse_products_never_read_uninitialised_memory(torch_ops, monkeypatch):
     """Uninitialised memory can hold NaN bit patterns, and a sparse product with beta = 0 still
     propagates NaN from its input (this once made training diverge at random). Any buffer the
     kernels allocate is filled with NaN here: the results must not change."""
@@ -237,6 +260,85 @@ def test_sparse_products_never_read_uninitialised_memory(monkeypatch):
     pattern = kernels.SparsePattern(indices, 40)
     assert torch.allclose(pattern.row_dots(table, dense), expected_dots, atol=1e-5)
     assert torch.allclose(pattern.scatter(weights, dense), expected_scatter, atol=1e-5)
+
+
+# ------------------------------------------------- torch's private ops and their public fallbacks
+
+
+def test_public_fallbacks_equal_the_references_and_the_private_ops(monkeypatch):
+    """With every private op reported unavailable, the dense products (float32 and bfloat16)
+    and the row dots equal naive float64 references, and the private ops' results, up to
+    rounding in their dtype."""
+    W, b, _ = weights(n_latents=300, d_in=64, dtype=torch.float32)
+    x, g = inputs(n=70, d_in=64, dtype=torch.float32)
+    indices = torch.randint(0, 300, (70, 8), generator=torch.Generator().manual_seed(3))
+    indices[0] = indices[0, 0]  # repeats within a row
+
+    def products():
+        return (DenseLinear(W, b, rows=32)(x),
+                DenseLinear(W.bfloat16(), None, rows=32)(x.bfloat16()),
+                private_ops.row_dots(W, indices, g))
+
+    private = products()
+    public_torch_only(monkeypatch)
+    assert DenseLinear(W, b, rows=32).packed is None and not bf16_products_fast()
+    public = products()
+    references = (F.linear(x.double(), W.double(), b.double()),
+                  x.bfloat16().double() @ W.bfloat16().double().T,
+                  (W.double()[indices] * g.double()[:, None, :]).sum(-1))
+    for ours, theirs, reference, tol in zip(public, private, references, (1e-5, 2**-7, 1e-5)):
+        assert ours.dtype == theirs.dtype and ours.shape == reference.shape
+        scale = reference.abs().max()
+        assert (ours.double() - reference).abs().max() <= tol * scale
+        assert (ours.double() - theirs.double()).abs().max() <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_with_public_ops_only_is_the_same(screen, monkeypatch, dtype):
+    """Integer weights and inputs, which every kernel, private or public, scores exactly: with
+    every private op reported unavailable, the selection (with and without a gradient, and its
+    AuxK part) equals the reference and the private ops' selection bit for bit."""
+    W_enc, b_enc, W_dec, x, g = (t.to(dtype) for t in integer_twins())
+    dead = torch.arange(0, 40, 3)
+
+    def selections():
+        return [kernels.select(x, W_enc, b_enc, 5, grad=grad, W_dec=W_dec, beta=beta,
+                               dead_latents=dead, k_aux=4)
+                for grad, beta in ((None, 0.0), (g, 3.0))]
+
+    private = selections()
+    public_torch_only(monkeypatch)
+    public = selections()
+    for ours, theirs, beta in zip(public, private, (0.0, 3.0)):
+        _, score = dense_scores(x.double(), W_enc.double(), b_enc.double(), g.double(),
+                                W_dec.double(), beta)
+        assert torch.equal(ours.indices, reference_top(score, 5))
+        for a, b in zip(ours, theirs):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+@pytest.mark.parametrize("op, private", [("onednn_linear", "_onednn_linear"),
+                                         ("onednn_bf16_linear", "_onednn_linear"),
+                                         ("row_dots", "_embedding_bag_row_dots")])
+def test_the_guard_refuses_a_private_op_that_fails_or_disagrees(monkeypatch, op, private, failure):
+    """A private op that raises (missing, or no longer taking these arguments) or that gives
+    another result than its public equivalent is reported unavailable, so it is never used."""
+    real = getattr(private_ops, private)
+
+    def changed(*args):
+        if failure == "raises":
+            raise RuntimeError("no such op")
+        return real(*args) + 1
+
+    monkeypatch.setattr(private_ops, private, changed)
+    assert not private_ops.works.__wrapped__(op)
+
+
+def test_the_guard_reports_no_bfloat16_hardware_where_torch_cannot_tell(monkeypatch):
+    for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, query, raising=False)
+    assert not private_ops.works.__wrapped__("bf16_hardware")
 
 
 # ------------------------------------------------------------ exactness of the bfloat16 screen
@@ -393,7 +495,7 @@ def test_encode_equals_naive_reference_with_large_gradients(screen, value_mode, 
     assert torch.allclose(out.values.double(), chosen.relu(), rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not kernels.bf16_products_fast(), reason="no bfloat16 hardware")
+@pytest.mark.skipif(not bf16_products_fast(), reason="no bfloat16 hardware")
 def test_auto_screens_float32_topk_only_where_bfloat16_is_fast(monkeypatch):
     monkeypatch.setattr(kernels, "SCREEN", "auto")
     x = torch.zeros(2, 3)
@@ -410,9 +512,9 @@ def test_certified_top_needs_the_bound_to_skip_latents():
     def rescore(rows, latents):
         seen.append(latents.shape[1])
         picked = exact[rows].gather(1, latents)
-        return kernels.Exact(picked, picked, None)
+        return Exact(picked, picked, None)
 
-    chosen, out = kernels.certified_top(approx, 2, lambda rows, v: v + math.inf, rescore,
+    chosen, out = certified_top(approx, 2, lambda rows, v: v + math.inf, rescore,
                                         lambda k: (4, 8))
     assert seen == [4, 8, 20]
     assert same_set(chosen, torch.tensor([[0, 1]] * 3))
@@ -491,20 +593,20 @@ def test_split_product_bounds_hold_against_float64(dtype, seed):
     unshifted one is within its `bound` (plus the bfloat16 rounding) of the truth."""
     x, W, b = random_case(dtype, seed)
     truth = exact_scores(x, W, b)
-    rescoring = kernels.SplitProduct(x, W, b, rows=7).exact_bound[:, None]
+    rescoring = SplitProduct(x, W, b, rows=7).exact_bound[:, None]
     for shifted in (False, True):
-        product = kernels.SplitProduct(x, W, b, rows=7, shifted=shifted)
+        product = SplitProduct(x, W, b, rows=7, shifted=shifted)
         q = torch.cat([product(slice(s, s + 7)) for s in range(0, len(x), 7)]).double()
         if shifted:
-            assert (truth + rescoring <= kernels.upper(q)).all()
-            assert (q <= kernels.upper(truth + 2 * product.shift[:, None])).all()
+            assert (truth + rescoring <= upper(q)).all()
+            assert (q <= upper(truth + 2 * product.shift[:, None])).all()
         else:
-            rounding = kernels.BF16_UNIT / (1 - kernels.BF16_UNIT) * q.abs()
+            rounding = BF16_UNIT / (1 - BF16_UNIT) * q.abs()
             assert ((q - truth).abs() - rounding <= product.bound[:, None] - rescoring).all()
         assert (q.abs() <= product.magnitude[:, None]).all()
     # a row along the longest weight row, where |x . w + b| nears the magnitude bound
     longest = W.norm(dim=1).argmax()
-    along = kernels.SplitProduct(W[longest][None], W, b, rows=1)
+    along = SplitProduct(W[longest][None], W, b, rows=1)
     assert along(slice(0, 1)).double().abs().max() <= along.magnitude[0]
     assert along(slice(0, 1)).double().abs().max() >= 0.5 * along.magnitude[0]
 
@@ -520,7 +622,7 @@ def test_screened_score_bound_holds_for_every_latent(seed):
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     g = torch.randn(x.shape, generator=gen) * 1e-2
     for beta in (1.0, 1e3):
-        scorer = kernels._ScreenedScorer(x, W_enc, b_enc, len(x), g, W_dec, beta)
+        scorer = ScreenedScorer(x, W_enc, b_enc, len(x), g, W_dec, beta)
         block = scorer(slice(0, len(x)))
         truth = exact_gradient_scores(x, W_enc, b_enc, g, W_dec, beta)
         rows = torch.arange(len(x))
@@ -531,16 +633,16 @@ def test_screened_score_bound_holds_for_every_latent(seed):
             assert (exact_scores(x, W_enc, b_enc)[:, j] <= z_bound).all()
 
 
-@pytest.mark.skipif(not kernels.bf16_products_fast(), reason="no bfloat16 hardware")
+@pytest.mark.skipif(not bf16_products_fast(), reason="no bfloat16 hardware")
 def test_probe_rejects_products_that_break_the_error_model(monkeypatch):
     """Where bfloat16 products run in hardware they follow the model (so the screen is
     available, and the tests that skip without it run); if the hardware rounded more than the
     model allows, the screen must switch itself off."""
-    assert kernels.split_products_as_modelled.__wrapped__()
-    real_call = kernels.SplitProduct.__call__
-    monkeypatch.setattr(kernels.SplitProduct, "__call__",
+    assert split_products_as_modelled.__wrapped__()
+    real_call = SplitProduct.__call__
+    monkeypatch.setattr(SplitProduct, "__call__",
                         lambda self, block: real_call(self, block) * (1 - 2**-6))
-    assert not kernels.split_products_as_modelled.__wrapped__()
+    assert not split_products_as_modelled.__wrapped__()
 
 
 def hidden_effect_case(dtype):
@@ -585,7 +687,7 @@ def test_screen_finds_a_gradient_effect_hidden_by_the_split(screen, dtype, one_r
     true_effect = exact_scores(g, W_dec, torch.zeros_like(b_enc)).abs()[1]
     assert 1.0e-4 < true_effect[0] < 1.1e-4  # the premise: latent 0 truly wins rows 1 and 2
     if screen == "always":  # and the split's product cannot see it
-        product = kernels.SplitProduct(g, W_dec, None, rows=3)
+        product = SplitProduct(g, W_dec, None, rows=3)
         assert product(slice(0, 3))[:, 0].eq(0).all()
     scores = exact_gradient_scores(x, W_enc, b_enc, g, W_dec, 1e5)
     for k in (1, 2):
@@ -609,14 +711,14 @@ def test_split_product_bound_matches_its_derivation():
     underflow = 3.1 * 10 * 2.0**-100 * (20 + 30) + 322 * 2.0**-100
     error = 2 * (left_out + gamma * magnitude + underflow)
     rescoring = 2 * (101 * u32 / (1 - 101 * u32)) * 600.5
-    product = kernels.SplitProduct(x, W, b, rows=2, shifted=True)
+    product = SplitProduct(x, W, b, rows=2, shifted=True)
     assert torch.allclose(product.bound, torch.full((2,), error + rescoring, dtype=torch.float64),
                           rtol=1e-4)
     assert (product.shift >= product.bound / (1 - 2 * gamma)).all()
     assert (product.shift <= product.bound * (1 + 3 * u)).all()
     assert torch.allclose(product(slice(0, 2)).double(), 600.5 + product.shift[:, None],
                           rtol=u)
-    exact64 = kernels.SplitProduct(x.double(), W.double(), b.double(), rows=2).exact_bound
+    exact64 = SplitProduct(x.double(), W.double(), b.double(), rows=2).exact_bound
     assert torch.allclose(exact64, torch.full((2,), 2 * 101 * u64 / (1 - 101 * u64) * 600.5,
                                               dtype=torch.float64), rtol=1e-4)
 
@@ -632,7 +734,7 @@ def test_top_m_finds_the_largest_entries(dtype, n, m):
     scores[0] = torch.arange(n).to(dtype)  # the largest entries in consecutive columns
     scores[1, :: max(1, n // 16)] = 1000  # ... and in one strided group
     scores[2] = 7  # all equal
-    values, columns = kernels.top_m(scores, m)
+    values, columns = top_m(scores, m)
     expected = scores.topk(m, dim=1).values
     assert torch.equal(values.sort(1, descending=True).values, expected)
     assert torch.equal(scores.gather(1, columns), values)
@@ -675,7 +777,7 @@ def test_probe_checks_both_kinds_of_product(monkeypatch, broken):
     """An error that breaks the model of one kind of product only is caught: unshifted
     products 2^-6 too large (still below every shifted bound), or shifted ones lacking
     their shift."""
-    real_call = kernels.SplitProduct.__call__
+    real_call = SplitProduct.__call__
 
     def call(self, block):
         q = real_call(self, block)
@@ -686,8 +788,8 @@ def test_probe_checks_both_kinds_of_product(monkeypatch, broken):
             return q - 2 * self.shift[block, None].to(q.dtype)
         return q
 
-    monkeypatch.setattr(kernels.SplitProduct, "__call__", call)
-    assert not kernels.split_products_as_modelled.__wrapped__()
+    monkeypatch.setattr(SplitProduct, "__call__", call)
+    assert not split_products_as_modelled.__wrapped__()
 
 
 @needs_split_model
@@ -703,7 +805,7 @@ def test_screened_score_bound_holds_near_its_relative_limit():
     W_dec *= 1 + 0.01 * torch.rand(n, 1, generator=gen)
     g = torch.ones(3, 1)
     rows, columns = torch.arange(3), torch.arange(n).repeat(3, 1)
-    block = kernels._ScreenedScorer(x, W_enc, b_enc, 3, g, W_dec, 1.0)(slice(0, 3))
+    block = ScreenedScorer(x, W_enc, b_enc, 3, g, W_dec, 1.0)(slice(0, 3))
     rescored = block.rescore(rows, columns).score.double()
     bound = torch.stack([block.score_bound(rows, block.score[:, j].double()) for j in range(n)], 1)
     assert (rescored <= bound).all()

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from gsae import SAE, Provenance
+from gsae.batch import Batch
 from gsae.cli import main
 from gsae.errors import GsaeError
 from gsae.models import ModelConfig, load_model
-from gsae.source import ActivationSource, Batch, SourceConfig
+from gsae.source import ActivationSource, SourceConfig
 from gsae.store import StoreReader, StoreWriter
 from gsae.text import DataConfig, batched_contexts, token_contexts
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gsae import SAE, GsaeError, SAEConfig
-from gsae.source import Batch
+from gsae.batch import Batch
 from gsae.train import ShuffleBuffer, TrainConfig, TrainedSAE, Trainer, default_lr, lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")

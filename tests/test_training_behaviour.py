@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from gsae import SAE, SAEConfig
+from gsae.batch import Batch
 from gsae.cli import main
 from gsae.models import ModelConfig, load_model
 from gsae.pipeline import CacheRun, cache, context_batches
-from gsae.source import ActivationSource, Batch
+from gsae.source import ActivationSource
 from gsae.store import StoreConfig, StoreReader
 from gsae.text import DataConfig
 from gsae.train import TrainConfig, Trainer

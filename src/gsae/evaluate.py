@@ -37,11 +37,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from gsae.batch import GRADIENT_DEFINITION
 from gsae.errors import GsaeError
 from gsae.hooks import FULL, Intervention, Recording, log_probs, resolve_hook, splice, zero_all
 from gsae.io import versions, write_json
 from gsae.sae import SAE, first_order_change
-from gsae.source import GRADIENT_DEFINITION, ActivationSource, SourceConfig, training_positions
+from gsae.source import ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity, token_contexts
 
 SCHEMA = "gsae.eval/2"

@@ -27,6 +27,8 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae import distributed
+from gsae.batch import Batch
+from gsae.caching import fill_store
 from gsae.config import build, check, identity, section_record, sweep_configs, sweep_of, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import (
@@ -53,7 +55,7 @@ from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, w
 from gsae.models import ModelConfig, available_device, hidden_size, load_model, model_identity
 from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.saebench import check_folder, write_core
-from gsae.source import ActivationSource, Batch, PassRows, SourceConfig, source_identity
+from gsae.source import ActivationSource, PassRows, SourceConfig, source_identity
 from gsae.steer import (
     PromptSteering,
     SteerConfig,
@@ -63,7 +65,7 @@ from gsae.steer import (
     steer_prompt,
     typical_activations,
 )
-from gsae.store import StoreConfig, StoreReader, StoreWriter, fill_store, read_manifest
+from gsae.store import StoreConfig, StoreReader, StoreWriter, read_manifest
 from gsae.text import (
     DataConfig,
     batched_contexts,

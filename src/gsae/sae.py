@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from gsae import kernels
+from gsae.batch import GRADIENT_DEFINITION
 from gsae.errors import GsaeError
 from gsae.io import read_json, save_tensors, write_json
 
@@ -368,8 +369,6 @@ class SAE(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         """The contents of cfg.json: format, sizes, the SAE config, the gradient and where the
         data came from."""
-        from gsae.source import GRADIENT_DEFINITION  # here: gsae.source loads transformers
-
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

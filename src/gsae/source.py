@@ -18,15 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsae import distributed
+from gsae.batch import Batch, no_rows_error
 from gsae.errors import GsaeError
 from gsae.hooks import hook_output_tensor, replace_hook_output, resolve_hook
 from gsae.text import DataConfig, corpus_identity
-
-# What `g` is, recorded in SAEs, stores and results: the loss of `next_token_loss`.
-GRADIENT_DEFINITION = (
-    "g = dL/dx at the hook, L = sum over predicted positions of each sequence's next-token "
-    "cross-entropy (not averaged), clean model"
-)
 
 
 @dataclass
@@ -63,24 +58,6 @@ def source_identity(cfg: SourceConfig, data_cfg: DataConfig) -> dict[str, Any]:
     return {"corpus": corpus_identity(data_cfg), "context_size": data_cfg.context_size,
             "skip_first": cfg.skip_first, "outlier_factor": cfg.outlier_factor,
             "autocast": cfg.autocast}
-
-
-@dataclass
-class Batch:
-    """SAE training data from one hook point: rows are tokens."""
-
-    x: Tensor  # [N, d] activations
-    g: Tensor | None  # [N, d] dL/dx, None when gradients were not computed
-    hook: str = ""
-    dropped_outliers: int = 0
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def to(self, device: torch.device) -> Batch:
-        """The same batch with its tensors on `device`."""
-        g = None if self.g is None else self.g.to(device)
-        return Batch(self.x.to(device), g, self.hook, self.dropped_outliers)
 
 
 class _StopForward(Exception):
@@ -199,18 +176,6 @@ class ActivationSource:
             yield self.batches(tokens)
 
 
-def no_rows_error(hooks: list[str], outlier_factor: float, where: str, then: str = ""
-                  ) -> GsaeError:
-    """The error for data that holds no row at `hooks` (`where` says whose, with its verb):
-    with at least one position per context (`check_positions`), only the outlier filter can
-    have dropped every token."""
-    return GsaeError(
-        f"{where} no token at {', '.join(hooks)}: --outlier_factor {outlier_factor:g} dropped "
-        "every one (it drops tokens whose activation norm exceeds that multiple of the batch's "
-        "median norm); use 0 to keep all, or a value of at least 1, which keeps at least half"
-        + then)
-
-
 class PassRows:
     """Counts the rows each hook receives during one pass over the corpus, so that a loop that
     repeats the corpus fails once a whole pass leaves a hook without data, instead of waiting
@@ -237,7 +202,8 @@ class PassRows:
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Sum over sequences and predicted positions of the next-token cross-entropy."""
+    """Sum over sequences and predicted positions of the next-token cross-entropy: the L of
+    `gsae.batch.GRADIENT_DEFINITION`."""
     vocab = logits.shape[-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()

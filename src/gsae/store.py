@@ -27,7 +27,6 @@ is still writing, or that an interrupted one left behind, is refused with a hint
 from __future__ import annotations
 
 import hashlib
-import itertools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,15 +36,11 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from tqdm.auto import tqdm
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from gsae.batch import GRADIENT_DEFINITION, Batch, no_rows_error
 from gsae.errors import GsaeError
 from gsae.io import atomic_output, claim_folder, read_json, write_json
-from gsae.models import hidden_size
 from gsae.sae import Provenance
-from gsae.source import GRADIENT_DEFINITION, ActivationSource, Batch, no_rows_error, source_identity
-from gsae.text import DataConfig, batched_contexts, token_contexts
 
 MANIFEST = "manifest.json"
 IDENTITY = "identity.json"
@@ -192,50 +187,6 @@ def remove_store_files(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
     for shard in folder.glob("shard-*.safetensors"):
         shard.unlink()
-
-
-def store_identity(source: ActivationSource, data_cfg: DataConfig, model_id: dict[str, Any]
-                   ) -> dict[str, Any]:
-    """What a store made by `source` from `data_cfg`'s corpus holds (before the storage
-    settings that StoreWriter adds)."""
-    return {"model": model_id, "hooks": source.hook_names, "d_in": hidden_size(source.model),
-            "lm_batch_size": source.cfg.lm_batch_size, **source_identity(source.cfg, data_cfg)}
-
-
-def fill_store(cfg: StoreConfig, source: ActivationSource, data_cfg: DataConfig,
-               tokenizer: PreTrainedTokenizerBase, model_id: dict[str, Any]) -> StoreWriter:
-    """Run `source` over the training split until the store `cfg.store` holds `cfg.tokens` rows
-    (or the corpus ends). A store of the same identity is continued after its last shard; a
-    complete one that is large enough is returned as it is."""
-    writer = StoreWriter(cfg.store, store_identity(source, data_cfg, model_id), cfg.dtype,
-                         cfg.batches_per_shard, cfg.overwrite)
-    if writer.manifest["complete"] and writer.rows_done >= cfg.tokens:
-        return writer
-    writer.manifest["complete"] = False
-    contexts = batched_contexts(token_contexts(data_cfg, tokenizer, "train"),
-                                source.cfg.lm_batch_size)
-    contexts = itertools.islice(contexts, writer.batches_done, None)
-    bar = tqdm(total=cfg.tokens, initial=writer.rows_done, unit="tok", unit_scale=True,
-               desc="cache", dynamic_ncols=True)
-    pending: list[dict[str, Batch]] = []
-    pending_rows = 0  # rows of the shard being gathered: they count towards cfg.tokens too
-    for tokens in contexts:
-        if writer.rows_done + pending_rows >= cfg.tokens:
-            break
-        pending.append(source.batches(tokens))
-        pending_rows += len(next(iter(pending[-1].values())))
-        bar.update(len(next(iter(pending[-1].values()))))
-        if len(pending) == cfg.batches_per_shard:
-            writer.write_shard(pending)
-            pending, pending_rows = [], 0
-    if pending:
-        writer.write_shard(pending)
-    bar.close()
-    refuse_empty_hooks(writer.manifest, writer.manifest["identity"]["hooks"],
-                       "the corpus's training split gave", " (with --overwrite, to replace the "
-                       f"store of no tokens in {cfg.store})")
-    writer.finish()
-    return writer
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

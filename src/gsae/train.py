@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gsae import distributed
+from gsae.batch import Batch
 from gsae.errors import GsaeError
 from gsae.io import save_tensors, write_json
 from gsae.sae import (
@@ -59,7 +60,6 @@ from gsae.sae import (
     read_tensors,
     total_variance_of,
 )
-from gsae.source import Batch
 
 STATE_DIR = "checkpoint"
 STATE_FILE = "state.json"

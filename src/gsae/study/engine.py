@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from gsae import pipeline
+from gsae.caching import fill_store
 from gsae.config import flag_names
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalResult
@@ -44,7 +45,7 @@ from gsae.pipeline import FinetuneRun, LoadedModel, TrainRun
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource
 from gsae.steer import SteerConfig, SteerResult
-from gsae.store import StoreConfig, StoreReader, fill_store
+from gsae.store import StoreConfig, StoreReader
 from gsae.text import DataConfig
 from gsae.train import finished_training, sae_folder, snapshot_folder, variant_name
 
