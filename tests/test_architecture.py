@@ -19,7 +19,7 @@ LAYERS = {
             "gsae.formats", "gsae.store", "gsae.train"),
     "language model": ("gsae.tiny", "gsae.models", "gsae.hooks", "gsae.registers", "gsae.text",
                        "gsae.source", "gsae.states"),
-    "both": ("gsae.caching", "gsae.evaluate", "gsae.steer", "gsae.finetune"),
+    "both": ("gsae.caching", "gsae.evaluate", "gsae.steer", "gsae.finetune", "gsae.saebench"),
 }
 BELOW = {"base": (), "sae": ("base",), "language model": ("base",),
          "both": ("base", "sae", "language model")}
