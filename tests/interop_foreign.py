@@ -6,8 +6,9 @@ exports `export/saelens` and `export/sparsify/<hook>`. This script
 - loads the SAELens export and saves it again with SAELens (`resaved/saelens`);
 - builds SAEs with the libraries' own classes, random weights, and saves them with their own save
   functions under `native/` (TopK ones that gsae must load, and other kinds it must refuse);
-and writes every result to `out.safetensors` (dense codes `*.code`, reconstructions `*.x_hat`)
-and the library versions to `versions.json`.
+and writes every result to `out.safetensors` (dense codes `*.code`, reconstructions `*.x_hat`),
+the library versions to `versions.json`, and to `names.json` the model and hook names that
+SAELens reads from the export with what TransformerLens calls them (`transformer_lens_names`).
 """
 
 import json
@@ -30,6 +31,8 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file, save_file
 from sparsify import SparseCoder, SparseCoderConfig
+from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
+from transformer_lens.utilities import get_act_name
 
 D_IN, D_SAE, K = 12, 48, 5
 HOOK = "model.layers.1"
@@ -72,6 +75,16 @@ def saelens_natives(root: Path) -> dict[str, SAE]:
             "saelens_topk_training": SAE.load_from_disk(root / "saelens_topk_training")}
 
 
+def transformer_lens_names(exported: SAE) -> dict:
+    """The names SAELens read from gsae's export, TransformerLens's name of the residual stream
+    after block 1, and whether TransformerLens's HookedTransformer knows some models."""
+    models = ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "EleutherAI/pythia-70m")
+    return {"saelens": {"model_name": exported.cfg.metadata.model_name,
+                        "hook_name": exported.cfg.metadata.hook_name},
+            "resid_post_1": get_act_name("resid_post", 1),
+            "official": {name: name in OFFICIAL_MODEL_NAMES for name in models}}
+
+
 def main(workdir: Path) -> None:
     x = load_file(str(workdir / "x.safetensors"))["x"]
     out: dict[str, torch.Tensor] = {}
@@ -79,6 +92,7 @@ def main(workdir: Path) -> None:
     exported = SAE.load_from_disk(workdir / "export" / "saelens")
     out |= {f"export_saelens.{k}": v for k, v in saelens_outputs(exported, x).items()}
     exported.save_model(workdir / "resaved" / "saelens")
+    (workdir / "names.json").write_text(json.dumps(transformer_lens_names(exported)))
     coder = SparseCoder.load_from_disk(workdir / "export" / "sparsify" / HOOK)
     out |= {f"export_sparsify.{k}": v for k, v in sparsify_outputs(coder, x).items()}
     coders = SparseCoder.load_many(str(workdir / "export" / "sparsify"), local=True)
@@ -100,6 +114,7 @@ def main(workdir: Path) -> None:
 
     save_file({k: v.contiguous() for k, v in out.items()}, str(workdir / "out.safetensors"))
     versions = {name: version(name) for name in ("sae-lens", "eai-sparsify", "torch")}
+    versions["transformer-lens"] = version("transformer-lens")
     (workdir / "versions.json").write_text(json.dumps(versions))
 
 

@@ -114,6 +114,7 @@ def test_identity_leaves_out_where_and_how_a_run_executes():
     a = TrainRun()
     b = TrainRun()
     b.train.out, b.train.device, b.train.resume, b.model.device = "/elsewhere", "cuda", True, "mps"
+    b.train.keep_training_state = True
     assert identity(a) == identity(b)
     b.train.tokens += 1
     assert identity(a) != identity(b)

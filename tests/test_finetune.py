@@ -3,6 +3,7 @@ exact resume, on the tiny model."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,8 +236,12 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(parents, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         finetune(run_in(tmp_path / "cut"))
     monkeypatch.undo()
+    part = tmp_path / "cut" / "model.layers.1" / VARIANTS[0] / "checkpoint"
+    assert {"balance.json", "optimizer.safetensors"} <= {p.name for p in part.iterdir()}
     summary = finetune(run_in(tmp_path / "cut", resume=True))
     assert summary.records[0]["step"] == 5
+    assert [p.name for p in part.iterdir()] == ["state.json"]  # finished: the state dropped
+    assert not list(Path(parents[0]).glob("checkpoint/*.safetensors"))  # parents need none
     for variant in VARIANTS:
         ref, cut = (tmp_path / run / "model.layers.1" / variant for run in ("ref", "cut"))
         expected, got = weights(ref), weights(cut)

@@ -132,9 +132,35 @@ def test_saelens_export_layout(tmp_path):
     assert (cfg["apply_b_dec_to_input"], cfg["rescale_acts_by_decoder_norm"]) == (True, False)
     assert (cfg["normalize_activations"], cfg["reshape_activations"]) == ("none", "none")
     meta = cfg["metadata"]
-    assert (meta["model_name"], meta["hook_name"]) == ("tiny-llama", HOOK)
+    assert (meta["model_name"], meta["hook_name"]) == ("tiny-llama", "blocks.1.hook_resid_post")
     assert meta["gsae"]["beta"] == 50.0 and meta["gsae"]["value_mode"] == "score"
     assert "gradient_definition" in meta["gsae"]
+
+
+@pytest.mark.parametrize("model, hook, names", [
+    ("smollm2-135m", "model.layers.15",
+     ("HuggingFaceTB/SmolLM2-135M-Instruct", "blocks.15.hook_resid_post")),
+    ("gpt2", "transformer.h.5", ("gpt2", "blocks.5.hook_resid_post")),
+    ("EleutherAI/pythia-70m", "gpt_neox.layers.3",
+     ("EleutherAI/pythia-70m", "blocks.3.hook_resid_post")),
+    ("HuggingFaceTB/SmolLM2-135M", "model.layers.0",
+     ("HuggingFaceTB/SmolLM2-135M", "blocks.0.hook_resid_post")),
+    ("tiny-gpt2", "transformer.h.1.mlp", ("tiny-gpt2", "transformer.h.1.mlp")),
+    ("/models/mine.gguf", "model.layers.12.self_attn", ("/models/mine.gguf",
+                                                         "model.layers.12.self_attn")),
+    ("tiny-llama", "model.layers.1x", ("tiny-llama", "model.layers.1x")),
+    (None, None, (None, None)),
+])
+def test_saelens_export_names_what_transformer_lens_knows(tmp_path, model, hook, names):
+    """SAELens's model_name and hook_name are TransformerLens's names where it has them (the
+    Hub id, the residual stream after block N), gsae's otherwise; gsae reads its own back."""
+    sae = make_sae()
+    sae.provenance = Provenance(hook=hook, model=None if model is None else {"model": model})
+    folder = formats.export_saelens(sae, tmp_path / "out")
+    meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+    assert (meta["model_name"], meta["hook_name"]) == names
+    assert meta["gsae"]["provenance"]["hook"] == hook
+    assert_same_sae(sae, gsae.load(folder))
 
 
 def test_sparsify_export_layout(tmp_path):

@@ -70,6 +70,21 @@ def test_hook_output_is_hidden_state(arch):
     torch.testing.assert_close(norm(model)(seen[1]), reference[2])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_transformer_lens_names_the_residual_stream_after_each_block(family):
+    """A layer's hook point, as gsae records it, is TransformerLens's blocks.N.hook_resid_post,
+    which gsae resolves back to the same module; other modules get no TransformerLens name."""
+    from conftest import tiny_families
+
+    model = tiny_families()[family]()
+    for index in range(num_layers(model)):
+        name, module = resolve_hook(model, index)
+        assert hooks.transformer_lens_hook(name) == f"blocks.{index}.hook_resid_post"
+        assert resolve_hook(model, f"blocks.{index}.hook_resid_post") == (name, module)
+        child = next(n for n, _ in module.named_children())
+        assert hooks.transformer_lens_hook(f"{name}.{child}") is None
+
+
 def test_replace_hook_output_in_forward_hook():
     model = tiny_llama()
     _, last = resolve_hook(model, -1)

@@ -88,7 +88,18 @@ def assert_matches(sae: SAE, x: torch.Tensor, out: dict[str, torch.Tensor], name
 def test_pinned_versions_ran(run):
     versions = json.loads((run[0] / "versions.json").read_text())
     pinned = dict(pin.split("==") for group in PINS for pin in group)
+    versions.pop("transformer-lens")  # not pinned: what sae-lens installs (3.9.0 here)
     assert {k: v.split("+")[0] for k, v in versions.items()} == pinned
+
+
+def test_saelens_reads_the_names_that_transformer_lens_has(run):
+    """SAELens reads gsae's hook as TransformerLens's name of the residual stream after the
+    block; the default model is not among HookedTransformer's models (docs/formats.md)."""
+    names = json.loads((run[0] / "names.json").read_text())
+    assert names["saelens"] == {"model_name": "tiny-llama", "hook_name": "blocks.1.hook_resid_post"}
+    assert names["resid_post_1"] == "blocks.1.hook_resid_post"
+    assert names["official"] == {"HuggingFaceTB/SmolLM2-135M-Instruct": False, "gpt2": True,
+                                 "EleutherAI/pythia-70m": True}
 
 
 @pytest.mark.parametrize("fmt", ["saelens", "sparsify"])

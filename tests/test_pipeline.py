@@ -132,10 +132,45 @@ def test_an_interrupted_run_resumes_where_it_stopped(corpus, tmp_path, monkeypat
     monkeypatch.undo()
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
     assert 0 < state["chunks_done"] <= 9 and not state["finished"]
+    assert checkpoint_files(tmp_path / "cut") == WHOLE_CHECKPOINT  # not finished: all kept
     train(run_in(tmp_path / "cut", resume=True))
     sae = Path("model.layers.1") / "k4-beta10-z-x2-s0"
     expected, got = weights(tmp_path / "ref" / sae), weights(tmp_path / "cut" / sae)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert checkpoint_files(tmp_path / "cut") == checkpoint_files(tmp_path / "ref") == STATES
+
+
+SAE_PART = "model.layers.1/k4-beta10-z-x2-s0/checkpoint"
+STATES = {"checkpoint/state.json", f"{SAE_PART}/state.json"}
+WHOLE_CHECKPOINT = STATES | {"checkpoint/buffers.safetensors", f"{SAE_PART}/sae.safetensors",
+                             f"{SAE_PART}/cfg.json", f"{SAE_PART}/optimizer.safetensors"}
+
+
+def checkpoint_files(out):
+    """The files of a run's checkpoint parts, relative to the run folder."""
+    return {str(p.relative_to(out)) for p in out.rglob("*")
+            if p.is_file() and "checkpoint" in p.relative_to(out).parts}
+
+
+def test_a_finished_run_keeps_only_the_state_files_of_its_checkpoint(corpus, tmp_path):
+    """Once a run has finished its training state is dropped (the SAE is saved, and the state
+    files still say the run finished), unless --keep_training_state; the run is the same."""
+    train(tiny_run(corpus, tmp_path / "dropped"))
+    assert checkpoint_files(tmp_path / "dropped") == STATES
+    assert main(["train", "--config", str(tmp_path / "dropped" / "run.json"), "--out",
+                 str(tmp_path / "kept"), "--keep_training_state"]) == 0
+    assert checkpoint_files(tmp_path / "kept") == WHOLE_CHECKPOINT
+    sae = Path("model.layers.1") / "k4-beta10-z-x2-s0"
+    expected, got = weights(tmp_path / "kept" / sae), weights(tmp_path / "dropped" / sae)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    recorded = [json.loads((tmp_path / run / "run.json").read_text())["recorded"]
+                for run in ("dropped", "kept")]
+    assert recorded[0] == recorded[1]  # not part of the run's identity
+    for run in ("dropped", "kept"):  # finished either way: nothing to resume or retrain
+        with pytest.raises(GsaeError, match="has finished: there is nothing to resume"):
+            train(tiny_run(corpus, tmp_path / run, resume=True))
+        with pytest.raises(GsaeError, match="already holds this run, finished"):
+            train(tiny_run(corpus, tmp_path / run))
 
 
 def test_wandb_project_without_wandb_is_refused_before_anything_runs(corpus, tmp_path,

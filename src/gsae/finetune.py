@@ -77,6 +77,7 @@ class FinetuneConfig:
     dead_tokens: int = _as_in_training("dead_tokens")
     log_every: int = _as_in_training("log_every")
     checkpoint_every: int = _as_in_training("checkpoint_every")
+    keep_training_state: bool = _as_in_training("keep_training_state")
     resume: bool = _as_in_training("resume")
     overwrite: bool = _as_in_training("overwrite")
     device: str = _as_in_training("device")

@@ -8,7 +8,8 @@ Export writes a folder that SAELens (`SAE.load_from_disk`) or sparsify
 so they run a g-SAE as plain TopK (beta = 0) on the same weights; the full gsae config (beta,
 value mode, gradient definition, model, hook) rides along in the folder's `cfg.json` (SAELens:
 `metadata.gsae`; sparsify: a top-level `gsae` object, which its loader drops with a one-line
-notice), so gsae loading its own export restores the g-SAE exactly.
+notice), so gsae loading its own export restores the g-SAE exactly. SAELens's own `model_name`
+and `hook_name` are TransformerLens's names where it has them (`saelens_names`).
 
 Import reads SAELens and sparsify TopK folders into a gsae `SAE` (beta = 0) whose gradient-free
 encoding equals theirs. Both tools keep the top k pre-activations and zero the negative ones
@@ -33,7 +34,9 @@ from safetensors import safe_open
 from torch import Tensor
 
 from gsae.errors import GsaeError
+from gsae.hooks import transformer_lens_hook
 from gsae.io import atomic_output, holds_folder, read_json, save_tensors, write_json
+from gsae.models import DEFAULT_HUB_ID, DEFAULT_MODEL
 from gsae.sae import (
     CONFIG_FILE,
     FORMAT_NAME,
@@ -52,6 +55,9 @@ SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_VERSION = "6.0.0"
 SPARSIFY_TENSORS = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec",
                     "b_dec": "b_dec"}
+# gsae's names of models that have another name on the Hugging Face Hub, the name that
+# TransformerLens (and so SAELens's model_name) uses; every other name is kept as it is.
+HUB_IDS = {DEFAULT_MODEL: DEFAULT_HUB_ID}
 HUB_PREFIX = "hf://"
 HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?(?:/(?P<subfolder>.+))?$")
 HUB_FORMS = "'hf://owner/repo[@revision][/subfolder]' or 'owner/repo[/subfolder]'"
@@ -112,8 +118,7 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
     metadata."""
     metadata = {
         "sae_lens_version": SAELENS_CONFIG_VERSION,
-        "model_name": (sae.provenance.model or {}).get("model"),
-        "hook_name": sae.provenance.hook,
+        **saelens_names(sae.provenance),
         "context_size": sae.provenance.context_size,
         "gsae": sae.config_dict(),
     }
@@ -130,6 +135,18 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
         "rescale_acts_by_decoder_norm": False,
         "metadata": metadata,
     }
+
+
+def saelens_names(provenance: Provenance) -> dict[str, str | None]:
+    """SAELens's `model_name` and `hook_name` of an SAE, in TransformerLens's terms where it
+    has them: the model's Hugging Face id (the embedded default's is SmolLM2-135M-Instruct's)
+    and `blocks.N.hook_resid_post` for a decoder block's output; otherwise gsae's own names
+    (a tiny test model, a local folder or file; any other module path). gsae's names stay in
+    the export's `metadata.gsae`, which is what gsae reads back."""
+    model = (provenance.model or {}).get("model")
+    hook = provenance.hook
+    return {"model_name": HUB_IDS.get(model, model),
+            "hook_name": (transformer_lens_hook(hook) or hook) if hook else hook}
 
 
 def plan_sparsify(sae: SAE, out_dir: Path, hookpoint: str | None = None) -> ExportPlan:

@@ -30,6 +30,12 @@ from the beginning. The data is then read again from chunk `chunks_done` on. One
 rank 0 of a data-parallel run, whose ranks hold identical state) writes all parts; under
 `--distribute_sweep` each rank writes its own SAEs and its run-level part
 `checkpoint-rank<r>-of-<world>`, so such a run resumes with the same number of ranks.
+
+Once a run has finished (its last checkpoint says `finished`, and the SAEs are saved in their
+folders), every part keeps only its state.json unless `keep_training_state` is set: a finished
+run is never trained on again (`--resume` refuses it without reading the rest), and the state
+files still say that it finished (`finished_training`), which is what `--resume`, `gsae study`
+and `gsae compare` read.
 """
 
 from __future__ import annotations
@@ -118,6 +124,11 @@ class TrainConfig:
     checkpoint_every: int = field(
         default=50, metadata={"help": "steps between checkpoints (each taken between two "
                               "chunks of data, once some SAE has made this many steps)", "min": 1})
+    keep_training_state: bool = field(
+        default=False,
+        metadata={"help": "keep the checkpoint's training state (weights, Adam state, shuffle "
+                  "buffers) once the run has finished; by default only its state.json, which "
+                  "marks the run finished, is left", "identity": False})
     resume: bool = field(
         default=False,
         metadata={"help": "continue the run found in --out from its latest checkpoint, exactly "
@@ -576,6 +587,9 @@ class Trainer:
             self._start_afresh()
             return
         self.moment = max(common)
+        if (_read_state(found[0][self.moment]) or {}).get("finished"):
+            self.finished = True  # nothing is trained on: its training state may be gone
+            return
         try:
             self._load_run_state(found[0][self.moment])
             for m, by_moment in zip(self.members, found[1:]):
@@ -681,6 +695,8 @@ class Trainer:
         final = [{"name": m.name, "folder": str(m.folder), **m.last_record}
                  for m in self.members]
         self._save_checkpoints(finished=True)
+        if not self.cfg.keep_training_state:
+            self._drop_training_state()
         if self.wandb is not None:
             self.wandb.finish()
         if self.cfg.distribute_sweep:
@@ -731,6 +747,20 @@ class Trainer:
             m.save_checkpoint(self.moment, run_state)
         for part in self._parts():
             _remove_part(_sibling(part, OLD))
+
+    def _drop_training_state(self) -> None:
+        """Delete from every part of the finished checkpoint what only a resumed run would read
+        (SAE weights, Adam state, shuffle buffers): the SAEs are saved in their folders by
+        then. Each part keeps its state.json, which says the training finished; a kill midway
+        leaves a finished checkpoint with some of its files, which nothing reads either."""
+        if not self.writes_files:
+            return
+        for part in self._parts():
+            for path in part.iterdir() if part.is_dir() else []:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name != STATE_FILE:
+                    path.unlink()
 
     def _train_step(self, m: TrainedSAE, batch: Batch) -> None:
         sae = m.sae
