@@ -16,10 +16,11 @@ LAYERS = {
     "base": ("gsae.errors", "gsae.version", "gsae.io", "gsae.config", "gsae.distributed",
              "gsae.batch"),
     "sae": ("gsae.private_ops", "gsae.topk", "gsae.screen", "gsae.kernels", "gsae.sae",
-            "gsae.formats", "gsae.store", "gsae.train"),
+            "gsae.store", "gsae.train"),
     "language model": ("gsae.tiny", "gsae.models", "gsae.hooks", "gsae.registers", "gsae.text",
                        "gsae.source", "gsae.states"),
-    "both": ("gsae.caching", "gsae.evaluate", "gsae.steer", "gsae.finetune", "gsae.saebench"),
+    "both": ("gsae.caching", "gsae.evaluate", "gsae.steer", "gsae.finetune", "gsae.saebench",
+             "gsae.formats"),
 }
 BELOW = {"base": (), "sae": ("base",), "language model": ("base",),
          "both": ("base", "sae", "language model")}
