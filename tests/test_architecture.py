@@ -14,13 +14,12 @@ ON_TOP = ("gsae.cli", "gsae.__main__", "gsae.study", "gsae.browser", "gsae.pipel
 # SAE side and the language-model side, side by side, know nothing of each other.
 LAYERS = {
     "base": ("gsae.errors", "gsae.version", "gsae.io", "gsae.config", "gsae.distributed",
-             "gsae.batch"),
+             "gsae.batch", "gsae.names"),
     "sae": ("gsae.private_ops", "gsae.topk", "gsae.screen", "gsae.kernels", "gsae.sae",
-            "gsae.store", "gsae.train"),
+            "gsae.formats", "gsae.store", "gsae.train"),
     "language model": ("gsae.tiny", "gsae.models", "gsae.hooks", "gsae.registers", "gsae.text",
                        "gsae.source", "gsae.states"),
-    "both": ("gsae.caching", "gsae.evaluate", "gsae.steer", "gsae.finetune", "gsae.saebench",
-             "gsae.formats"),
+    "both": ("gsae.caching", "gsae.evaluate", "gsae.steer", "gsae.finetune", "gsae.saebench"),
 }
 BELOW = {"base": (), "sae": ("base",), "language model": ("base",),
          "both": ("base", "sae", "language model")}

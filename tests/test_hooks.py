@@ -18,6 +18,7 @@ from gsae.hooks import (
     resolve_hook,
     splice,
 )
+from gsae.names import transformer_lens_hook
 from gsae.tiny import tiny_gpt2, tiny_llama
 
 # builder, decoder block list, final norm applied to the last block's output in hidden_states
@@ -79,10 +80,10 @@ def test_transformer_lens_names_the_residual_stream_after_each_block(family):
     model = tiny_families()[family]()
     for index in range(num_layers(model)):
         name, module = resolve_hook(model, index)
-        assert hooks.transformer_lens_hook(name) == f"blocks.{index}.hook_resid_post"
+        assert transformer_lens_hook(name) == f"blocks.{index}.hook_resid_post"
         assert resolve_hook(model, f"blocks.{index}.hook_resid_post") == (name, module)
         child = next(n for n, _ in module.named_children())
-        assert hooks.transformer_lens_hook(f"{name}.{child}") is None
+        assert transformer_lens_hook(f"{name}.{child}") is None
 
 
 def test_replace_hook_output_in_forward_hook():

@@ -34,9 +34,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from gsae.errors import GsaeError
-from gsae.hooks import transformer_lens_hook
 from gsae.io import atomic_output, holds_folder, read_json, save_tensors, write_json
-from gsae.models import DEFAULT_HUB_ID, DEFAULT_MODEL
+from gsae.names import DEFAULT_HUB_ID, DEFAULT_MODEL, transformer_lens_hook
 from gsae.sae import (
     CONFIG_FILE,
     FORMAT_NAME,

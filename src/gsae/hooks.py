@@ -42,7 +42,6 @@ _LAYER_INDEX = re.compile(r"-?\d+")
 _RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
 # The decoder-block lists whose block N's output TransformerLens calls blocks.N.hook_resid_post:
 # Llama-family models (and most others), GPT-2, GPT-NeoX.
-_BLOCK_OUTPUT = re.compile(r"(?:model\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)")
 
 
 # Hook points ------------------------------------------------------------------------------------
@@ -93,15 +92,6 @@ def resolve_hook(model: nn.Module, hook: str | int) -> tuple[str, nn.Module]:
         f"unknown hook point {text!r}: use a layer index (0-{len(layers) - 1}, or negative from "
         f"the end), 'blocks.N.hook_resid_post', or a module path such as {example}"
     )
-
-
-def transformer_lens_hook(hook: str) -> str | None:
-    """TransformerLens's name of a gsae hook point (a module path, as SAEs record it):
-    `blocks.N.hook_resid_post` for the output of decoder block N, the residual stream after
-    it (the hook point that a layer index names in gsae); None for any other module, which
-    TransformerLens names otherwise or not at all."""
-    match = _BLOCK_OUTPUT.fullmatch(hook.strip())
-    return f"blocks.{match.group(1)}.hook_resid_post" if match else None
 
 
 def _layer_hook(model: nn.Module, index: int) -> tuple[str, nn.Module]:

