@@ -106,7 +106,11 @@ class Snapshot:
         return file_fingerprint(self.folder / WEIGHTS_FILE)
 
     def record(self) -> dict[str, Any]:
-        saved = read_json(self.folder / "snapshot.json", "a snapshot record")
+        """Where it is and when it was saved (a fine-tuned SAE, saved once at the end of its
+        run, has no snapshot record: its requested count is its total budget)."""
+        path = self.folder / "snapshot.json"
+        saved = (read_json(path, "a snapshot record") if path.is_file()
+                 else {"requested_tokens": self.requested})
         return {"name": self.name, "folder": str(self.folder), **saved}
 
 

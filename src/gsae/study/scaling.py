@@ -34,6 +34,7 @@ from gsae import pipeline
 from gsae.config import identity, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, TokenLosses, eval_contexts, unseen_contexts
+from gsae.finetune import FinetuneConfig
 from gsae.io import read_json, versions, write_json
 from gsae.models import ModelConfig, model_identity
 from gsae.pipeline import SAESweep, TrainRun
@@ -43,6 +44,7 @@ from gsae.steer import SteerConfig
 from gsae.study import registers
 from gsae.study.engine import (
     Evaluation,
+    Finetune,
     Outcome,
     Snapshot,
     Steering,
@@ -66,6 +68,8 @@ from gsae.text import DataConfig, corpus_identity, load_documents, token_context
 from gsae.train import TrainConfig, variant_name
 
 IDENTITY_FILE = "study.json"
+FINETUNED = "saes-finetuned"  # the run folder of the fine-tuned twins
+FINETUNED_SUFFIX = "+kl"
 DISTANCES_FILE = "distances.json"
 SNAPSHOTS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
 
@@ -115,6 +119,14 @@ class StudyConfig:
         "help": "further values of k whose SAEs (every other sweep value) are trained as long "
                 "and evaluated and steered at the last snapshot only, e.g. 16 64; give the flag "
                 "alone for none", "may_be_empty": True, "min": 1})
+    finetune_fraction: float = field(default=0.0, metadata={
+        "help": "share of --tokens spent on KL fine-tuning: each curve SAE without the Fisher "
+                "term gets a fine-tuned twin (named <SAE>+kl), made by gsae finetune from its "
+                "snapshot at (1 - share) x --tokens for the rest of the budget, and evaluated and "
+                "steered at --tokens beside it, e.g. 0.05; 0: none", "min": 0, "max": 0.5})
+    kl_weight: float = field(default=0.5, metadata={
+        "help": "the fine-tuned twins' share w of the KL term (as gsae finetune --kl_weight)",
+        "min": 0, "max": 1})
 
 
 @dataclass
@@ -260,11 +272,28 @@ class ScalingPlan:
                    **as_recorded(self.out / IDENTITY_FILE,
                                  {k: settings[k] for k in SETTINGS_RECORDED})}
         variants = ([Variant(c, "saes", self.counts) for c in self.curve]
-                    + [Variant(c, "saes-extra", self.counts[-1:]) for c in self.extra])
+                    + [Variant(c, "saes-extra", self.counts[-1:]) for c in self.extra]
+                    + self.finetuned())
         return StudyPlan("a study", self.out, IDENTITY_FILE, claimed, run.train.overwrite,
                          run.model, run.data, train_run, self.store, run.study.store_tokens,
                          variants, self.evaluations, Steering(run.steer), self.steps,
                          check_store=True)
+
+    def finetuned(self) -> list[Variant]:
+        """The fine-tuned twins of the curve SAEs without the Fisher term (--finetune_fraction):
+        each from its snapshot at (1 - share) x --tokens, fine-tuned for the rest."""
+        tokens, share = self.run.train.tokens, self.run.study.finetune_fraction
+        start = tokens - round(share * tokens)
+        if share == 0:
+            return []
+        if start < 1 or start == tokens:
+            raise GsaeError(f"--finetune_fraction {share:g} of --tokens {tokens} leaves "
+                            f"{start} tokens of training and {tokens - start} of fine-tuning: "
+                            "both must be at least 1")
+        cfg = FinetuneConfig(tokens=tokens - start, kl_weight=self.run.study.kl_weight)
+        return [Variant(c, FINETUNED, finetune=Finetune(variant_name(c), start, cfg),
+                        label=variant_name(c) + FINETUNED_SUFFIX)
+                for c in self.curve if c.fisher_coef == 0]
 
     def grouped(self, snaps: list[Snapshot]) -> list[list[str]]:
         return eval_groups(snaps, self.run.study.counts_per_eval)
@@ -322,8 +351,8 @@ class ScalingPlan:
         CE and of |g| on one corpus (`gsae.study.registers.per_token_records`), cached per
         snapshot in `<out>/per-token-<name>.json`."""
         contexts = self.corpora.contexts[name]
-        extra = {variant_name(c) for c in self.extra}
-        last = [s for s in study.last(outcome) if s.variant not in extra]
+        curve = {variant_name(c) for c in self.curve}
+        last = [s for s in study.last(outcome) if s.variant in curve]
         cfg = replace(self.run.eval, json="", eval_tokens=contexts.numel(), pool_tokens=0)
         by_name = {s.name: s for s in last}
 
@@ -343,6 +372,7 @@ class ScalingPlan:
     def result(self, study: Study, outcome: Outcome) -> ScalingResult:
         """The study's typed record, from what the engine found so far."""
         run, extra = self.run, {variant_name(c) for c in self.extra}
+        parents = {v.name: v.finetune.parent for v in study.plan.variants if v.finetune}
         steer_run, steered = outcome.steered or ({}, {})
         return ScalingResult(
             command=command_line(run),
@@ -358,6 +388,8 @@ class ScalingPlan:
             corpora=self.corpora_record(),
             settings={**to_dict(run), "train": asdict(study.plan.train_run.train)},
             saes=[{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
+                   "fisher_coef": study.variants[name].config.fisher_coef,
+                   "finetuned_from": parents.get(name),
                    "snapshots": [s.record() for s in outcome.snapshots if s.variant == name]}
                   for name, folder in outcome.folders.items()],
             eval={key: {"run": info, "results": outcome.records(key)}
