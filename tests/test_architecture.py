@@ -8,6 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "src" / "gsae"
 # Modules the core (everything but these) must never import: they sit on top of it.
 ON_TOP = ("gsae.cli", "gsae.__main__", "gsae.study", "gsae.browser", "gsae.pipeline")
+# Modules at the bottom, pure Python: the only gsae modules each may import (and nothing outside
+# the standard library), so that reading and writing results needs no torch.
+BOTTOM = {"gsae.errors": set(), "gsae.records": {"gsae.errors"}}
 
 
 def module_name(path: Path) -> str:
@@ -65,6 +68,15 @@ def test_the_core_does_not_reach_up():
             continue
         upward = sorted(t for t in targets if t.startswith(ON_TOP))
         assert not upward, f"{name} imports {upward}, which sit on top of it"
+
+
+def test_the_bottom_modules_import_only_the_standard_library_and_each_other():
+    edges = graph()
+    for name, allowed in BOTTOM.items():
+        assert edges[name] <= allowed, f"{name} imports {sorted(edges[name] - allowed)}"
+        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+        outside = {m.split(".")[0] for m in imports_of(path, set())} - {"gsae", "__future__"}
+        assert outside <= set(sys.stdlib_module_names), f"{name} imports {sorted(outside)}"
 
 
 def test_the_core_trains_and_evaluates_without_the_plotting_extra(corpus, tmp_path):

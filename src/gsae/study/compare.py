@@ -33,12 +33,13 @@ from gsae.evaluate import EvalConfig, evaluate
 from gsae.io import claim_folder, file_fingerprint, versions, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import SAESweep, TrainRun
+from gsae.records import ComparisonResult
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
 from gsae.store import StoreConfig, StoreReader, fill_store
 from gsae.study.report import build_report
-from gsae.study.results import ComparisonResult, compact_steering
+from gsae.study.results import compact_steering
 from gsae.text import DataConfig
 from gsae.train import TrainConfig, sae_folder, variant_name
 

@@ -38,7 +38,6 @@ from gsae.config import flag_names, identity, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import (
     EvalConfig,
-    EvalResult,
     TokenLosses,
     eval_contexts,
     evaluate,
@@ -48,6 +47,7 @@ from gsae.evaluate import (
 from gsae.io import claim_folder, file_fingerprint, read_json, versions, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import SAESweep, TrainRun
+from gsae.records import EvalResult, ScalingResult
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource, SourceConfig
 from gsae.steer import SteerConfig, steer
@@ -56,7 +56,7 @@ from gsae.study import registers
 from gsae.study.compare import cached, flag_text, machine_record, sae_record
 from gsae.study.registers_report import build_registers_report
 from gsae.study.results import compact_steering
-from gsae.study.scaling_report import ScalingResult, build_scaling_report, largest_gap
+from gsae.study.scaling_report import build_scaling_report, largest_gap
 from gsae.text import DataConfig, corpus_identity, load_documents, token_contexts
 from gsae.train import TrainConfig, sae_folder, snapshot_folder, variant_name
 
