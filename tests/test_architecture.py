@@ -14,7 +14,7 @@ ON_TOP = ("gsae.cli", "gsae.__main__", "gsae.study", "gsae.browser", "gsae.pipel
 # SAE side and the language-model side, side by side, know nothing of each other.
 LAYERS = {
     "base": ("gsae.errors", "gsae.version", "gsae.io", "gsae.config", "gsae.distributed",
-             "gsae.batch", "gsae.names"),
+             "gsae.batch", "gsae.names", "gsae.records"),
     "sae": ("gsae.private_ops", "gsae.topk", "gsae.screen", "gsae.kernels", "gsae.sae",
             "gsae.formats", "gsae.store", "gsae.train"),
     "language model": ("gsae.tiny", "gsae.models", "gsae.hooks", "gsae.registers", "gsae.text",
@@ -23,6 +23,10 @@ LAYERS = {
 }
 BELOW = {"base": (), "sae": ("base",), "language model": ("base",),
          "both": ("base", "sae", "language model")}
+
+# Modules at the bottom, pure Python: the only gsae modules each may import (and nothing outside
+# the standard library), so that reading and writing results needs no torch.
+BOTTOM = {"gsae.errors": set(), "gsae.records": {"gsae.errors"}}
 
 
 def module_name(path: Path) -> str:
@@ -92,6 +96,15 @@ def test_every_core_module_imports_only_its_layer_and_those_below():
         allowed = {layer_of[name], *BELOW[layer_of[name]]}
         wrong = sorted(t for t in edges[name] if layer_of.get(t) not in allowed)
         assert not wrong, f"{name} (layer {layer_of[name]!r}) imports {wrong}"
+
+
+def test_the_bottom_modules_import_only_the_standard_library_and_each_other():
+    edges = graph()
+    for name, allowed in BOTTOM.items():
+        assert edges[name] <= allowed, f"{name} imports {sorted(edges[name] - allowed)}"
+        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+        outside = {m.split(".")[0] for m in imports_of(path, set())} - {"gsae", "__future__"}
+        assert outside <= set(sys.stdlib_module_names), f"{name} imports {sorted(outside)}"
 
 
 def test_the_core_trains_and_evaluates_without_the_plotting_extra(corpus, tmp_path):

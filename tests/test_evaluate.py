@@ -15,13 +15,13 @@ from gsae.evaluate import (
     GRAD_AWARE,
     GRAD_FREE,
     EvalConfig,
-    EvalResult,
     eval_contexts,
     evaluate_contexts,
     format_table,
 )
 from gsae.hooks import resolve_hook
 from gsae.models import ModelConfig, model_identity
+from gsae.records import EvalResult
 from gsae.source import ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity, token_contexts
 from gsae.tiny import tiny_llama, tiny_tokenizer

@@ -9,7 +9,8 @@ import torch
 from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
 from gsae.errors import GsaeError
-from gsae.steer import SteerConfig, SteerResult, format_table, steer_on, summarize
+from gsae.records import SteerResult
+from gsae.steer import SteerConfig, format_table, steer_on, summarize
 from gsae.tiny import tiny_llama
 
 D = 64

@@ -11,9 +11,10 @@ import pytest
 from gsae.cli import main
 from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_AWARE, GRAD_FREE
+from gsae.records import ComparisonResult
 from gsae.steer import summarize
 from gsae.study.report import build_report
-from gsae.study.results import SCHEMA, ComparisonResult, compact_steering, verdict
+from gsae.study.results import compact_steering, verdict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VARIANTS = [(0.0, "z"), (10.0, "z"), (10.0, "score")]
@@ -56,7 +57,8 @@ def synthetic_results():
                 steers.append(compact_steering({"sae": name, "k": k, "sampled_latents": 6,
                                                 "summary": summary, "latents": latents}))
     return {
-        "schema": SCHEMA, "command": "gsae compare --quick", "created": "2026-11-28 00:00 UTC",
+        "schema": ComparisonResult.SCHEMA, "command": "gsae compare --quick",
+        "created": "2026-11-28 00:00 UTC",
         "versions": {"gsae": "0.1.0", "torch": "2", "transformers": "5", "python": "3.11"},
         "machine": {"description": "2 CPU threads"}, "wall_seconds": 4000.0,
         "stage_seconds": {"store": 10.0, "train": 20.0, "eval": 30.0, "steer": 40.0},
@@ -299,7 +301,7 @@ def test_the_committed_report_rebuilds_byte_identical_from_its_old_schema(tmp_pa
 def test_comparison_results_are_typed_and_old_files_still_load():
     committed = Path(__file__).parent.parent / "docs" / "results" / "results.json"
     old = ComparisonResult.from_json(json.loads(committed.read_text()))
-    assert old.schema == SCHEMA and old.settings["sae"]["k"] == [8, 16, 32, 64]
+    assert old.schema == ComparisonResult.SCHEMA and old.settings["sae"]["k"] == [8, 16, 32, 64]
     assert old.settings["steer"]["latents"] == 16 and "steer_latents" not in old.settings["steer"]
     assert old.settings["train"]["shuffle_seed"] == 0
     again = ComparisonResult.from_json(old.to_json())

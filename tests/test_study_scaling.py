@@ -13,11 +13,11 @@ import torch
 from gsae.cli import main
 from gsae.evaluate import GRAD_AWARE, GRAD_FREE, EvalConfig, evaluate_contexts
 from gsae.models import ModelConfig, load_model
+from gsae.records import ScalingResult
 from gsae.sae import SAE
 from gsae.store import StoreReader
 from gsae.study.results import Variant
 from gsae.study.scaling_report import (
-    SCHEMA,
     Curves,
     Series,
     build_scaling_report,
@@ -65,7 +65,7 @@ def study(corpus, news, tmp_path_factory):
 
 def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus, news):
     _, results = study
-    assert results["schema"] == SCHEMA == "gsae.scaling/2"
+    assert results["schema"] == ScalingResult.SCHEMA == "gsae.scaling/2"
     names = {s["name"] for s in results["saes"]}
     assert names == {f"k4-beta{b}-z-x2-s{s}" for b in (0, 10) for s in (0, 1)}
     for sae in results["saes"]:
@@ -402,7 +402,7 @@ def synthetic(gap_start, gap_end, counts=(100, 200, 400)):
                             "ce_increase": ce + (0.05 if corpus == "unseen" else 0.0),
                             "fvu": 0.5 - 0.1 * t, "dead_fraction": 0.1 * t})
     return {
-        "schema": SCHEMA, "command": "gsae study", "created": "2026-12-01 00:00 UTC",
+        "schema": ScalingResult.SCHEMA, "command": "gsae study", "created": "2026-12-01 00:00 UTC",
         "versions": {"gsae": "0.1.0"}, "machine": {"description": "2 CPU cores"},
         "wall_seconds": 10.0, "stage_seconds": {"store": 1.0, "train": 2.0},
         "model": {"model": "tiny-llama"}, "hook": "model.layers.1",

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -39,14 +39,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.batch import GRADIENT_DEFINITION
 from gsae.errors import GsaeError
-from gsae.hooks import FULL, Intervention, Recording, log_probs, resolve_hook, splice, zero_all
+from gsae.hooks import Intervention, Recording, log_probs, resolve_hook, splice, zero_all
 from gsae.io import versions, write_json
+from gsae.records import CoreRecord, EvalRecord, EvalResult, EvalRunInfo
 from gsae.sae import SAE, first_order_change
 from gsae.source import ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity, token_contexts
 
-SCHEMA = "gsae.eval/2"
-OLD_SCHEMAS = ("gsae.eval/1",)
 GRAD_AWARE, GRAD_FREE = "grad-aware", "grad-free"
 MODES = (GRAD_AWARE, GRAD_FREE)
 HISTOGRAM_EDGES = [-8.0 + 0.25 * i for i in range(33)]  # log10 firing frequency, 32 bins
@@ -82,136 +81,6 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata={"help": "contexts per language-model batch",
                                                  "min": 1})
     json: str = field(default="", metadata={"help": "also write the result as JSON to this file"})
-
-
-# Typed results ----------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalRun:
-    """What an evaluation ran on and how (the "run" block of the JSON)."""
-
-    model: dict[str, Any]
-    corpus: dict[str, Any] | None
-    part: str
-    contexts: int
-    context_size: int
-    context_tokens: int
-    eval_tokens: int
-    pool_tokens: int
-    seed: int
-    batch_size: int
-    skip_first: int
-    outlier_factor: float
-    positions: dict[str, str]
-    gradient: str
-    model_dtype: str
-    device: str
-    versions: dict[str, str]
-    seconds: float
-    # per hook point: "above-hook" (patched passes ran the blocks above the hook only) or "full"
-    forward: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class EvalRecord:
-    """The numbers of one SAE in one inference mode (None: undefined, e.g. a 0/0 ratio)."""
-
-    sae: str
-    hook: str
-    mode: str
-    k: int
-    beta: float
-    value_mode: str
-    n_latents: int
-    d_in: int
-    tokens: int
-    outlier_tokens: int
-    ce_tokens: int
-    l0: float | None
-    mse: float | None
-    fvu: float | None
-    explained_variance: float | None
-    cosine: float | None
-    l2_ratio: float | None
-    ce_clean: float | None
-    ce_spliced: float | None
-    ce_increase: float | None
-    ce_zero_ablation: float | None
-    ce_mean_ablation: float | None
-    ce_recovered_zero: float | None
-    ce_recovered_mean: float | None
-    kl: float | None
-    first_order_abs: float | None
-    first_order_ce_change: float | None
-    first_order_correlation: float | None
-    dead_latents: int
-    dead_fraction: float
-    dead_window_tokens: int
-    firing_histogram: dict[str, Any]
-
-
-@dataclass
-class CoreRecord:
-    """What SAEBench's core evaluation reports beyond an `EvalRecord`, for one SAE in one
-    inference mode, on the same rows and CE positions (`gsae.saebench` writes it;
-    docs/evaluation.md defines it; None: undefined). Not part of the gsae.eval JSON."""
-
-    sae: str
-    mode: str
-    ce_zero_all: float | None  # mean CE over the CE positions, the hook zeroed at every position
-    kl_zero_all: float | None  # mean KL(clean || that model) over the CE positions
-    l1: float | None  # mean over rows of the sum of the selected values (all >= 0)
-    l2_norm_in: float | None  # mean over rows of ||x_i||
-    l2_norm_out: float | None  # mean over rows of ||x_hat_i||
-    relative_reconstruction_bias: float | None  # sum_i ||x_hat_i||^2 / sum_i x_i . x_hat_i
-    # mean over rows of 1 - ||x_i - x_hat_i||^2 / ||x_i - m||^2, m the mean of the batch's rows
-    explained_variance_legacy: float | None
-    fired: list[int]  # per latent: rows where it was selected with a value > 0
-    contexts_fired: list[int]  # per latent: contexts with at least one such row
-
-
-@dataclass
-class EvalResult:
-    """An evaluation: the run info and one record per SAE per inference mode; `core`, when
-    asked for, one `CoreRecord` per SAE per mode (not part of the JSON)."""
-
-    run: EvalRun
-    results: list[EvalRecord]
-    core: list[CoreRecord] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON layout of schema gsae.eval/2 (the README defines it)."""
-        return {"schema": SCHEMA, "run": asdict(self.run),
-                "results": [asdict(record) for record in self.results]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> EvalResult:
-        """Read a gsae.eval/2 or /1 dict (a dict without a schema, as a comparison's "eval"
-        block, is read as /1). /1 runs all ran the full forward."""
-        schema = check_schema(data, SCHEMA, OLD_SCHEMAS)
-        results = [from_dict(EvalRecord, r, "evaluation record") for r in data["results"]]
-        run = dict(data["run"])
-        if schema != SCHEMA:
-            run.setdefault("forward", {record.hook: FULL for record in results})
-        return cls(from_dict(EvalRun, run, "evaluation run"), results)
-
-
-def from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
-    """The dataclass `cls` from the keys of `data` that name its fields."""
-    missing = [f.name for f in fields(cls) if f.name not in data
-               and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        raise GsaeError(f"not a gsae {what}: it lacks {', '.join(missing)}")
-    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-
-
-def check_schema(data: dict[str, Any], schema: str, old: tuple[str, ...]) -> str:
-    found = data.get("schema", old[0])
-    if found != schema and found not in old:
-        raise GsaeError(f"schema {found!r} is not readable here: use {schema} or "
-                        f"{', '.join(old)}")
-    return found
 
 
 # Public entry points ----------------------------------------------------------------------------
@@ -311,7 +180,7 @@ def evaluate_contexts(
         hooks[name].mean = mean
     _evaluation_pass(model, source_cfg, batches, hooks, token_losses)
     param = next(model.parameters())
-    run = EvalRun(
+    run = EvalRunInfo(
         model=model_id if model_id is not None else _model_identity(saes),
         corpus=None,
         part="eval",

@@ -33,7 +33,6 @@ from gsae.config import build, check, identity, section_record, sweep_configs, s
 from gsae.errors import GsaeError
 from gsae.evaluate import (
     EvalConfig,
-    EvalResult,
     TokenLosses,
     check_model,
     eval_contexts,
@@ -53,13 +52,13 @@ from gsae.finetune import (
 from gsae.formats import load
 from gsae.io import LOCK_FILE, check_output_file, differing_keys, folder_lock, write_json
 from gsae.models import ModelConfig, available_device, hidden_size, load_model, model_identity
+from gsae.records import EvalResult, SteerResult
 from gsae.sae import SAE, Provenance, SAEConfig
 from gsae.saebench import check_folder, write_core
 from gsae.source import ActivationSource, PassRows, SourceConfig, source_identity
 from gsae.steer import (
     PromptSteering,
     SteerConfig,
-    SteerResult,
     check_latent,
     steer,
     steer_prompt,

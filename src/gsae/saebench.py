@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gsae.errors import GsaeError
-from gsae.evaluate import GRAD_FREE, CoreRecord, EvalRecord, EvalResult, EvalRun, short_labels
+from gsae.evaluate import GRAD_FREE, short_labels
 from gsae.formats import saelens_config
 from gsae.io import check_output_file, write_json
+from gsae.records import CoreRecord, EvalRecord, EvalResult, EvalRunInfo
 from gsae.sae import SAE
 
 SAEBENCH_VERSION = "0.6.0"  # the sae-bench release whose CoreEvalOutput the files follow
@@ -112,7 +113,7 @@ def core_output(result: EvalResult, sae: SAE, name: str, eval_id: str,
     }
 
 
-def eval_config(run: EvalRun) -> dict[str, Any]:
+def eval_config(run: EvalRunInfo) -> dict[str, Any]:
     """CoreEvalConfig: the evaluation's settings under SAEBench's names, every metric on."""
     batches = math.ceil(run.contexts / run.batch_size)
     return {
@@ -135,7 +136,7 @@ def eval_config(run: EvalRun) -> dict[str, Any]:
     }
 
 
-def metrics(record: EvalRecord, core: CoreRecord, run: EvalRun, density: Tensor,
+def metrics(record: EvalRecord, core: CoreRecord, run: EvalRunInfo, density: Tensor,
             weights: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     """CoreMetricCategories: the seven groups of scalar metrics."""
     r, c = record, core

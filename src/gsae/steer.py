@@ -30,16 +30,8 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.errors import GsaeError
-from gsae.evaluate import (
-    EvalConfig,
-    check_schema,
-    eval_contexts,
-    from_dict,
-    recorded_hook,
-    sae_names,
-)
+from gsae.evaluate import EvalConfig, eval_contexts, recorded_hook, sae_names
 from gsae.hooks import (
-    FULL,
     Intervention,
     Recording,
     add,
@@ -49,12 +41,11 @@ from gsae.hooks import (
     resolve_hook,
 )
 from gsae.io import versions
+from gsae.records import SteerRecord, SteerResult, SteerRunInfo
 from gsae.sae import SAE
 from gsae.source import ActivationSource, SourceConfig, training_positions
 from gsae.text import DataConfig, corpus_identity
 
-SCHEMA = "gsae.steer/2"
-OLD_SCHEMAS = ("gsae.steer/1",)
 QUANTILES = {"q25": 0.25, "median": 0.5, "q75": 0.75}
 METRICS = ("kl", "logprob_gain")
 PROTOCOL = {
@@ -123,80 +114,6 @@ class SteerConfig:
                             f"({self.contexts} contexts each)")
 
 
-# Typed results ----------------------------------------------------------------------------------
-
-
-@dataclass
-class SteerRun:
-    """What a steering run ran on and how (the "run" block of the JSON)."""
-
-    model: dict[str, Any]
-    corpus: dict[str, Any] | None
-    part: str
-    pool_contexts: int
-    context_size: int
-    contexts_a: list[int]
-    contexts_b: list[int]
-    settings: dict[str, Any]  # the SteerConfig
-    protocol: dict[str, str]
-    model_dtype: str
-    device: str
-    versions: dict[str, str]
-    seconds: float
-    # per hook point: "above-hook" (steered passes ran the blocks above the hook only) or "full"
-    forward: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class SteerRecord:
-    """One SAE's steering: a summary per strength, and per sampled latent and strength its
-    record (`latents`; a comparison's compact records hold `values` instead)."""
-
-    sae: str
-    hook: str
-    k: int
-    beta: float
-    value_mode: str
-    n_latents: int
-    d_in: int
-    pool_tokens: int
-    live_latents: int
-    sampled_latents: int
-    median_x_norm: float
-    summary: list[dict[str, Any]]
-    latents: list[dict[str, Any]] | None = None
-    values: list[dict[str, Any]] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {k: v for k, v in data.items() if k not in ("latents", "values") or v is not None}
-
-
-@dataclass
-class SteerResult:
-    """A steering run: the run info and one record per SAE."""
-
-    run: SteerRun
-    results: list[SteerRecord]
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON layout of schema gsae.steer/2 (the README defines it)."""
-        return {"schema": SCHEMA, "run": asdict(self.run),
-                "results": [record.to_json() for record in self.results]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SteerResult:
-        """Read a gsae.steer/2 or /1 dict (a dict without a schema, as a comparison's "steer"
-        block, is read as /1: its settings lose the steer_ prefix; it ran the full forward)."""
-        schema = check_schema(data, SCHEMA, OLD_SCHEMAS)
-        results = [from_dict(SteerRecord, r, "steering record") for r in data["results"]]
-        run = dict(data["run"])
-        if schema != SCHEMA:
-            run["settings"] = {k.removeprefix("steer_"): v for k, v in run["settings"].items()}
-            run.setdefault("forward", {record.hook: FULL for record in results})
-        return cls(from_dict(SteerRun, run, "steering run"), results)
-
-
 # Public entry points ----------------------------------------------------------------------------
 
 
@@ -254,7 +171,7 @@ def steer_on(
         results.append(member.steer(runs, sets, cfg, tokenizer))
         bar.update()
     bar.close()
-    run = SteerRun(
+    run = SteerRunInfo(
         model=model_id if model_id is not None else next(
             (s.provenance.model for s in saes if s.provenance.model), {}),
         corpus=None,

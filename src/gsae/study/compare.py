@@ -24,6 +24,7 @@ from gsae.evaluate import EvalConfig
 from gsae.io import versions
 from gsae.models import ModelConfig, model_identity
 from gsae.pipeline import SAESweep, TrainRun
+from gsae.records import ComparisonResult
 from gsae.sae import SAE, SAEConfig
 from gsae.source import SourceConfig
 from gsae.steer import SteerConfig
@@ -42,7 +43,7 @@ from gsae.study.engine import (
     command_line as flags_command,
 )
 from gsae.study.report import build_report
-from gsae.study.results import ComparisonResult, compact_steering
+from gsae.study.results import compact_steering
 from gsae.text import DataConfig
 from gsae.train import TrainConfig, variant_name
 

@@ -37,14 +37,14 @@ from gsae import pipeline
 from gsae.caching import fill_store
 from gsae.config import flag_names
 from gsae.errors import GsaeError
-from gsae.evaluate import EvalResult
 from gsae.finetune import FinetuneConfig
 from gsae.io import claim_folder, file_fingerprint, read_json, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import FinetuneRun, LoadedModel, TrainRun
+from gsae.records import EvalResult, SteerResult
 from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import ActivationSource
-from gsae.steer import SteerConfig, SteerResult
+from gsae.steer import SteerConfig
 from gsae.store import StoreConfig, StoreReader
 from gsae.text import DataConfig
 from gsae.train import finished_training, sae_folder, snapshot_folder, variant_name

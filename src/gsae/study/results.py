@@ -1,25 +1,22 @@
 """The comparison's results: indexing by variant, mode, k and seed; aggregates; the claims.
 
-Schema "gsae.compare/2" holds the run's whole config tree under "settings" (the sections of
-`gsae compare`: compare, model, data, source, sae, train, eval, steer); "gsae.compare/1" files
-(settings with the grid under "compare" and `steer_`-prefixed steering fields) are read through
-`upgrade`, which maps them onto the /2 layout in memory. Across seeds a number is shown as
-"mean ± half-range": (max - min) / 2 over the seeds.
+Schema "gsae.compare/2" (`gsae.records.ComparisonResult`) holds the run's whole config tree under
+"settings" (the sections of `gsae compare`: compare, model, data, source, sae, train, eval,
+steer); "gsae.compare/1" files (settings with the grid under "compare" and `steer_`-prefixed
+steering fields) are read through `ComparisonResult.upgrade`, which maps them onto the /2 layout
+in memory. Across seeds a number is shown as "mean ± half-range": (max - min) / 2 over the seeds.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_AWARE, GRAD_FREE, MODES
+from gsae.records import ComparisonResult
 
-SCHEMA = "gsae.compare/2"
-SCHEMAS = ("gsae.compare/1", SCHEMA)
 MODE_TITLES = {
     GRAD_AWARE: "gradient-aware inference (g of the true next tokens: uses the labels)",
     GRAD_FREE: "gradient-free inference (beta = 0 on the same weights)",
@@ -96,76 +93,6 @@ def _round(value: float, digits: int = 5) -> float:
     return float(f"{value:.{digits}g}")
 
 
-@dataclass
-class StudyRecord:
-    """What every study result records first: the command, when, with which versions, on
-    which machine and how long, on which model and hook. Subclasses add their fields and a
-    `schema` field last; `to_json` puts the schema first."""
-
-    command: str
-    created: str
-    versions: dict[str, str]
-    machine: dict[str, Any]
-    wall_seconds: float
-    stage_seconds: dict[str, float]
-    model: dict[str, Any]
-    hook: str
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {"schema": data.pop("schema"), **data}
-
-    @classmethod
-    def of_fields(cls, data: dict[str, Any]) -> Any:
-        """The record from the keys of `data` that name its fields (all must be there)."""
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
-
-
-@dataclass
-class ComparisonResult(StudyRecord):
-    """What `gsae compare` measured (schema "gsae.compare/2"): the run's settings, its SAEs,
-    their evaluation and steering records, and where and how long it ran. `to_json` is the
-    layout of results.json (before the report adds its aggregates and claims)."""
-
-    store_tokens: int
-    settings: dict[str, Any]  # the config tree of the run, section by section
-    saes: list[dict[str, Any]]  # name, folder, k, beta, value_mode, seed, n_latents, train
-    eval: dict[str, Any]  # {"run": the evaluation's run info, "results": its records}
-    steer: dict[str, Any]  # {"run": ..., "results": compact steering records}
-    schema: str = SCHEMA
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ComparisonResult:
-        """A results.json of any readable schema (/1 is upgraded); the report's aggregates
-        and claims, if present, are left out."""
-        if data.get("schema") not in SCHEMAS:
-            raise GsaeError(f"not a gsae compare result (schema {data.get('schema')!r}; "
-                            f"readable: {', '.join(SCHEMAS)})")
-        return cls.of_fields(upgrade(data))
-
-
-def upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A /1 result mapped onto the /2 layout (a copy; /2 is returned as it is): the grid moves
-    from the "compare" settings to "sae", the settings compare re-declared move to their
-    sections, and the steering, shuffle-seed and SAE-device fields lose their old names."""
-    if data.get("schema") == SCHEMA:
-        return data
-    data = copy.deepcopy(data)
-    s = data["settings"]
-    cmp = s["compare"]
-    s["sae"] = {"k": cmp.pop("k"), "beta": cmp.pop("beta"), "value_mode": cmp.pop("value_mode"),
-                "seed": cmp.pop("seed"), "expansion_factor": [cmp.pop("expansion_factor")],
-                "n_latents": [0]}
-    for name in ("tokens", "batch_tokens", "lr", "dead_tokens"):
-        cmp.pop(name, None)
-    s["eval"]["eval_tokens"] = cmp.pop("eval_tokens", s["eval"]["eval_tokens"])
-    s["steer"] = {k.removeprefix("steer_"): v for k, v in s["steer"].items()}
-    renamed = {"data_seed": "shuffle_seed", "sae_device": "device"}
-    s["train"] = {renamed.get(k, k): v for k, v in s["train"].items()}
-    data["schema"] = SCHEMA
-    return data
-
-
 # Aggregation --------------------------------------------------------------------------------------
 
 
@@ -173,10 +100,7 @@ class Results:
     """The comparison's records, indexed by variant, inference mode, k and seed."""
 
     def __init__(self, data: dict[str, Any]):
-        if data.get("schema") not in SCHEMAS:
-            raise GsaeError(f"not a gsae compare result (schema {data.get('schema')!r}; "
-                            f"readable: {', '.join(SCHEMAS)})")
-        data = self.data = upgrade(data)
+        data = self.data = ComparisonResult.current(data)
         self.saes = {s["name"]: s for s in data["saes"]}
         self.variants = sorted({Variant.of(s) for s in data["saes"]},
                                key=lambda v: (v.beta, v.value_mode != "z", v.value_mode))

@@ -38,6 +38,7 @@ from gsae.finetune import FinetuneConfig
 from gsae.io import read_json, versions, write_json
 from gsae.models import ModelConfig, model_identity
 from gsae.pipeline import SAESweep, TrainRun
+from gsae.records import ScalingResult
 from gsae.sae import SAE, SAEConfig
 from gsae.source import SourceConfig
 from gsae.steer import SteerConfig
@@ -63,7 +64,7 @@ from gsae.study.engine import (
 )
 from gsae.study.registers_report import build_registers_report
 from gsae.study.results import compact_steering
-from gsae.study.scaling_report import ScalingResult, build_scaling_report, largest_gap
+from gsae.study.scaling_report import build_scaling_report, largest_gap
 from gsae.text import DataConfig, corpus_identity, load_documents, token_contexts
 from gsae.train import TrainConfig, variant_name
 

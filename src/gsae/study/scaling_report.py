@@ -3,8 +3,9 @@ training, and whether the g-SAE-minus-TopK gap in spliced CE increase shrinks, h
 
 `build_scaling_report(results, folder)` takes the study's results (schema "gsae.scaling/2") and
 writes README.md, results.json (the results plus the curves, gaps and verdicts) and the plots.
-Schema /2 keys the corpora by "train" and by each unseen corpus's name; a /1 file (one unseen
-corpus under the key "unseen") is read through `upgrade`, which renames that key.
+Schema /2 (`gsae.records.ScalingResult`) keys the corpora by "train" and by each unseen corpus's
+name; a /1 file (one unseen corpus under the key "unseen") is read through
+`ScalingResult.upgrade`, which renames that key.
 Across seeds a number is "mean ± half-range" ((max - min) / 2), as in `gsae compare`'s report.
 
 The trend rule (`trend`): the gap of each seed is the g-SAE's CE increase minus that of the TopK
@@ -18,9 +19,8 @@ A gap that shrinks past zero is said to reverse.
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +28,18 @@ from matplotlib.figure import Figure
 
 from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_FREE, MODES
+from gsae.records import ScalingResult
 from gsae.study.plots import save_png
 from gsae.study.report import duration_text, pm, write_report_files
 from gsae.study.results import (
     COLORS,
     MODE_NAMES,
-    StudyRecord,
     Variant,
     mean_of,
     spread,
     verdict,
 )
 
-SCHEMA = "gsae.scaling/2"
-SCHEMAS = ("gsae.scaling/1", SCHEMA)
 TOLERANCE = 0.2
 PANELS_PER_ROW = 3
 METRICS = {"ce_increase": "Spliced CE increase (nats)",
@@ -53,48 +51,6 @@ PLOTS = {
     "dead_fraction_vs_tokens.png": "dead fraction against training tokens",
     "gap_vs_tokens.png": "the g-SAE-minus-TopK CE gap against training tokens",
 }
-
-
-@dataclass
-class ScalingResult(StudyRecord):
-    """What `gsae study` measured (schema "gsae.scaling/2"): settings, store check, SAEs with
-    their snapshots, evaluation records per corpus ("train": the training corpus's held-out
-    split; then each unseen corpus by its name) and steering at the last snapshot. Every
-    evaluation and steering record carries "variant" (the SAE) and "snapshot" (its requested
-    token count)."""
-
-    store: dict[str, Any]  # folder, rows, repeated_rows, passes
-    corpora: dict[str, Any]  # "train" / each unseen name: name, part, corpus identity
-    settings: dict[str, Any]
-    saes: list[dict[str, Any]]  # as in compare, plus extra_k and snapshots
-    eval: dict[str, Any]  # corpus key -> {"run": ..., "results": [...]}
-    steer: dict[str, Any]
-    # per corpus: the unigram KL of its evaluated tokens to the training split's
-    distances: dict[str, Any] = field(default_factory=dict)
-    # per corpus: the last snapshots' CE increase by quantile bins of clean CE and |g|
-    per_token: dict[str, Any] = field(default_factory=dict)
-    schema: str = SCHEMA
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ScalingResult:
-        return cls.of_fields(upgrade(data))
-
-
-def upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A study result in the current schema: a /1 file's corpus key "unseen" becomes the unseen
-    corpus's name (a copy; the input is not changed)."""
-    if data.get("schema") not in SCHEMAS:
-        raise GsaeError(f"not a gsae study result (schema {data.get('schema')!r}; readable: "
-                        f"{', '.join(SCHEMAS)})")
-    data = {"distances": {}, "per_token": {}, **data}  # sections added within /2
-    if data["schema"] == SCHEMA:
-        return data
-    data = copy.deepcopy(data)
-    name = data["corpora"]["unseen"]["name"]
-    for section in ("corpora", "eval", "verdicts"):
-        if "unseen" in data.get(section, {}):
-            data[section] = {name if k == "unseen" else k: v for k, v in data[section].items()}
-    return {**data, "schema": SCHEMA}
 
 
 # Indexing ----------------------------------------------------------------------------------------
@@ -119,8 +75,7 @@ class Curves:
     """The study's records indexed by corpus, SAE, mode and snapshot."""
 
     def __init__(self, data: dict[str, Any]):
-        data = upgrade(data)
-        self.data = data
+        data = self.data = ScalingResult.current(data)
         self.saes = {s["name"]: s for s in data["saes"]}
         curve = [s for s in data["saes"] if not s["extra_k"]]
         self.variants = sorted({Variant.of(s) for s in curve})
