@@ -508,3 +508,80 @@ def test_the_committed_scaling_report_rebuilds_from_its_results(tmp_path):
     assert number.sub("#", rebuilt) == number.sub("#", original)
     for a, b in zip(number.findall(rebuilt), number.findall(original)):
         assert float(a.replace(",", "")) == pytest.approx(float(b.replace(",", "")), rel=1e-3)
+
+
+# The objectives: variants that change the training objective, against TopK ---------------------
+
+
+def with_objective(data, name, fisher_coef, finetuned, ce):
+    """`data` plus a TopK variant with the Fisher term or KL fine-tuning, evaluated only at the
+    last snapshot: `ce[corpus][seed]` is its CE increase there."""
+    last = data["saes"][0]["snapshots"][-1]["requested_tokens"]
+    for seed in (0, 1):
+        variant = f"{name}-s{seed}"
+        data["saes"].append({"name": variant, "k": 32, "beta": 0.0, "value_mode": "z",
+                             "seed": seed, "n_latents": 64, "extra_k": False,
+                             "fisher_coef": fisher_coef,
+                             "finetuned_from": f"b0-s{seed}" if finetuned else None,
+                             "snapshots": [{"requested_tokens": last, "tokens": last}]})
+        for corpus, values in ce.items():
+            data["eval"][corpus]["results"].append({
+                "sae": f"{variant}@{last}", "variant": variant, "snapshot": last,
+                "mode": GRAD_FREE, "ce_increase": values[seed], "fvu": 0.4,
+                "dead_fraction": 0.0})
+    return data
+
+
+def test_an_objective_holds_only_with_a_fifth_less_ce_increase_everywhere(tmp_path):
+    # TopK at the last snapshot: 0.50 and 0.51 (seeds 0, 1) on train, 0.55 and 0.56 unseen
+    data = with_objective(synthetic(-0.2, -0.1), "kl", 0.0, True,
+                          {"train": [0.39, 0.39], "unseen": [0.43, 0.43]})
+    data = with_objective(data, "fisher", 0.5, False,
+                          {"train": [0.39, 0.39], "unseen": [0.43, 0.46]})
+    found = verdicts(Curves(data))
+    kl, fisher = "TopK + KL fine-tuning", "TopK + Fisher λ=0.5"
+    assert found["train"][kl]["reduction"]["min"] == pytest.approx(1 - 0.39 / 0.50)
+    assert found["train"][kl]["reduction"]["max"] == pytest.approx(1 - 0.39 / 0.51)
+    assert found["unseen"][kl]["every_seed_reduced"]  # 21.8% and 23.2%
+    assert found["train"][fisher]["every_seed_reduced"]
+    assert not found["unseen"][fisher]["every_seed_reduced"]  # seed 1: 1 - 0.46 / 0.56 = 17.9%
+    text = build_scaling_report(data, tmp_path).read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+            if line.startswith("| TopK + ")}
+    assert rows[kl].endswith("**holds** |") and rows[fisher].endswith("does not hold |")
+    assert "+22.8% (+22.0%..+23.5%)" in rows[kl]  # train: mean of 22.0% and 23.5%, min..max
+
+
+def test_kl_fine_tuned_twins_come_from_the_snapshot_before_the_last_share(study, corpus, news,
+                                                                          tmp_path, monkeypatch):
+    import shutil
+
+    import gsae.study.scaling as scaling
+
+    out = tmp_path / "run"
+    shutil.copytree(study[0], out)
+    args = [*study_args(corpus, news, out), "--store", str(study[0] / "store"),
+            "--finetune_fraction", "0.25"]  # the study.json copied names that store
+    parents, finetune = [], scaling.pipeline.finetune
+
+    def recording(run):
+        parents.extend(run.saes)
+        return finetune(run)
+
+    monkeypatch.setattr(scaling.pipeline, "finetune", recording)
+    assert main(args) == 0
+    saes = out / "saes" / "model.layers.1"
+    assert sorted(parents) == sorted(str(saes / v / "snapshots" / "tokens-1200")
+                                     for v in (f"k4-beta{b}-z-x2-s{s}" for b in (0, 10)
+                                               for s in (0, 1)))
+    results = json.loads((out / "report" / "results.json").read_text())
+    twins = [s for s in results["saes"] if s["finetuned_from"]]
+    assert sorted(s["name"] for s in twins) == sorted(
+        f"k4-beta{b}-z-x2-s{s}+kl" for b in (0, 10) for s in (0, 1))
+    for key in ("train", news):
+        done = {(r["variant"], r["snapshot"]) for r in results["eval"][key]["results"]}
+        assert {(s["name"], 1600) for s in twins} <= done
+    assert "## Objectives" in (out / "report" / "README.md").read_text()
+    # a second run reuses the fine-tuned twins
+    monkeypatch.setattr(scaling.pipeline, "finetune", lambda run: pytest.fail("fine-tuned again"))
+    assert main(args) == 0

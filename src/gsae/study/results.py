@@ -50,19 +50,30 @@ COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:b
 
 @dataclass(frozen=True, order=True)
 class Variant:
-    """A column of the comparison: TopK (beta = 0) or a g-SAE with its beta and value mode."""
+    """A column of a comparison or study: TopK (beta = 0) or a g-SAE with its beta and value
+    mode; either with the Fisher term (its lambda) or KL fine-tuned at the end, if it was."""
 
     beta: float
     value_mode: str
+    fisher_coef: float = 0.0
+    finetuned: bool = False
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Variant:
         beta = float(record["beta"])
-        return cls(beta, "z" if beta == 0 else record["value_mode"])
+        return cls(beta, "z" if beta == 0 else record["value_mode"],
+                   float(record.get("fisher_coef") or 0.0), bool(record.get("finetuned_from")))
 
     @property
     def label(self) -> str:
-        return "TopK" if self.beta == 0 else f"g-SAE β={self.beta:g} ({self.value_mode})"
+        base = "TopK" if self.beta == 0 else f"g-SAE β={self.beta:g} ({self.value_mode})"
+        fisher = f" + Fisher λ={self.fisher_coef:g}" if self.fisher_coef else ""
+        return base + fisher + (" + KL fine-tuning" if self.finetuned else "")
+
+    @property
+    def objective(self) -> bool:
+        """Whether it changes TopK's or the g-SAE's training objective (Fisher term, KL)."""
+        return bool(self.fisher_coef) or self.finetuned
 
 
 def spread(values: Iterable[float | None]) -> dict[str, float] | None:

@@ -41,6 +41,7 @@ from gsae.study.results import (
 )
 
 TOLERANCE = 0.2
+OBJECTIVE_REDUCTION = 0.2  # the objectives rule: this share below TopK on every corpus and seed
 PANELS_PER_ROW = 3
 METRICS = {"ce_increase": "Spliced CE increase (nats)",
            "fvu": "FVU (fraction of variance unexplained)",
@@ -67,7 +68,7 @@ class Series:
     def label(self, many_k: bool) -> str:
         at_k = f", k = {self.k}" if many_k else ""
         if self.variant.beta == 0:
-            return f"TopK{at_k}"
+            return f"{self.variant.label}{at_k}"
         return f"{self.variant.label}{at_k}, {MODE_NAMES[self.mode]}"
 
 
@@ -81,6 +82,7 @@ class Curves:
         self.variants = sorted({Variant.of(s) for s in curve})
         self.topk = Variant(0.0, "z")
         self.g_variants = [v for v in self.variants if v.beta > 0]
+        self.others = [v for v in self.variants if v != self.topk]  # each compared with TopK
         self.ks = sorted({int(s["k"]) for s in curve})
         self.all_ks = sorted({int(s["k"]) for s in data["saes"]})
         self.counts = sorted({int(snap["requested_tokens"]) for s in curve
@@ -118,7 +120,7 @@ class Curves:
         return out
 
     def gap_series(self) -> list[Series]:
-        return [s for s in self.series() if s.variant.beta > 0]
+        return [s for s in self.series() if s.variant != self.topk]
 
     def corpus_title(self, corpus: str) -> str:
         info = self.data["corpora"][corpus]
@@ -182,8 +184,23 @@ def verdicts(cv: Curves) -> dict[str, Any]:
                 "verdict": verdict(base, mine, higher_is_better=False),
                 "gap": spread(cv.gaps(corpus, s, cv.last)),
                 **trend(cv.gaps(corpus, s, cv.counts[0]), cv.gaps(corpus, s, cv.last)),
-                "first_tokens": cv.counts[0]}
+                "first_tokens": cv.counts[0], **reduction(cv, corpus, s)}
     return out
+
+
+def reduction(cv: Curves, corpus: str, s: Series) -> dict[str, Any]:
+    """Per seed at the last snapshot, 1 - (the series' CE increase / TopK's of the same k and
+    seed), and whether every seed reaches OBJECTIVE_REDUCTION (the objectives' rule)."""
+    base = {cv.saes[n]["seed"]: cv.records.get((corpus, n, GRAD_FREE, cv.last))
+            for n in cv.names(cv.topk, s.k)}
+    found = []
+    for name in cv.names(s.variant, s.k):
+        mine, theirs = cv.records.get((corpus, name, s.mode, cv.last)), \
+            base.get(cv.saes[name]["seed"])
+        if mine and theirs and mine["ce_increase"] is not None and theirs["ce_increase"]:
+            found.append(1 - mine["ce_increase"] / theirs["ce_increase"])
+    return {"reduction": spread(found),
+            "every_seed_reduced": bool(found) and all(r >= OBJECTIVE_REDUCTION for r in found)}
 
 
 def aggregates(cv: Curves) -> dict[str, Any]:
@@ -222,9 +239,9 @@ def _steering(cv: Curves) -> dict[str, Any]:
 
 def _color(cv: Curves, s: Series) -> str:
     """TopK in black; each g-SAE in two colours, one per inference mode."""
-    if s.variant.beta == 0:
+    if s.variant == cv.topk:
         return "black"
-    return COLORS[(2 * cv.g_variants.index(s.variant) + (s.mode == GRAD_FREE)) % len(COLORS)]
+    return COLORS[(2 * cv.others.index(s.variant) + (s.mode == GRAD_FREE)) % len(COLORS)]
 
 
 def _band(ax: Any, xs: list[int], per_x: list[list[float]], color: str, style: str,
@@ -335,6 +352,33 @@ def verdict_lines(cv: Curves, found: dict[str, Any]) -> list[str]:
     return lines
 
 
+def objective_lines(cv: Curves, found: dict[str, Any]) -> list[str]:
+    """The objectives' verdicts: a series holds when, on every corpus, every seed's CE increase
+    at the last snapshot is at least OBJECTIVE_REDUCTION below TopK's of the same seed."""
+    series = [s for s in cv.gap_series() if s.variant.objective]
+    if not series:
+        return []
+    many_k, corpora = len(cv.ks) > 1, cv.corpora
+    rows = []
+    for s in series:
+        entries = [found[c][s.label(many_k)] for c in corpora]
+        holds = all(e["every_seed_reduced"] for e in entries)
+        rows.append([s.label(many_k), *(pct(e["reduction"]) for e in entries),
+                     "**holds**" if holds else "does not hold"])
+    return ["## Objectives", "",
+            f"A variant **holds** when its spliced CE increase at {_tokens(cv.last)} tokens is at "
+            f"least {OBJECTIVE_REDUCTION:.0%} below TopK's on every corpus, for every seed. The "
+            "cells give the reduction (1 - variant / TopK, per seed: mean, min..max).", "",
+            *_table("CE increase reduction against TopK", ["variant", *corpora, "verdict"],
+                    rows)]
+
+
+def pct(s: dict[str, float] | None) -> str:
+    if not s:
+        return "n/a"
+    return f"{s['mean']:+.1%} ({s['min']:+.1%}..{s['max']:+.1%})"
+
+
 def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
     return [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head),
             *("| " + " | ".join(r) + " |" for r in rows), ""]
@@ -389,6 +433,7 @@ def markdown(cv: Curves, agg: dict[str, Any], found: dict[str, Any]) -> str:
         f"Within ±{TOLERANCE:.0%} of the first mean gap's size the gap *holds*; beyond that it "
         "*grows* or *shrinks* if every seed changed that way, else it is *unclear*.",
         "",
+        *objective_lines(cv, found),
         "## Data", "",
         f"- Training: {_tokens(s['train']['tokens'])} tokens per SAE in batches of "
         f"{_tokens(s['train']['batch_tokens'])}, from a store of {_tokens(store['rows'])} tokens "
