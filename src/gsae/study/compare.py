@@ -15,13 +15,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
 from gsae import pipeline
 from gsae.config import identity, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig
-from gsae.io import versions
 from gsae.models import ModelConfig, model_identity
 from gsae.pipeline import SAESweep, TrainRun
 from gsae.records import ComparisonResult
@@ -36,7 +33,6 @@ from gsae.study.engine import (
     StudyPlan,
     Variant,
     flag_text,
-    machine_record,
     sae_record,
 )
 from gsae.study.engine import (
@@ -199,14 +195,7 @@ def comparison_result(run: CompareRun, study: Study, outcome: Outcome) -> Compar
     (eval_run, evals), names = outcome.evaluated["eval"], list(outcome.folders)
     steer_run, steers = outcome.steered or ({}, {})
     return ComparisonResult(
-        command=command_line(run),
-        created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        versions={**versions(), "matplotlib": matplotlib.__version__},
-        machine=machine_record(run.model.device),
-        wall_seconds=round(sum(study.clock.seconds.values()), 1),
-        stage_seconds=study.clock.rounded(),
-        model=study.model_id,
-        hook=outcome.hook,
+        **study.header(command_line(run), outcome),
         store_tokens=outcome.reader.rows,
         settings={**to_dict(run), "train": asdict(study.plan.train_run.train)},
         saes=[sae_record(n, SAE.load(outcome.folders[n]), outcome.folders[n]) for n in names],

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import torch
 
 from gsae import pipeline
@@ -38,7 +39,7 @@ from gsae.caching import fill_store
 from gsae.config import flag_names
 from gsae.errors import GsaeError
 from gsae.finetune import FinetuneConfig
-from gsae.io import claim_folder, file_fingerprint, read_json, write_json
+from gsae.io import claim_folder, file_fingerprint, read_json, versions, write_json
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import FinetuneRun, LoadedModel, TrainRun
 from gsae.records import EvalResult, SteerResult
@@ -306,6 +307,16 @@ class Study:
             snaps += [Snapshot(f"{v.name}@{v.total_tokens}" if v.finetune else v.name, v.name,
                                v.total_tokens, folders[v.name]) for v in variants if not v.counts]
         return snaps
+
+    def header(self, command: str, outcome: Outcome) -> dict[str, Any]:
+        """The fields that every study result records first (`gsae.records.StudyResult`)."""
+        return {"command": command,
+                "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "versions": {**versions(), "matplotlib": matplotlib.__version__},
+                "machine": machine_record(self.plan.model.device),
+                "wall_seconds": round(sum(self.clock.seconds.values()), 1),
+                "stage_seconds": self.clock.rounded(), "model": self.model_id,
+                "hook": outcome.hook}
 
     def last(self, outcome: Outcome) -> list[Snapshot]:
         """Each variant's last evaluated snapshot."""

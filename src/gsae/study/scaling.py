@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import torch
 
 from gsae import pipeline
@@ -35,7 +34,7 @@ from gsae.config import identity, to_dict
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, TokenLosses, eval_contexts, unseen_contexts
 from gsae.finetune import FinetuneConfig
-from gsae.io import read_json, versions, write_json
+from gsae.io import read_json, write_json
 from gsae.models import ModelConfig, model_identity
 from gsae.pipeline import SAESweep, TrainRun
 from gsae.records import ScalingResult
@@ -56,7 +55,6 @@ from gsae.study.engine import (
     cached,
     fingerprints,
     keyed_cache,
-    machine_record,
     sae_record,
 )
 from gsae.study.engine import (
@@ -376,14 +374,7 @@ class ScalingPlan:
         parents = {v.name: v.finetune.parent for v in study.plan.variants if v.finetune}
         steer_run, steered = outcome.steered or ({}, {})
         return ScalingResult(
-            command=command_line(run),
-            created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            versions={**versions(), "matplotlib": matplotlib.__version__},
-            machine=machine_record(run.model.device),
-            wall_seconds=round(sum(study.clock.seconds.values()), 1),
-            stage_seconds=study.clock.rounded(),
-            model=study.model_id,
-            hook=outcome.hook,
+            **study.header(command_line(run), outcome),
             store={"folder": str(self.store), **(outcome.store_check or {}),
                    "passes": round(run.train.tokens / max(1, outcome.reader.rows), 2)},
             corpora=self.corpora_record(),
