@@ -6,9 +6,10 @@ folders are given; the site's work does not depend on how well an SAE was traine
 many latents get pages. `--profile` prints the 25 most expensive calls. With `--old_src DIR`
 (a `src` folder of an earlier gsae: `git archive ea28f3e src | tar -x -C /tmp/old` is the code
 just before the browser's speed work), the same run is made with that code too, each in a
-subprocess, alternating which goes first, and the wall times, their ratio (old / new) and the
-load average before and after each run are printed: on a shared machine only the ratio of
-runs made side by side is meaningful.
+subprocess, alternating which goes first, and the wall and CPU times, their ratios (old / new)
+and the load average before and after each run are printed: on a shared machine only the
+ratio of runs made side by side is meaningful, and with one thread (OMP_NUM_THREADS=1) the
+CPU time is the steadier measure of the work done.
 
     python benchmarks/inspect_speed.py [--tokens 4096] [--saes A B] [--profile]
         [--top_latents 32 --random_latents 32] [--old_src DIR --repeats 1] [--keep DIR]
@@ -88,7 +89,7 @@ def main() -> None:
     site.continuations = timed_continuations(steering)
     profile = cProfile.Profile() if args.profile else None
     with tempfile.TemporaryDirectory(prefix="inspect-speed-") as tmp:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if profile:
             profile.enable()
         site_dir = Path(args.keep) if args.keep else Path(tmp) / "site"
@@ -98,26 +99,27 @@ def main() -> None:
                          names=("gsae", "topk"))
         if profile:
             profile.disable()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         run = json.loads((site_dir / "latents.json").read_text())["run"]
         pages = [len(json.loads(f.read_text())["pages"])
                  for f in site_dir.rglob("latents.json")]
-    print(f"{contexts.numel()} tokens, {torch.get_num_threads()} threads: {wall:.1f} s in all, "
-          f"encoding {run['seconds_encoding']} s, continuations {sum(steering):.1f} s, "
-          f"pages per SAE {pages}")
-    print(json.dumps({"wall": wall, "encoding": run["seconds_encoding"],
+    print(f"{contexts.numel()} tokens, {torch.get_num_threads()} threads: {wall:.1f} s in all "
+          f"(CPU {cpu:.1f} s), encoding {run['seconds_encoding']} s, "
+          f"continuations {sum(steering):.1f} s, pages per SAE {pages}")
+    print(json.dumps({"wall": wall, "cpu": cpu, "encoding": run["seconds_encoding"],
                       "continuations": sum(steering), "pages": pages}))
     if profile:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
 
 
 def side_by_side(args: argparse.Namespace) -> None:
-    """This run and the same with `--old_src`'s code, alternating; the wall seconds of each,
-    the load average around each, and the ratio old / new of the mean wall times."""
+    """This run and the same with `--old_src`'s code, alternating; the wall and CPU seconds of
+    each, the load average around each, and the ratios old / new of the mean times (with one
+    thread, the CPU time depends less on what else the machine runs)."""
     flags = ["--tokens", str(args.tokens), "--top_latents", str(args.top_latents),
              "--random_latents", str(args.random_latents)]
     here = str(Path(__file__).resolve().parents[1] / "src")
-    walls: dict[str, list[float]] = {"new": [], "old": []}
+    seconds: dict[str, dict[str, list[float]]] = {"new": {}, "old": {}}
     for repeat in range(args.repeats):
         order = [("new", here), ("old", args.old_src)]
         for name, src in order if repeat % 2 == 0 else order[::-1]:
@@ -126,12 +128,14 @@ def side_by_side(args: argparse.Namespace) -> None:
                                   env={**os.environ, "PYTHONPATH": src},
                                   capture_output=True, check=True)
             *_, line, numbers = done.stdout.strip().splitlines()
-            walls[name].append(json.loads(numbers)["wall"])
+            for kind in ("wall", "cpu"):
+                seconds[name].setdefault(kind, []).append(json.loads(numbers)[kind])
             print(f"{name}: {line} (load average {before:.1f} before, "
                   f"{os.getloadavg()[0]:.1f} after)", flush=True)
-    mean = {name: sum(w) / len(w) for name, w in walls.items()}
-    print(f"wall: old {mean['old']:.1f} s, new {mean['new']:.1f} s: "
-          f"{mean['old'] / mean['new']:.2f}x faster")
+    for kind in ("wall", "cpu"):
+        old, new = (sum(seconds[n][kind]) / args.repeats for n in ("old", "new"))
+        print(f"{kind}: old {old:.1f} s, new {new:.1f} s (mean of {args.repeats}): "
+              f"{old / new:.2f}x faster")
 
 
 if __name__ == "__main__":

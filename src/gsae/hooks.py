@@ -3,7 +3,8 @@
 A hook point is the output of one module: by default the residual stream after a decoder block.
 `Intervention` is the one way gsae runs a model with that output transformed by a patch
 (`splice` rows in, or `add` a vector): evaluation splices reconstructions and ablations, steering
-adds decoder directions.
+adds decoder directions. `SplitAtHook` is its form for cached greedy decoding (`gsae.steer.greedy`):
+the same split of the model at the hook, with rows that agree below the hook computed there once.
 
 When the hook is a decoder block's output in a model family whose blocks are a plain sequence
 (Llama, GPT-2, GPT-NeoX), a patched pass runs only the blocks above the hook, then the final norm
