@@ -3,8 +3,7 @@
 A hook point is the output of one module: by default the residual stream after a decoder block.
 `Intervention` is the one way gsae runs a model with that output transformed by a patch
 (`splice` rows in, or `add` a vector): evaluation splices reconstructions and ablations, steering
-adds decoder directions. `SplitAtHook` is its form for cached greedy decoding (`gsae.steer.greedy`):
-the same split of the model at the hook, with rows that agree below the hook computed there once.
+adds decoder directions.
 
 When the hook is a decoder block's output in a model family whose blocks are a plain sequence
 (Llama, GPT-2, GPT-NeoX), a patched pass runs only the blocks above the hook, then the final norm
@@ -12,6 +11,9 @@ and the LM head: the clean pass records what each of those blocks received (posi
 masks, ...), and the patched pass feeds them the patched hidden state with the same extra
 arguments. Other hook points (e.g. `model.layers.15.mlp`) and other models run the whole forward
 with a forward hook instead; `Intervention.forward` says which path runs.
+
+`SplitAtHook` is the same split for cached greedy decoding (`gsae.steer.greedy`): the blocks up
+to the hook run once for rows whose tokens agree, the blocks above it once per row.
 """
 
 from __future__ import annotations
