@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from gsae import SAE, Provenance, SAEConfig
 from gsae.browser import InspectConfig, inspect_contexts
@@ -24,6 +25,7 @@ from gsae.browser.logits import top_tokens
 from gsae.browser.steering import greedy
 from gsae.cli import main as gsae_main
 from gsae.errors import GsaeError
+from gsae.hooks import SplitAtHook, decoder_layers, hook_output_tensor
 from gsae.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 D, LATENTS, K, BETA = 64, 40, 4, 200.0
@@ -309,6 +311,19 @@ def test_promoted_tokens_centre_through_layer_norm():
     assert values[0].tolist() == pytest.approx(expected.topk(3).values.tolist(), rel=1e-4)
 
 
+
+def test_index_promoted_tokens_are_the_naive_top_three(site, site_json, saes, model):
+    """The index ranks every latent's direct logits (W_U (w * d_i), float64 here) without the
+    suppressed side; both SAEs, the compared one's index too."""
+    tokenizer = tiny_tokenizer()
+    gain, W_U = model.model.norm.weight.detach().double(), model.lm_head.weight.detach().double()
+    others = json.loads((site / "compare" / "latents.json").read_text())
+    for sae, records in zip(saes, (site_json["latents"], others["latents"])):
+        logits = (sae.W_dec.detach().double() * gain) @ W_U.T
+        for r in records:
+            ids = logits[r["latent"]].topk(3).indices.tolist()
+            assert r["promoted"] == [tokenizer.decode([i]) for i in ids]
+
 # Steering: greedy continuations against full recomputation -------------------------------
 
 
@@ -339,6 +354,69 @@ def test_greedy_continuations_match_full_recomputation(model):
         assert got[row].tolist() == naive_greedy(model, prompt, vector, 3, 6)
     assert got[1].tolist() != got[0].tolist() or got[2].tolist() != got[0].tolist()
 
+
+
+def deep_llama(attention="sdpa"):
+    """A random 4-layer Llama: two blocks below a hook at layer 1, two above. Eager attention
+    gets a mask tensor of the batch's rows, which the blocks above the hook must see per row."""
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=512, hidden_size=D, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, attn_implementation=attention)
+    return LlamaForCausalLM(config).eval()
+
+
+def one_at_a_time(model, module, prompt, vector, skip_first, steps):
+    """Greedy decoding of one row, the whole sequence recomputed at every step (no cache, no
+    batch), `vector` added to `module`'s output from `skip_first` on."""
+    tokens = prompt.clone()
+
+    def hook(_module, _inputs, output):
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        h[:, skip_first:] += vector
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(input_ids=tokens[None], use_cache=False).logits
+            tokens = torch.cat([tokens, logits[0, -1].argmax()[None]])
+    finally:
+        handle.remove()
+    return tokens[len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("make, hook", [(deep_llama, "model.layers.1"),
+                                        (lambda: deep_llama("eager"), "model.layers.1"),
+                                        (tiny_gpt2, "transformer.h.0"),
+                                        (deep_llama, "model.layers.1.mlp")])
+def test_rows_share_the_blocks_below_the_hook_and_match_one_at_a_time_decoding(make, hook):
+    """Rows of one batched greedy run (two prompts, repeated and near-zero vectors, strong
+    ones) equal one-row decoding without a cache, token for token; on the split path the
+    blocks below the hook ran once per prompt at first and never on every row."""
+    model = make()
+    module = model.get_submodule(hook)
+    gen = torch.Generator().manual_seed(1)
+    direction = F.normalize(torch.randn(D, generator=gen), dim=0)
+    kinds = torch.stack([0 * direction, 0 * direction, 0.01 * direction, 8 * direction,
+                         30 * direction, *(20 * torch.randn(2, D, generator=gen))])
+    prompts = torch.tensor([[10, 72, 101, 108, 108], [300, 7, 7, 450, 2]])
+    tokens, vectors = prompts.repeat_interleave(len(kinds), 0), kinds.repeat(2, 1)
+    below = []  # rows seen by the first block, per forward
+    handle = decoder_layers(model)[1][0].register_forward_hook(
+        lambda _m, _a, out: below.append(hook_output_tensor(out).shape[0]))
+    try:
+        got = greedy(model, module, tokens, vectors, skip_first=2, new_tokens=6)
+    finally:
+        handle.remove()
+    for row in range(len(vectors)):
+        assert got[row].tolist() == one_at_a_time(model, module, tokens[row], vectors[row], 2, 6)
+    assert len({tuple(r) for r in got.tolist()}) > 4  # the steering made distinct texts
+    if SplitAtHook(model, module).available:  # a decoder block: the split path
+        assert below[0] == 2 and max(below) < len(vectors)
+    else:
+        assert below == [len(vectors)] * 6
 
 def test_steering_strengths_are_multiples_of_the_typical_activation(site_json, naive):
     sources = set()

@@ -11,6 +11,9 @@ and the LM head: the clean pass records what each of those blocks received (posi
 masks, ...), and the patched pass feeds them the patched hidden state with the same extra
 arguments. Other hook points (e.g. `model.layers.15.mlp`) and other models run the whole forward
 with a forward hook instead; `Intervention.forward` says which path runs.
+
+`SplitAtHook` is the same split for cached greedy decoding (`gsae.steer.greedy`): the blocks up
+to the hook run once for rows whose tokens agree, the blocks above it once per row.
 """
 
 from __future__ import annotations
@@ -251,6 +254,63 @@ class Recording:
             handle.remove()
 
 
+
+class SplitAtHook:
+    """Runs the blocks up to the hook module (it included) on U rows and the blocks above it on
+    R rows: row r above the hook continues row `owner[r]` below it, with `patch` applied to the
+    hook's output once it has its R rows. Rows that agree below the hook (the same tokens so
+    far; a patch changes nothing below it) are computed there once.
+
+    Only where the blocks above the hook can run on their own (`Intervention.forward` is
+    "above-hook"); `available` says so. The extra arguments the model passes to the blocks
+    above (masks, positions) are built for U rows; their batch-shaped tensors are taken by
+    `owner` too. A key-value cache holds U rows for the blocks up to the hook and R rows above
+    it: `select_below` keeps its lower blocks' rows in step when the U rows change."""
+
+    def __init__(self, model: nn.Module, module: nn.Module):
+        self.module = module
+        self.suffix = _suffix_above(model, module)
+        self.below = num_layers(model) - len(self.suffix.layers) if self.suffix else 0
+        self.owner, self.rows_below = torch.zeros(0, dtype=torch.long), 0
+        self.patch: Patch = lambda h: h
+
+    def route(self, owner: Tensor) -> None:
+        """Row r above the hook continues row `owner[r]` below it (every row below used)."""
+        self.owner, self.rows_below = owner, int(owner.max()) + 1 if owner.numel() else 0
+
+    @property
+    def available(self) -> bool:
+        return self.suffix is not None
+
+    @contextmanager
+    def hooked(self) -> Iterator[SplitAtHook]:
+        """The hooks in place: forwards of the model split their rows at the hook."""
+        if self.suffix is None:
+            raise GsaeError("the blocks above this hook point cannot run on their own")
+        handles = [self.module.register_forward_hook(self._expand_output)]
+        handles += [layer.register_forward_pre_hook(self._expand_inputs, with_kwargs=True)
+                    for layer in self.suffix.layers]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def select_below(self, cache: Cache, rows: Tensor) -> None:
+        """Keep the rows `rows` (with repeats, in that order) of the cache's blocks up to the
+        hook."""
+        for layer in list(cache.layers)[: self.below]:
+            layer.reorder_cache(rows)
+
+    def _expand_output(self, _module: nn.Module, _args: Any, output: Any) -> Any:
+        h = hook_output_tensor(output)
+        return replace_hook_output(output, self.patch(h[self.owner.to(h.device)]))
+
+    def _expand_inputs(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        owner = self.owner.to(args[0].device)
+        return ((args[0], *_select_batch(args[1:], self.rows_below, owner)),
+                _select_batch(kwargs, self.rows_below, owner))
+
 def _suffix_above(model: nn.Module, module: nn.Module) -> _Suffix | None:
     """The blocks above `module`, final norm and head, if `module` is a decoder block of a model
     family whose forward is exactly blocks -> final norm -> head; else None."""
@@ -298,4 +358,19 @@ def _repeat_batch(value: Any, batch: int, times: int) -> Any:
         return type(value)(_repeat_batch(v, batch, times) for v in value)
     if isinstance(value, dict):
         return {k: _repeat_batch(v, batch, times) for k, v in value.items()}
+    return value
+
+
+
+def _select_batch(value: Any, batch: int, rows: Tensor) -> Any:
+    """`value` with every batch-shaped tensor (at least 2-D, `batch` rows) replaced by its rows
+    `rows`; tensors with one row (shared by the batch) and everything else are kept."""
+    if isinstance(value, Tensor):
+        if value.ndim >= 2 and value.shape[0] == batch and batch != 1:
+            return value[rows]
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_batch(v, batch, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _select_batch(v, batch, rows) for k, v in value.items()}
     return value

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -34,6 +34,7 @@ from gsae.evaluate import EvalConfig, eval_contexts, recorded_hook, sae_names
 from gsae.hooks import (
     Intervention,
     Recording,
+    SplitAtHook,
     add,
     hook_output_tensor,
     log_probs,
@@ -286,23 +287,61 @@ def greedy(model: nn.Module, module: nn.Module, prompt: Tensor, vectors: Tensor,
            skip_first: int, new_tokens: int) -> Tensor:
     """Greedy continuations [R, new_tokens] of the prompt ids [P] (or one prompt per row,
     [R, P], all of one length), one row per vector [R, d] added to `module`'s output from
-    position `skip_first` on. Uses the KV cache."""
+    position `skip_first` on. Uses the KV cache. Where the blocks above the hook can run on
+    their own (`gsae.hooks.SplitAtHook`), the blocks up to the hook run once per distinct
+    token history (the vectors change nothing below the hook): once per prompt, then once
+    per distinct continuation so far."""
     device = next(model.parameters()).device
     rows = vectors.shape[0]
+    tokens = (prompt if prompt.ndim == 2 else prompt[None].repeat(rows, 1)).to(device)
     vectors = vectors.to(device)
     offset = [0]
 
-    def add(_module, _inputs, output):
-        def delta(h: Tensor) -> Tensor:
-            positions = torch.arange(offset[0], offset[0] + h.shape[1], device=h.device)
-            return vectors[:, None, :] * (positions >= skip_first)[None, :, None]
+    def steer(h: Tensor) -> Tensor:
+        positions = torch.arange(offset[0], offset[0] + h.shape[1], device=h.device)
+        return h + (vectors[:, None, :] * (positions >= skip_first)[None, :, None]).to(h.dtype)
 
-        h = hook_output_tensor(output)
-        return replace_hook_output(output, h + delta(h).to(h.dtype))
+    split = SplitAtHook(model, module)
+    if not split.available:
+        return _greedy_all_rows(model, module, tokens, steer, offset, new_tokens)
+    split.patch = steer
+    return _greedy_split(model, split, tokens, offset, new_tokens)
+
+
+def _greedy_split(model: nn.Module, split: SplitAtHook, tokens: Tensor, offset: list[int],
+                  new_tokens: int) -> Tensor:
+    """`greedy` with the blocks up to the hook run once per distinct token history: the
+    prompts [R, P] first, then at each step (history, new token) pairs, the lower blocks'
+    cache rows following their histories."""
+    below, owner = torch.unique(tokens, dim=0, return_inverse=True)
+    split.route(owner)
+    with split.hooked():
+        out = model(input_ids=below, use_cache=True, **_last_logits_only(model))
+        generated = [out.logits[:, -1].argmax(-1)]
+        for step in range(new_tokens - 1):
+            offset[0] = tokens.shape[1] + step
+            vocab = out.logits.shape[-1]
+            histories, owner = torch.unique(split.owner * vocab + generated[-1],
+                                            return_inverse=True)
+            cache = _cache_argument(model, out)
+            split.select_below(next(iter(cache.values())), histories // vocab)
+            split.route(owner)
+            out = model(input_ids=(histories % vocab)[:, None], use_cache=True, **cache)
+            generated.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(generated, dim=1).cpu()
+
+
+def _greedy_all_rows(model: nn.Module, module: nn.Module, tokens: Tensor,
+                     steer: Callable[[Tensor], Tensor], offset: list[int], new_tokens: int
+                     ) -> Tensor:
+    """`greedy` with every row run through the whole model (a forward hook patches `module`'s
+    output with `steer`)."""
+
+    def add(_module, _inputs, output):
+        return replace_hook_output(output, steer(hook_output_tensor(output)))
 
     handle = module.register_forward_hook(add)
     try:
-        tokens = (prompt if prompt.ndim == 2 else prompt[None].repeat(rows, 1)).to(device)
         out = model(input_ids=tokens, use_cache=True, **_last_logits_only(model))
         generated = [out.logits[:, -1].argmax(-1)]
         for step in range(new_tokens - 1):

@@ -27,7 +27,7 @@ from gsae.browser.collect import (
     top_activating_tokens,
 )
 from gsae.browser.delphi import write_delphi_cache
-from gsae.browser.logits import norm_description, top_tokens
+from gsae.browser.logits import norm_description, promoted_tokens, top_tokens
 from gsae.browser.pairs import NEAR_COSINE, pair_latents, pair_records
 from gsae.browser.setup import Recorded, held_out_contexts, recorded
 from gsae.browser.steering import continuations
@@ -263,7 +263,7 @@ class Site:
                 spell: Speller) -> None:
         """Promoted tokens of every latent; examples and steering of the paged ones."""
         W_dec = self.sae.W_dec.detach().float()
-        up, _, _, _ = top_tokens(model, W_dec, INDEX_PROMOTED)
+        up, _ = promoted_tokens(model, W_dec, INDEX_PROMOTED)
         self.promoted = [[spell(int(t)) for t in row] for row in up]
         self.activating = [[spell(t) for t in row] for row in top_activating_tokens(
             self.enc, contexts, self.sae.n_latents, INDEX_PROMOTED)]
