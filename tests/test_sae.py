@@ -271,11 +271,11 @@ def test_damaged_folders_are_refused_in_one_line(tmp_path, what, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": 0}, "k must be between 1"),
-        ({"k": 49, "n_latents": 48}, "k must be between 1"),
-        ({"beta": -1.0}, "beta must be"),
-        ({"beta": float("nan")}, "beta must be"),
-        ({"value_mode": "max"}, "value_mode must be one of"),
+        ({"k": 0}, "^--k must be at least 1, got 0$"),
+        ({"k": 49, "n_latents": 48}, "k must be between 1 and the number of latents .48., got 49"),
+        ({"beta": -1.0}, "^--beta must be at least 0, got -1.0$"),
+        ({"beta": float("nan")}, "^--beta must be a finite number, got nan$"),
+        ({"value_mode": "max"}, "^--value_mode must be one of z, score, got 'max'$"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):

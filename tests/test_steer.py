@@ -178,7 +178,7 @@ def test_summary_of_values():
 def test_bad_settings_are_refused(model, pool):
     with pytest.raises(ValueError, match=r"pool \(7\) must hold"):
         steer_on([make_sae()], model, pool, SteerConfig(contexts=4, pool=7))
-    with pytest.raises(ValueError, match="alphas must be positive"):
+    with pytest.raises(GsaeError, match=r"^--alphas must be greater than 0, got 0.0$"):
         steer_on([make_sae()], model, pool, SteerConfig(alphas=[0.0], pool=7, contexts=2))
     with pytest.raises(GsaeError, match="top_tokens is 513: .* vocabulary size, 512$") as info:
         steer_on([make_sae()], model, pool, SteerConfig(top_tokens=513, pool=7, contexts=2))

@@ -27,7 +27,7 @@ import matplotlib
 import torch
 
 from gsae import pipeline
-from gsae.config import flag_names, identity, to_dict
+from gsae.config import flag_names, identity, to_dict, validate
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, evaluate
 from gsae.io import claim_folder, file_fingerprint, versions, write_json
@@ -175,7 +175,8 @@ def run_compare(run: CompareRun) -> tuple[Path, float]:
         apply_quick(run)
     if len(run.source.hooks) != 1:
         raise GsaeError(f"gsae compare takes one hook point, got {run.source.hooks}")
-    run.steer.validate()
+    validate(run)
+    run.steer.check_sets()
     out = Path(run.compare.out)
     store = Path(run.compare.store or out / "store")
     stages: dict[str, float] = {}

@@ -34,7 +34,7 @@ import matplotlib
 import torch
 
 from gsae import pipeline
-from gsae.config import flag_names, identity, to_dict
+from gsae.config import flag_names, identity, to_dict, validate
 from gsae.errors import GsaeError
 from gsae.evaluate import (
     EvalConfig,
@@ -396,7 +396,8 @@ def plan(run: ScalingRun) -> Plan:
     """Check the settings, load the model and claim the work folder."""
     if len(run.source.hooks) != 1:
         raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
-    run.steer.validate()
+    validate(run)
+    run.steer.check_sets()
     counts, unseen = check_schedule(run.train), unseen_data(run)
     curve, extra = curve_configs(run), extra_configs(run)
     out = Path(run.study.out)
