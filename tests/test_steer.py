@@ -1,12 +1,13 @@
 """The steering evaluation against a naive computation on the tiny model, and its CLI."""
 
 import json
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 
-from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
 from gsae.errors import GsaeError
 from gsae.records import SteerResult
@@ -26,14 +27,8 @@ def pool():
     return torch.randint(0, 512, (7, 12), generator=torch.Generator().manual_seed(1))
 
 
-def make_sae(seed=0, beta=0.0, outlier_factor=1.05):
-    meta = {"hook": "0", "skip_first": 1, "outlier_factor": outlier_factor,
-            "model": {"model": "tiny-llama", "fingerprint": None}}
-    cfg = SAEConfig(n_latents=32, k=4, beta=beta, seed=seed)
-    sae = SAE(cfg, D, provenance=Provenance.from_json(meta))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 1))
-    return sae
+make_sae = partial(conftest.make_sae, d_in=D, n_latents=32, k=4, hook="0", outlier_factor=1.05,
+                   weights="noisy_bias")
 
 
 # A naive reference: one context and one position at a time, float64 softmaxes ------------------
