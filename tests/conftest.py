@@ -99,3 +99,49 @@ def interrupt_fit(monkeypatch, trainer_class, at_chunk: int) -> None:
 
     monkeypatch.setattr(trainer_class, "fit",
                         lambda trainer, chunks: real_fit(trainer, some(chunks)))
+
+
+TINY_MODEL = {"model": "tiny-llama", "fingerprint": None}
+
+
+def make_sae(*, d_in: int = 12, n_latents: int = 48, k: int = 5, beta: float = 0.0,
+             value_mode: str = "z", fisher_coef: float = 0.0, seed: int = 0,
+             dtype: torch.dtype = torch.float32, weights: str = "untied",
+             weights_seed: int | None = None, dead: int = 0, hook: str | None = None,
+             model: dict | None = None, skip_first: int = 1, outlier_factor: float = 5.0):
+    """An SAE for tests: `SAEConfig` from the architecture arguments, weights initialised by
+    the config's seed and then moved by `weights` (drawn from `weights_seed`, default seed + 1):
+    "untied" (encoder != decoder: W_enc + 0.3 N, b_enc 0.1 N, b_dec 0.2 N), "noisy_bias"
+    (b_enc ~ N(0, 0.05)) or "spread_bias" (b_enc from 0.3 down to -0.3, spreading the firing
+    frequencies); the last `dead` latents never fire. With a `hook`, the SAE records it, its
+    `model` (default the tiny Llama) and its positions (`skip_first`, `outlier_factor`)."""
+    from gsae import SAE, Provenance, SAEConfig
+
+    cfg = SAEConfig(n_latents=n_latents, k=k, beta=beta, value_mode=value_mode,
+                    fisher_coef=fisher_coef, seed=seed)
+    provenance = None if hook is None else Provenance(
+        hook=hook, model=dict(TINY_MODEL if model is None else model), skip_first=skip_first,
+        outlier_factor=outlier_factor)
+    sae = SAE(cfg, d_in, dtype=dtype, provenance=provenance)
+    gen = torch.Generator().manual_seed(seed + 1 if weights_seed is None else weights_seed)
+    with torch.no_grad():
+        WEIGHTS[weights](sae, gen)
+        if dead:
+            sae.b_enc[-dead:] = -50.0
+    return sae
+
+
+def _untied(sae, gen) -> None:
+    def noise(*shape):
+        return torch.randn(shape, generator=gen, dtype=sae.b_enc.dtype)
+
+    sae.W_enc.add_(0.3 * noise(*sae.W_enc.shape))
+    sae.b_enc.copy_(0.1 * noise(sae.n_latents))
+    sae.b_dec.copy_(0.2 * noise(sae.d_in))
+
+
+WEIGHTS = {
+    "untied": _untied,
+    "noisy_bias": lambda sae, gen: sae.b_enc.normal_(0, 0.05, generator=gen),
+    "spread_bias": lambda sae, gen: sae.b_enc.copy_(torch.linspace(0.3, -0.3, sae.n_latents)),
+}

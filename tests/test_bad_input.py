@@ -408,8 +408,9 @@ def test_a_bad_fisher_coef_in_a_config_file_or_in_python(corpus, tmp_path, capsy
         config.write_text('{"sae": {"fisher_coef": [' + value + ']}}')
         run_refused(["train", *tiny(corpus, tmp_path / "run"), "--config", str(config)], capsys,
                     tmp_path, f"--sae.fisher_coef {message}")
-    for value in (-0.1, float("nan")):
-        with pytest.raises(GsaeError, match="fisher_coef must be a finite number >= 0"):
+    for value, message in ((-0.1, "must be at least 0, got -0.1"),
+                           (float("nan"), "must be a finite number, got nan")):
+        with pytest.raises(GsaeError, match=f"^--fisher_coef {message}$"):
             SAE(SAEConfig(n_latents=8, k=2, fisher_coef=value), 4)
 
 

@@ -7,8 +7,10 @@ import math
 import re
 import shutil
 import subprocess
+from functools import partial
 from urllib.parse import quote, urljoin
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -36,15 +38,8 @@ needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
 
 
-def make_sae(seed, beta):
-    meta = {"hook": "0", "skip_first": 1, "outlier_factor": 0.0,
-            "model": {"model": "tiny-llama", "fingerprint": None}}
-    cfg = SAEConfig(n_latents=LATENTS, k=K, beta=beta, seed=seed)
-    sae = SAE(cfg, D, provenance=Provenance.from_json(meta))
-    with torch.no_grad():  # spread the firing frequencies; make a few latents dead
-        sae.b_enc.copy_(torch.linspace(0.3, -0.3, LATENTS))
-        sae.b_enc[-3:] = -50.0
-    return sae
+make_sae = partial(conftest.make_sae, d_in=D, n_latents=LATENTS, k=K, weights="spread_bias",
+                   dead=3, hook="0", outlier_factor=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def contexts():
 
 @pytest.fixture(scope="module")
 def saes():
-    return make_sae(0, BETA), make_sae(1, 0.0)
+    return make_sae(seed=0, beta=BETA), make_sae(seed=1, beta=0.0)
 
 
 ROWS_PER_PAGE = 16  # 40 latents: three pages
@@ -492,7 +487,7 @@ def test_latents_are_paired_by_decoder_cosine_with_their_differences(
 
 
 def test_near_identical_saes_are_called_so_at_the_top(tmp_path, model, contexts, saes):
-    twin = make_sae(0, 0.0)
+    twin = make_sae(seed=0, beta=0.0)
     with torch.no_grad():  # the g-SAE's decoder, shuffled and nudged: cosine > 0.999
         order = torch.randperm(LATENTS, generator=torch.Generator().manual_seed(5))
         twin.W_dec.copy_(saes[0].W_dec[order] + 1e-3 * torch.randn(LATENTS, D))
@@ -563,7 +558,7 @@ def test_delphi_cache_has_delphis_layout_and_the_firings(site, contexts, naive):
 
 
 def test_the_command_reads_the_recorded_model_and_corpus(tmp_path, corpus, capsys):
-    sae = make_sae(0, BETA)
+    sae = make_sae(seed=0, beta=BETA)
     sae.provenance.corpus = {"dataset": corpus, "context_size": 32}
     sae.save(tmp_path / "sae")
     out = tmp_path / "site"
@@ -591,7 +586,7 @@ def test_bad_settings_are_refused(model, contexts, saes, tmp_path):
     with pytest.raises(GsaeError, match="contexts_per_latent"):
         inspect_contexts(saes[0], model, tiny_tokenizer(), contexts,
                          InspectConfig(out=str(tmp_path / "x"), contexts_per_latent=0))
-    first, second = make_sae(0, BETA), make_sae(1, 0.0)
+    first, second = make_sae(seed=0, beta=BETA), make_sae(seed=1, beta=0.0)
     first.provenance.model["fingerprint"], second.provenance.model["fingerprint"] = "a", "b"
     with pytest.raises(GsaeError, match="another model"):
         inspect_contexts(first, model, tiny_tokenizer(), contexts,

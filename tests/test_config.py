@@ -32,9 +32,9 @@ def test_short_flags_belong_to_the_first_section_and_dotted_flags_always_work():
     assert names["model.device"] == "--device" and names["train.device"] == "--train.device"
     assert names["sae.seed"] == "--seed" and names["train.shuffle_seed"] == "--shuffle_seed"
     run = parse(TrainRun, ["--k", "8", "--train.device", "cuda:1", "--device", "cpu",
-                           "--train.tokens", "1000", "--model.model", "tiny-gpt2"])
+                           "--train.tokens", "5000", "--model.model", "tiny-gpt2"])
     assert run.sae.k == [8] and run.train.device == "cuda:1" and run.model.device == "cpu"
-    assert run.train.tokens == 1000 and run.model.model == "tiny-gpt2"
+    assert run.train.tokens == 5000 and run.model.model == "tiny-gpt2"
     # Settings not given keep the dataclasses' defaults.
     assert run.train.batch_tokens == TrainRun().train.batch_tokens
 
@@ -145,14 +145,14 @@ def test_a_bool_is_not_a_number_nor_a_number_a_bool(tmp_path, tree, message):
 
 
 def test_settings_built_in_python_refuse_a_bool_for_a_number():
-    from gsae.config import check
+    from gsae.config import validate
 
     run = TrainRun()
     run.train.tokens = True
     with pytest.raises(GsaeError, match="--train.tokens .*must be int, got True"):
-        check(run)
+        validate(run)
     run = TrainRun()
     run.train.lr = 1  # a whole number is a float setting's value
-    check(run)
+    validate(run)
     assert build(TrainRun, {"train": {"lr": 1}}).train.lr == 1.0
     assert isinstance(build(TrainRun, {"train": {"lr": 1}}).train.lr, float)

@@ -3,8 +3,10 @@
 import json
 import math
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 
@@ -39,14 +41,8 @@ def contexts():
     return torch.randint(0, 512, (10, 20), generator=torch.Generator().manual_seed(0))
 
 
-def make_sae(hook="0", beta=2.0, seed=0, skip_first=1, outlier_factor=5.0, n_latents=256, k=8):
-    cfg = SAEConfig(n_latents=n_latents, k=k, beta=beta, seed=seed)
-    meta = {"hook": hook, "skip_first": skip_first, "outlier_factor": outlier_factor,
-            "model": {"model": "tiny-llama", "fingerprint": None}}
-    sae = SAE(cfg, D, provenance=Provenance.from_json(meta))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 1))
-    return sae
+make_sae = partial(conftest.make_sae, d_in=D, n_latents=256, k=8, beta=2.0, hook="0",
+                   weights="noisy_bias")
 
 
 def by_mode(result, sae_name):

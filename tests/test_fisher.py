@@ -4,7 +4,9 @@ the loss gradient's direction tells the objectives apart, and training runs that
 the gradient the term needs (streaming, from a store, on two ranks)."""
 
 import json
+from functools import partial
 
+import conftest
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,15 +19,7 @@ from gsae.train import TrainConfig, Trainer, training_loss, variant_name
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_sae(beta=0.0, fisher_coef=0.5, d_in=12, n_latents=48, k=5):
-    cfg = SAEConfig(n_latents=n_latents, k=k, beta=beta, fisher_coef=fisher_coef)
-    sae = SAE(cfg, d_in, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # away from the symmetric init: encoder != decoder
-        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=gen, dtype=torch.float64))
-        sae.b_enc.copy_(0.1 * torch.randn(n_latents, generator=gen, dtype=torch.float64))
-        sae.b_dec.copy_(0.2 * torch.randn(d_in, generator=gen, dtype=torch.float64))
-    return sae
+make_sae = partial(conftest.make_sae, dtype=torch.float64, fisher_coef=0.5)
 
 
 def random_batch(d_in=12, n=40, seed=3):

@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import stat
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import conftest
 import huggingface_hub
 import pytest
 import torch
@@ -29,15 +31,9 @@ D_IN, D_SAE, K = 12, 48, 5
 HOOK = "model.layers.1"
 
 
-def make_sae(beta: float = 50.0, value_mode: str = "score") -> SAE:
-    cfg = SAEConfig(n_latents=D_SAE, k=K, beta=beta, value_mode=value_mode, seed=3)
-    sae = SAE(cfg, D_IN, provenance=Provenance(hook=HOOK, model={"model": "tiny-llama"}))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=gen))
-        sae.b_enc.copy_(0.1 * torch.randn(D_SAE, generator=gen))
-        sae.b_dec.copy_(0.2 * torch.randn(D_IN, generator=gen))
-    return sae
+make_sae = partial(conftest.make_sae, d_in=D_IN, n_latents=D_SAE, k=K, beta=50.0,
+                   value_mode="score", seed=3, weights_seed=1, hook=HOOK,
+                   model={"model": "tiny-llama"})
 
 
 def inputs(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

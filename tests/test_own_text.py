@@ -2,12 +2,14 @@
 `gsae steer --latent N --prompt TEXT` against greedy decoding recomputed from scratch, on the
 tiny model."""
 
+from functools import partial
+
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gsae
-from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
 from gsae.evaluate import EvalConfig, eval_contexts
 from gsae.text import DataConfig
@@ -61,14 +63,8 @@ def test_activations_refuse_what_they_cannot_read():
 # gsae steer --latent N --prompt TEXT ----------------------------------------------------------
 
 
-def make_sae():
-    meta = {"hook": "0", "skip_first": 1, "outlier_factor": 5.0,
-            "model": {"model": "tiny-llama", "fingerprint": None}}
-    sae = SAE(SAEConfig(n_latents=32, k=4, seed=0), D, provenance=Provenance.from_json(meta))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-        sae.b_enc[-1] = -50.0  # never fires
-    return sae
+make_sae = partial(conftest.make_sae, d_in=D, n_latents=32, k=4, beta=100.0, hook="0",
+                   weights="noisy_bias", dead=1)
 
 
 def naive_typical(model, sae, pool):

@@ -6,7 +6,9 @@ import re
 import stat
 import subprocess
 import sys
+from functools import partial
 
+import conftest
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,16 +16,7 @@ from safetensors.torch import load_file, save_file
 from gsae import SAE, GsaeError, Provenance, SAEConfig, kernels
 from gsae.sae import WEIGHTS_FILE
 
-
-def make_sae(d_in=12, n_latents=48, k=5, beta=0.0, value_mode="z", seed=0):
-    cfg = SAEConfig(n_latents=n_latents, k=k, beta=beta, value_mode=value_mode, seed=seed)
-    sae = SAE(cfg, d_in, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # move away from the symmetric init so encoder != decoder
-        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=gen, dtype=torch.float64))
-        sae.b_enc.copy_(0.1 * torch.randn(n_latents, generator=gen, dtype=torch.float64))
-        sae.b_dec.copy_(0.2 * torch.randn(d_in, generator=gen, dtype=torch.float64))
-    return sae
+make_sae = partial(conftest.make_sae, dtype=torch.float64)
 
 
 def naive(sae, x, g=None, dead=None, k_aux=0):
@@ -271,11 +264,11 @@ def test_damaged_folders_are_refused_in_one_line(tmp_path, what, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": 0}, "k must be between 1"),
-        ({"k": 49, "n_latents": 48}, "k must be between 1"),
-        ({"beta": -1.0}, "beta must be"),
-        ({"beta": float("nan")}, "beta must be"),
-        ({"value_mode": "max"}, "value_mode must be one of"),
+        ({"k": 0}, "^--k must be at least 1, got 0$"),
+        ({"k": 49, "n_latents": 48}, "k must be between 1 and the number of latents .48., got 49"),
+        ({"beta": -1.0}, "^--beta must be at least 0, got -1.0$"),
+        ({"beta": float("nan")}, "^--beta must be a finite number, got nan$"),
+        ({"value_mode": "max"}, "^--value_mode must be one of z, score, got 'max'$"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):
@@ -381,3 +374,20 @@ def test_weights_files_are_byte_identical_across_processes(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True)
         files.append((tmp_path / str(i) / WEIGHTS_FILE).read_bytes())
     assert all(f == files[0] for f in files)
+
+
+def test_the_shared_test_helper_makes_what_it_says():
+    """conftest.make_sae: untied weights drawn from their own seed, the last `dead` latents
+    never selected with a value > 0, and the provenance it is given (a fresh dict each time)."""
+    sae = conftest.make_sae(dead=3, hook="0")
+    assert not torch.allclose(sae.W_enc, sae.W_dec)
+    assert torch.equal(sae.W_enc, conftest.make_sae(dead=3).W_enc)
+    assert not torch.equal(sae.W_enc, conftest.make_sae(weights_seed=7).W_enc)
+    out = sae.encode(torch.randn(500, 12, generator=torch.Generator().manual_seed(0)))
+    fired = out.indices[out.values > 0]
+    assert fired.numel() and fired.max() < sae.n_latents - 3
+    other = conftest.make_sae(hook="0")
+    assert sae.provenance.model == other.provenance.model == conftest.TINY_MODEL
+    assert sae.provenance.model is not other.provenance.model
+    spread = conftest.make_sae(weights="spread_bias").b_enc.tolist()
+    assert spread[0] == pytest.approx(0.3) and spread[-1] == pytest.approx(-0.3)

@@ -1,12 +1,13 @@
 """The steering evaluation against a naive computation on the tiny model, and its CLI."""
 
 import json
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 
-from gsae import SAE, Provenance, SAEConfig
 from gsae.cli import main
 from gsae.errors import GsaeError
 from gsae.records import SteerResult
@@ -26,14 +27,8 @@ def pool():
     return torch.randint(0, 512, (7, 12), generator=torch.Generator().manual_seed(1))
 
 
-def make_sae(seed=0, beta=0.0, outlier_factor=1.05):
-    meta = {"hook": "0", "skip_first": 1, "outlier_factor": outlier_factor,
-            "model": {"model": "tiny-llama", "fingerprint": None}}
-    cfg = SAEConfig(n_latents=32, k=4, beta=beta, seed=seed)
-    sae = SAE(cfg, D, provenance=Provenance.from_json(meta))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 1))
-    return sae
+make_sae = partial(conftest.make_sae, d_in=D, n_latents=32, k=4, hook="0", outlier_factor=1.05,
+                   weights="noisy_bias")
 
 
 # A naive reference: one context and one position at a time, float64 softmaxes ------------------
@@ -178,7 +173,7 @@ def test_summary_of_values():
 def test_bad_settings_are_refused(model, pool):
     with pytest.raises(ValueError, match=r"pool \(7\) must hold"):
         steer_on([make_sae()], model, pool, SteerConfig(contexts=4, pool=7))
-    with pytest.raises(ValueError, match="alphas must be positive"):
+    with pytest.raises(GsaeError, match=r"^--alphas must be greater than 0, got 0.0$"):
         steer_on([make_sae()], model, pool, SteerConfig(alphas=[0.0], pool=7, contexts=2))
     with pytest.raises(GsaeError, match="top_tokens is 513: .* vocabulary size, 512$") as info:
         steer_on([make_sae()], model, pool, SteerConfig(top_tokens=513, pool=7, contexts=2))

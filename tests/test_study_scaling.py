@@ -356,7 +356,7 @@ def test_the_study_refuses_a_sweep_without_topk_and_the_training_corpus_as_unsee
     assert main([*args, "--unseen", news, news]) == 2
     assert "name each corpus once" in capsys.readouterr().err
     assert main([*args, "--snapshots", "400", "3200"]) == 2
-    assert "--snapshots 3200 is beyond --tokens 1600" in capsys.readouterr().err
+    assert "--snapshots 3200: beyond --tokens 1600" in capsys.readouterr().err
 
 
 # The trend rule and the verdicts on hand-made numbers -----------------------------------------

@@ -6,8 +6,9 @@ From that tree this module makes the command line and reads and writes config fi
 
 - every field gets the flag `--section.field`; it also gets the short flag `--field` unless an
   earlier section of the same command already has a field of that name (first section wins);
-- a field's `metadata` holds its help text and bounds (`min`, `above`, `choices`) that are
-  checked for flags and files alike, `identity: False` for settings that say where or how a
+- a field's `metadata` holds its help text and bounds (`min`, `above`, `max`, `below`,
+  `choices`; a list must hold a value unless `may_be_empty`), `identity: False` for settings
+  that say where or how a
   run executes rather than what it computes (output folder, device, resume), and
   `omit_at_default: True` for settings added after runs were recorded, whose default is what
   those runs did: at the default they are left out of identities and records, so those runs
@@ -15,7 +16,11 @@ From that tree this module makes the command line and reads and writes config fi
 - a sweep section (`sweep_of(SAEConfig)`) has the same fields as lists: each flag takes a
   comma-separated list of values;
 - a config file (JSON, or YAML when PyYAML is installed) holds the same tree, e.g.
-  `{"model": {...}, "train": {"tokens": 500000}}`; flags given on the command line override it.
+  `{"model": {...}, "train": {"tokens": 500000}}`; flags given on the command line override it;
+- `validate(tree)` is the one check of settings, whether they came from flags, a file or Python:
+  `build` calls it, and so does every pipeline entry point. It checks each setting's type and
+  bounds, then calls the `check()` method that a section or the tree may define for rules
+  between its settings (a sweep section: the swept class's, for every combination).
 """
 
 from __future__ import annotations
@@ -276,7 +281,7 @@ def build(tree_cls: type, base: Mapping[str, Any] | None = None,
         assign(tree, key, value, "the config file")
     for key, value in (explicit or {}).items():
         assign(tree, key, value, where)
-    check(tree)
+    validate(tree)
     return tree
 
 
@@ -325,16 +330,39 @@ def _coerce_scalar(value: Any, s: Setting, where: str) -> Any:
     return float(value) if kind is float else value
 
 
-def check(tree: Any) -> None:
-    """Raise GsaeError for any setting of the wrong type (a tree built in Python is checked as
-    flags and files are), outside its bounds (`min`, `above`, `choices`) or, for numbers, not
-    finite."""
+# ---------------------------------------------------------------------------- validation
+
+
+def validate(tree: Any) -> None:
+    """Raise a one-line GsaeError for the first setting of `tree` that cannot run: the same
+    error whether the settings came from flags, a file or Python. First every setting's type
+    and bounds (`check_settings`), then the rules between settings: the `check()` method of
+    each section that has one, then the tree's own. A section alone (an `SAEConfig`, say) is
+    validated as a tree of its settings, which are then named without a section (`--k`)."""
+    check_settings(tree)
+    for part in [*_sections(tree), tree]:
+        for one in sweep_configs(part) if hasattr(type(part), SWEEP_MARK) else [part]:
+            if callable(getattr(one, "check", None)):
+                one.check()
+
+
+def _sections(tree: Any) -> list[Any]:
+    hints = _hints(type(tree))
+    return [getattr(tree, f.name) for f in fields(tree) if is_section(hints[f.name])]
+
+
+def check_settings(tree: Any) -> None:
+    """Raise GsaeError for any setting of the wrong type, outside its bounds (`min`, `above`,
+    `max`, `below`, `choices`), for numbers not finite, or an empty list that may not be
+    empty (the positional SAE folders excepted: they may be filled in later)."""
     for s in settings(type(tree)):
         value = getattr(getattr(tree, s.section), s.name) if s.section else getattr(tree, s.name)
         listed = s.swept or typing.get_origin(s.kind) is list
         if listed != isinstance(value, list):
             raise GsaeError(f"--{s.key} must be {'a list' if listed else 'one value'}, "
                             f"got {_brief(value)}")
+        if listed and not value and not (s.positional or s.field.metadata.get("may_be_empty")):
+            raise GsaeError(f"--{s.key} must list at least one value, got []")
         for item in value if isinstance(value, list) else [value]:
             _coerce_scalar(item, s, "the settings")
             problem = _out_of_bounds(item, s.field.metadata)
@@ -363,6 +391,8 @@ def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> str | None:
         return f"must be greater than {meta['above']}"
     if "max" in meta and value > meta["max"]:
         return f"must be at most {meta['max']}"
+    if "below" in meta and not value < meta["below"]:
+        return f"must be less than {meta['below']}"
     return None
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.batch import GRADIENT_DEFINITION
+from gsae.config import validate
 from gsae.errors import GsaeError
 from gsae.hooks import Intervention, Recording, log_probs, resolve_hook, splice, zero_all
 from gsae.io import versions, write_json
@@ -94,8 +95,7 @@ def eval_contexts(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, cfg:
     they are a uniform sample (reservoir sampling, seeded) of the split's first `pool_tokens`
     tokens' contexts, kept in corpus order.
     """
-    if cfg.eval_tokens < 1:
-        raise GsaeError(f"eval_tokens is {cfg.eval_tokens}: it must be at least 1")
+    validate(cfg)
     wanted = math.ceil(cfg.eval_tokens / data_cfg.context_size)
     stream = token_contexts(data_cfg, tokenizer, "eval")
     if cfg.pool_tokens <= 0:
@@ -153,8 +153,7 @@ def evaluate_contexts(
     forward per hook and batch) and fills `result.core` (`CoreRecord`, for `gsae.saebench`).
     """
     names = sae_names(saes, names)
-    if cfg.batch_size < 1:
-        raise GsaeError(f"batch_size is {cfg.batch_size}: it must be at least 1")
+    validate(cfg)
     if any(p.requires_grad for p in model.parameters()):
         raise GsaeError("the model's weights require grad: freeze them with "
                         "model.requires_grad_(False) before evaluating")

@@ -29,7 +29,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from gsae import distributed
 from gsae.batch import Batch
 from gsae.caching import fill_store
-from gsae.config import build, check, identity, section_record, sweep_configs, sweep_of, to_dict
+from gsae.config import build, identity, section_record, sweep_configs, sweep_of, to_dict, validate
 from gsae.errors import GsaeError
 from gsae.evaluate import (
     EvalConfig,
@@ -98,6 +98,10 @@ class TrainRun:
     sae: SAESweep = field(default_factory=SAESweep)  # type: ignore[valid-type]
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def check(self) -> None:
+        """The rule between sections (`gsae.config.validate` calls it)."""
+        check_positions(self.data, self.source)
+
 
 @dataclass
 class FinetuneRun:
@@ -112,6 +116,12 @@ class FinetuneRun:
     source: SourceConfig = field(default_factory=SourceConfig)
     train: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    def check(self) -> None:
+        """The rules between settings (`gsae.config.validate` calls it)."""
+        if not self.saes:
+            raise GsaeError("give at least one SAE folder to fine-tune")
+        check_positions(self.data, self.source)
+
 
 @dataclass
 class CacheRun:
@@ -121,6 +131,10 @@ class CacheRun:
     data: DataConfig = field(default_factory=DataConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+
+    def check(self) -> None:
+        """The rule between sections (`gsae.config.validate` calls it)."""
+        check_positions(self.data, self.source)
 
 
 SAE_DIRS_HELP = "SAE folders, all of one model (any hook points)"
@@ -151,6 +165,13 @@ class EvaluationRun:
     overwrite: bool = field(default=False, metadata={
         "help": "let --saebench replace files that gsae did not write"})
 
+    def check(self) -> None:
+        """The rule between settings (`gsae.config.validate` calls it)."""
+        for name in self.unseen:
+            if name == self.data.dataset or self.unseen.count(name) > 1:
+                raise GsaeError(f"--unseen names {name!r} twice or as the training corpus: name "
+                                "each corpus no SAE trained on once")
+
 
 @dataclass
 class SteeringRun:
@@ -169,6 +190,15 @@ class SteeringRun:
     prompt: str = field(default="", metadata={"help": "text to continue, with --latent"})
     new_tokens: int = field(default=20, metadata={
         "help": "tokens generated per continuation, with --prompt", "min": 1})
+
+    def check(self) -> None:
+        """The rules between settings (`gsae.config.validate` calls it); the sampled
+        evaluation's rule only without --latent (steering on a prompt draws no sets)."""
+        if (self.latent >= 0) != bool(self.prompt):
+            raise GsaeError("--latent and --prompt go together: give both to steer one latent "
+                            "on your text, or neither for the steering evaluation")
+        if self.latent < 0:
+            self.steer.check_sets()
 
 
 # -------------------------------------------------------------------------------- training
@@ -217,7 +247,7 @@ def train(run: TrainRun) -> TrainSummary:
     """Train one SAE per combination of `run.sae`'s lists (a sweep) at every hook point, from
     the language model or `run.train.store`; under torchrun data-parallel or with the sweep
     split across the ranks."""
-    check(run)
+    validate(run)
     return train_saes(run, sweep_configs(run.sae))
 
 
@@ -230,16 +260,10 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], extend: bool = False, un
     `until`, the data stops once every SAE has seen that many tokens (the schedule is still
     that of `run.train.tokens`: the steps so far are those of the whole run)."""
     t0 = time.perf_counter()
-    check(run)
-    if run.train.batch_tokens > run.train.tokens:
-        raise GsaeError(f"--batch_tokens {run.train.batch_tokens} is more than --tokens "
-                        f"{run.train.tokens}: a step takes batch_tokens rows, so make it at most "
-                        "the budget")
-    check_snapshots(run.train)
+    validate(run)
     distributed.init()
     run = _local_devices(run)
     available_device(run.train.device, "--train.device")
-    check_positions(run.data, run.source)
     check_wandb(run.train)
     data = training_data(run, with_grad=any(c.needs_grad for c in configs))
     if run.train.store:
@@ -265,15 +289,6 @@ def train_saes(run: TrainRun, configs: list[SAEConfig], extend: bool = False, un
     distributed.shutdown()
     return TrainSummary(records, time.perf_counter() - t0, run.train.out,
                         trainer.dropped_outliers, trainer.rows_seen, main_rank)
-
-
-def check_snapshots(cfg: TrainConfig) -> None:
-    """Refuse snapshot counts that training never reaches: it stops once --tokens are seen."""
-    beyond = sorted(s for s in cfg.snapshots if s > cfg.tokens)
-    if beyond:
-        raise GsaeError(f"--snapshots {' '.join(map(str, beyond))}: beyond --tokens {cfg.tokens}, "
-                        "where training stops, so they would never be saved; give counts up to "
-                        "--tokens, or raise --tokens")
 
 
 def run_folder_lock(out: str) -> AbstractContextManager[None]:
@@ -605,10 +620,7 @@ def finetune(run: FinetuneRun) -> TrainSummary:
     `<hook>/<variant>`, recording its parent. Under torchrun the ranks split every batch of
     contexts."""
     t0 = time.perf_counter()
-    check(run)
-    if not run.saes:
-        raise GsaeError("give at least one SAE folder to fine-tune")
-    check_positions(run.data, run.source)
+    validate(run)
     distributed.init()
     run = _local_devices(run)  # type: ignore[arg-type]
     check_wandb(run.train)  # type: ignore[arg-type]
@@ -700,7 +712,7 @@ class CacheSummary:
 def cache(run: CacheRun) -> CacheSummary:
     """Run the language model once over the training split and store activations and
     gradients (continuing a store of the same identity after its last shard)."""
-    check_positions(run.data, run.source)
+    validate(run)
     model, tokenizer = load_model(run.model)
     source = ActivationSource(model, run.source, with_grad=True)
     t0 = time.perf_counter()
@@ -827,14 +839,11 @@ def run_evals(run: EvaluationRun) -> dict[str, EvalResult]:
     """Evaluate the SAE folders of `run` on held-out text (first, under the corpus's name) and
     on each `--unseen` corpus (by name); with --json, the unseen results are in its "unseen";
     with --saebench, the held-out results also as SAEBench core files."""
+    validate(run)
     if run.eval.json:
         check_output_file(run.eval.json, "--json", "gsae.eval/")
     if run.saebench:
         check_folder(run.saebench, run.saes, run.overwrite)
-    for name in run.unseen:
-        if name == run.data.dataset or run.unseen.count(name) > 1:
-            raise GsaeError(f"--unseen names {name!r} twice or as the training corpus: name each "
-                            "corpus no SAE trained on once")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
     results = {loaded.data.dataset: evaluate_held_out(loaded, run.eval, core=bool(run.saebench))}
     if run.saebench:
@@ -888,9 +897,7 @@ def steer_loaded(loaded: LoadedModel, cfg: SteerConfig) -> SteerResult:
 def run_steer_prompt(run: SteeringRun) -> list[PromptSteering]:
     """`gsae steer --latent N --prompt TEXT`: the latent of every SAE folder steered on the
     prompt, its strengths multiples of its typical activation over the steering pool."""
-    if (run.latent >= 0) != bool(run.prompt):
-        raise GsaeError("--latent and --prompt go together: give both to steer one latent on "
-                        "your text, or neither for the steering evaluation")
+    validate(run)
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)
     cfg = run.steer
     data = replace(loaded.data, context_size=cfg.context_size or loaded.data.context_size)
@@ -912,6 +919,7 @@ def run_steer_prompt(run: SteeringRun) -> list[PromptSteering]:
 
 def run_steer(run: SteeringRun) -> SteerResult:
     """Steer with latents of the SAE folders of `run` in held-out contexts."""
+    validate(run)
     if run.json:
         check_output_file(run.json, "--json", "gsae.steer/")
     loaded = load_for_eval(run.saes, run.model, run.data, run.allow_changed_corpus)

@@ -8,7 +8,6 @@ scores are kept. `beta = 0` is a plain TopK SAE; so is any SAE encoded without a
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from gsae import kernels
 from gsae.batch import GRADIENT_DEFINITION
+from gsae.config import validate
 from gsae.errors import GsaeError
 from gsae.io import read_json, save_tensors, write_json
 
@@ -122,25 +122,24 @@ class SAEConfig:
         """The number of latents for an input of width `d_in`."""
         return self.n_latents if self.n_latents > 0 else d_in * self.expansion_factor
 
+    def check(self) -> None:
+        """The rule between settings that needs no data (`gsae.config.validate` calls it): k is
+        at most a given number of latents."""
+        if self.n_latents > 0:
+            self._check_k(self.n_latents)
+
     def validate(self, d_in: int) -> None:
-        """Raise GsaeError if the settings cannot make an SAE for inputs of width `d_in`."""
+        """Raise GsaeError if the settings cannot make an SAE for inputs of width `d_in`: those
+        of `gsae.config.validate`, and k at most the number of latents for that width."""
+        validate(self)
         if d_in < 1:
             raise GsaeError(f"d_in must be at least 1, got {d_in}")
-        if self.n_latents < 0 or self.expansion_factor < 1:
-            raise GsaeError(
-                f"n_latents must be >= 0 and expansion_factor >= 1, got {self.n_latents} and "
-                f"{self.expansion_factor}"
-            )
-        n = self.latents_for(d_in)
-        if not 1 <= self.k <= n:
-            raise GsaeError(f"k must be between 1 and the number of latents ({n}), got {self.k}")
-        if not (self.beta >= 0 and math.isfinite(self.beta)):
-            raise GsaeError(f"beta must be a finite number >= 0 (0 is plain TopK), got {self.beta}")
-        if not (self.fisher_coef >= 0 and math.isfinite(self.fisher_coef)):
-            raise GsaeError(f"fisher_coef must be a finite number >= 0 (0 trains on FVU alone), "
-                            f"got {self.fisher_coef}")
-        if self.value_mode not in VALUE_MODES:
-            raise GsaeError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
+        self._check_k(self.latents_for(d_in))
+
+    def _check_k(self, n_latents: int) -> None:
+        if not 1 <= self.k <= n_latents:
+            raise GsaeError(f"k must be between 1 and the number of latents ({n_latents}), got "
+                            f"{self.k}")
 
 
 class EncoderOutput(NamedTuple):

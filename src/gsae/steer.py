@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from gsae.config import validate
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, eval_contexts, recorded_hook, sae_names
 from gsae.hooks import (
@@ -103,13 +104,16 @@ class SteerConfig:
         default=8, metadata={"help": "contexts per language-model forward pass", "min": 1}
     )
 
-    def validate(self) -> None:
-        """Raise GsaeError if the settings cannot make a steering run."""
-        for name in ("latents", "contexts", "top_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise GsaeError(f"{name} is {getattr(self, name)}: it must be at least 1")
-        if not self.alphas or any(not a > 0 for a in self.alphas):
-            raise GsaeError(f"alphas must be positive numbers, got {self.alphas}")
+    def check(self) -> None:
+        """The rule between settings that `gsae.config.validate` adds to the fields' bounds."""
+        if self.context_size == 1:
+            raise GsaeError("--steer.context_size 1 leaves no position to steer at: give 0 (the "
+                            "corpus's context size) or at least 2")
+
+    def check_sets(self) -> None:
+        """The rule of the sampled evaluation (not of steering one latent on a prompt, which
+        draws no sets): the pool holds both sets of contexts. `SteeringRun.check` runs it
+        without --latent; the studies' runners, `steer` and `steer_on` after `validate`."""
         if self.pool < 2 * self.contexts:
             raise GsaeError(f"pool ({self.pool}) must hold the two sets of contexts "
                             f"({self.contexts} contexts each)")
@@ -125,7 +129,8 @@ def steer(
 ) -> SteerResult:
     """Steer with `saes` in contexts of the evaluation split of `data_cfg`'s corpus, cut to
     `context_size` tokens; the pool is a seeded sample of them (as `eval_contexts`)."""
-    cfg.validate()
+    validate(cfg)
+    cfg.check_sets()
     data = replace(data_cfg, context_size=cfg.context_size or data_cfg.context_size)
     pool_cfg = EvalConfig(eval_tokens=cfg.pool * data.context_size, seed=cfg.seed)
     pool = eval_contexts(data, tokenizer, pool_cfg)
@@ -143,7 +148,8 @@ def steer_on(
     contexts [n, T]: one record per SAE with a summary per strength and the per-latent records;
     `tokenizer`, if given, spells the promoted tokens. Steered passes run only the blocks above
     each hook where the model allows (`gsae.hooks`); `above_hook=False` runs the whole model."""
-    cfg.validate()
+    validate(cfg)
+    cfg.check_sets()
     names = sae_names(saes, names)
     if pool.ndim != 2 or pool.shape[0] < 2 * cfg.contexts:
         raise GsaeError(f"the pool has {pool.shape[0] if pool.ndim == 2 else 0} contexts; "

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from gsae.config import validate
 from gsae.errors import GsaeError
 from gsae.io import atomic_output, cache_root, file_fingerprint, files_fingerprint
 from gsae.registers import REGISTERS, register_documents, register_fingerprint
@@ -64,7 +65,7 @@ class DataConfig:
     context_size: int = field(default=128, metadata={"help": "tokens per context", "min": 2})
     eval_fraction: float = field(
         default=0.1, metadata={"help": "fraction of documents held out for evaluation (0 <= f < 1)",
-                                "min": 0}
+                                "min": 0, "below": 1}
     )
     split_seed: int = field(default=0, metadata={"help": "seed of the train/eval document split"})
     encoding: str = field(
@@ -347,14 +348,6 @@ def _unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _check(cfg: DataConfig) -> None:
-    if not 0 <= cfg.eval_fraction < 1:
-        raise GsaeError(f"eval_fraction is {cfg.eval_fraction}: it must be in [0, 1)")
-    if cfg.context_size < 2:
-        raise GsaeError(f"context_size is {cfg.context_size} (--context_size, or "
-                        "--steer.context_size for steering contexts): it must be at least 2")
-
-
 def eval_count(n_docs: int, eval_fraction: float) -> int:
     """How many of `n_docs` documents are held out: the rounded fraction, keeping both parts
     non-empty when there are at least two documents and the fraction is positive."""
@@ -373,7 +366,7 @@ def split_documents(
     whose index has the smallest seeded hash. For a stream (a hub dataset, length unknown), a
     document goes to eval when the seeded hash of its text falls below `eval_fraction`.
     """
-    _check(cfg)
+    validate(cfg)
     if part not in ("train", "eval"):
         raise GsaeError(f"unknown part {part!r}: use 'train' or 'eval'")
     want_eval = part == "eval"

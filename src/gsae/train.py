@@ -160,6 +160,19 @@ class TrainConfig:
                   "min": 1, "identity": False},
     )
 
+    def check(self) -> None:
+        """The rules between settings (`gsae.config.validate` calls it): a step fits in the
+        budget, and every snapshot is reached."""
+        if self.batch_tokens > self.tokens:
+            raise GsaeError(f"--batch_tokens {self.batch_tokens} is more than --tokens "
+                            f"{self.tokens}: a step takes batch_tokens rows, so make it at most "
+                            "the budget")
+        beyond = sorted(s for s in self.snapshots if s > self.tokens)
+        if beyond:
+            raise GsaeError(f"--snapshots {' '.join(map(str, beyond))}: beyond --tokens "
+                            f"{self.tokens}, where training stops, so they would never be saved; "
+                            "give counts up to --tokens, or raise --tokens")
+
 
 def default_lr(n_latents: int) -> float:
     """Adam learning rate scaled with width, as in Gao et al. 2024."""

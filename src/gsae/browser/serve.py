@@ -14,6 +14,7 @@ import torch
 
 from gsae.browser.page import SERVE_PAGE
 from gsae.browser.setup import recorded
+from gsae.config import validate
 from gsae.errors import GsaeError
 from gsae.models import ModelConfig
 from gsae.pipeline import LoadedModel, load_for_eval
@@ -162,6 +163,7 @@ def load_reader(run: ServeRun) -> Reader:
 
 def serve(run: ServeRun) -> None:
     """Serve the page until interrupted."""
+    validate(run)
     try:
         import uvicorn
     except ImportError as err:

@@ -31,6 +31,7 @@ from gsae.browser.logits import norm_description, promoted_tokens, top_tokens
 from gsae.browser.pairs import NEAR_COSINE, pair_latents, pair_records
 from gsae.browser.setup import Recorded, held_out_contexts, recorded
 from gsae.browser.steering import continuations
+from gsae.config import validate
 from gsae.errors import GsaeError
 from gsae.formats import load
 from gsae.hooks import resolve_hook
@@ -96,25 +97,27 @@ class InspectConfig:
 
     out: str = field(default="inspect", metadata={"help": "folder to write the site into"})
     tokens: int = field(default=12_288, metadata={
-        "help": "held-out tokens to encode (rounded up to whole contexts; as gsae eval)"})
+        "help": "held-out tokens to encode (rounded up to whole contexts; as gsae eval)",
+        "min": 1})
     pool_tokens: int = field(default=262_144, metadata={
-        "help": "contexts are a seeded sample of the evaluation split's first this-many tokens"})
+        "help": "contexts are a seeded sample of the evaluation split's first this-many tokens",
+        "min": 0})
     top_latents: int = field(default=32, metadata={
-        "help": "pages for this many of the most frequent latents"})
+        "help": "pages for this many of the most frequent latents", "min": 0})
     random_latents: int = field(default=32, metadata={
-        "help": "pages for a seeded random sample of this many other live latents"})
+        "help": "pages for a seeded random sample of this many other live latents", "min": 0})
     latents: str = field(default="", metadata={
         "help": "pages also for these latents, by id, comma-separated (e.g. 12,977)"})
     contexts_per_latent: int = field(default=10, metadata={
-        "help": "top-activating contexts shown per latent"})
+        "help": "top-activating contexts shown per latent", "min": 1})
     quantiles: int = field(default=4, metadata={
-        "help": "quantile bins of a latent's activations with sampled examples"})
+        "help": "quantile bins of a latent's activations with sampled examples", "min": 1})
     contexts_per_quantile: int = field(default=2, metadata={
-        "help": "examples shown per quantile bin"})
+        "help": "examples shown per quantile bin", "min": 0})
     continuation_tokens: int = field(default=10, metadata={
-        "help": "tokens generated per steered continuation (0: no continuations)"})
+        "help": "tokens generated per steered continuation (0: no continuations)", "min": 0})
     neighbours: int = field(default=3, metadata={
-        "help": "nearest latents by decoder cosine listed from the --compare SAE"})
+        "help": "nearest latents by decoder cosine listed from the --compare SAE", "min": 1})
     compare: str = field(default="", metadata={
         "help": "a second SAE folder (same model and width) to compare latents against"})
     seed: int = field(default=0, metadata={"help": "seed of the contexts and random pages"})
@@ -123,14 +126,8 @@ class InspectConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "replace --out if it already holds a site or other files"})
 
-    def validate(self) -> None:
-        for name in ("tokens", "contexts_per_latent", "quantiles", "neighbours", "batch_size"):
-            if getattr(self, name) < 1:
-                raise GsaeError(f"{name} is {getattr(self, name)}: it must be at least 1")
-        for name in ("top_latents", "random_latents", "contexts_per_quantile", "pool_tokens",
-                     "continuation_tokens"):
-            if getattr(self, name) < 0:
-                raise GsaeError(f"{name} is {getattr(self, name)}: it must be 0 or more")
+    def check(self) -> None:
+        """The rule `gsae.config.validate` adds to the fields' bounds: `latents` lists ids."""
         self.requested_latents()
 
     def requested_latents(self, n_latents: int | None = None) -> list[int]:
@@ -160,6 +157,7 @@ class InspectRun:
 
 def run_inspect(run: InspectRun) -> Path:
     """`gsae inspect`: the site of the run's SAE in `run.inspect.out`."""
+    validate(run)
     return inspect(run.saes[0], run.inspect, run.model, run.data, run.allow_changed_corpus)
 
 
@@ -168,7 +166,7 @@ def inspect(sae_dir: str | Path, cfg: InspectConfig, model_cfg: Any = None,
     """Write the feature browser of the SAE folder `sae_dir` into `cfg.out`, on held-out text
     of the model and corpus it records (or `model_cfg` / `data_cfg` where given), loaded as
     `gsae eval` loads them (`gsae.pipeline.load_for_eval`)."""
-    cfg.validate()
+    validate(cfg)
     _check_out(Path(cfg.out), cfg.overwrite, read=[Path(sae_dir), Path(cfg.compare or sae_dir)])
     loaded = load_for_eval([str(sae_dir)], model_cfg, data_cfg, allow_changed_corpus)
     other = load(cfg.compare) if cfg.compare else None
@@ -184,7 +182,7 @@ def inspect_contexts(sae: SAE, model: nn.Module, tokenizer: Any, contexts: Tenso
                      names: tuple[str, str] = ("sae", "compare"),
                      run: dict[str, Any] | None = None) -> Path:
     """Write the site for `sae` (and `other`, to compare) on token contexts [n, T]."""
-    cfg.validate()
+    validate(cfg)
     _check_out(Path(cfg.out), cfg.overwrite)
     requested = cfg.requested_latents(sae.n_latents)
     start = time.perf_counter()

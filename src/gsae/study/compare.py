@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gsae import pipeline
-from gsae.config import identity, to_dict
+from gsae.config import identity, to_dict, validate
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig
 from gsae.models import ModelConfig, model_identity
@@ -157,7 +157,8 @@ def compare_plan(run: CompareRun) -> StudyPlan:
         apply_quick(run)
     if len(run.source.hooks) != 1:
         raise GsaeError(f"gsae compare takes one hook point, got {run.source.hooks}")
-    run.steer.validate()
+    validate(run)
+    run.steer.check_sets()
     out = Path(run.compare.out)
     store = Path(run.compare.store or out / "store")
     train_run = TrainRun(model=run.model, data=run.data, source=run.source,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from gsae import pipeline
-from gsae.config import identity, to_dict
+from gsae.config import identity, to_dict, validate
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, TokenLosses, eval_contexts, unseen_contexts
 from gsae.finetune import FinetuneConfig
@@ -252,7 +252,8 @@ class ScalingPlan:
     def __init__(self, run: ScalingRun):
         if len(run.source.hooks) != 1:
             raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
-        run.steer.validate()
+        validate(run)
+        run.steer.check_sets()
         self.run = run
         self.counts, self.unseen = check_schedule(run.train), unseen_data(run)
         self.curve, self.extra = curve_configs(run), extra_configs(run)
