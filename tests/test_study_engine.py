@@ -4,6 +4,8 @@ runs every stage once, and a second run reuses every finished piece."""
 
 import json
 from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,11 +15,25 @@ from gsae.evaluate import EvalConfig
 from gsae.finetune import FinetuneConfig
 from gsae.models import ModelConfig
 from gsae.pipeline import TrainRun
-from gsae.sae import SAE, SAEConfig
+from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
 from gsae.source import SourceConfig
-from gsae.study.engine import Evaluation, Finetune, Step, Study, StudyPlan, Variant
+from gsae.study.engine import (
+    Evaluation,
+    Finetune,
+    StageClock,
+    Step,
+    Study,
+    StudyPlan,
+    Variant,
+    cached,
+    command_line,
+    flag_text,
+    keyed_cache,
+    missing_snapshots,
+    replay_snapshots,
+)
 from gsae.text import DataConfig
-from gsae.train import TrainConfig
+from gsae.train import TrainConfig, snapshot_folder, variant_name
 
 TOPK = "k4-beta0-z-x2-s0"
 
@@ -80,3 +96,153 @@ def test_fine_tuned_variants_of_one_run_folder_must_share_their_settings(corpus,
     plan.variants.append(other)
     with pytest.raises(GsaeError, match="differ in their settings or share a parent"):
         Study(plan).run()
+
+
+# The engine's parts on planted folders and records (no model) ---------------------------------
+
+
+def bare_plan(variants, out):
+    """A plan of only these variants: the parts below read nothing else of it."""
+    return StudyPlan(what="a test study", out=out, identity_file="plan.json", identity={},
+                     overwrite=False, model=None, data=None, train_run=None, store=out,
+                     store_tokens=0, variants=variants, evaluations=lambda study: [])
+
+
+def test_snapshots_go_folder_by_folder_then_by_count_and_each_variant_keeps_its_last(tmp_path):
+    a, b = SAEConfig(k=4, beta=0.0), SAEConfig(k=4, beta=10.0)
+    tuned = Finetune("a", 300, FinetuneConfig(tokens=50))
+    plan = bare_plan([Variant(a, counts=[200, 100], label="a"),
+                      Variant(b, counts=[100], label="b"), Variant(b, group="other", label="c"),
+                      Variant(a, group="tuned", finetune=tuned, label="a+kl")], tmp_path)
+    folders = {v.name: tmp_path / v.name for v in plan.variants}
+    study = SimpleNamespace(plan=plan)
+    snaps = Study.snapshots(study, folders)
+    assert [(s.name, s.variant, s.requested) for s in snaps] == [
+        ("a@100", "a", 100), ("b@100", "b", 100), ("a@200", "a", 200), ("c", "c", 0),
+        ("a+kl@350", "a+kl", 350)]
+    assert snaps[0].folder == tmp_path / "a" / "snapshots" / "tokens-100"
+    assert snaps[3].folder == tmp_path / "c" and snaps[4].folder == tmp_path / "a+kl"
+    last = Study.last(study, SimpleNamespace(snapshots=snaps))
+    assert sorted(s.name for s in last) == ["a+kl@350", "a@200", "b@100", "c"]
+    # the snapshots a trained variant must keep: those evaluated and its twins' starting points
+    assert plan.saved_counts(plan.groups()["saes"]) == [100, 200, 300]
+    assert plan.saved_counts([plan.variants[1]]) == [100]
+    assert list(plan.groups(finetuned=False)) == ["saes", "other"]
+    assert list(plan.groups(finetuned=True)) == ["tuned"]
+
+
+def plant_snapshot(folder, n, text="weights"):
+    snap = snapshot_folder(folder, n)
+    snap.mkdir(parents=True, exist_ok=True)
+    (snap / WEIGHTS_FILE).write_text(text)
+
+
+def test_only_snapshots_without_weights_are_missing(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    plant_snapshot(a, 100)
+    plant_snapshot(b, 100)
+    plant_snapshot(b, 200)
+    snapshot_folder(a, 200).mkdir(parents=True)  # an interrupted save: no weights
+    assert missing_snapshots({"a": a, "b": b}, [100, 200, 300]) == {"a": [200, 300],
+                                                                      "b": [300]}
+    assert missing_snapshots({"b": b}, [100, 200]) == {}
+
+
+def test_replayed_snapshots_run_to_the_last_missing_count_and_replace_nothing(tmp_path,
+                                                                              monkeypatch):
+    configs = [SAEConfig(k=4, beta=0.0), SAEConfig(k=4, beta=10.0), SAEConfig(k=8, beta=0.0)]
+    names = [variant_name(c) for c in configs]
+    folders = {n: tmp_path / "saes" / n for n in names}
+    for n in names:
+        plant_snapshot(folders[n], 100, "kept")
+    plant_snapshot(folders[names[1]], 300, "kept")
+    plant_snapshot(folders[names[2]], 200, "kept")
+    plant_snapshot(folders[names[2]], 300, "kept")  # the third lacks nothing
+    scratch = tmp_path / "scratch"
+    calls = []
+
+    def replay(run, replayed, until=0):
+        calls.append((run.train.out, run.train.snapshots, run.train.resume,
+                      [variant_name(c) for c in replayed], until))
+        records = []
+        for c in replayed:
+            folder = Path(run.train.out) / variant_name(c)
+            for n in run.train.snapshots:
+                if n <= until:
+                    plant_snapshot(folder, n, "replayed")
+            records.append({"folder": str(folder)})
+        return SimpleNamespace(records=records)
+
+    monkeypatch.setattr(pipeline, "train_saes", replay)
+    run = TrainRun(train=TrainConfig(resume=True))
+    replay_snapshots(run, configs, folders, [100, 200, 300], scratch)
+    assert calls == [(str(scratch), [200, 300], False, names[:2], 300)]
+    text = {n: {c: (snapshot_folder(folders[n], c) / WEIGHTS_FILE).read_text()
+                for c in (100, 200, 300)} for n in names}
+    assert text == {names[0]: {100: "kept", 200: "replayed", 300: "replayed"},
+                    names[1]: {100: "kept", 200: "replayed", 300: "kept"},
+                    names[2]: {100: "kept", 200: "kept", 300: "kept"}}
+    assert not scratch.exists()
+    replay_snapshots(run, configs, folders, [100, 200, 300], scratch)  # nothing lacking now
+    assert len(calls) == 1
+
+
+def test_a_keyed_cache_computes_again_only_for_another_key(tmp_path):
+    path, calls = tmp_path / "check.json", []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    assert keyed_cache(path, {"rows": 10, "id": (1, 2)}, compute) == {"value": 1}
+    assert keyed_cache(path, {"rows": 10, "id": (1, 2)}, compute) == {"value": 1}  # a tuple
+    assert keyed_cache(path, {"rows": 11, "id": (1, 2)}, compute) == {"value": 2}
+    assert keyed_cache(path, {"rows": 10, "id": (1, 2)}, compute) == {"value": 3}
+    assert json.loads(path.read_text()) == {"key": {"rows": 10, "id": [1, 2]},
+                                            "check": {"value": 3}}
+
+
+def test_the_stage_clock_adds_every_run_and_counts_an_interrupted_stage(tmp_path):
+    path = tmp_path / "stage-seconds.json"
+    path.write_text(json.dumps({"train": 100.0}))
+    clock = StageClock(path)
+    with clock.stage("train"):
+        pass
+    with pytest.raises(RuntimeError), clock.stage("eval"):
+        raise RuntimeError
+    saved = json.loads(path.read_text())
+    assert set(saved) == {"train", "eval"} and 100.0 <= saved["train"] < 101.0
+    assert 0.0 <= saved["eval"] < 1.0
+    assert StageClock(path).seconds == saved and clock.rounded()["train"] == round(
+        saved["train"], 1)
+
+
+def test_a_command_line_writes_only_changed_settings_as_their_flags():
+    from gsae.study.compare import CompareRun
+
+    run, default = CompareRun(), CompareRun()
+    run.sae.k, run.sae.beta = [4, 8], [0.0, 2.5]
+    run.train.lr, run.data.dataset, run.train.device = 1e-4, "my corpus", "cpu:1"
+    line = command_line(["gsae", "compare"], run, default, skip=("device",))
+    assert line == "gsae compare --dataset 'my corpus' --k 4,8 --beta 0,2.5 --lr 0.0001"
+    assert flag_text([1.0, 2]) == "1 2" and flag_text("") == "''" and flag_text(0.5) == "0.5"
+
+
+def test_fine_tuned_variants_of_one_run_folder_may_not_share_a_parent(tmp_path):
+    cfg = FinetuneConfig(tokens=256)
+    twins = [Variant(SAEConfig(k=4, beta=b), group="tuned", finetune=Finetune("a", 400, cfg),
+                     label=f"a+kl{b:g}") for b in (0.0, 10.0)]
+    plan = bare_plan([Variant(SAEConfig(k=4), label="a"), *twins], tmp_path)
+    with pytest.raises(GsaeError, match="differ in their settings or share a parent"):
+        Study.finetune(SimpleNamespace(plan=plan), "h", {"a": tmp_path / "a"})
+
+
+def test_a_cache_returns_only_the_snapshots_asked_for(tmp_path):
+    def compute(names):
+        return {"run": {}, "results": [{"sae": n} for n in names]}
+
+    path = tmp_path / "eval.json"
+    cached(path, {}, {"x": "fx", "y": "fy"}, compute, [["x", "y"]])
+    _, records = cached(path, {}, {"y": "fy"}, lambda names: pytest.fail("computed"), [["y"]])
+    assert records == {"y": [{"sae": "y"}]}  # x stays in the file, not in the results
+    assert sorted(json.loads(path.read_text())["saes"]) == ["x", "y"]
