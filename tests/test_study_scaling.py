@@ -21,6 +21,7 @@ from gsae.study.scaling_report import (
     Curves,
     Series,
     build_scaling_report,
+    objective_lines,
     trend,
     trend_phrase,
     verdicts,
@@ -585,3 +586,56 @@ def test_kl_fine_tuned_twins_come_from_the_snapshot_before_the_last_share(study,
     # a second run reuses the fine-tuned twins
     monkeypatch.setattr(scaling.pipeline, "finetune", lambda run: pytest.fail("fine-tuned again"))
     assert main(args) == 0
+
+
+def test_an_objective_is_measured_in_each_mode_against_topk_and_fails_without_records():
+    # a g-SAE with the Fisher term, evaluated on the training corpus only: in gradient-aware
+    # inference 0.35 and 0.357 (TopK: 0.50 and 0.51), gradient-free 0.45 and 0.459
+    data = synthetic(-0.2, -0.1)
+    for seed in (0, 1):
+        name = f"fisher-s{seed}"
+        data["saes"].append({"name": name, "k": 32, "beta": 100.0, "value_mode": "z",
+                             "seed": seed, "n_latents": 64, "extra_k": False,
+                             "fisher_coef": 0.5, "finetuned_from": None,
+                             "snapshots": [{"requested_tokens": 400, "tokens": 400}]})
+        for mode, share in ((GRAD_AWARE, 0.7), (GRAD_FREE, 0.9)):
+            data["eval"]["train"]["results"].append({
+                "sae": f"{name}@400", "variant": name, "snapshot": 400, "mode": mode,
+                "ce_increase": share * (0.5 + 0.01 * seed), "fvu": 0.4, "dead_fraction": 0.0})
+    found = verdicts(Curves(data))
+    aware = "g-SAE β=100 (z) + Fisher λ=0.5, gradient-aware"
+    free = "g-SAE β=100 (z) + Fisher λ=0.5, gradient-free"
+    assert found["train"][aware]["reduction"]["mean"] == pytest.approx(0.3)
+    assert found["train"][aware]["every_seed_reduced"]
+    assert found["train"][free]["reduction"]["mean"] == pytest.approx(0.1)
+    assert not found["train"][free]["every_seed_reduced"]
+    # no records on the unseen corpus: nothing was reduced there
+    assert found["unseen"][aware]["reduction"] is None
+    assert not found["unseen"][aware]["every_seed_reduced"]
+    lines = objective_lines(Curves(data), found)
+    assert [line.split(" | ")[-1] for line in lines if line.startswith("| g-SAE")] == [
+        "does not hold |", "does not hold |"]
+
+
+def test_topk_is_one_variant_whatever_value_mode_its_records_name():
+    assert Variant.of({"beta": 0, "value_mode": "x"}) == Variant(0.0, "z")
+    assert Variant.of({"beta": 1, "value_mode": "x", "fisher_coef": None,
+                       "finetuned_from": ""}) == Variant(1.0, "x")
+    assert Variant.of({"beta": 0, "value_mode": "z", "fisher_coef": 2,
+                       "finetuned_from": "p"}).label == "TopK + Fisher λ=2 + KL fine-tuning"
+
+
+def test_an_objective_leaves_out_seeds_with_an_undefined_ce_increase():
+    data = with_objective(synthetic(-0.2, -0.1), "kl", 0.0, True,
+                          {"train": [0.39, None], "unseen": [0.43, 0.43]})
+    for record in data["eval"]["unseen"]["results"]:
+        if record["variant"] == "b0-s1" and record["snapshot"] == 400:
+            record["ce_increase"] = 0.0  # TopK's own: no reduction is defined against it
+    found = verdicts(Curves(data))["train"]["TopK + KL fine-tuning"]
+    assert found["reduction"]["n"] == 1
+    assert found["reduction"]["mean"] == pytest.approx(1 - 0.39 / 0.50)
+    unseen = verdicts(Curves(data))["unseen"]["TopK + KL fine-tuning"]
+    assert unseen["reduction"]["n"] == 1
+    # the gaps leave that seed out too (a record's None: a non-finite CE, e.g. a diverged SAE)
+    series = Series(Variant(0.0, "z", finetuned=True), 32, GRAD_FREE)
+    assert Curves(data).gaps("train", series, 400) == [pytest.approx(0.39 - 0.50)]

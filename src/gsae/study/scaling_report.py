@@ -108,14 +108,15 @@ class Curves:
         return [r[key] for r in found if r is not None and r[key] is not None]
 
     def gaps(self, corpus: str, s: Series, count: int) -> list[float]:
-        """Per seed: the g-SAE's CE increase minus that of TopK of the same k and seed."""
+        """Per seed: the g-SAE's CE increase minus that of TopK of the same k and seed (seeds
+        where either is undefined left out)."""
         base = {self.saes[n]["seed"]: self.records.get((corpus, n, GRAD_FREE, count))
                 for n in self.names(self.topk, s.k)}
         out = []
         for name in self.names(s.variant, s.k):
             mine, theirs = self.records.get((corpus, name, s.mode, count)), \
                 base.get(self.saes[name]["seed"])
-            if mine is not None and theirs is not None:
+            if mine and theirs and None not in (mine["ce_increase"], theirs["ce_increase"]):
                 out.append(mine["ce_increase"] - theirs["ce_increase"])
         return out
 
