@@ -14,6 +14,7 @@ from gsae.records import (
     FULL_FORWARD,
     ComparisonResult,
     EvalResult,
+    EvalRunInfo,
     Record,
     ScalingResult,
     SteerResult,
@@ -154,3 +155,27 @@ def test_the_base_class_reads_nested_records_and_migrates_old_schemas():
 
 def test_the_records_name_the_hooks_full_forward():
     assert FULL_FORWARD == FULL
+
+
+@dataclass
+class _Scratch(Record):
+    NOT_SAVED: ClassVar[tuple[str, ...]] = ("scratch",)
+    name: str
+    scratch: list[int] = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+
+
+def test_fields_never_saved_stay_out_and_a_part_fills_its_defaults():
+    assert _Scratch("a", [1, 2], {"t": 1}).to_json() == {"name": "a", "tags": {"t": 1}}
+    assert _Scratch.from_json({"name": "a"}) == _Scratch("a")  # a part: no schema, no upgrade
+    run = EvalRunInfo.from_json(committed("")["eval"]["run"])  # recorded before "forward"
+    assert run.forward == {}
+
+
+def test_an_unmarked_eval_block_keeps_the_forward_it_recorded():
+    block = committed("")["eval"]
+    assert "schema" not in block and "forward" not in block["run"]
+    block["run"]["forward"] = {"model.layers.15": "above-hook"}
+    assert EvalResult.from_json(block).run.forward == {"model.layers.15": "above-hook"}
+    del block["run"]["forward"]
+    assert EvalResult.from_json(block).run.forward == {"model.layers.15": FULL_FORWARD}
