@@ -3,6 +3,7 @@ whether it came from a flag, a config file or a tree built in Python and passed 
 pipeline; a bare section checked by a library function names its settings without a section."""
 
 import json
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -233,3 +234,31 @@ def test_a_section_check_runs_for_every_combination_of_a_sweep():
         validate(run)
     run.sae.k = [4, 8]
     validate(run)
+
+
+@dataclass
+class _Bounded:
+    low: float = field(default=0.0, metadata={"min": 0})
+    positive: float = field(default=1.0, metadata={"above": 0})
+    high: float = field(default=1.0, metadata={"max": 1})
+    share: float = field(default=0.5, metadata={"below": 1})
+    count: int = 0
+    name: str = ""
+
+
+@pytest.mark.parametrize("setting, edge, beyond, message", [
+    ("low", 0.0, -1e-9, "must be at least 0"), ("positive", 1e-9, 0.0, "must be greater than 0"),
+    ("high", 1.0, 1.000001, "must be at most 1"), ("share", 0.999999, 1.0, "must be less than 1"),
+    ("count", -2**63, -2**63 - 1, "must fit in 64 bits"),
+    ("count", 2**63 - 1, 2**63, "must fit in 64 bits")])
+def test_each_bound_admits_its_edge_and_refuses_just_beyond(setting, edge, beyond, message):
+    validate(replace(_Bounded(), **{setting: edge}))
+    with pytest.raises(GsaeError, match=f"^--{setting} {message}"):
+        validate(replace(_Bounded(), **{setting: beyond}))
+
+
+def test_a_long_value_is_cut_in_the_message():
+    with pytest.raises(GsaeError) as error:
+        validate(replace(_Bounded(), count="x" * 200))
+    text = str(error.value)
+    assert len(text) < 150 and text.endswith("...")
