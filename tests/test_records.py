@@ -83,9 +83,9 @@ def test_the_committed_registers_study_of_schema_2_loads():
     assert list(result.eval) == ["train", "news", "code", "legal", "verse", "german"]
     assert result.distances["corpora"]["code"]["unigram_kl"] == 4.11694
     assert result.distances["reference_tokens"] == 554240
-    assert list(result.per_token) == ["train", "verse"]
+    assert list(result.per_token) == ["train", "code"]  # code: the largest gradient-free gap
     assert result.eval["german"]["results"][0]["ce_increase"] == 1.48992
-    assert result.wall_seconds == 7704.7 and result.store["repeated_rows"] == 667
+    assert result.wall_seconds == 14700.1 and result.store["repeated_rows"] == 667
     run = EvalResult.from_json({**data["eval"]["code"], "schema": "gsae.eval/2"}).run
     assert run.part == "all" and run.corpus["dataset"] == "code"
 
