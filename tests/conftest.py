@@ -145,3 +145,23 @@ WEIGHTS = {
     "noisy_bias": lambda sae, gen: sae.b_enc.normal_(0, 0.05, generator=gen),
     "spread_bias": lambda sae, gen: sae.b_enc.copy_(torch.linspace(0.3, -0.3, sae.n_latents)),
 }
+
+
+def naive_greedy(model, prompt, vector, skip_first: int, steps: int) -> list[int]:
+    """The reference for steered greedy continuations: `vector` added to layer 0's output from
+    position `skip_first` on, the whole sequence recomputed at every step (no cache)."""
+    tokens = torch.as_tensor(prompt)
+    for _ in range(steps):
+        def hook(_module, _inputs, output):
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            h[:, skip_first:] += vector
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handle = model.model.layers[0].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=tokens[None], use_cache=False).logits
+        finally:
+            handle.remove()
+        tokens = torch.cat([tokens, logits[0, -1].argmax()[None]])
+    return tokens[len(prompt):].tolist()

@@ -322,32 +322,29 @@ def test_index_promoted_tokens_are_the_naive_top_three(site, site_json, saes, mo
 # Steering: greedy continuations against full recomputation -------------------------------
 
 
-def naive_greedy(model, prompt, vector, skip_first, steps):
-    tokens = prompt.clone()
-    for _ in range(steps):
-        def hook(_module, _inputs, output):
-            h = (output[0] if isinstance(output, tuple) else output).clone()
-            h[:, skip_first:] += vector
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        handle = model.model.layers[0].register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                logits = model(input_ids=tokens[None], use_cache=False).logits
-        finally:
-            handle.remove()
-        tokens = torch.cat([tokens, logits[0, -1].argmax()[None]])
-    return tokens[len(prompt):].tolist()
-
-
 def test_greedy_continuations_match_full_recomputation(model):
     prompt = torch.tensor([10, 72, 101, 108, 108, 111])
     vectors = torch.randn(4, D, generator=torch.Generator().manual_seed(0)) * 3
     vectors[0] = 0
     got = greedy(model, model.model.layers[0], prompt, vectors, skip_first=3, new_tokens=6)
     for row, vector in enumerate(vectors):
-        assert got[row].tolist() == naive_greedy(model, prompt, vector, 3, 6)
+        assert got[row].tolist() == conftest.naive_greedy(model, prompt, vector, 3, 6)
     assert got[1].tolist() != got[0].tolist() or got[2].tolist() != got[0].tolist()
+
+
+def test_steering_starts_exactly_at_skip_first(model):
+    """A prompt whose only steered position is its last one (position skip_first): the first
+    generated token depends on that position's vector alone."""
+    prompt = torch.tensor([10, 72, 101, 108])
+    vectors = torch.randn(6, D, generator=torch.Generator().manual_seed(1)) * 20
+    vectors[0] = 0
+    got = greedy(model, model.model.layers[0], prompt, vectors, skip_first=3, new_tokens=1)
+    want = [conftest.naive_greedy(model, prompt, v, 3, 1) for v in vectors]
+    assert got.tolist() == want
+    assert len({w[0] for w in want}) > 1  # some vector changes the first token
+    # from position 4 on: no prompt position is steered, so the first token is the clean one
+    first = greedy(model, model.model.layers[0], prompt, vectors, skip_first=4, new_tokens=1)
+    assert first.tolist() == [want[0]] * len(vectors)
 
 
 
@@ -804,6 +801,6 @@ def test_prompts_of_one_length_share_a_run_and_keep_their_texts(model, monkeypat
         for entry in prompts:
             ids = torch.tensor(tokenizer(entry["prompt"])["input_ids"])
             for c in entry["continuations"]:
-                want = naive_greedy(model, ids, c["multiple"] * typical[key] * directions[key],
-                                    1, 4)
+                vector = c["multiple"] * typical[key] * directions[key]
+                want = conftest.naive_greedy(model, ids, vector, 1, 4)
                 assert c["text"] == tokenizer.decode(want)

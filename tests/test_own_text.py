@@ -80,26 +80,6 @@ def naive_typical(model, sae, pool):
     return {i: sum(v) / len(v) for i, v in values.items()}
 
 
-def naive_greedy(model, ids, vector, steps):
-    """Greedy tokens with `vector` added to layer 0's output from position 1 on, recomputing
-    the whole sequence at every step."""
-    tokens = torch.tensor(ids)
-    for _ in range(steps):
-        def hook(_module, _inputs, output):
-            h = (output[0] if isinstance(output, tuple) else output).clone()
-            h[:, 1:] += vector
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        handle = model.model.layers[0].register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                logits = model(input_ids=tokens[None], use_cache=False).logits
-        finally:
-            handle.remove()
-        tokens = torch.cat([tokens, logits[0, -1].argmax()[None]])
-    return tokens[len(ids):].tolist()
-
-
 @pytest.fixture
 def saved_sae(tmp_path, corpus):
     sae = make_sae()
@@ -123,7 +103,8 @@ def test_steer_prompt_prints_the_recomputed_continuations(saved_sae, corpus, cap
     assert f"typical activation {typical[latent]:.4g}" in out.out and folder in out.out
     ids = tokenizer(prompt)["input_ids"]
     direction = sae.W_dec.detach()[latent]
-    texts = [tokenizer.decode(naive_greedy(model, ids, m * typical[latent] * direction, 5))
+    steer = conftest.naive_greedy
+    texts = [tokenizer.decode(steer(model, ids, m * typical[latent] * direction, 1, 5))
              for m in (0, 2, 5)]
     for label, text in zip(("clean", "2x", "5x"), texts):
         line = next(li for li in out.out.splitlines() if li.strip().startswith(label))

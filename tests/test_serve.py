@@ -8,9 +8,10 @@ import time
 from urllib.parse import urlencode
 
 import pytest
+from conftest import naive_greedy
 from starlette.testclient import TestClient
 from test_browser import chromium, needs_chromium, select
-from test_own_text import hand_states, make_sae, naive_greedy
+from test_own_text import hand_states, make_sae
 
 from gsae.browser import serve as serve_module
 from gsae.browser.serve import ServeRun, load_reader, make_app
@@ -79,8 +80,8 @@ def test_steer_gives_the_recomputed_continuations(client, reader):
                                           "new_tokens": 5}).json()
     decode = tiny_tokenizer().decode
     direction = sae.W_dec.detach()[4]
-    assert got["clean"] == decode(naive_greedy(tiny_llama(), ids, 0 * direction, 5))
-    assert got["steered"] == decode(naive_greedy(tiny_llama(), ids, 6.0 * direction, 5))
+    assert got["clean"] == decode(naive_greedy(tiny_llama(), ids, 0 * direction, 1, 5))
+    assert got["steered"] == decode(naive_greedy(tiny_llama(), ids, 6.0 * direction, 1, 5))
     assert got["clean"] != got["steered"]
 
 
@@ -155,7 +156,7 @@ def test_the_page_reads_text_shows_top_latents_and_steers(server, reader, tmp_pa
         c[0] for c in want[3]]
     ids = tiny_tokenizer()("hello there")["input_ids"]
     steered = tiny_tokenizer().decode(naive_greedy(tiny_llama(), ids, 6 * sae.W_dec.detach()[
-        latent], 5))
+        latent], 1, 5))
     shown = re.search(r'id="steered"[^>]*>(.*?)</td>', dom, re.S)[1]
     assert html.unescape(shown) == steered
     assert requests and all(r.startswith(server + "/") for r in requests)

@@ -32,6 +32,7 @@ from gsae.study.engine import (
     Study,
     StudyPlan,
     Variant,
+    distinct_saes,
     flag_text,
     sae_record,
 )
@@ -41,7 +42,7 @@ from gsae.study.engine import (
 from gsae.study.report import build_report
 from gsae.study.results import compact_steering
 from gsae.text import DataConfig
-from gsae.train import TrainConfig, variant_name
+from gsae.train import TrainConfig
 
 IDENTITY_FILE = "compare.json"
 
@@ -141,14 +142,11 @@ def grid(run: CompareRun) -> list[SAEConfig]:
         raise GsaeError(f"the beta sweep runs at --fixed_k {cfg.fixed_k}, which is not one of "
                         f"the values of k {run.sae.k}; add it or give --sweep_beta no values")
     sweep = replace(run.sae, k=[cfg.fixed_k], beta=cfg.sweep_beta) if cfg.sweep_beta else None
-    configs: dict[str, SAEConfig] = {}
-    for c in itertools.chain(pipeline.sweep_configs(run.sae),
-                             pipeline.sweep_configs(sweep) if sweep else []):
-        c = replace(c, value_mode=c.value_mode if c.beta > 0 else "z")
-        configs.setdefault(variant_name(c), c)
+    configs = distinct_saes(itertools.chain(pipeline.sweep_configs(run.sae),
+                                            pipeline.sweep_configs(sweep) if sweep else []))
     if not configs:
         raise GsaeError("the comparison grid is empty: give values of k, beta, value_mode, seed")
-    return list(configs.values())
+    return configs
 
 
 def compare_plan(run: CompareRun) -> StudyPlan:

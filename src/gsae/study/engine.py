@@ -25,7 +25,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -356,6 +356,16 @@ class Study:
 
         return cached(self.plan.out / steering.cache, asdict(steering.cfg), fingerprints(snaps),
                       compute, groups)
+
+
+def distinct_saes(configs: Iterable[SAEConfig]) -> list[SAEConfig]:
+    """The SAEs of a study's sweep, each once: TopK (beta 0) once per remaining setting, its
+    value mode set to z (the value mode changes nothing without the gradient)."""
+    found: dict[str, SAEConfig] = {}
+    for c in configs:
+        c = replace(c, value_mode=c.value_mode if c.beta > 0 else "z")
+        found.setdefault(variant_name(c), c)
+    return list(found.values())
 
 
 def fingerprints(snaps: list[Snapshot]) -> dict[str, str]:

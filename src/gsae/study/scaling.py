@@ -53,6 +53,7 @@ from gsae.study.engine import (
     StudyPlan,
     Variant,
     cached,
+    distinct_saes,
     fingerprints,
     keyed_cache,
     sae_record,
@@ -159,15 +160,11 @@ def command_line(run: ScalingRun) -> str:
 def curve_configs(run: ScalingRun) -> list[SAEConfig]:
     """The SAEs of the learning curves: every combination of the sweep, TopK once per k and
     seed (its value mode is irrelevant, so it is always z)."""
-    configs: dict[str, SAEConfig] = {}
-    for c in pipeline.sweep_configs(run.sae):
-        c = replace(c, value_mode=c.value_mode if c.beta > 0 else "z")
-        configs.setdefault(variant_name(c), c)
-    if not any(c.beta == 0 for c in configs.values()) or all(c.beta == 0
-                                                               for c in configs.values()):
+    configs = distinct_saes(pipeline.sweep_configs(run.sae))
+    if not any(c.beta == 0 for c in configs) or all(c.beta == 0 for c in configs):
         raise GsaeError(f"the study compares TopK with g-SAEs: --beta must list 0 and at least "
                         f"one value above 0, got {run.sae.beta}")
-    return list(configs.values())
+    return configs
 
 
 def extra_configs(run: ScalingRun) -> list[SAEConfig]:
@@ -260,6 +257,7 @@ class ScalingPlan:
         self.out = Path(run.study.out)
         self.store = Path(run.study.store or self.out / "store")
         self.corpora = Corpora()
+        self.saes: list[dict[str, Any]] | None = None  # the results' SAE rows, once read
 
     def plan(self) -> StudyPlan:
         run = self.run
@@ -371,8 +369,7 @@ class ScalingPlan:
 
     def result(self, study: Study, outcome: Outcome) -> ScalingResult:
         """The study's typed record, from what the engine found so far."""
-        run, extra = self.run, {variant_name(c) for c in self.extra}
-        parents = {v.name: v.finetune.parent for v in study.plan.variants if v.finetune}
+        run = self.run
         steer_run, steered = outcome.steered or ({}, {})
         return ScalingResult(
             **study.header(command_line(run), outcome),
@@ -380,11 +377,7 @@ class ScalingPlan:
                    "passes": round(run.train.tokens / max(1, outcome.reader.rows), 2)},
             corpora=self.corpora_record(),
             settings={**to_dict(run), "train": asdict(study.plan.train_run.train)},
-            saes=[{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
-                   "fisher_coef": study.variants[name].config.fisher_coef,
-                   "finetuned_from": parents.get(name),
-                   "snapshots": [s.record() for s in outcome.snapshots if s.variant == name]}
-                  for name, folder in outcome.folders.items()],
+            saes=self.sae_rows(study, outcome),
             eval={key: {"run": info, "results": outcome.records(key)}
                   for key, (info, _) in outcome.evaluated.items()},
             steer={"run": steer_run,
@@ -395,6 +388,20 @@ class ScalingPlan:
             per_token={key.removeprefix("per_token_"): value
                        for key, value in outcome.extra.items() if key.startswith("per_token_")},
         )
+
+    def sae_rows(self, study: Study, outcome: Outcome) -> list[dict[str, Any]]:
+        """Every SAE as the results list it, with its snapshots; read once (the per-token
+        step's preliminary result and the final one share them)."""
+        if self.saes is None:
+            extra = {variant_name(c) for c in self.extra}
+            parents = {v.name: v.finetune.parent for v in study.plan.variants if v.finetune}
+            self.saes = [{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
+                          "fisher_coef": study.variants[name].config.fisher_coef,
+                          "finetuned_from": parents.get(name),
+                          "snapshots": [s.record() for s in outcome.snapshots
+                                        if s.variant == name]}
+                         for name, folder in outcome.folders.items()]
+        return self.saes
 
     def corpora_record(self) -> dict[str, Any]:
         contexts, sizes = self.corpora.contexts, self.corpora.sizes
