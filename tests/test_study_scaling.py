@@ -639,3 +639,80 @@ def test_an_objective_leaves_out_seeds_with_an_undefined_ce_increase():
     # the gaps leave that seed out too (a record's None: a non-finite CE, e.g. a diverged SAE)
     series = Series(Variant(0.0, "z", finetuned=True), 32, GRAD_FREE)
     assert Curves(data).gaps("train", series, 400) == [pytest.approx(0.39 - 0.50)]
+
+
+def test_the_fisher_sweep_chooses_lambda_on_contexts_its_saes_never_read(study, corpus, news,
+                                                                         tmp_path, monkeypatch):
+    import shutil
+
+    import gsae.store as store_module
+    from gsae.study import fisher_sweep
+
+    out = tmp_path / "run"
+    shutil.copytree(study[0], out)
+    store = study[0] / "store"
+    args = [*study_args(corpus, news, out), "--store", str(store), "--fisher_sweep", "0.5", "4",
+            "--sweep_tokens", "512", "--validation_fraction", "0.5"]
+    shards = json.loads((store / "manifest.json").read_text())["shards"]
+    held = shards[-1]  # 2 shards: the second is the validation part
+    assert len(shards) == 2
+    read: list[str] = []
+    original = store_module.StoreReader.read_shard
+
+    def recording(self, name):
+        read.append(name)
+        return original(self, name)
+
+    sweep_train = fisher_sweep.FisherSweep.plan
+    seen_by_sweep: list[str] = []
+
+    def plan_recording(self):
+        plan = sweep_train(self)
+        train_missing = fisher_sweep.Study.train
+
+        def train(study_self, hook):
+            read.clear()
+            folders = train_missing(study_self, hook)
+            if study_self.plan is plan:  # the sweep's training, not the study's
+                seen_by_sweep.extend(read)
+            return folders
+
+        monkeypatch.setattr(fisher_sweep.Study, "train", train)
+        return plan
+
+    monkeypatch.setattr(store_module.StoreReader, "read_shard", recording)
+    monkeypatch.setattr(fisher_sweep.FisherSweep, "plan", plan_recording)
+    assert main(args) == 0
+    assert seen_by_sweep and held["file"] not in seen_by_sweep  # trained, never on the held part
+    results = json.loads((out / "report" / "results.json").read_text())
+    sweep = results["fisher_sweep"]
+    rows = {r["fisher_coef"]: r for r in sweep["results"]}
+    assert sorted(rows) == [0.0, 0.5, 4.0]
+    best = min((0.5, 4.0), key=lambda v: rows[v]["ce_increase"])
+    assert sweep["chosen"] == best
+    coefs = {s["name"]: s["fisher_coef"] for s in results["saes"]}
+    assert {c for c in coefs.values()} == {0.0, best}
+    assert f"k4-beta0-f{best:g}-z-x2-s1" in coefs
+    # the validation contexts are those the held shard was made from: the model's activations
+    # on them, taken here with a plain forward hook, are the shard's first rows
+    # evaluated: the first --eval_tokens 128 / 32 = 4 of its 8 contexts (shard 0: 8 batches
+    # of 4 contexts before it)
+    assert held["batches"] == 2
+    assert sweep["validation_contexts"] == [shards[0]["batches"] * 4, shards[0]["batches"] * 4 + 4]
+    model, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    from gsae.caching import validation_contexts
+    from gsae.text import DataConfig
+
+    data = DataConfig(dataset=corpus, context_size=32)
+    reader = StoreReader(store, validation_fraction=0.5)
+    contexts = validation_contexts(reader, data, tokenizer, 10_000)
+    captured = {}
+    handle = model.model.layers[1].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("x", (o[0] if isinstance(o, tuple) else o)))
+    with torch.no_grad():
+        model(contexts[:1])
+    handle.remove()
+    stored = reader.read_shard(held["file"])["model.layers.1"].x
+    expected = captured["x"][0, 1:31].float()
+    torch.testing.assert_close(stored[:30], expected, atol=2e-3, rtol=2e-3)
+    assert contexts.shape[0] == held["batches"] * 4  # every context of the held shard

@@ -8,15 +8,18 @@ the tokenizer, and with them transformers.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from gsae.batch import Batch
+from gsae.errors import GsaeError
 from gsae.models import hidden_size
 from gsae.source import ActivationSource, source_identity
-from gsae.store import StoreConfig, StoreWriter, refuse_empty_hooks
+from gsae.store import StoreConfig, StoreReader, StoreWriter, refuse_empty_hooks
 from gsae.text import DataConfig, batched_contexts, token_contexts
 
 
@@ -62,3 +65,21 @@ def fill_store(cfg: StoreConfig, source: ActivationSource, data_cfg: DataConfig,
                        f"store of no tokens in {cfg.store})")
     writer.finish()
     return writer
+
+
+def validation_contexts(reader: StoreReader, data_cfg: DataConfig,
+                        tokenizer: PreTrainedTokenizerBase, tokens: int) -> torch.Tensor:
+    """The first ceil(tokens / context_size) token contexts of the store's validation part (the
+    contexts its validation shards were made from, which training from it with the same
+    --validation_fraction never reads), cut from `data_cfg`'s training split as the store was."""
+    span = reader.validation_contexts()
+    if not span:
+        raise GsaeError(f"the store {reader.folder} was read without a validation part: give "
+                        "--validation_fraction above 0")
+    wanted = min(len(span), math.ceil(tokens / data_cfg.context_size))
+    stream = token_contexts(data_cfg, tokenizer, "train")
+    chosen = list(itertools.islice(stream, span.start, span.start + wanted))
+    if len(chosen) < wanted:
+        raise GsaeError(f"the training split of {data_cfg.dataset!r} has fewer contexts than "
+                        f"the store {reader.folder} was made from: it is not this store's corpus")
+    return torch.stack(chosen)

@@ -414,7 +414,8 @@ def training_data(run: TrainRun, with_grad: bool) -> TrainingData:
 
 def _store_data(run: TrainRun) -> TrainingData:
     stored = read_manifest(run.train.store)["identity"]["hooks"]
-    reader = StoreReader(run.train.store, store_hooks(run.source.hooks, stored))
+    reader = StoreReader(run.train.store, store_hooks(run.source.hooks, stored),
+                         run.train.validation_fraction)
 
     def chunks(skip: int) -> Iterator[dict[str, Batch]]:
         return reader.chunks(seed=run.train.shuffle_seed, skip=skip)

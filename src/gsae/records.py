@@ -365,7 +365,8 @@ class ScalingResult(StudyResult):
     their snapshots, evaluation records per corpus ("train": the training corpus's held-out
     split; then each unseen corpus by its name) and steering at the last snapshot. Every
     evaluation and steering record carries "variant" (the SAE) and "snapshot" (its requested
-    token count). `distances` and `per_token` were added within /2 (empty when missing)."""
+    token count). `distances`, `per_token` and `fisher_sweep` were added within /2 (empty
+    when missing)."""
 
     SCHEMA: ClassVar[str | None] = "gsae.scaling/2"
     OLD_SCHEMAS: ClassVar[tuple[str, ...]] = ("gsae.scaling/1",)
@@ -381,6 +382,8 @@ class ScalingResult(StudyResult):
     distances: dict[str, Any] = field(default_factory=dict)
     # per corpus: the last snapshots' CE increase by quantile bins of clean CE and |g|
     per_token: dict[str, Any] = field(default_factory=dict)
+    # the Fisher sweep that chose lambda (validation part, lambdas, chosen); empty: none
+    fisher_sweep: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:

@@ -189,6 +189,19 @@ def remove_store_files(folder: Path) -> None:
         shard.unlink()
 
 
+def validation_shard_count(shards: int, fraction: float) -> int:
+    """How many of a store's `shards` are kept out of training as its validation part: the
+    rounded `fraction`, at least one when the fraction is positive; refused when no shard
+    would be left to train on."""
+    if fraction <= 0:
+        return 0
+    held = max(1, round(shards * fraction))
+    if held >= shards:
+        raise GsaeError(f"--validation_fraction {fraction:g} of a store of {shards} shard(s) "
+                        f"leaves no shard to train on: use a larger store or a smaller fraction")
+    return held
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a store folder, checked for readability."""
     path = Path(folder) / MANIFEST
@@ -205,7 +218,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 class StoreReader:
     """Reads a store's shards as chunks (one dict hook -> Batch per shard)."""
 
-    def __init__(self, folder: str | Path, hooks: list[str] | None = None):
+    def __init__(self, folder: str | Path, hooks: list[str] | None = None,
+                 validation_fraction: float = 0.0):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.identity = self.manifest["identity"]
@@ -224,6 +238,11 @@ class StoreReader:
         self.shards = [s["file"] for s in self.manifest["shards"]]
         if not self.shards:
             raise GsaeError(f"the store {self.folder} holds no finished shard yet")
+        held = validation_shard_count(len(self.shards), validation_fraction)
+        # the last shards hold the contexts the store read last: a validation part of the
+        # training split that `chunks` never yields
+        self.validation_shards = self.shards[len(self.shards) - held:] if held else []
+        self.shards = self.shards[:len(self.shards) - held]
         self._entries = {s["file"]: s for s in self.manifest["shards"]}
         if self.manifest["version"] < 2:
             warnings.warn(f"the store {self.folder} was written by an older gsae and records no "
@@ -236,7 +255,17 @@ class StoreReader:
 
     @property
     def rows(self) -> int:
-        return sum(s["rows"] for s in self.manifest["shards"])
+        """The rows that training reads (the validation shards' rows excluded)."""
+        return sum(self._entries[name]["rows"] for name in self.shards)
+
+    def validation_contexts(self) -> range:
+        """The indices, in the training split's sequence of token contexts, of the contexts
+        that the validation shards were made from (empty without a validation part): shards
+        hold consecutive batches of `lm_batch_size` contexts (the last batch may be short)."""
+        per_batch = int(self.identity["lm_batch_size"])
+        start = per_batch * sum(self._entries[name]["batches"] for name in self.shards)
+        held = sum(self._entries[name]["batches"] for name in self.validation_shards)
+        return range(start, start + per_batch * held)
 
     def provenance(self, hook: str) -> Provenance:
         """What an SAE trained on this store's rows at `hook` records about its data."""

@@ -87,6 +87,14 @@ class TrainConfig:
                   "running the language model"},
     )
     tokens: int = field(default=240_000, metadata={"help": "training tokens per SAE", "min": 1})
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={"help": "share of the --store's shards (its last ones: the training split's "
+                  "contexts it read last) that training never reads, kept as a validation part "
+                  "of the training split, e.g. 0.1 (gsae study scores its --fisher_sweep on "
+                  "them); 0: train on every shard", "min": 0, "max": 0.5,
+                  "omit_at_default": True},
+    )
     batch_tokens: int = field(default=2048,
                               metadata={"help": "tokens per SAE optimiser step", "min": 1})
     lr: float = field(
@@ -163,6 +171,9 @@ class TrainConfig:
     def check(self) -> None:
         """The rules between settings (`gsae.config.validate` calls it): a step fits in the
         budget, and every snapshot is reached."""
+        if self.validation_fraction > 0 and not self.store:
+            raise GsaeError(f"--validation_fraction {self.validation_fraction:g} keeps shards of "
+                            "an activation store out of training: give --store as well")
         if self.batch_tokens > self.tokens:
             raise GsaeError(f"--batch_tokens {self.batch_tokens} is more than --tokens "
                             f"{self.tokens}: a step takes batch_tokens rows, so make it at most "

@@ -61,6 +61,7 @@ from gsae.study.engine import (
 from gsae.study.engine import (
     command_line as flags_command,
 )
+from gsae.study.fisher_sweep import reference_config, run_sweep
 from gsae.study.registers_report import build_registers_report
 from gsae.study.results import compact_steering
 from gsae.study.scaling_report import build_scaling_report, largest_gap
@@ -124,6 +125,19 @@ class StudyConfig:
                 "term gets a fine-tuned twin (named <SAE>+kl), made by gsae finetune from its "
                 "snapshot at (1 - share) x --tokens for the rest of the budget, and evaluated and "
                 "steered at --tokens beside it, e.g. 0.05; 0: none", "min": 0, "max": 0.5})
+    fisher_sweep: list[float] = field(default_factory=list, metadata={
+        "help": "lambdas of the Fisher term to choose from before the study: TopK SAEs (first k "
+                "and seed) train for --sweep_tokens on the store without its validation part "
+                "(--validation_fraction) and are scored by the spliced CE increase there; the "
+                "lowest gives lambda*, and the study trains --fisher_coef 0 lambda* (variants "
+                "with and without the term), e.g. 0.1 0.3 1 3; give the flag alone for none",
+        "may_be_empty": True, "min": 0})
+    sweep_tokens: int = field(default=600_000, metadata={
+        "help": "training tokens of each SAE of --fisher_sweep", "min": 1})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "share of the store's shards (its last ones) that the --fisher_sweep SAEs never "
+                "read: the validation part of the training split that scores them",
+        "min": 0, "max": 0.5})
     kl_weight: float = field(default=0.5, metadata={
         "help": "the fine-tuned twins' share w of the KL term (as gsae finetune --kl_weight)",
         "min": 0, "max": 1})
@@ -246,7 +260,7 @@ class ScalingPlan:
     evaluation per corpus, steering at the last snapshots, then the distances and per-token
     analyses."""
 
-    def __init__(self, run: ScalingRun):
+    def __init__(self, run: ScalingRun, sweep: dict[str, Any] | None = None):
         if len(run.source.hooks) != 1:
             raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
         validate(run)
@@ -258,6 +272,7 @@ class ScalingPlan:
         self.store = Path(run.study.store or self.out / "store")
         self.corpora = Corpora()
         self.saes: list[dict[str, Any]] | None = None  # the results' SAE rows, once read
+        self.sweep = sweep or {}  # the Fisher sweep's record, when it chose lambda
 
     def plan(self) -> StudyPlan:
         run = self.run
@@ -387,6 +402,7 @@ class ScalingPlan:
             distances=outcome.extra.get("distances", {}),
             per_token={key.removeprefix("per_token_"): value
                        for key, value in outcome.extra.items() if key.startswith("per_token_")},
+            fisher_sweep=self.sweep,
         )
 
     def sae_rows(self, study: Study, outcome: Outcome) -> list[dict[str, Any]]:
@@ -450,7 +466,12 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     """Run (or finish) the study and write its report; returns the report's markdown and the
     wall time of this invocation in seconds."""
     start = time.perf_counter()
-    scaling = ScalingPlan(run)
+    sweep = None
+    if run.study.fisher_sweep:
+        store = Path(run.study.store or Path(run.study.out) / "store")
+        sweep = run_sweep(run, reference_config(run, curve_configs(run)), store)
+        run = replace(run, sae=replace(run.sae, fisher_coef=[0.0, sweep["chosen"]]))
+    scaling = ScalingPlan(run, sweep)
     study = Study(scaling.plan())
     data = scaling.result(study, study.run()).to_json()
     report = build_scaling_report(data, run.study.report or scaling.out / "report")
