@@ -253,3 +253,36 @@ def test_a_larger_token_count_extends_a_finished_store(corpus, tmp_path, capsys)
     assert grown == cache("direct", 450) and len(grown["shards"]) > 2
     assert sum(s["rows"] for s in grown["shards"]) >= 450
     assert cache("grown", 150) == grown
+
+
+@pytest.mark.parametrize("shards, fraction, held", [(10, 0.1, 1), (10, 0.14, 1), (10, 0.16, 2),
+                                                    (3, 0.01, 1), (4, 0.5, 2), (5, 0.0, 0)])
+def test_the_validation_part_is_the_last_rounded_share_of_shards(tmp_path, shards, fraction,
+                                                                  held):
+    write_store(tmp_path / "s", n_shards=shards)
+    names = [f"shard-{i:06d}.safetensors" for i in range(shards)]
+    reader = StoreReader(tmp_path / "s", validation_fraction=fraction)
+    assert reader.shards == names[:shards - held]
+    assert reader.validation_shards == names[shards - held:]
+    assert reader.rows == 10 * (shards - held)
+    # 2 batches per shard, lm_batch_size contexts per batch
+    per_batch = 3
+    reader.identity["lm_batch_size"] = per_batch
+    assert reader.validation_contexts() == range(2 * per_batch * (shards - held),
+                                                 2 * per_batch * shards)
+
+
+def test_training_never_reads_the_validation_shards(tmp_path):
+    write_store(tmp_path / "s", n_shards=4)
+    held = StoreReader(tmp_path / "s").read_shard("shard-000003.safetensors")["h.0"].x
+    stream = StoreReader(tmp_path / "s", validation_fraction=0.25).chunks(seed=1)
+    seen = torch.cat([next(stream)["h.0"].x for _ in range(3 * 5)])  # five passes
+    held_rows = {tuple(r.tolist()) for r in held}
+    assert len({tuple(r.tolist()) for r in seen}) == 30
+    assert not held_rows & {tuple(r.tolist()) for r in seen}
+
+
+def test_a_validation_part_that_leaves_nothing_to_train_on_is_refused(tmp_path):
+    write_store(tmp_path / "s", n_shards=1)
+    with pytest.raises(GsaeError, match="leaves no shard to train on"):
+        StoreReader(tmp_path / "s", validation_fraction=0.5)

@@ -452,3 +452,27 @@ def test_b_dec_starts_at_the_first_batchs_geometric_median_or_mean(tmp_path, mon
     else:
         pull = torch.nn.functional.normalize(x - b_dec, dim=1).sum(0).norm() / len(x)
         assert pull < 0.01 and (b_dec - x.mean(0)).norm() > 1.0
+
+
+def test_step_timing_takes_the_median_of_interleaved_rounds_after_the_warmup(monkeypatch):
+    import gsae.train as train_module
+
+    # a fake clock: a step of an SAE with k latents kept takes k seconds in round r, plus r
+    clock = [0.0]
+    calls: list[tuple[int, int]] = []
+    rounds = {"r": -1}
+
+    def fake_step(self, m, batch):
+        if m is self.members[0]:
+            rounds["r"] += 1
+        calls.append((m.sae.cfg.k, rounds["r"]))
+        clock[0] += m.sae.cfg.k + [100, 50, 1, 7, 3][rounds["r"]]
+
+    monkeypatch.setattr(train_module.Trainer, "_train_step", fake_step)
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    batches = [Batch(torch.randn(8, 4), torch.randn(8, 4), "h") for _ in range(5)]
+    configs = [SAEConfig(k=2, n_latents=8, beta=0), SAEConfig(k=5, n_latents=8, beta=0)]
+    got = train_module.step_seconds(configs, batches, TrainConfig(tokens=64, batch_tokens=8))
+    # rounds 0 and 1 (warm-up) dropped; medians of k + (1, 7, 3) = k + 3
+    assert got == [5.0, 8.0]
+    assert calls == [(k, r) for r in range(5) for k in (2, 5)]  # interleaved, round by round

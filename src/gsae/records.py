@@ -365,7 +365,7 @@ class ScalingResult(StudyResult):
     their snapshots, evaluation records per corpus ("train": the training corpus's held-out
     split; then each unseen corpus by its name) and steering at the last snapshot. Every
     evaluation and steering record carries "variant" (the SAE) and "snapshot" (its requested
-    token count). `distances`, `per_token` and `fisher_sweep` were added within /2 (empty
+    token count). `distances`, `per_token`, `fisher_sweep` and `cost` were added within /2 (empty
     when missing)."""
 
     SCHEMA: ClassVar[str | None] = "gsae.scaling/2"
@@ -384,6 +384,8 @@ class ScalingResult(StudyResult):
     per_token: dict[str, Any] = field(default_factory=dict)
     # the Fisher sweep that chose lambda (validation part, lambdas, chosen); empty: none
     fisher_sweep: dict[str, Any] = field(default_factory=dict)
+    # seconds of one training step per variant, measured side by side; empty: not measured
+    cost: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:

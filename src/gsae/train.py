@@ -47,7 +47,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -904,3 +904,25 @@ def _check_finite(batch: Batch, step: int) -> None:
             f"non-finite {' and '.join(bad)} values in the data at step {step}; training stopped "
             "and the last checkpoint is kept (try --autocast none, or check the model)"
         )
+
+
+def step_seconds(configs: list[SAEConfig], batches: list[Batch], cfg: TrainConfig,
+                 warmup: int = 2) -> list[float]:
+    """The median wall seconds of one training step (forward, loss, backward, optimiser step,
+    bookkeeping: `Trainer`'s own) of a fresh SAE of each config, measured interleaved so that
+    every config meets the same machine load: round r steps every SAE in turn on batches[r];
+    the first `warmup` rounds (b_dec's initialisation among them) are not counted."""
+    if len(batches) <= warmup:
+        raise GsaeError(f"step timing needs more than {warmup} batches, got {len(batches)}")
+    cfg = replace(cfg, log_every=1 << 62, snapshots=[])  # no logs, no files
+    d_in = batches[0].x.shape[1]
+    members = [TrainedSAE(SAE(c, d_in), batches[0].hook, Path(cfg.out), cfg) for c in configs]
+    trainer = Trainer(members, cfg)
+    times: list[list[float]] = [[] for _ in members]
+    for r, batch in enumerate(batches):
+        for m, seconds in zip(members, times):
+            start = time.perf_counter()
+            trainer._train_step(m, batch)
+            if r >= warmup:
+                seconds.append(time.perf_counter() - start)
+    return [sorted(s)[len(s) // 2] for s in times]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from gsae import pipeline
+from gsae.batch import Batch
 from gsae.config import identity, to_dict, validate
 from gsae.errors import GsaeError
 from gsae.evaluate import EvalConfig, TokenLosses, eval_contexts, unseen_contexts
@@ -41,6 +43,7 @@ from gsae.records import ScalingResult
 from gsae.sae import SAE, SAEConfig
 from gsae.source import SourceConfig
 from gsae.steer import SteerConfig
+from gsae.store import StoreReader
 from gsae.study import registers
 from gsae.study.engine import (
     Evaluation,
@@ -56,22 +59,26 @@ from gsae.study.engine import (
     distinct_saes,
     fingerprints,
     keyed_cache,
+    machine_record,
     sae_record,
 )
 from gsae.study.engine import (
     command_line as flags_command,
 )
 from gsae.study.fisher_sweep import reference_config, run_sweep
+from gsae.study.objectives_report import build_objectives_report
 from gsae.study.registers_report import build_registers_report
 from gsae.study.results import compact_steering
 from gsae.study.scaling_report import build_scaling_report, largest_gap
 from gsae.text import DataConfig, corpus_identity, load_documents, token_contexts
-from gsae.train import TrainConfig, variant_name
+from gsae.train import TrainConfig, step_seconds, variant_name
 
 IDENTITY_FILE = "study.json"
 FINETUNED = "saes-finetuned"  # the run folder of the fine-tuned twins
 FINETUNED_SUFFIX = "+kl"
 DISTANCES_FILE = "distances.json"
+COST_FILE = "cost.json"
+COST_ROUNDS, COST_WARMUP = 12, 2  # timed and untimed rounds of the step timing
 SNAPSHOTS = [150_000, 300_000, 600_000, 1_200_000, 2_400_000]
 
 
@@ -112,6 +119,11 @@ class StudyConfig:
                 "training corpus's held-out split), an --unseen name, or 'largest_gap' (the "
                 "unseen corpus where the first g-SAE's gradient-free mean gap is lowest); give "
                 "the flag alone for none", "may_be_empty": True})
+    objectives_report: str = field(default="", metadata={
+        "help": "the objectives report's folder (the committed one is docs/results/objectives), "
+                "written when the study has objective variants (--fisher_coef above 0, "
+                "--fisher_sweep or --finetune_fraction); empty: <out>/objectives-report",
+        "identity": False})
     registers_report: str = field(default="", metadata={
         "help": "the registers report's folder (the committed one is docs/results/registers), "
                 "written when --unseen names two corpora or more; empty: <out>/registers-report",
@@ -338,7 +350,8 @@ class ScalingPlan:
     def steps(self, study: Study, outcome: Outcome) -> list[Step]:
         """The distances, then the per-token analysis of each corpus of --per_token."""
         chosen = per_token_corpora(self, self.result(study, outcome))
-        return [Step("distances", lambda s, o: self.distances(s)),
+        cost = [Step("cost", lambda s, o: self.cost(o))] if self.has_objectives() else []
+        return [Step("distances", lambda s, o: self.distances(s)), *cost,
                 *(Step(f"per_token_{name}", lambda s, o, name=name: self.per_token(s, o, name))
                   for name in chosen)]
 
@@ -358,6 +371,29 @@ class ScalingPlan:
                     "tokens": c.numel()} for n, c in contexts.items()}}
 
         return keyed_cache(self.out / DISTANCES_FILE, key, compute)
+
+    def has_objectives(self) -> bool:
+        """Whether the study compares training objectives (the Fisher term, KL fine-tuning)."""
+        return bool(self.run.study.finetune_fraction) or any(
+            c.fisher_coef > 0 for c in self.curve)
+
+    def cost(self, outcome: Outcome) -> dict[str, Any]:
+        """Seconds of one training step of each variant (the first seed's settings), measured
+        interleaved on the same store batches (`gsae.train.step_seconds`), cached in
+        `<out>/cost.json` for this machine; the report multiplies them by the steps taken."""
+        train = self.run.train
+        firsts = {variant_name(replace(c, seed=0)): c for c in [*self.curve, *self.extra]}
+        key = {"saes": list(firsts), "batch_tokens": train.batch_tokens,
+               "rounds": COST_ROUNDS, "machine": machine_record(self.run.model.device)}
+
+        def compute() -> dict[str, Any]:
+            batches = store_batches(outcome.reader, outcome.hook, train.batch_tokens,
+                                    COST_ROUNDS + COST_WARMUP)
+            seconds = step_seconds(list(firsts.values()), batches,
+                                   replace(train, out=str(self.out)), COST_WARMUP)
+            return {"step_seconds": dict(zip(firsts, seconds)), "warmup": COST_WARMUP}
+
+        return keyed_cache(self.out / COST_FILE, key, compute)
 
     def per_token(self, study: Study, outcome: Outcome, name: str) -> dict[str, Any]:
         """The last curve snapshots' spliced CE increase by quantile bin of the clean per-token
@@ -403,6 +439,7 @@ class ScalingPlan:
             per_token={key.removeprefix("per_token_"): value
                        for key, value in outcome.extra.items() if key.startswith("per_token_")},
             fisher_sweep=self.sweep,
+            cost=outcome.extra.get("cost", {}),
         )
 
     def sae_rows(self, study: Study, outcome: Outcome) -> list[dict[str, Any]]:
@@ -410,10 +447,11 @@ class ScalingPlan:
         step's preliminary result and the final one share them)."""
         if self.saes is None:
             extra = {variant_name(c) for c in self.extra}
-            parents = {v.name: v.finetune.parent for v in study.plan.variants if v.finetune}
+            parents = {v.name: v.finetune for v in study.plan.variants if v.finetune}
             self.saes = [{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
                           "fisher_coef": study.variants[name].config.fisher_coef,
-                          "finetuned_from": parents.get(name),
+                          "finetuned_from": parents[name].parent if name in parents else None,
+                          **({"finetuned_at": parents[name].at} if name in parents else {}),
                           "snapshots": [s.record() for s in outcome.snapshots
                                         if s.variant == name]}
                          for name, folder in outcome.folders.items()]
@@ -462,6 +500,23 @@ def per_token_corpora(p: ScalingPlan, result: ScalingResult) -> list[str]:
     return chosen
 
 
+def store_batches(reader: StoreReader, hook: str, rows: int, count: int) -> list[Batch]:
+    """`count` batches of `rows` consecutive rows of `hook`, from the store's first shards
+    (read again from the start if the store is smaller: they only time steps)."""
+    xs: list[torch.Tensor] = []
+    gs: list[torch.Tensor] = []
+    for name in reader.shards:
+        if sum(len(x) for x in xs) >= rows * count:
+            break
+        batch = reader.read_shard(name)[hook]
+        xs.append(batch.x)
+        gs.append(batch.g)
+    repeats = math.ceil(rows * count / sum(len(x) for x in xs))
+    x, g = torch.cat(xs * repeats), torch.cat(gs * repeats)
+    return [Batch(x[i * rows:(i + 1) * rows], g[i * rows:(i + 1) * rows], hook)
+            for i in range(count)]
+
+
 def run_study(run: ScalingRun) -> tuple[Path, float]:
     """Run (or finish) the study and write its report; returns the report's markdown and the
     wall time of this invocation in seconds."""
@@ -475,6 +530,9 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     study = Study(scaling.plan())
     data = scaling.result(study, study.run()).to_json()
     report = build_scaling_report(data, run.study.report or scaling.out / "report")
+    if scaling.has_objectives():
+        build_objectives_report(data, run.study.objectives_report
+                                or scaling.out / "objectives-report")
     if len(scaling.unseen) > 1:
         build_registers_report(data, run.study.registers_report
                                or scaling.out / "registers-report")
