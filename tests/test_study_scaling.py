@@ -716,3 +716,112 @@ def test_the_fisher_sweep_chooses_lambda_on_contexts_its_saes_never_read(study, 
     expected = captured["x"][0, 1:31].float()
     torch.testing.assert_close(stored[:30], expected, atol=2e-3, rtol=2e-3)
     assert contexts.shape[0] == held["batches"] * 4  # every context of the held shard
+
+
+def test_the_objectives_report_costs_each_variant_from_its_measured_parts(tmp_path):
+    from gsae.study.objectives_report import build_objectives_report
+
+    data = with_objective(synthetic(-0.2, -0.1), "kl", 0.0, True,
+                          {"train": [0.39, 0.39], "unseen": [0.43, 0.43]})
+    data = with_objective(data, "fisher", 0.5, False,
+                          {"train": [0.60, 0.62], "unseen": [0.43, 0.46]})
+    for sae in data["saes"]:
+        if sae.get("finetuned_from"):
+            sae["finetuned_at"] = 350
+    data["stage_seconds"] = {"store": 100.0, "train": 20.0, "finetune": 8.0, "eval_train": 30.0,
+                             "eval_unseen": 10.0, "steer": 1.0}
+    data["cost"] = {"step_seconds": {"b0-s0": 0.5, "b100-s0": 0.75, "fisher-s0": 0.6}}
+    data["fisher_sweep"] = {
+        "tokens": 600, "validation_fraction": 0.1, "validation_contexts": [40, 44],
+        "sae": "b0-s0", "chosen": 0.5, "stage_seconds": {"train": 3.0, "eval_validation": 1.0},
+        "results": [{"fisher_coef": c, "ce_increase": ce, "kl": 0.1, "fvu": 0.3,
+                     "dead_fraction": 0.0} for c, ce in ((0.0, 0.7), (0.5, 0.8), (2.0, 0.9))]}
+    text = build_objectives_report(data, tmp_path).read_text()
+    cost = json.loads((tmp_path / "results.json").read_text())["objectives"]["cost"]
+    # 400 tokens in steps of 50: 8 steps; the twins' parents trained 350 tokens: 7 steps; the
+    # fine-tuning stage's 8 s over its 2 SAEs; the evaluation stages' 40 s over 16 evaluated
+    # snapshots (4 curve SAEs x 3 counts + 4 objective SAEs x 1)
+    per_eval = 40.0 / 16
+    expected = {"TopK": (4.0, 0.0, 3 * per_eval), "g-SAE β=100 (z)": (6.0, 0.0, 3 * per_eval),
+                "TopK + KL fine-tuning": (3.5, 4.0, per_eval),
+                "TopK + Fisher λ=0.5": (4.8, 0.0, per_eval)}
+    for label, (training, finetune, evaluation) in expected.items():
+        got = cost["variants"][label]
+        assert (got["training"], got["finetune"], got["evaluation"]) == pytest.approx(
+            (training, finetune, evaluation)), label
+    assert cost["store"] == 100.0
+    row = next(line for line in text.splitlines()
+               if line.startswith("| TopK + KL fine-tuning | 500 ms |"))  # the parent's step
+    total = 100.0 + 3.5 + 4.0 + per_eval
+    assert f"({3.5 / total:.0%})" in row and f"({100 / total:.0%})" in row
+    verdict_rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+                    if line.startswith("| TopK + ") and line.endswith("hold |")
+                    or line.endswith("**holds** |")}
+    assert verdict_rows["TopK + KL fine-tuning"].endswith("**holds** |")
+    assert verdict_rows["TopK + Fisher λ=0.5"].endswith("does not hold |")
+    assert "| 0.5 (chosen) | 0.8000 |" in text and "contexts 40..43" in text
+    assert all((tmp_path / n).read_bytes().startswith(PNG_SIGNATURE)
+               for n in ("ce_increase_vs_tokens.png", "pareto_ce_vs_fvu.png",
+                         "reduction_vs_topk.png"))
+
+
+def test_the_fisher_sweep_takes_distinct_positive_lambdas_and_chooses_among_them():
+    from dataclasses import replace
+
+    from gsae.errors import GsaeError
+    from gsae.study.fisher_sweep import choose, sweep_values
+    from gsae.study.scaling import ScalingRun
+
+    run = ScalingRun()
+    for values, sweep_coef in (([0.5, 0.5], [0.0]), ([0.0, 1.0], [0.0]), ([1.0], [0.0, 2.0])):
+        bad = replace(run, study=replace(run.study, fisher_sweep=values),
+                      sae=replace(run.sae, fisher_coef=sweep_coef))
+        with pytest.raises(GsaeError, match="fisher_sweep"):
+            sweep_values(bad)
+    good = replace(run, study=replace(run.study, fisher_sweep=[0.3, 0.1]))
+    assert sweep_values(good) == [0.0, 0.3, 0.1]
+    # lambda 0 is the reference, never chosen, even when it is lowest; undefined rows skipped
+    rows = [{"fisher_coef": 0.0, "ce_increase": 0.1}, {"fisher_coef": 0.3, "ce_increase": None},
+            {"fisher_coef": 1.0, "ce_increase": 0.5}, {"fisher_coef": 3.0, "ce_increase": 0.4}]
+    assert choose(rows) == 3.0
+    with pytest.raises(GsaeError, match="no finite validation CE increase"):
+        choose(rows[:2])
+
+
+def test_extra_k_of_topk_alone_gets_fine_tuned_twins_of_its_own(study, corpus, news, tmp_path,
+                                                                  monkeypatch):
+    import shutil
+
+    import gsae.study.scaling as scaling
+
+    out = tmp_path / "run"
+    shutil.copytree(study[0], out)
+    trained, parents = [], []
+    train_saes, finetune = scaling.pipeline.train_saes, scaling.pipeline.finetune
+
+    def recording_train(run, configs, **kwargs):
+        trained.extend((c.k, c.beta, c.seed, run.train.out.rsplit("/", 1)[-1]) for c in configs)
+        return train_saes(run, configs, **kwargs)
+
+    def recording_finetune(run):
+        parents.append((run.train.out.rsplit("/", 1)[-1], sorted(run.saes)))
+        return finetune(run)
+
+    monkeypatch.setattr(scaling.pipeline, "train_saes", recording_train)
+    monkeypatch.setattr(scaling.pipeline, "finetune", recording_finetune)
+    args = [*study_args(corpus, news, out), "--store", str(study[0] / "store"),
+            "--extra_k", "8", "--extra_beta", "0", "--finetune_fraction", "0.25"]
+    assert main(args) == 0
+    # TopK alone at k 8 (both seeds), in its own run; the curve's snapshots at 1,200 replayed
+    assert sorted(t for t in trained if t[3] == "saes-extra") == [(8, 0.0, s, "saes-extra")
+                                                                 for s in (0, 1)]
+    extra_parents = [p for group, p in parents if group == "saes-finetuned-extra"]
+    saes = out / "saes-extra" / "model.layers.1"
+    assert extra_parents == [sorted(str(saes / f"k8-beta0-z-x2-s{s}" / "snapshots" / "tokens-1200")
+                                    for s in (0, 1))]
+    results = json.loads((out / "report" / "results.json").read_text())
+    flags = {s["name"]: s["extra_k"] for s in results["saes"]}
+    assert flags["k8-beta0-z-x2-s0+kl"] and flags["k8-beta0-z-x2-s1"]
+    assert not flags["k4-beta0-z-x2-s0+kl"] and "k8-beta10-z-x2-s0" not in flags
+    done = {(r["variant"], r["snapshot"]) for r in results["eval"]["train"]["results"]}
+    assert {("k8-beta0-z-x2-s0+kl", 1600), ("k8-beta0-z-x2-s1", 1600)} <= done

@@ -125,6 +125,11 @@ CASES = [
      "or at least 2"),
     ("study", ["--unseen_tokens", "0"], {"study.unseen_tokens": 0},
      "--study.unseen_tokens must be at least 1, got 0"),
+    ("train", ["--validation_fraction", "0.1"], {"train.validation_fraction": 0.1},
+     "--validation_fraction 0.1 keeps shards of an activation store out of training: give "
+     "--store as well"),
+    ("study", ["--validation_fraction", "0.6"], {"study.validation_fraction": 0.6},
+     "--study.validation_fraction must be at most 0.5, got 0.6"),
 ]
 
 

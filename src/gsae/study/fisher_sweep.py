@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gsae import pipeline
 from gsae.caching import validation_contexts
@@ -26,8 +26,9 @@ from gsae.study.engine import Evaluation, Outcome, Study, StudyPlan, Variant
 from gsae.text import corpus_identity
 from gsae.train import variant_name
 
-if TYPE_CHECKING:
-    from gsae.study.scaling import ScalingRun
+# `run` below is a `gsae.study.scaling.ScalingRun`: scaling imports this module, so the type is
+# not imported back (no import cycle, even for type checking)
+ScalingRun = Any
 
 SWEEP_DIR = "fisher-sweep"
 SWEEP_IDENTITY = "sweep.json"

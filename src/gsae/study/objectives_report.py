@@ -104,7 +104,7 @@ def costs(cv: Curves) -> dict[str, Any]:
         seconds = step.get(_first_seed(parent["name"]))
         training = None if seconds is None else \
             seconds * math.ceil(trained_tokens / train["batch_tokens"])
-        evaluated = len({s["name"] for s in sae["snapshots"]}) or 1
+        evaluated = len({s["requested_tokens"] for s in sae["snapshots"]}) or 1
         out["variants"][v.label] = {
             "step_seconds": seconds, "trained_tokens": trained_tokens, "training": training,
             "finetune": per_twin if sae.get("finetuned_from") else 0.0,

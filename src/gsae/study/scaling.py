@@ -76,6 +76,7 @@ from gsae.train import TrainConfig, step_seconds, variant_name
 IDENTITY_FILE = "study.json"
 FINETUNED = "saes-finetuned"  # the run folder of the fine-tuned twins
 FINETUNED_SUFFIX = "+kl"
+FINETUNED_EXTRA = "saes-finetuned-extra"  # the fine-tuned twins of the --extra_k SAEs
 DISTANCES_FILE = "distances.json"
 COST_FILE = "cost.json"
 COST_ROUNDS, COST_WARMUP = 12, 2  # timed and untimed rounds of the step timing
@@ -132,6 +133,12 @@ class StudyConfig:
         "help": "further values of k whose SAEs (every other sweep value) are trained as long "
                 "and evaluated and steered at the last snapshot only, e.g. 16 64; give the flag "
                 "alone for none", "may_be_empty": True, "min": 1})
+    extra_beta: list[float] = field(default_factory=list, metadata={
+        "help": "the betas of the curve SAEs that --extra_k also trains (e.g. 0 for TopK "
+                "alone); give the flag alone for all", "may_be_empty": True, "min": 0})
+    extra_fisher_coef: list[float] = field(default_factory=list, metadata={
+        "help": "the Fisher lambdas of the curve SAEs that --extra_k also trains (e.g. 0: none "
+                "with the term); give the flag alone for all", "may_be_empty": True, "min": 0})
     finetune_fraction: float = field(default=0.0, metadata={
         "help": "share of --tokens spent on KL fine-tuning: each curve SAE without the Fisher "
                 "term gets a fine-tuned twin (named <SAE>+kl), made by gsae finetune from its "
@@ -194,8 +201,12 @@ def curve_configs(run: ScalingRun) -> list[SAEConfig]:
 
 
 def extra_configs(run: ScalingRun) -> list[SAEConfig]:
-    """The SAEs of --extra_k: the curve's SAEs at each further k."""
-    curve = curve_configs(run)
+    """The SAEs of --extra_k: the curve's SAEs (those of --extra_beta and --extra_fisher_coef)
+    at each further k."""
+    study = run.study
+    curve = [c for c in curve_configs(run)
+             if (not study.extra_beta or c.beta in study.extra_beta)
+             and (not study.extra_fisher_coef or c.fisher_coef in study.extra_fisher_coef)]
     extra = {variant_name(c): c for k in run.study.extra_k if k not in run.sae.k
              for c in (replace(c, k=k) for c in curve)}
     return list(extra.values())
@@ -316,9 +327,10 @@ class ScalingPlan:
                             f"{start} tokens of training and {tokens - start} of fine-tuning: "
                             "both must be at least 1")
         cfg = FinetuneConfig(tokens=tokens - start, kl_weight=self.run.study.kl_weight)
-        return [Variant(c, FINETUNED, finetune=Finetune(variant_name(c), start, cfg),
+        return [Variant(c, group, finetune=Finetune(variant_name(c), start, cfg),
                         label=variant_name(c) + FINETUNED_SUFFIX)
-                for c in self.curve if c.fisher_coef == 0]
+                for group, configs in ((FINETUNED, self.curve), (FINETUNED_EXTRA, self.extra))
+                for c in configs if c.fisher_coef == 0]
 
     def grouped(self, snaps: list[Snapshot]) -> list[list[str]]:
         return eval_groups(snaps, self.run.study.counts_per_eval)
@@ -448,7 +460,8 @@ class ScalingPlan:
         if self.saes is None:
             extra = {variant_name(c) for c in self.extra}
             parents = {v.name: v.finetune for v in study.plan.variants if v.finetune}
-            self.saes = [{**sae_record(name, SAE.load(folder), folder), "extra_k": name in extra,
+            self.saes = [{**sae_record(name, SAE.load(folder), folder),
+                          "extra_k": name.removesuffix(FINETUNED_SUFFIX) in extra,
                           "fisher_coef": study.variants[name].config.fisher_coef,
                           "finetuned_from": parents[name].parent if name in parents else None,
                           **({"finetuned_at": parents[name].at} if name in parents else {}),

@@ -105,7 +105,7 @@ class Curves:
     def values(self, corpus: str, s: Series, key: str, count: int) -> list[float]:
         """One number per seed (seeds without the record left out)."""
         found = [self.records.get((corpus, n, s.mode, count)) for n in self.names(s.variant, s.k)]
-        return [r[key] for r in found if r is not None and r[key] is not None]
+        return [r[key] for r in found if r is not None and r.get(key) is not None]
 
     def gaps(self, corpus: str, s: Series, count: int) -> list[float]:
         """Per seed: the g-SAE's CE increase minus that of TopK of the same k and seed (seeds
