@@ -143,9 +143,11 @@ def test_only_snapshots_without_weights_are_missing(tmp_path):
     plant_snapshot(b, 100)
     plant_snapshot(b, 200)
     snapshot_folder(a, 200).mkdir(parents=True)  # an interrupted save: no weights
-    assert missing_snapshots({"a": a, "b": b}, [100, 200, 300]) == {"a": [200, 300],
-                                                                      "b": [300]}
-    assert missing_snapshots({"b": b}, [100, 200]) == {}
+    every = {"a": [100, 200, 300], "b": [100, 200, 300]}
+    assert missing_snapshots({"a": a, "b": b}, every) == {"a": [200, 300], "b": [300]}
+    assert missing_snapshots({"b": b}, {"b": [100, 200]}) == {}
+    # each SAE is held to its own counts: b needs no 300 here, and a folder without counts none
+    assert missing_snapshots({"a": a, "b": b}, {"a": [100], "b": [200, 300]}) == {"b": [300]}
 
 
 def test_replayed_snapshots_run_to_the_last_missing_count_and_replace_nothing(tmp_path,
@@ -175,7 +177,7 @@ def test_replayed_snapshots_run_to_the_last_missing_count_and_replace_nothing(tm
 
     monkeypatch.setattr(pipeline, "train_saes", replay)
     run = TrainRun(train=TrainConfig(resume=True))
-    replay_snapshots(run, configs, folders, [100, 200, 300], scratch)
+    replay_snapshots(run, configs, folders, dict.fromkeys(names, [100, 200, 300]), scratch)
     assert calls == [(str(scratch), [200, 300], False, names[:2], 300)]
     text = {n: {c: (snapshot_folder(folders[n], c) / WEIGHTS_FILE).read_text()
                 for c in (100, 200, 300)} for n in names}
@@ -183,7 +185,8 @@ def test_replayed_snapshots_run_to_the_last_missing_count_and_replace_nothing(tm
                     names[1]: {100: "kept", 200: "replayed", 300: "kept"},
                     names[2]: {100: "kept", 200: "kept", 300: "kept"}}
     assert not scratch.exists()
-    replay_snapshots(run, configs, folders, [100, 200, 300], scratch)  # nothing lacking now
+    # nothing lacking now
+    replay_snapshots(run, configs, folders, dict.fromkeys(names, [100, 200, 300]), scratch)
     assert len(calls) == 1
 
 

@@ -271,7 +271,8 @@ class Study:
                 train, out=out, snapshots=sorted(set(train.snapshots) | set(counts))))
             pipeline.train_missing(run, configs, hook)
             found = {v.name: sae_folder(out, hook, v.config) for v in variants}
-            replay_snapshots(run, configs, found, counts, self.plan.out / REPLAY_DIR)
+            needed = {v.name: self.plan.saved_counts([v]) for v in variants}
+            replay_snapshots(run, configs, found, needed, self.plan.out / REPLAY_DIR)
             folders.update(found)
         return folders
 
@@ -375,16 +376,20 @@ def fingerprints(snaps: list[Snapshot]) -> dict[str, str]:
 # Snapshots added after training ----------------------------------------------------------------
 
 
-def missing_snapshots(folders: dict[str, Path], counts: list[int]) -> dict[str, list[int]]:
-    """The snapshot counts that each SAE folder lacks (only SAEs that lack any)."""
-    missing = {name: [n for n in counts if not (snapshot_folder(f, n) / WEIGHTS_FILE).is_file()]
+def missing_snapshots(folders: dict[str, Path], counts: dict[str, list[int]]
+                      ) -> dict[str, list[int]]:
+    """The snapshot counts that each SAE folder lacks of those it needs (`counts` by SAE name;
+    only SAEs that lack any)."""
+    missing = {name: [n for n in counts.get(name, [])
+                      if not (snapshot_folder(f, n) / WEIGHTS_FILE).is_file()]
                for name, f in folders.items()}
     return {name: counts for name, counts in missing.items() if counts}
 
 
 def replay_snapshots(train_run: TrainRun, configs: list[SAEConfig], folders: dict[str, Path],
-                     counts: list[int], scratch: Path) -> None:
-    """Save the snapshots that trained SAEs lack (counts added after they passed them): their
+                     counts: dict[str, list[int]], scratch: Path) -> None:
+    """Save the snapshots that trained SAEs lack of those they need (`counts` by SAE name:
+    counts added after they passed them; an SAE that needs none is not replayed): their
     training runs again, step for step, as a run in the folder `scratch` up to the last missing
     count, and each missing snapshot is moved into its SAE's folder (no snapshot there is
     replaced). `scratch` is the study's own: it is emptied before and removed after."""
