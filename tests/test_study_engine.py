@@ -249,3 +249,15 @@ def test_a_cache_returns_only_the_snapshots_asked_for(tmp_path):
     _, records = cached(path, {}, {"y": "fy"}, lambda names: pytest.fail("computed"), [["y"]])
     assert records == {"y": [{"sae": "y"}]}  # x stays in the file, not in the results
     assert sorted(json.loads(path.read_text())["saes"]) == ["x", "y"]
+
+
+def test_two_invocations_on_one_folder_keep_each_others_stage_times(tmp_path):
+    path = tmp_path / "stage-seconds.json"
+    first, second = StageClock(path), StageClock(path)  # both started before either wrote
+    with first.stage("eval_train"):
+        pass
+    with second.stage("finetune"):
+        pass
+    with first.stage("steer"):
+        pass
+    assert set(json.loads(path.read_text())) == {"eval_train", "finetune", "steer"}

@@ -481,6 +481,9 @@ class StageClock:
         try:
             yield
         finally:  # an interrupted stage's time counts too
+            # read again: another invocation may have added its stages' times meanwhile
+            if self.path.is_file():
+                self.seconds = read_json(self.path, "the stage times")
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             write_json(self.path, self.seconds)
 

@@ -264,7 +264,7 @@ def markdown(cv: Curves, table: dict[str, Any], cost: dict[str, Any],
         f"{d['machine']['description']}. Time per stage, summed over every run of the command "
         f"that worked on the study folder: {stages}.", "",
         "```", d["command"], "```", "",
-        *objective_lines(cv, found),
+        *objective_lines(cv, found, every_variant=True),
         "## Budget", "", *budget_lines(cv),
         "## The Fisher sweep", "", *sweep_lines(d),
         "## Every metric at the last snapshot", "", *metric_lines(cv, table),

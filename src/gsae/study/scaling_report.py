@@ -353,10 +353,12 @@ def verdict_lines(cv: Curves, found: dict[str, Any]) -> list[str]:
     return lines
 
 
-def objective_lines(cv: Curves, found: dict[str, Any]) -> list[str]:
+def objective_lines(cv: Curves, found: dict[str, Any], every_variant: bool = False
+                    ) -> list[str]:
     """The objectives' verdicts: a series holds when, on every corpus, every seed's CE increase
-    at the last snapshot is at least OBJECTIVE_REDUCTION below TopK's of the same seed."""
-    series = [s for s in cv.gap_series() if s.variant.objective]
+    at the last snapshot is at least OBJECTIVE_REDUCTION below TopK's of the same seed. Only the
+    objective variants, unless `every_variant` (the g-SAEs without one too)."""
+    series = [s for s in cv.gap_series() if every_variant or s.variant.objective]
     if not series:
         return []
     many_k, corpora = len(cv.ks) > 1, cv.corpora
