@@ -261,3 +261,24 @@ def test_two_invocations_on_one_folder_keep_each_others_stage_times(tmp_path):
     with first.stage("steer"):
         pass
     assert set(json.loads(path.read_text())) == {"eval_train", "finetune", "steer"}
+
+
+def test_each_trained_sae_is_replayed_only_for_the_snapshots_it_needs(tmp_path, monkeypatch):
+    from gsae.study import engine
+
+    a, b = SAEConfig(k=4, beta=0.0), SAEConfig(k=4, beta=10.0)
+    tuned = Finetune("a", 300, FinetuneConfig(tokens=50))
+    variants = [Variant(a, counts=[100, 400], label="a"), Variant(b, counts=[200, 400], label="b"),
+                Variant(a, group="tuned", finetune=tuned, label="a+kl")]
+    plan = replace(bare_plan(variants, tmp_path),
+                   train_run=TrainRun(train=TrainConfig(snapshots=[400])))
+    trained, replayed = [], []
+    monkeypatch.setattr(pipeline, "train_missing",
+                        lambda run, configs, hook: trained.append(run.train.snapshots))
+    monkeypatch.setattr(engine, "replay_snapshots",
+                        lambda run, configs, found, counts, scratch: replayed.append(counts))
+    folders = Study.train(SimpleNamespace(plan=plan), "h")
+    assert sorted(folders) == ["a", "b"]
+    # the run saves every count of its SAEs; a lacks only its own and its twin's start, b its own
+    assert trained == [[100, 200, 300, 400]]
+    assert replayed == [{"a": [100, 300, 400], "b": [200, 400]}]

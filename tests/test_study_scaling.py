@@ -65,7 +65,7 @@ def study(corpus, news, tmp_path_factory):
 
 
 def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus, news):
-    _, results = study
+    out, results = study
     assert results["schema"] == ScalingResult.SCHEMA == "gsae.scaling/2"
     names = {s["name"] for s in results["saes"]}
     assert names == {f"k4-beta{b}-z-x2-s{s}" for b in (0, 10) for s in (0, 1)}
@@ -89,6 +89,9 @@ def test_results_hold_every_snapshot_on_both_corpora_in_both_modes(study, corpus
     assert {r["snapshot"] for r in results["steer"]["results"]} == {SNAPSHOTS[-1]}
     assert results["settings"]["train"]["snapshots"] == SNAPSHOTS
     assert list(results["verdicts"]) == ["train", news]
+    # no objective variant: no step timing, no objectives report
+    assert results["cost"] == {} and results["fisher_sweep"] == {}
+    assert not (out / "cost.json").exists() and not (out / "objectives-report").exists()
 
 
 def test_the_store_check_counts_repeated_rows(study):
@@ -564,12 +567,18 @@ def test_kl_fine_tuned_twins_come_from_the_snapshot_before_the_last_share(study,
     args = [*study_args(corpus, news, out), "--store", str(study[0] / "store"),
             "--finetune_fraction", "0.25"]  # the study.json copied names that store
     parents, finetune = [], scaling.pipeline.finetune
+    timed, step_seconds = [], scaling.step_seconds
 
     def recording(run):
         parents.extend(run.saes)
         return finetune(run)
 
+    def timing(configs, batches, cfg, warmup):
+        timed.append((len(configs), len(batches), {len(b.x) for b in batches}, warmup))
+        return step_seconds(configs, batches, cfg, warmup)
+
     monkeypatch.setattr(scaling.pipeline, "finetune", recording)
+    monkeypatch.setattr(scaling, "step_seconds", timing)
     assert main(args) == 0
     saes = out / "saes" / "model.layers.1"
     assert sorted(parents) == sorted(str(saes / v / "snapshots" / "tokens-1200")
@@ -583,8 +592,16 @@ def test_kl_fine_tuned_twins_come_from_the_snapshot_before_the_last_share(study,
         done = {(r["variant"], r["snapshot"]) for r in results["eval"][key]["results"]}
         assert {(s["name"], 1600) for s in twins} <= done
     assert "## Objectives" in (out / "report" / "README.md").read_text()
+    assert {s["finetuned_at"] for s in twins} == {1200}
+    assert not any("finetuned_at" in s for s in results["saes"] if not s["finetuned_from"])
+    # the steps of the two settings (their first seed's) timed once: 2 untimed rounds, then 12,
+    # of --batch_tokens rows; the objectives report shows them
+    assert timed == [(2, 14, {256}, 2)]
+    assert sorted(results["cost"]["step_seconds"]) == [f"k4-beta{b}-z-x2-s0" for b in (0, 10)]
+    assert "## Cost" in (out / "objectives-report" / "README.md").read_text()
     # a second run reuses the fine-tuned twins
     monkeypatch.setattr(scaling.pipeline, "finetune", lambda run: pytest.fail("fine-tuned again"))
+    monkeypatch.setattr(scaling, "step_seconds", lambda *a: pytest.fail("timed again"))
     assert main(args) == 0
 
 
@@ -825,3 +842,128 @@ def test_extra_k_of_topk_alone_gets_fine_tuned_twins_of_its_own(study, corpus, n
     assert not flags["k4-beta0-z-x2-s0+kl"] and "k8-beta10-z-x2-s0" not in flags
     done = {(r["variant"], r["snapshot"]) for r in results["eval"]["train"]["results"]}
     assert {("k8-beta0-z-x2-s0+kl", 1600), ("k8-beta0-z-x2-s1", 1600)} <= done
+    assert sorted(results["cost"]["step_seconds"]) == [
+        "k4-beta0-z-x2-s0", "k4-beta10-z-x2-s0", "k8-beta0-z-x2-s0"]
+
+
+def _objective_run(corpus, news, **study):
+    """A study's settings (nothing run): TopK and a g-SAE at k 4, with and without the Fisher
+    term, and the given study flags."""
+    from dataclasses import replace
+
+    from gsae.study.scaling import ScalingRun
+    from gsae.text import DataConfig
+
+    base = ScalingRun()
+    return replace(base, data=DataConfig(dataset=corpus, context_size=32),
+                   sae=replace(base.sae, k=[4], beta=[0.0, 10.0], seed=[0], n_latents=[0],
+                               expansion_factor=[2], fisher_coef=[0.0, 0.5]),
+                   train=replace(base.train, tokens=1600, batch_tokens=256, snapshots=SNAPSHOTS),
+                   study=replace(base.study, unseen=[news], **study))
+
+
+def test_extra_k_keeps_the_chosen_lambdas_and_only_saes_without_the_term_get_twins(corpus,
+                                                                                     news):
+    from gsae.study.scaling import ScalingPlan, extra_configs
+
+    run = _objective_run(corpus, news, extra_k=[8], extra_fisher_coef=[0.0])
+    assert sorted((c.k, c.beta, c.fisher_coef) for c in extra_configs(run)) == [
+        (8, 0.0, 0.0), (8, 10.0, 0.0)]
+    run = _objective_run(corpus, news, extra_k=[8], extra_beta=[0.0], extra_fisher_coef=[0.5])
+    assert [(c.k, c.beta, c.fisher_coef) for c in extra_configs(run)] == [(8, 0.0, 0.5)]
+    run = _objective_run(corpus, news, extra_k=[8], finetune_fraction=0.25)
+    twins = ScalingPlan(run).finetuned()
+    # the Fisher SAEs (curve and --extra_k) get none; the others start at 1,600 - 400 tokens
+    assert sorted((v.group, v.config.k, v.config.beta, v.finetune.at) for v in twins) == [
+        ("saes-finetuned", 4, 0.0, 1200), ("saes-finetuned", 4, 10.0, 1200),
+        ("saes-finetuned-extra", 8, 0.0, 1200), ("saes-finetuned-extra", 8, 10.0, 1200)]
+    assert all(v.config.fisher_coef == 0 for v in twins)
+
+
+def test_the_fisher_sweep_trains_the_first_topk_briefly_and_validates_on_whole_contexts(
+        study, corpus, news, monkeypatch):
+    import itertools
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from gsae import pipeline
+    from gsae.study.fisher_sweep import FisherSweep, reference_config
+    from gsae.study.scaling import curve_configs
+    from gsae.text import DataConfig, token_contexts
+
+    store = study[0] / "store"
+    run = _objective_run(corpus, news, fisher_sweep=[0.5, 2.0], sweep_tokens=512,
+                         validation_fraction=0.5)
+    run = replace(run, sae=replace(run.sae, k=[8, 4], beta=[10.0, 0.0], seed=[3, 1],
+                                   fisher_coef=[0.0]),
+                  eval=replace(run.eval, eval_tokens=100))
+    reference = reference_config(run, curve_configs(run))
+    assert (reference.k, reference.beta, reference.seed, reference.fisher_coef) == (8, 0, 3, 0)
+    sweep = FisherSweep(run, reference, store)
+    assert [(c.k, c.beta, c.seed, c.fisher_coef) for c in sweep.configs] == [
+        (8, 0, 3, 0), (8, 0, 3, 0.5), (8, 0, 3, 2.0)]
+    train = sweep.train_run().train
+    assert (train.tokens, train.snapshots, train.validation_fraction, train.store) == (
+        512, [], 0.5, str(store))
+    _, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    (evaluation,) = sweep.evaluations(SimpleNamespace(tokenizer=tokenizer))
+    # 2 shards, the second held: the contexts after the first shard's batches of 4 contexts;
+    # --eval_tokens 100 takes ceil(100 / 32) = 4 whole contexts of them
+    shards = json.loads((store / "manifest.json").read_text())["shards"]
+    first = 4 * shards[0]["batches"]
+    assert evaluation.settings["contexts"] == [first, first + 4]
+    seen = {}
+    monkeypatch.setattr(pipeline, "evaluate_on",
+                        lambda loaded, contexts, cfg: seen.update(contexts=contexts, cfg=cfg))
+    evaluation.evaluate(None)
+    stream = token_contexts(DataConfig(dataset=corpus, context_size=32), tokenizer, "train")
+    assert torch.equal(seen["contexts"],
+                       torch.stack(list(itertools.islice(stream, first, first + 4))))
+    assert seen["cfg"].eval_tokens == 4 * 32
+
+
+def test_validation_contexts_need_a_validation_part_and_the_store_s_corpus(study, tmp_path):
+    from gsae.caching import validation_contexts
+    from gsae.errors import GsaeError
+    from gsae.text import DataConfig
+
+    _, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    store = study[0] / "store"
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(NEWS_WORDS))  # a few contexts: fewer than the store read
+    with pytest.raises(GsaeError, match="without a validation part"):
+        validation_contexts(StoreReader(store), DataConfig(dataset=str(short), context_size=32),
+                            tokenizer, 100)
+    with pytest.raises(GsaeError, match="fewer contexts than the store"):
+        validation_contexts(StoreReader(store, validation_fraction=0.5),
+                            DataConfig(dataset=str(short), context_size=32), tokenizer, 100)
+
+
+def test_the_objectives_report_compares_each_seed_with_topk_of_its_own_seed(tmp_path):
+    from gsae.errors import GsaeError
+    from gsae.study.objectives_report import (
+        _first_seed,
+        build_objectives_report,
+        per_seed_reductions,
+    )
+
+    with pytest.raises(GsaeError, match="no objective variant"):
+        build_objectives_report(synthetic(-0.2, -0.1), tmp_path / "none")
+    # TopK at the last snapshot (400): 0.50 and 0.51 (seeds 0, 1) on train, FVU 0.4, dead 0.1
+    data = with_objective(synthetic(-0.2, -0.1), "kl", 0.0, True,
+                          {"train": [0.39, 0.40], "unseen": [0.43, 0.43]})
+    kl = Series(Variant(0.0, "z", finetuned=True), 32, GRAD_FREE)
+    assert per_seed_reductions(Curves(data), "train", kl) == [
+        pytest.approx(1 - 0.39 / 0.50), pytest.approx(1 - 0.40 / 0.51)]
+    build_objectives_report(data, tmp_path)
+    table = json.loads((tmp_path / "results.json").read_text())["objectives"]["last_snapshot"]
+    topk, tuned = table["train"]["TopK"], table["train"]["TopK + KL fine-tuning"]
+    assert (topk["ce_increase"]["mean"], topk["fvu"]["mean"], topk["dead_fraction"]["mean"]) == \
+        pytest.approx((0.505, 0.4, 0.1))
+    assert topk["reduction"] is None
+    assert (tuned["ce_increase"]["min"], tuned["ce_increase"]["max"]) == pytest.approx((0.39, 0.4))
+    assert (tuned["reduction"]["min"], tuned["reduction"]["max"]) == pytest.approx(
+        (1 - 0.40 / 0.51, 1 - 0.39 / 0.50), abs=1e-4)
+    # the step timing keys settings by their first seed's name, a twin's by its parent's
+    assert _first_seed("k4-beta10-z-x2-s3") == "k4-beta10-z-x2-s0"
+    assert _first_seed("k4-beta0-f0.5-z-x2-s12+kl") == "k4-beta0-f0.5-z-x2-s0"

@@ -476,3 +476,5 @@ def test_step_timing_takes_the_median_of_interleaved_rounds_after_the_warmup(mon
     # rounds 0 and 1 (warm-up) dropped; medians of k + (1, 7, 3) = k + 3
     assert got == [5.0, 8.0]
     assert calls == [(k, r) for r in range(5) for k in (2, 5)]  # interleaved, round by round
+    with pytest.raises(GsaeError, match="more than 2 batches, got 2"):
+        train_module.step_seconds(configs, batches[:2], TrainConfig(tokens=64, batch_tokens=8))
