@@ -967,3 +967,25 @@ def test_the_objectives_report_compares_each_seed_with_topk_of_its_own_seed(tmp_
     # the step timing keys settings by their first seed's name, a twin's by its parent's
     assert _first_seed("k4-beta10-z-x2-s3") == "k4-beta10-z-x2-s0"
     assert _first_seed("k4-beta0-f0.5-z-x2-s12+kl") == "k4-beta0-f0.5-z-x2-s0"
+
+
+def test_validation_contexts_of_a_store_that_read_its_split_to_the_end(tmp_path):
+    from gsae.caching import validation_contexts
+    from gsae.text import DataConfig, token_contexts
+
+    _, tokenizer = load_model(ModelConfig(model="tiny-llama"))
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(" ".join(NEWS_WORDS[i:] + NEWS_WORDS[:i]) for i in range(12)))
+    data = DataConfig(dataset=str(text), context_size=16)
+    contexts = torch.stack(list(token_contexts(data, tokenizer, "train")))
+    assert len(contexts) % 4 != 0  # the last batch of 4 contexts is short
+    store = tmp_path / "store"
+    assert main(["cache", "--model", "tiny-llama", "--dataset", str(text), "--context_size",
+                 "16", "--hooks", "1", "--lm_batch_size", "4", "--batches_per_shard", "1",
+                 "--store", str(store), "--tokens", "1000000"]) == 0
+    reader = StoreReader(store, validation_fraction=0.25)
+    held = len(reader.validation_shards)
+    got = validation_contexts(reader, data, tokenizer, 10**6)  # the whole validation part
+    first = 4 * len(reader.shards)
+    assert torch.equal(got, contexts[first:])  # up to the split's end, not a batch beyond
+    assert len(got) < 4 * held
