@@ -710,6 +710,9 @@ def test_the_fisher_sweep_chooses_lambda_on_contexts_its_saes_never_read(study, 
     coefs = {s["name"]: s["fisher_coef"] for s in results["saes"]}
     assert {c for c in coefs.values()} == {0.0, best}
     assert f"k4-beta0-f{best:g}-z-x2-s1" in coefs
+    # the recorded command is the one given (the sweep sets lambda again when it is rerun)
+    assert "--fisher_sweep 0.5 4" in results["command"]
+    assert "--fisher_coef" not in results["command"]
     # the validation contexts are those the held shard was made from: the model's activations
     # on them, taken here with a plain forward hook, are the shard's first rows
     # evaluated: the first --eval_tokens 128 / 32 = 4 of its 8 contexts (shard 0: 8 batches

@@ -283,7 +283,8 @@ class ScalingPlan:
     evaluation per corpus, steering at the last snapshots, then the distances and per-token
     analyses."""
 
-    def __init__(self, run: ScalingRun, sweep: dict[str, Any] | None = None):
+    def __init__(self, run: ScalingRun, sweep: dict[str, Any] | None = None,
+                 typed: ScalingRun | None = None):
         if len(run.source.hooks) != 1:
             raise GsaeError(f"gsae study takes one hook point, got {run.source.hooks}")
         validate(run)
@@ -296,6 +297,7 @@ class ScalingPlan:
         self.corpora = Corpora()
         self.saes: list[dict[str, Any]] | None = None  # the results' SAE rows, once read
         self.sweep = sweep or {}  # the Fisher sweep's record, when it chose lambda
+        self.typed = typed or run  # the settings as given (before the sweep set the lambdas)
 
     def plan(self) -> StudyPlan:
         run = self.run
@@ -435,7 +437,7 @@ class ScalingPlan:
         run = self.run
         steer_run, steered = outcome.steered or ({}, {})
         return ScalingResult(
-            **study.header(command_line(run), outcome),
+            **study.header(command_line(self.typed), outcome),
             store={"folder": str(self.store), **(outcome.store_check or {}),
                    "passes": round(run.train.tokens / max(1, outcome.reader.rows), 2)},
             corpora=self.corpora_record(),
@@ -534,12 +536,12 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     """Run (or finish) the study and write its report; returns the report's markdown and the
     wall time of this invocation in seconds."""
     start = time.perf_counter()
-    sweep = None
+    sweep, typed = None, run
     if run.study.fisher_sweep:
         store = Path(run.study.store or Path(run.study.out) / "store")
         sweep = run_sweep(run, reference_config(run, curve_configs(run)), store)
         run = replace(run, sae=replace(run.sae, fisher_coef=[0.0, sweep["chosen"]]))
-    scaling = ScalingPlan(run, sweep)
+    scaling = ScalingPlan(run, sweep, typed)
     study = Study(scaling.plan())
     data = scaling.result(study, study.run()).to_json()
     report = build_scaling_report(data, run.study.report or scaling.out / "report")
