@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import AutoLocator, ScalarFormatter
+
 from gsae.errors import GsaeError
 from gsae.evaluate import GRAD_FREE
 from gsae.study.plots import save_png
@@ -133,9 +135,9 @@ def plot_pareto(cv: Curves, path: Path) -> None:
     fig, axes = _panels(cv, f"CE increase against FVU at {cv.last:,} tokens (lower left is "
                             "better): one point per seed", "spliced CE increase (nats)")
     for ax, corpus in zip(axes, cv.corpora):
-        ax.set_xscale("linear")
-        ax.set_xticks([], [])
-        ax.minorticks_on()
+        ax.set_xscale("linear")  # the panels come with training-token ticks: plain ones here
+        ax.xaxis.set_major_locator(AutoLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("FVU")
         for s in cv.series():
             fvu = cv.values(corpus, s, "fvu", cv.last)
@@ -144,7 +146,7 @@ def plot_pareto(cv: Curves, path: Path) -> None:
                 ax.scatter(fvu, ce, color=_color(cv, s), s=24,
                            marker="o" if s.mode == GRAD_FREE else "^",
                            label=s.label(len(cv.ks) > 1))
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="best")
     save_png(fig, path)
 
 
