@@ -64,8 +64,8 @@ class Record:
     @classmethod
     def current(cls, data: dict[str, Any]) -> dict[str, Any]:
         """`data` in the layout of the current schema (a new dict; the input is not changed),
-        with the fields added within it at their defaults; GsaeError if its schema is not
-        readable."""
+        with the fields added within it at their defaults (but those of OMIT_NONE that default
+        to None, which stay left out); GsaeError if its schema is not readable."""
         found = data.get("schema", cls.UNMARKED)
         readable = (*cls.OLD_SCHEMAS, cls.SCHEMA)
         if found not in readable:
@@ -74,7 +74,8 @@ class Record:
         if found != cls.SCHEMA:
             data = cls.upgrade(copy.deepcopy(data), found)
         defaults = {f.name: _default(f) for f in fields(cls) if _has_default(f)}
-        return {**defaults, **data}
+        return {**{k: v for k, v in defaults.items()  # as to_json leaves them out
+                   if not (k in cls.OMIT_NONE and v is None)}, **data}
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
@@ -365,12 +366,13 @@ class ScalingResult(StudyResult):
     their snapshots, evaluation records per corpus ("train": the training corpus's held-out
     split; then each unseen corpus by its name) and steering at the last snapshot. Every
     evaluation and steering record carries "variant" (the SAE) and "snapshot" (its requested
-    token count). `distances`, `per_token`, `fisher_sweep` and `cost` were added within /2 (empty
-    when missing)."""
+    token count). `distances` and `per_token` were added within /2 (empty when missing), then
+    `fisher_sweep` and `cost` (left out when not measured)."""
 
     SCHEMA: ClassVar[str | None] = "gsae.scaling/2"
     OLD_SCHEMAS: ClassVar[tuple[str, ...]] = ("gsae.scaling/1",)
     KIND: ClassVar[str] = "study result"
+    OMIT_NONE: ClassVar[tuple[str, ...]] = ("fisher_sweep", "cost")  # results without them
 
     store: dict[str, Any]  # folder, rows, repeated_rows, passes
     corpora: dict[str, Any]  # "train" / each unseen name: name, part, corpus identity
@@ -382,10 +384,10 @@ class ScalingResult(StudyResult):
     distances: dict[str, Any] = field(default_factory=dict)
     # per corpus: the last snapshots' CE increase by quantile bins of clean CE and |g|
     per_token: dict[str, Any] = field(default_factory=dict)
-    # the Fisher sweep that chose lambda (validation part, lambdas, chosen); empty: none
-    fisher_sweep: dict[str, Any] = field(default_factory=dict)
-    # seconds of one training step per variant, measured side by side; empty: not measured
-    cost: dict[str, Any] = field(default_factory=dict)
+    # the Fisher sweep that chose lambda (validation part, lambdas, chosen); None: none
+    fisher_sweep: dict[str, Any] | None = None
+    # seconds of one training step per variant, measured side by side; None: not measured
+    cost: dict[str, Any] | None = None
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:

@@ -452,8 +452,8 @@ class ScalingPlan:
             distances=outcome.extra.get("distances", {}),
             per_token={key.removeprefix("per_token_"): value
                        for key, value in outcome.extra.items() if key.startswith("per_token_")},
-            fisher_sweep=self.sweep,
-            cost=outcome.extra.get("cost", {}),
+            fisher_sweep=self.sweep or None,
+            cost=outcome.extra.get("cost"),
         )
 
     def sae_rows(self, study: Study, outcome: Outcome) -> list[dict[str, Any]]:
