@@ -992,3 +992,19 @@ def test_validation_contexts_of_a_store_that_read_its_split_to_the_end(tmp_path)
     first = 4 * len(reader.shards)
     assert torch.equal(got, contexts[first:])  # up to the split's end, not a batch beyond
     assert len(got) < 4 * held
+
+
+def test_twins_are_found_when_the_width_is_given_as_a_count_of_latents(study, corpus, news,
+                                                                       tmp_path):
+    # 128 latents = d_in 64 x 2: an SAE folder reads this back as the expansion factor, so the
+    # fine-tuned twin is saved under the x2 name although the study names its parent n128
+    out = tmp_path / "run"
+    args = [*study_args(corpus, news, out), "--store", str(study[0] / "store"), "--seed", "0",
+            "--n_latents", "128", "--finetune_fraction", "0.25"]
+    assert main(args) == 0
+    results = json.loads((out / "report" / "results.json").read_text())
+    twins = {s["name"]: s["folder"] for s in results["saes"] if s["finetuned_from"]}
+    assert sorted(twins) == ["k4-beta0-z-n128-s0+kl", "k4-beta10-z-n128-s0+kl"]
+    assert all(Path(f).name.endswith("-x2-s0") for f in twins.values())
+    done = {(r["variant"], r["snapshot"]) for r in results["eval"]["train"]["results"]}
+    assert {(name, 1600) for name in twins} <= done

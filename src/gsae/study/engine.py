@@ -43,7 +43,7 @@ from gsae.io import claim_folder, file_fingerprint, read_json, versions, write_j
 from gsae.models import ModelConfig, hidden_size, load_model, model_identity
 from gsae.pipeline import FinetuneRun, LoadedModel, TrainRun
 from gsae.records import EvalResult, SteerResult
-from gsae.sae import SAE, WEIGHTS_FILE, SAEConfig
+from gsae.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, config_from_record
 from gsae.source import ActivationSource
 from gsae.steer import SteerConfig
 from gsae.store import StoreConfig, StoreReader
@@ -286,9 +286,9 @@ class Study:
                     {f.parent for f in steps}) < len(steps):
                 raise GsaeError(f"the fine-tuned variants of {group} differ in their settings "
                                 "or share a parent: give each its own run folder")
-            found = {v.name: sae_folder(out, hook, v.config) for v in variants}
+            parents = [str(snapshot_folder(trained[f.parent], f.at)) for f in steps]
+            found = {v.name: twin_folder(out, hook, Path(p)) for v, p in zip(variants, parents)}
             if not all(finished_training(f) for f in found.values()):
-                parents = [str(snapshot_folder(trained[f.parent], f.at)) for f in steps]
                 pipeline.finetune(FinetuneRun(
                     saes=parents, model=self.plan.model, data=self.plan.data,
                     source=self.plan.train_run.source,
@@ -374,6 +374,14 @@ def fingerprints(snaps: list[Snapshot]) -> dict[str, str]:
 
 
 # Snapshots added after training ----------------------------------------------------------------
+
+
+def twin_folder(out: Path, hook: str, parent: Path) -> Path:
+    """Where `gsae finetune` in `out` saves the fine-tuned twin of the SAE folder `parent`:
+    named by the parent's config as read back from its folder (where a count of latents equal
+    to d_in x expansion factor reads as the expansion factor), not as the study configured it."""
+    cfg, _ = config_from_record(read_json(parent / CONFIG_FILE, "an SAE config"), str(parent))
+    return sae_folder(out, hook, cfg)
 
 
 def missing_snapshots(folders: dict[str, Path], counts: dict[str, list[int]]
