@@ -214,21 +214,28 @@ def metric_lines(cv: Curves, table: dict[str, Any]) -> list[str]:
 
 def cost_lines(cv: Curves, cost: dict[str, Any]) -> list[str]:
     rows = []
+    own = {label: (c["training"] or 0.0) + c["finetune"] for label, c in cost["variants"].items()}
+    topk = own.get(cv.topk.label) or None
     for label, c in cost["variants"].items():
         parts = {"store": cost["store"], "training": c["training"] or 0.0,
                  "fine-tuning": c["finetune"], "evaluation": c["evaluation"]}
         total = sum(parts.values())
         step = f"{c['step_seconds'] * 1000:.0f} ms" if c["step_seconds"] else "not timed"
         rows.append([label, step, *(f"{duration_text(v)} ({v / total:.0%})" if total else "n/a"
-                                    for v in parts.values()), duration_text(total)])
+                                    for v in parts.values()), duration_text(total),
+                     f"{own[label] / topk:.2f}x" if topk else "n/a"])
     return ["Wall time per SAE of each variant: the store stage in full (every variant here "
             "trains from the one store of x and g; a TopK-only user could store x alone), its "
             "training steps (the step time measured side by side with the other variants in one "
             "run, times the steps it took), the fine-tuning stage split evenly over its SAEs, and "
             "the evaluation stages split evenly over the snapshots they evaluated, times the "
-            "variant's evaluated snapshots. Shares are of the variant's total.", "",
+            "variant's evaluated snapshots. Shares are of the variant's total; the last column "
+            "is training plus fine-tuning against TopK's training. The stage times are sums over "
+            "every invocation of the study, each under the machine's load of its time (see the "
+            "machine record in results.json), while the step times are one side-by-side "
+            "measurement: compare the training and fine-tuning columns as orders of size.", "",
             *_table(["variant", "step", "store", "training", "fine-tuning", "evaluation",
-                     "total"], rows)]
+                     "total", "training + fine-tuning vs TopK"], rows)]
 
 
 def budget_lines(cv: Curves) -> list[str]:
