@@ -179,3 +179,15 @@ def test_an_unmarked_eval_block_keeps_the_forward_it_recorded():
     assert EvalResult.from_json(block).run.forward == {"model.layers.15": "above-hook"}
     del block["run"]["forward"]
     assert EvalResult.from_json(block).run.forward == {"model.layers.15": FULL_FORWARD}
+
+
+def test_the_committed_objectives_report_rebuilds_byte_identical(tmp_path):
+    from gsae.study.objectives_report import build_objectives_report
+
+    data = committed("objectives")
+    sweep = data["fisher_sweep"]
+    assert sweep["chosen"] == 0.001 and sweep["validation_contexts"] == [3904, 3968]
+    build_objectives_report(data, tmp_path)
+    for name in ("README.md", "results.json", "ce_increase_vs_tokens.png",
+                 "pareto_ce_vs_fvu.png", "reduction_vs_topk.png"):
+        assert (tmp_path / name).read_bytes() == (RESULTS / "objectives" / name).read_bytes(), name
