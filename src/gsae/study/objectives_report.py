@@ -31,12 +31,12 @@ from gsae.study.results import rounded, spread
 from gsae.study.scaling_report import (
     OBJECTIVE_REDUCTION,
     Curves,
-    Series,
     _color,
     _panels,
     _steering,
     objective_lines,
     pct,
+    per_seed_reductions,
     plot_metric,
     verdicts,
 )
@@ -67,19 +67,6 @@ def last_snapshot_table(cv: Curves) -> dict[str, Any]:
             row["reduction"] = found[corpus][label]["reduction"] if label in found[corpus] \
                 else None
             out.setdefault(corpus, {})[label] = row
-    return out
-
-
-def per_seed_reductions(cv: Curves, corpus: str, s: Series) -> list[float]:
-    """1 - the series' CE increase / TopK's of the same seed, at the last snapshot."""
-    base = {cv.saes[n]["seed"]: cv.records.get((corpus, n, GRAD_FREE, cv.last))
-            for n in cv.names(cv.topk, s.k)}
-    out = []
-    for name in cv.names(s.variant, s.k):
-        mine, theirs = cv.records.get((corpus, name, s.mode, cv.last)), \
-            base.get(cv.saes[name]["seed"])
-        if mine and theirs and mine["ce_increase"] is not None and theirs["ce_increase"]:
-            out.append(1 - mine["ce_increase"] / theirs["ce_increase"])
     return out
 
 

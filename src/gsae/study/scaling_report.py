@@ -189,9 +189,9 @@ def verdicts(cv: Curves) -> dict[str, Any]:
     return out
 
 
-def reduction(cv: Curves, corpus: str, s: Series) -> dict[str, Any]:
+def per_seed_reductions(cv: Curves, corpus: str, s: Series) -> list[float]:
     """Per seed at the last snapshot, 1 - (the series' CE increase / TopK's of the same k and
-    seed), and whether every seed reaches OBJECTIVE_REDUCTION (the objectives' rule)."""
+    seed); seeds where either is undefined are left out."""
     base = {cv.saes[n]["seed"]: cv.records.get((corpus, n, GRAD_FREE, cv.last))
             for n in cv.names(cv.topk, s.k)}
     found = []
@@ -200,6 +200,13 @@ def reduction(cv: Curves, corpus: str, s: Series) -> dict[str, Any]:
             base.get(cv.saes[name]["seed"])
         if mine and theirs and mine["ce_increase"] is not None and theirs["ce_increase"]:
             found.append(1 - mine["ce_increase"] / theirs["ce_increase"])
+    return found
+
+
+def reduction(cv: Curves, corpus: str, s: Series) -> dict[str, Any]:
+    """The per-seed reductions' spread, and whether every seed reaches OBJECTIVE_REDUCTION (the
+    objectives' rule)."""
+    found = per_seed_reductions(cv, corpus, s)
     return {"reduction": spread(found),
             "every_seed_reduced": bool(found) and all(r >= OBJECTIVE_REDUCTION for r in found)}
 
