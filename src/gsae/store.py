@@ -241,8 +241,8 @@ class StoreReader:
         held = validation_shard_count(len(self.shards), validation_fraction)
         # the last shards hold the contexts the store read last: a validation part of the
         # training split that `chunks` never yields
-        self.validation_shards = self.shards[len(self.shards) - held:] if held else []
-        self.shards = self.shards[:len(self.shards) - held]
+        kept = len(self.shards) - held
+        self.shards, self.validation_shards = self.shards[:kept], self.shards[kept:]
         self._entries = {s["file"]: s for s in self.manifest["shards"]}
         if self.manifest["version"] < 2:
             warnings.warn(f"the store {self.folder} was written by an older gsae and records no "

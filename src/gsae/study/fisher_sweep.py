@@ -18,6 +18,7 @@ from typing import Any
 from gsae import pipeline
 from gsae.caching import validation_contexts
 from gsae.errors import GsaeError
+from gsae.evaluate import GRAD_FREE
 from gsae.models import model_identity
 from gsae.pipeline import TrainRun
 from gsae.sae import SAEConfig
@@ -103,7 +104,7 @@ class FisherSweep:
         info, _ = outcome.evaluated["validation"]
         coef = {variant_name(c): c.fisher_coef for c in self.configs}
         by_variant = {coef[r["variant"]]: r for r in outcome.records("validation")
-                      if r["mode"] == "grad-free"}
+                      if r["mode"] == GRAD_FREE}
         rows = [{"fisher_coef": v, **{k: by_variant[v].get(k) for k in SWEEP_METRICS}}
                 for v in self.values]
         return {"tokens": self.run.study.sweep_tokens, "run": info,

@@ -55,17 +55,15 @@ PUBLISHED_TOKENS = 10**8  # the low end of published SAEs' training budgets
 # Numbers -----------------------------------------------------------------------------------------
 
 
-def last_snapshot_table(cv: Curves) -> dict[str, Any]:
+def last_snapshot_table(cv: Curves, found: dict[str, Any]) -> dict[str, Any]:
     """Per corpus and series: every metric of METRICS at the last snapshot (spread over seeds)
-    and the reduction against TopK."""
-    found = verdicts(cv)
+    and the reduction against TopK (from the verdicts `found`)."""
     out: dict[str, Any] = {}
     for corpus in cv.corpora:
         for s in cv.series():
             label = s.label(len(cv.ks) > 1)
             row = {key: spread(cv.values(corpus, s, key, cv.last)) for key in METRICS}
-            row["reduction"] = found[corpus][label]["reduction"] if label in found[corpus] \
-                else None
+            row["reduction"] = found[corpus].get(label, {}).get("reduction")
             out.setdefault(corpus, {})[label] = row
     return out
 
@@ -283,7 +281,8 @@ def build_objectives_report(results: dict[str, Any], folder: str | Path) -> Path
     if not cv.counts or not any(v.objective for v in cv.variants):
         raise GsaeError("the study's results hold no objective variant (--fisher_coef above 0, "
                         "--fisher_sweep or --finetune_fraction) to report")
-    table, cost, found = last_snapshot_table(cv), costs(cv), verdicts(cv)
+    found = verdicts(cv)
+    table, cost = last_snapshot_table(cv, found), costs(cv)
     plot_metric(cv, "ce_increase", folder / "ce_increase_vs_tokens.png")
     plot_pareto(cv, folder / "pareto_ce_vs_fvu.png")
     plot_reduction(cv, folder / "reduction_vs_topk.png")

@@ -293,7 +293,7 @@ class ScalingPlan:
         self.counts, self.unseen = check_schedule(run.train), unseen_data(run)
         self.curve, self.extra = curve_configs(run), extra_configs(run)
         self.out = Path(run.study.out)
-        self.store = Path(run.study.store or self.out / "store")
+        self.store = study_store(run)
         self.corpora = Corpora()
         self.saes: list[dict[str, Any]] | None = None  # the results' SAE rows, once read
         self.sweep = sweep or {}  # the Fisher sweep's record, when it chose lambda
@@ -461,12 +461,12 @@ class ScalingPlan:
         step's preliminary result and the final one share them)."""
         if self.saes is None:
             extra = {variant_name(c) for c in self.extra}
-            parents = {v.name: v.finetune for v in study.plan.variants if v.finetune}
+            steps = {v.name: v.finetune for v in study.plan.variants if v.finetune}
             self.saes = [{**sae_record(name, SAE.load(folder), folder),
                           "extra_k": name.removesuffix(FINETUNED_SUFFIX) in extra,
                           "fisher_coef": study.variants[name].config.fisher_coef,
-                          "finetuned_from": parents[name].parent if name in parents else None,
-                          **({"finetuned_at": parents[name].at} if name in parents else {}),
+                          "finetuned_from": steps[name].parent if name in steps else None,
+                          **({"finetuned_at": steps[name].at} if name in steps else {}),
                           "snapshots": [s.record() for s in outcome.snapshots
                                         if s.variant == name]}
                          for name, folder in outcome.folders.items()]
@@ -515,18 +515,25 @@ def per_token_corpora(p: ScalingPlan, result: ScalingResult) -> list[str]:
     return chosen
 
 
+def study_store(run: ScalingRun) -> Path:
+    """The study's activation store: --store, else <out>/store."""
+    return Path(run.study.store or Path(run.study.out) / "store")
+
+
 def store_batches(reader: StoreReader, hook: str, rows: int, count: int) -> list[Batch]:
     """`count` batches of `rows` consecutive rows of `hook`, from the store's first shards
     (read again from the start if the store is smaller: they only time steps)."""
     xs: list[torch.Tensor] = []
     gs: list[torch.Tensor] = []
+    read = 0
     for name in reader.shards:
-        if sum(len(x) for x in xs) >= rows * count:
+        if read >= rows * count:
             break
         batch = reader.read_shard(name)[hook]
         xs.append(batch.x)
         gs.append(batch.g)
-    repeats = math.ceil(rows * count / sum(len(x) for x in xs))
+        read += len(batch.x)
+    repeats = math.ceil(rows * count / read)
     x, g = torch.cat(xs * repeats), torch.cat(gs * repeats)
     return [Batch(x[i * rows:(i + 1) * rows], g[i * rows:(i + 1) * rows], hook)
             for i in range(count)]
@@ -538,8 +545,7 @@ def run_study(run: ScalingRun) -> tuple[Path, float]:
     start = time.perf_counter()
     sweep, typed = None, run
     if run.study.fisher_sweep:
-        store = Path(run.study.store or Path(run.study.out) / "store")
-        sweep = run_sweep(run, reference_config(run, curve_configs(run)), store)
+        sweep = run_sweep(run, reference_config(run, curve_configs(run)), study_store(run))
         run = replace(run, sae=replace(run.sae, fisher_coef=[0.0, sweep["chosen"]]))
     scaling = ScalingPlan(run, sweep, typed)
     study = Study(scaling.plan())
