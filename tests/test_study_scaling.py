@@ -972,6 +972,60 @@ def test_the_objectives_report_compares_each_seed_with_topk_of_its_own_seed(tmp_
     assert _first_seed("k4-beta0-f0.5-z-x2-s12+kl") == "k4-beta0-f0.5-z-x2-s0"
 
 
+def with_extra_k(data, k, topk_ce, kl_ce):
+    """`data` plus TopK and its KL twin at another k (--extra_k), evaluated at the last snapshot
+    only: `topk_ce[corpus][seed]` and `kl_ce[corpus][seed]` are their CE increases there."""
+    last = data["saes"][0]["snapshots"][-1]["requested_tokens"]
+    for seed in (0, 1):
+        for name, parent, ce in ((f"t{k}-s{seed}", None, topk_ce),
+                                 (f"t{k}-s{seed}+kl", f"t{k}-s{seed}", kl_ce)):
+            data["saes"].append({"name": name, "k": k, "beta": 0.0, "value_mode": "z",
+                                 "seed": seed, "n_latents": 64, "extra_k": True,
+                                 "fisher_coef": 0.0, "finetuned_from": parent,
+                                 "snapshots": [{"requested_tokens": last, "tokens": last}]})
+            for corpus, values in ce.items():
+                data["eval"][corpus]["results"].append({
+                    "sae": f"{name}@{last}", "variant": name, "snapshot": last,
+                    "mode": GRAD_FREE, "ce_increase": values[seed], "fvu": 0.4,
+                    "dead_fraction": 0.0})
+    return data
+
+
+def test_the_objectives_report_compares_the_variants_at_other_values_of_k(tmp_path):
+    from gsae.study.objectives_report import build_objectives_report
+
+    # k 32 (the curve): TopK 0.50/0.51 on train, 0.55/0.56 unseen; its twin 0.39/0.40, 0.43/0.43
+    data = with_objective(synthetic(-0.2, -0.1), "kl", 0.0, True,
+                          {"train": [0.39, 0.40], "unseen": [0.43, 0.43]})
+    no_extra = build_objectives_report(json.loads(json.dumps(data)), tmp_path / "a").read_text()
+    assert "## Other values of k" not in no_extra and "other values of k (--extra_k)" in no_extra
+    # k 16: the twin cuts 30%/25% on train but only 10% for seed 1 unseen; k 64: 40%/50% and
+    # 25%/24%
+    data = with_extra_k(data, 16, {"train": [1.0, 0.8], "unseen": [1.0, 1.0]},
+                        {"train": [0.7, 0.6], "unseen": [0.7, 0.9]})
+    data = with_extra_k(data, 64, {"train": [0.5, 0.4], "unseen": [0.4, 0.5]},
+                        {"train": [0.3, 0.2], "unseen": [0.3, 0.38]})
+    text = build_objectives_report(data, tmp_path / "b").read_text()
+    by_k = json.loads((tmp_path / "b" / "results.json").read_text())["objectives"]["other_k"]
+    assert list(by_k["train"]) == ["16", "32", "64"]
+    assert set(by_k["train"]["16"]) == {"TopK", "TopK + KL fine-tuning"}  # not the g-SAE
+    tuned = by_k["unseen"]["16"]["TopK + KL fine-tuning"]
+    assert (tuned["reduction"]["min"], tuned["reduction"]["max"]) == pytest.approx((0.1, 0.3))
+    assert not tuned["every_seed_reduced"]
+    assert by_k["train"]["64"]["TopK"]["ce_increase"]["mean"] == pytest.approx(0.45)
+    assert by_k["train"]["32"]["TopK + KL fine-tuning"]["reduction"]["min"] == pytest.approx(
+        1 - 0.40 / 0.51, abs=1e-4)
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+            for line in text.split("## Other values of k")[1].splitlines()
+            if line.startswith("| ") and not line.startswith("| k ")}
+    assert rows[("16", "TopK + KL fine-tuning")].endswith("does not hold |")
+    assert rows[("32", "TopK + KL fine-tuning")].endswith("**holds** |")
+    assert rows[("64", "TopK + KL fine-tuning")].endswith("**holds** |")
+    assert "+45.0% (+40.0%..+50.0%)" in rows[("64", "TopK + KL fine-tuning")]  # train
+    assert rows[("64", "TopK")].endswith("(TopK) |") and "0.45 ± 0.05" in rows[("64", "TopK")]
+    assert "other values of k (--extra_k)" not in text
+
+
 def test_validation_contexts_of_a_store_that_read_its_split_to_the_end(tmp_path):
     from gsae.caching import validation_contexts
     from gsae.text import DataConfig, token_contexts

@@ -38,6 +38,7 @@ from gsae.study.scaling_report import (
     pct,
     per_seed_reductions,
     plot_metric,
+    reduction,
     verdicts,
 )
 
@@ -96,6 +97,22 @@ def costs(cv: Curves) -> dict[str, Any]:
             "step_seconds": seconds, "trained_tokens": trained_tokens, "training": training,
             "finetune": per_twin if sae.get("finetuned_from") else 0.0,
             "evaluation": per_eval * evaluated, "evaluated_snapshots": evaluated}
+    return out
+
+
+def other_k_table(cv: Curves) -> dict[str, Any]:
+    """With --extra_k: per corpus, k and series of the variants trained at every k, the CE
+    increase at the last snapshot (spread over seeds) and, but for TopK, the reduction against
+    TopK of the same k and seed with the objectives' rule. Empty without --extra_k."""
+    extra = [k for k in cv.all_ks if k not in cv.ks]
+    shown = [v for v in cv.variants if extra and all(cv.names(v, k) for k in extra)]
+    out: dict[str, Any] = {}
+    for corpus in cv.corpora if shown else []:
+        for s in cv.series(cv.all_ks, shown):
+            row = {"ce_increase": spread(cv.values(corpus, s, "ce_increase", cv.last))}
+            if s.variant != cv.topk:
+                row.update(reduction(cv, corpus, s))
+            out.setdefault(corpus, {}).setdefault(str(s.k), {})[s.label(False)] = row
     return out
 
 
@@ -238,6 +255,28 @@ def budget_lines(cv: Curves) -> list[str]:
             *([f"Not run within this budget: {'; '.join(missing)}."] if missing else []), ""]
 
 
+def other_k_lines(cv: Curves, by_k: dict[str, Any]) -> list[str]:
+    if not by_k:
+        return []
+    rows = []
+    for k, per_series in by_k[cv.corpora[0]].items():
+        for label in per_series:
+            cells = [by_k[c][k][label] for c in cv.corpora]
+            compared = "reduction" in cells[0]
+            verdict = "(TopK)" if not compared else \
+                "**holds**" if all(c["every_seed_reduced"] for c in cells) else "does not hold"
+            rows.append([k, label, *(pm(c["ce_increase"]) for c in cells),
+                         *(pct(c["reduction"]) if compared else "" for c in cells), verdict])
+    head = ["k", "variant", *(f"CE increase, {c}" for c in cv.corpora),
+            *(f"reduction vs TopK, {c}" for c in cv.corpora), "verdict"]
+    return ["## Other values of k", "",
+            f"The variants trained at every k (`--extra_k`, the same {cv.last:,} tokens, the last "
+            "snapshot evaluated) against TopK of the same k and seed, by the same rule; the rows "
+            f"at k = {', '.join(map(str, cv.ks))} repeat the tables above. CE increase: mean ± "
+            "half-range over seeds (nats); reduction: mean (min..max) over seeds.", "",
+            *_table(head, rows)]
+
+
 def steering_lines(cv: Curves) -> list[str]:
     steered = _steering(cv)
     rows = [[label, *(pm(by_k.get(str(k))) for k in cv.all_ks)] for label, by_k in steered.items()]
@@ -248,7 +287,7 @@ def steering_lines(cv: Curves) -> list[str]:
 
 
 def markdown(cv: Curves, table: dict[str, Any], cost: dict[str, Any],
-             found: dict[str, Any]) -> str:
+             found: dict[str, Any], by_k: dict[str, Any]) -> str:
     d = cv.data
     stages = ", ".join(f"{k} {duration_text(v)}" for k, v in d["stage_seconds"].items())
     return "\n".join([
@@ -262,6 +301,7 @@ def markdown(cv: Curves, table: dict[str, Any], cost: dict[str, Any],
         "## Budget", "", *budget_lines(cv),
         "## The Fisher sweep", "", *sweep_lines(d),
         "## Every metric at the last snapshot", "", *metric_lines(cv, table),
+        *other_k_lines(cv, by_k),
         "## Cost", "", *cost_lines(cv, cost),
         "## Steering", "", *steering_lines(cv),
         "## Plots", "", *(f"![{what}]({name})\n" for name, what in PLOTS.items()),
@@ -282,14 +322,15 @@ def build_objectives_report(results: dict[str, Any], folder: str | Path) -> Path
         raise GsaeError("the study's results hold no objective variant (--fisher_coef above 0, "
                         "--fisher_sweep or --finetune_fraction) to report")
     found = verdicts(cv)
-    table, cost = last_snapshot_table(cv, found), costs(cv)
+    table, cost, by_k = last_snapshot_table(cv, found), costs(cv), other_k_table(cv)
     plot_metric(cv, "ce_increase", folder / "ce_increase_vs_tokens.png")
     plot_pareto(cv, folder / "pareto_ce_vs_fvu.png")
     plot_reduction(cv, folder / "reduction_vs_topk.png")
     full = {**{k: v for k, v in cv.data.items() if k not in ("aggregates", "verdicts")},
             "objectives": {"last_snapshot": table, "cost": cost,
+                           **({"other_k": by_k} if by_k else {}),
                            "verdicts": {c: {label: {k: v[k] for k in ("reduction",
                                                                       "every_seed_reduced")}
                                             for label, v in found[c].items()}
                                         for c in cv.corpora}}}
-    return write_report_files(folder, full, markdown(cv, table, cost, found))
+    return write_report_files(folder, full, markdown(cv, table, cost, found, by_k))

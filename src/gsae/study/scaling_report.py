@@ -92,9 +92,11 @@ class Curves:
                         for corpus, part in data["eval"].items() for r in part["results"]}
         self.corpora = list(data["eval"])  # "train" first, then the unseen corpora
 
-    def series(self) -> list[Series]:
-        """TopK once (its two modes are one computation), each g-SAE in both modes."""
-        return [Series(v, k, m) for k in self.ks for v in self.variants
+    def series(self, ks: list[int] | None = None, variants: list[Variant] | None = None
+               ) -> list[Series]:
+        """TopK once (its two modes are one computation), each g-SAE in both modes; at the
+        curve's k and of every variant unless told."""
+        return [Series(v, k, m) for k in (ks or self.ks) for v in (variants or self.variants)
                 for m in ((GRAD_FREE,) if v.beta == 0 else MODES)]
 
     def names(self, variant: Variant, k: int) -> list[str]:
