@@ -517,16 +517,17 @@ def test_the_committed_scaling_report_rebuilds_from_its_results(tmp_path):
 # The objectives: variants that change the training objective, against TopK ---------------------
 
 
-def with_objective(data, name, fisher_coef, finetuned, ce):
-    """`data` plus a TopK variant with the Fisher term or KL fine-tuning, evaluated only at the
-    last snapshot: `ce[corpus][seed]` is its CE increase there."""
+def add_saes(data, name, ce, k=32, extra_k=False, fisher_coef=0.0, parent=None):
+    """`data` plus a TopK-like SAE per seed (`{name}-s{seed}`, fine-tuned from
+    `{parent}-s{seed}` if given), evaluated only at the last snapshot: `ce[corpus][seed]` is its
+    CE increase there."""
     last = data["saes"][0]["snapshots"][-1]["requested_tokens"]
     for seed in (0, 1):
         variant = f"{name}-s{seed}"
-        data["saes"].append({"name": variant, "k": 32, "beta": 0.0, "value_mode": "z",
-                             "seed": seed, "n_latents": 64, "extra_k": False,
+        data["saes"].append({"name": variant, "k": k, "beta": 0.0, "value_mode": "z",
+                             "seed": seed, "n_latents": 64, "extra_k": extra_k,
                              "fisher_coef": fisher_coef,
-                             "finetuned_from": f"b0-s{seed}" if finetuned else None,
+                             "finetuned_from": f"{parent}-s{seed}" if parent else None,
                              "snapshots": [{"requested_tokens": last, "tokens": last}]})
         for corpus, values in ce.items():
             data["eval"][corpus]["results"].append({
@@ -534,6 +535,11 @@ def with_objective(data, name, fisher_coef, finetuned, ce):
                 "mode": GRAD_FREE, "ce_increase": values[seed], "fvu": 0.4,
                 "dead_fraction": 0.0})
     return data
+
+
+def with_objective(data, name, fisher_coef, finetuned, ce):
+    """`data` plus a TopK variant with the Fisher term or KL fine-tuning (of the curve's TopK)."""
+    return add_saes(data, name, ce, fisher_coef=fisher_coef, parent="b0" if finetuned else None)
 
 
 def test_an_objective_holds_only_with_a_fifth_less_ce_increase_everywhere(tmp_path):
@@ -974,21 +980,9 @@ def test_the_objectives_report_compares_each_seed_with_topk_of_its_own_seed(tmp_
 
 def with_extra_k(data, k, topk_ce, kl_ce):
     """`data` plus TopK and its KL twin at another k (--extra_k), evaluated at the last snapshot
-    only: `topk_ce[corpus][seed]` and `kl_ce[corpus][seed]` are their CE increases there."""
-    last = data["saes"][0]["snapshots"][-1]["requested_tokens"]
-    for seed in (0, 1):
-        for name, parent, ce in ((f"t{k}-s{seed}", None, topk_ce),
-                                 (f"t{k}-s{seed}+kl", f"t{k}-s{seed}", kl_ce)):
-            data["saes"].append({"name": name, "k": k, "beta": 0.0, "value_mode": "z",
-                                 "seed": seed, "n_latents": 64, "extra_k": True,
-                                 "fisher_coef": 0.0, "finetuned_from": parent,
-                                 "snapshots": [{"requested_tokens": last, "tokens": last}]})
-            for corpus, values in ce.items():
-                data["eval"][corpus]["results"].append({
-                    "sae": f"{name}@{last}", "variant": name, "snapshot": last,
-                    "mode": GRAD_FREE, "ce_increase": values[seed], "fvu": 0.4,
-                    "dead_fraction": 0.0})
-    return data
+    only, with the CE increases `topk_ce` and `kl_ce` (per corpus, per seed)."""
+    data = add_saes(data, f"t{k}", topk_ce, k=k, extra_k=True)
+    return add_saes(data, f"t{k}+kl", kl_ce, k=k, extra_k=True, parent=f"t{k}")
 
 
 def test_the_objectives_report_compares_the_variants_at_other_values_of_k(tmp_path):
