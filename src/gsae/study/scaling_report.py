@@ -254,15 +254,24 @@ def _color(cv: Curves, s: Series) -> str:
     return COLORS[(2 * cv.others.index(s.variant) + (s.mode == GRAD_FREE)) % len(COLORS)]
 
 
+def _marker(s: Series) -> tuple[str, int]:
+    """A fine-tuned twin is one point at the end: a large star; the Fisher term squares, so that
+    a variant on top of its counterpart still shows; circles otherwise."""
+    if s.variant.finetuned:
+        return "*", 11
+    return ("s", 5) if s.variant.fisher_coef else ("o", 4)
+
+
 def _band(ax: Any, xs: list[int], per_x: list[list[float]], color: str, style: str,
-          label: str) -> None:
+          label: str, marker: tuple[str, int] = ("o", 4)) -> None:
     """The mean over seeds as a line, the min-max range as a band."""
     kept = [(x, ys) for x, ys in zip(xs, per_x) if ys]
     if not kept:
         return
     x = [p for p, _ in kept]
-    ax.plot(x, [mean_of(ys) for _, ys in kept], color=color, linestyle=style, marker="o",
-            markersize=4, label=label)
+    hollow = marker[0] == "s"
+    ax.plot(x, [mean_of(ys) for _, ys in kept], color=color, linestyle=style, marker=marker[0],
+            markersize=marker[1], label=label, markerfacecolor="none" if hollow else color)
     ax.fill_between(x, [min(ys) for _, ys in kept], [max(ys) for _, ys in kept], color=color,
                     alpha=0.18, linewidth=0)
 
@@ -298,7 +307,7 @@ def plot_metric(cv: Curves, key: str, path: Path) -> None:
         for s in cv.series():
             _band(ax, cv.counts, [cv.values(corpus, s, key, n) for n in cv.counts],
                   _color(cv, s), "--" if s.mode == GRAD_FREE and s.variant.beta else "-",
-                  s.label(many_k))
+                  s.label(many_k), _marker(s))
     axes[-1].legend(fontsize=8)
     save_png(fig, path)
 
