@@ -1020,6 +1020,27 @@ def test_the_objectives_report_compares_the_variants_at_other_values_of_k(tmp_pa
     assert "other values of k (--extra_k)" not in text
 
 
+def test_the_curve_plot_marks_twins_and_fisher_variants_apart_from_their_counterparts(
+        monkeypatch, tmp_path):
+    import gsae.study.scaling_report as scaling_report
+
+    drawn = {}
+    monkeypatch.setattr(scaling_report, "save_png", lambda fig, path: drawn.setdefault(
+        "lines", {line.get_label(): line for line in fig.axes[0].get_lines()}))
+    data = with_objective(synthetic(-0.2, -0.1), "kl", 0.0, True,
+                          {"train": [0.39, 0.40], "unseen": [0.43, 0.43]})
+    data = with_objective(data, "fisher", 0.5, False,
+                          {"train": [0.50, 0.51], "unseen": [0.55, 0.56]})
+    scaling_report.plot_metric(Curves(data), "ce_increase", tmp_path / "x.png")
+    lines = drawn["lines"]
+    assert lines["TopK"].get_marker() == "o"
+    # the twin and the Fisher variant lie on TopK at the last snapshot: other markers show them
+    assert lines["TopK + KL fine-tuning"].get_marker() == "*"
+    assert lines["TopK + Fisher λ=0.5"].get_marker() == "s"
+    assert lines["TopK + Fisher λ=0.5"].get_markerfacecolor() == "none"
+    assert list(lines["TopK + KL fine-tuning"].get_xdata()) == [400]
+
+
 def test_validation_contexts_of_a_store_that_read_its_split_to_the_end(tmp_path):
     from gsae.caching import validation_contexts
     from gsae.text import DataConfig, token_contexts
