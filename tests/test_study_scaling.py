@@ -562,6 +562,17 @@ def test_an_objective_holds_only_with_a_fifth_less_ce_increase_everywhere(tmp_pa
     assert "+22.8% (+22.0%..+23.5%)" in rows[kl]  # train: mean of 22.0% and 23.5%, min..max
 
 
+def test_an_objective_at_exactly_a_fifth_less_holds():
+    # TopK 0.50/0.51 (train), 0.55/0.56 (unseen): 80% of each is exactly a fifth less
+    data = with_objective(synthetic(-0.2, -0.1), "edge", 0.25, False,
+                          {"train": [0.40, 0.408], "unseen": [0.44, 0.448]})
+    data = with_objective(data, "under", 0.75, False,
+                          {"train": [0.40, 0.4081], "unseen": [0.44, 0.448]})
+    found = verdicts(Curves(data))
+    assert all(found[c]["TopK + Fisher λ=0.25"]["every_seed_reduced"] for c in ("train", "unseen"))
+    assert not found["train"]["TopK + Fisher λ=0.75"]["every_seed_reduced"]  # 19.98%
+
+
 def test_kl_fine_tuned_twins_come_from_the_snapshot_before_the_last_share(study, corpus, news,
                                                                           tmp_path, monkeypatch):
     import shutil
@@ -761,7 +772,8 @@ def test_the_objectives_report_costs_each_variant_from_its_measured_parts(tmp_pa
         "tokens": 600, "validation_fraction": 0.1, "validation_contexts": [40, 44],
         "sae": "b0-s0", "chosen": 0.5, "stage_seconds": {"train": 3.0, "eval_validation": 1.0},
         "results": [{"fisher_coef": c, "ce_increase": ce, "kl": 0.1, "fvu": 0.3,
-                     "dead_fraction": 0.0} for c, ce in ((0.0, 0.7), (0.5, 0.8), (2.0, 0.9))]}
+                     "dead_fraction": 0.0}
+                    for c, ce in ((0.0, 0.7), (0.1, 0.9), (0.5, 0.8), (2.0, 0.95))]}
     text = build_objectives_report(data, tmp_path).read_text()
     cost = json.loads((tmp_path / "results.json").read_text())["objectives"]["cost"]
     # 400 tokens in steps of 50: 8 steps; the twins' parents trained 350 tokens: 7 steps; the
@@ -785,7 +797,8 @@ def test_the_objectives_report_costs_each_variant_from_its_measured_parts(tmp_pa
                     or line.endswith("**holds** |")}
     assert verdict_rows["TopK + KL fine-tuning"].endswith("**holds** |")
     assert verdict_rows["TopK + Fisher λ=0.5"].endswith("does not hold |")
-    assert "| 0.5 (chosen) | 0.8000 |" in text and "contexts 40..43" in text
+    assert "| 0.5 (chosen) | 0.8000 |" in text and "| 0.1 | 0.9000 |" in text
+    assert "contexts 40..43" in text
     assert all((tmp_path / n).read_bytes().startswith(PNG_SIGNATURE)
                for n in ("ce_increase_vs_tokens.png", "pareto_ce_vs_fvu.png",
                          "reduction_vs_topk.png"))
@@ -964,6 +977,15 @@ def test_the_objectives_report_compares_each_seed_with_topk_of_its_own_seed(tmp_
     kl = Series(Variant(0.0, "z", finetuned=True), 32, GRAD_FREE)
     assert per_seed_reductions(Curves(data), "train", kl) == [
         pytest.approx(1 - 0.39 / 0.50), pytest.approx(1 - 0.40 / 0.51)]
+    # TopK's gradient-free record is the reference of a gradient-aware series too (TopK's two
+    # modes are one computation, and a study may record TopK in one mode only)
+    only_free = json.loads(json.dumps(data))
+    for part in only_free["eval"].values():
+        part["results"] = [r for r in part["results"]
+                           if r["variant"].startswith("b100") or r["mode"] == GRAD_FREE]
+    aware = Series(Variant(100.0, "z"), 32, GRAD_AWARE)  # its CE: TopK's - 0.1 at the end
+    assert per_seed_reductions(Curves(only_free), "train", aware) == [
+        pytest.approx(0.1 / 0.50), pytest.approx(0.1 / 0.51)]
     build_objectives_report(data, tmp_path)
     table = json.loads((tmp_path / "results.json").read_text())["objectives"]["last_snapshot"]
     topk, tuned = table["train"]["TopK"], table["train"]["TopK + KL fine-tuning"]
@@ -976,6 +998,7 @@ def test_the_objectives_report_compares_each_seed_with_topk_of_its_own_seed(tmp_
     # the step timing keys settings by their first seed's name, a twin's by its parent's
     assert _first_seed("k4-beta10-z-x2-s3") == "k4-beta10-z-x2-s0"
     assert _first_seed("k4-beta0-f0.5-z-x2-s12+kl") == "k4-beta0-f0.5-z-x2-s0"
+    assert _first_seed("k4-beta10-score-x2-s1") == "k4-beta10-score-x2-s0"
 
 
 def with_extra_k(data, k, topk_ce, kl_ce):
@@ -999,6 +1022,10 @@ def test_the_objectives_report_compares_the_variants_at_other_values_of_k(tmp_pa
                         {"train": [0.7, 0.6], "unseen": [0.7, 0.9]})
     data = with_extra_k(data, 64, {"train": [0.5, 0.4], "unseen": [0.4, 0.5]},
                         {"train": [0.3, 0.2], "unseen": [0.3, 0.38]})
+    # a Fisher variant on the curve and at k 16 only: not compared at every k, so left out
+    data = with_objective(data, "fisher", 0.5, False, {"train": [0.5, 0.5], "unseen": [0.5, 0.5]})
+    data = add_saes(data, "f16", {"train": [0.6, 0.6], "unseen": [0.6, 0.6]}, k=16,
+                    extra_k=True, fisher_coef=0.5)
     text = build_objectives_report(data, tmp_path / "b").read_text()
     by_k = json.loads((tmp_path / "b" / "results.json").read_text())["objectives"]["other_k"]
     assert list(by_k["train"]) == ["16", "32", "64"]
@@ -1031,6 +1058,7 @@ def test_the_curve_plot_marks_twins_and_fisher_variants_apart_from_their_counter
                           {"train": [0.39, 0.40], "unseen": [0.43, 0.43]})
     data = with_objective(data, "fisher", 0.5, False,
                           {"train": [0.50, 0.51], "unseen": [0.55, 0.56]})
+    data = add_saes(data, "fisher+kl", {"train": [0.4, 0.4]}, fisher_coef=0.5, parent="fisher")
     scaling_report.plot_metric(Curves(data), "ce_increase", tmp_path / "x.png")
     lines = drawn["lines"]
     assert lines["TopK"].get_marker() == "o"
@@ -1039,10 +1067,13 @@ def test_the_curve_plot_marks_twins_and_fisher_variants_apart_from_their_counter
     assert lines["TopK + Fisher λ=0.5"].get_marker() == "s"
     assert lines["TopK + Fisher λ=0.5"].get_markerfacecolor() == "none"
     assert list(lines["TopK + KL fine-tuning"].get_xdata()) == [400]
+    assert lines["TopK + Fisher λ=0.5 + KL fine-tuning"].get_marker() == "*"
 
 
-def test_validation_contexts_of_a_store_that_read_its_split_to_the_end(tmp_path):
+def test_validation_contexts_of_a_store_that_read_its_split_to_the_end(tmp_path, monkeypatch):
+    from gsae import caching
     from gsae.caching import validation_contexts
+    from gsae.errors import GsaeError
     from gsae.text import DataConfig, token_contexts
 
     _, tokenizer = load_model(ModelConfig(model="tiny-llama"))
@@ -1061,6 +1092,15 @@ def test_validation_contexts_of_a_store_that_read_its_split_to_the_end(tmp_path)
     first = 4 * len(reader.shards)
     assert torch.equal(got, contexts[first:])  # up to the split's end, not a batch beyond
     assert len(got) < 4 * held
+    # a corpus that ends earlier is another corpus: a whole batch short at the span's end, or
+    # short before the end of a requested prefix of the span
+    span = reader.validation_contexts()
+    assert len(span) > 3 and span.stop - len(contexts) < 4
+    for ends_at, wanted in ((span.stop - 4, len(span)), (span.start + 2, 3)):
+        with monkeypatch.context() as patch:
+            patch.setattr(caching, "token_contexts", lambda *a, n=ends_at: iter(contexts[:n]))
+            with pytest.raises(GsaeError, match="fewer contexts than the store"):
+                validation_contexts(reader, data, tokenizer, wanted * 16)
 
 
 def test_twins_are_found_when_the_width_is_given_as_a_count_of_latents(study, corpus, news,

@@ -465,7 +465,7 @@ def test_step_timing_takes_the_median_of_interleaved_rounds_after_the_warmup(mon
     def fake_step(self, m, batch):
         if m is self.members[0]:
             rounds["r"] += 1
-        calls.append((m.sae.cfg.k, rounds["r"]))
+        calls.append((m.sae.cfg.k, rounds["r"], id(batch)))
         clock[0] += m.sae.cfg.k + [100, 50, 1, 7, 3][rounds["r"]]
 
     monkeypatch.setattr(train_module.Trainer, "_train_step", fake_step)
@@ -475,6 +475,7 @@ def test_step_timing_takes_the_median_of_interleaved_rounds_after_the_warmup(mon
     got = train_module.step_seconds(configs, batches, TrainConfig(tokens=64, batch_tokens=8))
     # rounds 0 and 1 (warm-up) dropped; medians of k + (1, 7, 3) = k + 3
     assert got == [5.0, 8.0]
-    assert calls == [(k, r) for r in range(5) for k in (2, 5)]  # interleaved, round by round
+    # interleaved, round by round, round r on batches[r]
+    assert calls == [(k, r, id(batches[r])) for r in range(5) for k in (2, 5)]
     with pytest.raises(GsaeError, match="more than 2 batches, got 2"):
         train_module.step_seconds(configs, batches[:2], TrainConfig(tokens=64, batch_tokens=8))

@@ -75,8 +75,7 @@ def costs(cv: Curves) -> dict[str, Any]:
     stages, step = d["stage_seconds"], d.get("cost", {}).get("step_seconds", {})
     train = d["settings"]["train"]
     evals = [f"eval_{c}" for c in cv.corpora]
-    snapshots = {(name, count) for (corpus, name, _, count) in cv.records
-                 if corpus in cv.corpora}
+    snapshots = {(name, count) for (_, name, _, count) in cv.records}
     per_eval = sum(stages.get(e, 0.0) for e in evals) / max(1, len(snapshots))
     twins = [s for s in cv.saes.values() if s.get("finetuned_from")]
     per_twin = stages.get("finetune", 0.0) / len(twins) if twins else 0.0
