@@ -1045,6 +1045,7 @@ def test_the_objectives_report_compares_the_variants_at_other_values_of_k(tmp_pa
     assert "+45.0% (+40.0%..+50.0%)" in rows[("64", "TopK + KL fine-tuning")]  # train
     assert rows[("64", "TopK")].endswith("(TopK) |") and "0.45 ± 0.05" in rows[("64", "TopK")]
     assert "other values of k (--extra_k)" not in text
+    assert "At k = 16, 64 (last snapshot only): TopK, TopK + KL fine-tuning." in text
 
 
 def test_the_curve_plot_marks_twins_and_fisher_variants_apart_from_their_counterparts(

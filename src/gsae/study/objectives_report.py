@@ -239,10 +239,14 @@ def cost_lines(cv: Curves, cost: dict[str, Any]) -> list[str]:
                      "total", "training + fine-tuning vs TopK"], rows)]
 
 
-def budget_lines(cv: Curves) -> list[str]:
+def budget_lines(cv: Curves, by_k: dict[str, Any]) -> list[str]:
     d = cv.data
     tokens = d["settings"]["train"]["tokens"]
     variants = {v.label for v in cv.variants}
+    extra = [k for k in cv.all_ks if k not in cv.ks]
+    shown = list(by_k[cv.corpora[0]][str(extra[0])]) if by_k else []
+    at_other_k = [f"At k = {', '.join(map(str, extra))} (last snapshot only): "
+                  f"{', '.join(shown)}."] if shown else []
     missing = []
     if not any(v.finetuned for v in cv.variants):
         missing.append("the KL fine-tuned variants (e, f: --finetune_fraction)")
@@ -250,7 +254,7 @@ def budget_lines(cv: Curves) -> list[str]:
         missing.append("other values of k (--extra_k)")
     return [f"Each SAE trained on {tokens:,} tokens: {PUBLISHED_TOKENS / tokens:.0f} times fewer "
             f"than the {PUBLISHED_TOKENS:.0e} tokens at the low end of published SAEs. The "
-            f"variants measured: {', '.join(sorted(variants))}.",
+            f"variants measured: {', '.join(sorted(variants))}.", *at_other_k,
             *([f"Not run within this budget: {'; '.join(missing)}."] if missing else []), ""]
 
 
@@ -297,7 +301,7 @@ def markdown(cv: Curves, table: dict[str, Any], cost: dict[str, Any],
         f"that worked on the study folder: {stages}.", "",
         "```", d["command"], "```", "",
         *objective_lines(cv, found, every_variant=True),
-        "## Budget", "", *budget_lines(cv),
+        "## Budget", "", *budget_lines(cv, by_k),
         "## The Fisher sweep", "", *sweep_lines(d),
         "## Every metric at the last snapshot", "", *metric_lines(cv, table),
         *other_k_lines(cv, by_k),
