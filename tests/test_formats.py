@@ -472,3 +472,85 @@ def test_cli_export_and_push(hub, tmp_path, capsys):
                  "--overwrite"]) == 0
     assert not (other / "log.jsonl").exists()
     assert_same_sae(SAE.load(other), sae)
+
+
+# ------------------------------------------------------ defaults, dtypes and bad input
+
+
+def test_saelens_config_without_optional_keys_takes_saelens_defaults(tmp_path):
+    # SAELens 6's defaults: dtype float32, apply_b_dec_to_input true, no rescaling by the
+    # decoder norms; the context size comes from its metadata
+    w = random_weights(seed=11)
+    folder = saelens_folder(tmp_path, w)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key in ("dtype", "apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+        del cfg[key]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    sae = gsae.load(folder)
+    assert sae.W_dec.dtype == torch.float32 and sae.provenance.context_size == 128
+    x, _ = inputs()
+    for got, want in zip(dense(sae, x), saelens_reference(w, x, True, False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_config_without_optional_keys_takes_sparsify_defaults(tmp_path):
+    # sparsify 1.3's defaults: activation topk, expansion_factor 32 (num_latents 0), k 32
+    gen = torch.Generator().manual_seed(12)
+    n = D_IN * 32
+    tensors = {"encoder.weight": torch.randn(n, D_IN, generator=gen),
+               "encoder.bias": torch.randn(n, generator=gen),
+               "W_dec": torch.randn(n, D_IN, generator=gen),
+               "b_dec": torch.randn(D_IN, generator=gen)}
+    sae = gsae.load(write_folder(tmp_path / "layers.2", "sae.safetensors", tensors, {}))
+    assert (sae.n_latents, sae.k, sae.beta) == (n, 32, 0.0)
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_a_bfloat16_sae_exports_and_loads_as_bfloat16(tmp_path, fmt):
+    sae = make_sae().to(torch.bfloat16)
+    sae.provenance.context_size = 64
+    folder = formats.export(sae, tmp_path / "out", fmt)
+    written = json.loads((folder / "cfg.json").read_text())
+    if fmt == "saelens":
+        assert written["dtype"] == "bfloat16" and written["metadata"]["context_size"] == 64
+        raw = {**written}
+        raw.pop("metadata")  # read as a foreign folder: the dtype from the config alone
+        (folder / "cfg.json").write_text(json.dumps(raw))
+    else:
+        written.pop("gsae")
+        (folder / "cfg.json").write_text(json.dumps(written))
+    loaded = gsae.load(folder)
+    assert loaded.W_dec.dtype == torch.bfloat16
+    assert torch.equal(loaded.W_dec, sae.W_dec)
+
+
+@pytest.mark.parametrize("changes, scaling, message", [
+    ({"normalize_activations": "expected_average_only_in"}, None,
+     "normalize_activations = 'expected_average_only_in' is not supported"),
+    ({}, "one_not_unit", "scaling factor is not supported"),
+    ({"k": "5"}, None, "the number of latents and k as integers"),
+])
+def test_more_saelens_folders_that_are_refused(tmp_path, changes, scaling, message):
+    folder = saelens_folder(tmp_path, random_weights(seed=13), **changes)
+    if scaling:
+        factor = torch.ones(D_SAE)
+        factor[7] = 2.0  # one latent scaled: not a no-op
+        tensors = load_file(str(folder / "sae_weights.safetensors"))
+        save_file({**tensors, "scaling_factor": factor}, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(GsaeError, match=message):
+        gsae.load(folder)
+
+
+def test_configs_and_targets_that_are_refused(tmp_path):
+    folder = sparsify_folder(tmp_path, random_weights(seed=14))
+    (folder / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(GsaeError, match="holds no JSON object"):
+        gsae.load(folder)
+    target = tmp_path / "file"
+    target.write_text("mine")
+    with pytest.raises(GsaeError, match="is a file: export into a folder"):
+        formats.export(make_sae(), target, "saelens")
+    assert target.read_text() == "mine"
+    for repo, subfolder in (("owner/.", None), ("owner/repo", "./x"), ("./repo", None)):
+        with pytest.raises(GsaeError, match="'.' and '..' name no repo"):
+            formats.check_hub_names(repo, subfolder)
