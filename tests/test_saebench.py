@@ -295,3 +295,62 @@ def test_write_core_needs_the_core_numbers(model, contexts, tmp_path):
     result = evaluate_contexts([make_sae()], model, contexts, EvalConfig(), names=["s"])
     with pytest.raises(ValueError, match="core=True"):
         write_core(tmp_path, result, [make_sae()])
+
+
+def test_each_number_goes_under_its_saebench_name():
+    from types import SimpleNamespace
+
+    from gsae.saebench import eval_config, metrics
+
+    record = SimpleNamespace(kl=0.2, ce_spliced=3.0, ce_clean=2.5, explained_variance=0.7,
+                             mse=0.01, d_in=64, cosine=0.9, l2_ratio=0.95, l0=6.0)
+    core = SimpleNamespace(kl_zero_all=1.0, ce_zero_all=5.0, explained_variance_legacy=0.65,
+                           l2_norm_in=10.0, l2_norm_out=9.0, relative_reconstruction_bias=0.97,
+                           l1=4.5)
+    run = SimpleNamespace(context_tokens=120, contexts=5, batch_size=2,
+                          model={"model": "tiny-llama"}, model_dtype="bfloat16",
+                          corpus={"dataset": "wiki"}, context_size=24)
+    # six latents: dead, below 1%, exactly 1%, 5%, exactly 10%, 50% of the rows
+    density = torch.tensor([0.0, 0.005, 0.01, 0.05, 0.1, 0.5], dtype=torch.float64)
+    weights = {"max_encoder_cosine_sim": torch.tensor([0.1, 0.3]),
+               "max_decoder_cosine_sim": torch.tensor([0.5, 0.9])}
+    m = {k: v for group in metrics(record, core, run, density, weights).values()
+         for k, v in group.items()}
+    expected = {
+        "kl_div_score": 0.8, "ce_loss_score": 0.8,  # (1 - 0.2) / 1, (5 - 3) / (5 - 2.5)
+        "explained_variance": 0.7, "explained_variance_legacy": 0.65, "mse": 0.64,
+        "cossim": 0.9, "l2_ratio": 0.95, "l2_norm_in": 10.0, "l2_norm_out": 9.0,
+        "relative_reconstruction_bias": 0.97, "l0": 6.0, "l1": 4.5,
+        "total_tokens_eval_reconstruction": 120, "total_tokens_eval_sparsity_variance": 120,
+        "freq_over_1_percent": 3 / 6, "freq_over_10_percent": 1 / 6,  # strictly above
+        "normalized_freq_over_1_percent": 0.65 / 0.665,
+        "normalized_freq_over_10_percent": 0.5 / 0.665,
+        "average_max_encoder_cosine_sim": 0.2, "average_max_decoder_cosine_sim": 0.7,
+        "frac_alive": 5 / 6}
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value), key
+    config = eval_config(run)
+    assert config["n_eval_reconstruction_batches"] == 3  # 5 contexts in batches of 2
+    assert config["n_eval_sparsity_variance_batches"] == 3
+    assert (config["model_name"], config["llm_dtype"], config["dataset"]) == (
+        "tiny-llama", "bfloat16", "wiki")
+    assert config["exclude_special_tokens_from_reconstruction"] is False
+
+
+def test_undefined_numbers_are_written_as_saebench_writes_a_nan():
+    from gsae.saebench import UNDEFINED, _number, score
+
+    assert score(1.0, 0.5, 1.0) is None  # the ablation changes nothing: 0 / 0
+    assert score(2.0, 1.5, 1.0) == 0.5 and score(None, 1.0, 0.0) is None
+    assert [_number(v) for v in (float("inf"), float("-inf"), float("nan"), None, 0.25)] == [
+        UNDEFINED, UNDEFINED, UNDEFINED, UNDEFINED, 0.25]
+
+
+def test_write_core_needs_one_sae_per_sae_evaluated(model, contexts, tmp_path):
+    from gsae.errors import GsaeError
+
+    result = evaluate_contexts([make_sae()], model, contexts, EvalConfig(), names=["s"],
+                               core=True)
+    with pytest.raises(GsaeError, match="2 SAEs given for the 1 SAEs evaluated"):
+        write_core(tmp_path, result, [make_sae(), make_sae(seed=1)])
+    assert not list(tmp_path.iterdir())
