@@ -111,6 +111,9 @@ def test_steering_matches_the_naive_computation(model, pool):
     assert n_data < 7 * 10  # the outlier rule is exercised
     assert record["pool_tokens"] == n_data and record["live_latents"] == len(values)
     assert record["sampled_latents"] == 3 and len(record["latents"]) == 3 * 2
+    norms = sorted(forward(model, pool[c])[1][t].norm().item()
+                   for c, positions in enumerate(fired) for t in positions)
+    assert record["median_x_norm"] == pytest.approx(norms[(len(norms) - 1) // 2], rel=1e-5)
     measured = 0
     for r in record["latents"]:
         i, m = r["latent"], r["alpha_multiple"]
@@ -249,3 +252,43 @@ def test_version_1_results_load():
     assert [r.to_json() for r in result.results] == old["results"]
     assert result.results[0].latents is None and result.results[0].values
     assert "KL(steered||clean)" in format_table(result)
+
+
+def test_more_bad_settings_are_refused_and_the_edges_accepted(model, pool):
+    cfg = SteerConfig(latents=1, alphas=[1.0], contexts=2, pool=4, top_tokens=3)
+    with pytest.raises(GsaeError, match=r"^the pool has 3 contexts; 4 are needed"):
+        steer_on([make_sae()], model, pool[:3], cfg)
+    with pytest.raises(GsaeError, match="contexts of 2 tokens leave no position to steer"):
+        steer_on([make_sae()], model, pool[:, :2], cfg)  # skip_first 1: position 1 is the last
+    whole = SteerConfig(latents=1, alphas=[1.0], contexts=2, pool=7, top_tokens=512)
+    result = steer_on([make_sae()], model, pool, whole).to_json()  # the whole vocabulary
+    assert result["results"][0]["sampled_latents"] == 1
+
+
+def test_the_table_shows_medians_and_quartiles(model, pool):
+    cfg = SteerConfig(latents=8, alphas=[1.0, 3.0], contexts=2, pool=7, top_tokens=4)
+    result = steer_on([make_sae()], model, pool, cfg, names=["s"])
+    lines = format_table(result).splitlines()
+    rows = [row for row in result.results[0].summary
+            if row["kl"] and row["kl"]["mean"] != pytest.approx(row["kl"]["median"])]
+    assert rows  # the median is not the mean: the table shows which
+    for row in rows:
+        kl = row["kl"]
+        cell = f"{kl['median']:.4g} [{kl['q25']:.3g}, {kl['q75']:.3g}]"
+        assert any(line.startswith("s ") and cell in line for line in lines), cell
+
+
+def test_steer_prompt_steers_from_the_sae_s_first_position_and_refuses_an_empty_prompt(
+        model, monkeypatch):
+    import gsae.steer as steer
+    from gsae.tiny import tiny_tokenizer
+
+    sae = make_sae(skip_first=3)
+    seen = {}
+    monkeypatch.setattr(steer, "greedy", lambda model, module, ids, vectors, skip_first, new:
+                        seen.setdefault("skip_first", skip_first) and torch.zeros(
+                            len(vectors), new, dtype=torch.long))
+    steer.steer_prompt(sae, model, tiny_tokenizer(), 0, "hello there", [2.0], 3, 1.0)
+    assert seen["skip_first"] == 3
+    with pytest.raises(GsaeError, match="the prompt is empty"):
+        steer.steer_prompt(sae, model, tiny_tokenizer(), 0, "", [2.0], 3, 1.0)
