@@ -103,8 +103,8 @@ def other_k_table(cv: Curves) -> dict[str, Any]:
     """With --extra_k: per corpus, k and series of the variants trained at every k, the CE
     increase at the last snapshot (spread over seeds) and, but for TopK, the reduction against
     TopK of the same k and seed with the objectives' rule. Empty without --extra_k."""
-    extra = [k for k in cv.all_ks if k not in cv.ks]
-    shown = [v for v in cv.variants if extra and all(cv.names(v, k) for k in extra)]
+    shown = [v for v in cv.variants
+             if cv.extra_ks and all(cv.names(v, k) for k in cv.extra_ks)]
     out: dict[str, Any] = {}
     for corpus in cv.corpora if shown else []:
         for s in cv.series(cv.all_ks, shown):
@@ -243,14 +243,13 @@ def budget_lines(cv: Curves, by_k: dict[str, Any]) -> list[str]:
     d = cv.data
     tokens = d["settings"]["train"]["tokens"]
     variants = {v.label for v in cv.variants}
-    extra = [k for k in cv.all_ks if k not in cv.ks]
-    shown = list(by_k[cv.corpora[0]][str(extra[0])]) if by_k else []
-    at_other_k = [f"At k = {', '.join(map(str, extra))} (last snapshot only): "
+    shown = list(by_k[cv.corpora[0]][str(cv.extra_ks[0])]) if by_k else []
+    at_other_k = [f"At k = {', '.join(map(str, cv.extra_ks))} (last snapshot only): "
                   f"{', '.join(shown)}."] if shown else []
     missing = []
     if not any(v.finetuned for v in cv.variants):
         missing.append("the KL fine-tuned variants (e, f: --finetune_fraction)")
-    if len(cv.all_ks) == len(cv.ks):
+    if not cv.extra_ks:
         missing.append("other values of k (--extra_k)")
     return [f"Each SAE trained on {tokens:,} tokens: {PUBLISHED_TOKENS / tokens:.0f} times fewer "
             f"than the {PUBLISHED_TOKENS:.0e} tokens at the low end of published SAEs. The "

@@ -85,6 +85,7 @@ class Curves:
         self.others = [v for v in self.variants if v != self.topk]  # each compared with TopK
         self.ks = sorted({int(s["k"]) for s in curve})
         self.all_ks = sorted({int(s["k"]) for s in data["saes"]})
+        self.extra_ks = [k for k in self.all_ks if k not in self.ks]  # --extra_k
         self.counts = sorted({int(snap["requested_tokens"]) for s in curve
                               for snap in s["snapshots"]})
         self.last = self.counts[-1] if self.counts else 0
@@ -256,24 +257,28 @@ def _color(cv: Curves, s: Series) -> str:
     return COLORS[(2 * cv.others.index(s.variant) + (s.mode == GRAD_FREE)) % len(COLORS)]
 
 
-def _marker(s: Series) -> tuple[str, int]:
-    """A fine-tuned twin is one point at the end: a large star; the Fisher term squares, so that
-    a variant on top of its counterpart still shows; circles otherwise."""
+DOT = {"marker": "o", "markersize": 4}
+
+
+def _marker(s: Series) -> dict[str, Any]:
+    """A fine-tuned twin is one point at the end: a large star; the Fisher term hollow squares,
+    so that a variant on top of its counterpart still shows; dots otherwise."""
     if s.variant.finetuned:
-        return "*", 11
-    return ("s", 5) if s.variant.fisher_coef else ("o", 4)
+        return {"marker": "*", "markersize": 11}
+    return {"marker": "s", "markersize": 5, "markerfacecolor": "none"} \
+        if s.variant.fisher_coef else DOT
 
 
 def _band(ax: Any, xs: list[int], per_x: list[list[float]], color: str, style: str,
-          label: str, marker: tuple[str, int] = ("o", 4)) -> None:
-    """The mean over seeds as a line, the min-max range as a band."""
+          label: str, marker: dict[str, Any] = DOT) -> None:
+    """The mean over seeds as a line (with `marker`'s plot settings), the min-max range as a
+    band."""
     kept = [(x, ys) for x, ys in zip(xs, per_x) if ys]
     if not kept:
         return
     x = [p for p, _ in kept]
-    hollow = marker[0] == "s"
-    ax.plot(x, [mean_of(ys) for _, ys in kept], color=color, linestyle=style, marker=marker[0],
-            markersize=marker[1], label=label, markerfacecolor="none" if hollow else color)
+    ax.plot(x, [mean_of(ys) for _, ys in kept], color=color, linestyle=style, label=label,
+            **marker)
     ax.fill_between(x, [min(ys) for _, ys in kept], [max(ys) for _, ys in kept], color=color,
                     alpha=0.18, linewidth=0)
 
@@ -423,8 +428,7 @@ def tables(cv: Curves, agg: dict[str, Any]) -> list[str]:
 
 
 def other_k_lines(cv: Curves, agg: dict[str, Any]) -> list[str]:
-    extra = [k for k in cv.all_ks if k not in cv.ks]
-    if not extra:
+    if not cv.extra_ks:
         return ["Not run: no --extra_k was given, so only k = "
                 f"{', '.join(map(str, cv.ks))} was trained.", ""]
     lines = []
